@@ -1,0 +1,7 @@
+"""torch -> validated FP32 ONNX (UNet and first-stage decoder), plus the layer table."""
+
+from ptqd.exporter.onnx_export import ExportConfig, export_first_stage, export_unet
+from ptqd.exporter.validate import ValidationConfig, validate_first_stage, validate_unet
+
+__all__ = ["ExportConfig", "ValidationConfig", "export_unet", "export_first_stage", "validate_unet",
+           "validate_first_stage"]

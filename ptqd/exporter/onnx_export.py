@@ -1,0 +1,109 @@
+"""torch -> FP32 ONNX for the UNet and the first-stage decoder.
+
+The exported UNet signature (documented in the README):
+
+  inputs   x        float32 [B, C, H, W]   latent x_t
+           t        float32 [B]            timestep (float, so fractional t also works)
+           context  float32 [B, L, D]      cross-attention context; only for conditioned models.
+                                           For class-conditional LDMs it is the class embedding
+                                           row (L = 1), looked up by the runtime from the bundle's
+                                           ``cond/class_embedding.npy``.
+  output   eps      float32 [B, C', H, W]
+
+Context rather than labels: the graph then has no int64 Gather (friendlier to TensorRT), the
+same graph serves class- and text-conditioned UNets, and classifier-free guidance is just
+another context row. The batch axis is dynamic.
+
+Opset 18: GroupNorm exports as Reshape -> InstanceNormalization (ORT's fast kernel); opset 21's
+GroupNormalization has no ORT CPU kernel (MEASURED.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ptqd.errors import ExportError
+
+DEFAULT_OPSET = 18
+EXTERNAL_DATA_THRESHOLD = 1 << 30  # above 1 GiB of weights, tensors go to <name>.onnx.data
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int = DEFAULT_OPSET
+    exporter: str = "torchscript"  # "torchscript" (fast, module-scoped node names) | "dynamo"
+
+    def validate(self) -> None:
+        if self.exporter not in ("torchscript", "dynamo"):
+            raise ValueError(f"exporter must be 'torchscript' or 'dynamo', got {self.exporter!r}")
+        if not 17 <= self.opset <= 21:
+            raise ValueError(f"opset {self.opset} is outside the tested range 17..21")
+
+
+def _export(module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str],
+            path: Path, cfg: ExportConfig) -> list[Path]:
+    """Export and return the written files (the graph, plus its external data when large)."""
+    cfg.validate()
+    module = module.eval()
+    tmp = path.with_name(path.name + ".tmp")
+    if cfg.exporter == "torchscript":
+        dyn = {n: {0: "batch"} for n in input_names + output_names}
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, args, str(tmp), input_names=input_names, output_names=output_names,
+                              opset_version=cfg.opset, dynamic_axes=dyn, dynamo=False, do_constant_folding=True)
+    else:
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        shapes = tuple({0: batch} for _ in args)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            prog = torch.onnx.export(module, args, None, input_names=input_names, output_names=output_names,
+                                     opset_version=cfg.opset, dynamic_shapes=shapes, dynamo=True)
+            prog.save(str(tmp))
+    import onnx
+
+    model = onnx.load(str(tmp), load_external_data=True)
+    for f in path.parent.glob(tmp.name + "*"):
+        f.unlink()
+    model.producer_name, model.producer_version = "ptqd", __import__("ptqd").__version__
+    weights = sum(t.ByteSize() for t in model.graph.initializer)
+    if weights > EXTERNAL_DATA_THRESHOLD:
+        data = path.name + ".data"
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data, size_threshold=1024)
+        return [path, path.with_name(data)]
+    onnx.save_model(model, str(path))
+    return [path]
+
+
+def export_unet(loaded, path: Path, cfg: ExportConfig = ExportConfig(), batch: int = 2) -> list[Path]:
+    facts = loaded.facts
+    c, h, w = facts.latent_shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, c, h, w, generator=g)
+    t = torch.linspace(1, facts.schedule.num_train_timesteps - 1, batch)
+    args: tuple = (x, t)
+    names = ["x", "t"]
+    if loaded.unet.has_context:
+        cond = facts.conditioning
+        args += (torch.randn(batch, cond.context_tokens, cond.context_dim, generator=g),)
+        names.append("context")
+    try:
+        return _export(loaded.unet, args, names, ["eps"], path, cfg)
+    except Exception as e:  # torch's exporter errors are long; keep the first line, chain the cause
+        raise ExportError(f"ONNX export of the UNet failed: {str(e).strip().splitlines()[0][:300]}") from e
+
+
+def export_first_stage(loaded, path: Path, cfg: ExportConfig = ExportConfig()) -> list[Path]:
+    c, h, w = loaded.facts.latent_shape
+    z = torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(1))
+    try:
+        return _export(loaded.first_stage, (z,), ["z"], ["image"], path, cfg)
+    except Exception as e:
+        raise ExportError(f"ONNX export of the first-stage decoder failed: {str(e).strip().splitlines()[0][:300]}") from e

@@ -1,0 +1,142 @@
+"""Load a diffusers UNet (and optionally its VQ/KL decoder) from a local directory.
+
+Accepted layouts (nothing is downloaded; ``local_files_only`` always):
+
+* a pipeline directory: ``unet/`` (+ ``scheduler/scheduler_config.json``, optional
+  ``vqvae/`` or ``vae/``, optional ``class_embedding.safetensors``);
+* a bare UNet directory (``config.json`` + weights), with the schedule passed explicitly.
+
+``UNet2DModel`` is an unconditional LDM. ``UNet2DConditionModel`` is a class-conditional
+LDM whose class embedding is fed as a one-token cross-attention context: the table lives
+in ``class_embedding.safetensors`` (tensor ``embedding.weight`` [num_classes,
+cross_attention_dim]; optional metadata ``null_class``, default the last class, the
+CompVis convention). diffusers loads ``.bin`` weights with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ptqd.errors import ModelLoadError, UserError
+from ptqd.facts import Conditioning, ModelFacts, NoiseSchedule
+from ptqd.models.loaded import EpsModel, LoadedModel
+
+CLASS_TABLE = "class_embedding.safetensors"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {path}: {e}") from None
+
+
+def schedule_from_scheduler_config(cfg: dict) -> NoiseSchedule:
+    kind = cfg.get("beta_schedule", "linear")
+    if cfg.get("trained_betas") is not None:
+        return NoiseSchedule("explicit", len(cfg["trained_betas"]), betas_explicit=tuple(cfg["trained_betas"]))
+    if kind == "squaredcos_cap_v2":
+        raise ModelLoadError("beta_schedule 'squaredcos_cap_v2' is not supported yet; pass trained_betas instead")
+    if kind not in ("linear", "scaled_linear"):
+        raise ModelLoadError(f"beta_schedule {kind!r} is not supported (linear, scaled_linear, trained_betas)")
+    return NoiseSchedule(kind, int(cfg.get("num_train_timesteps", 1000)),
+                         float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 2e-2)))
+
+
+def is_diffusers_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / "unet" / "config.json").exists() or (path / "config.json").exists())
+
+
+def load_diffusers(path: str | Path, schedule: NoiseSchedule | None = None, with_first_stage: bool = True) -> LoadedModel:
+    import diffusers
+
+    root = Path(path)
+    if not root.exists():
+        raise UserError(f"model directory not found: {root}")
+    unet_dir = root / "unet" if (root / "unet" / "config.json").exists() else root
+    if not (unet_dir / "config.json").exists():
+        raise UserError(f"{root} is not a diffusers model: no config.json or unet/config.json")
+    ucfg = _read_json(unet_dir / "config.json")
+    cls_name = ucfg.get("_class_name")
+    if cls_name not in ("UNet2DModel", "UNet2DConditionModel"):
+        raise ModelLoadError(f"{unet_dir}/config.json has _class_name {cls_name!r}; expected UNet2DModel or UNet2DConditionModel")
+
+    sched_file = root / "scheduler" / "scheduler_config.json"
+    prediction = "epsilon"
+    if schedule is None:
+        if not sched_file.exists():
+            raise UserError(
+                f"{root} has no scheduler/scheduler_config.json: pass the noise schedule explicitly "
+                "(--schedule KIND:BETA_START:BETA_END:T, e.g. scaled_linear:0.0015:0.0195:1000)"
+            )
+        scfg = _read_json(sched_file)
+        schedule = schedule_from_scheduler_config(scfg)
+        prediction = scfg.get("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise ModelLoadError(f"prediction_type {prediction!r} is not supported yet (only 'epsilon')")
+
+    try:
+        unet = getattr(diffusers, cls_name).from_pretrained(unet_dir, local_files_only=True).eval()
+    except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
+        raise ModelLoadError(f"diffusers could not load {unet_dir}: {str(e).splitlines()[0][:300]}") from None
+    unet.requires_grad_(False)
+
+    class_embedding = None
+    if cls_name == "UNet2DConditionModel":
+        if unet.config.class_embed_type is not None or unet.config.num_class_embeds is not None:
+            raise ModelLoadError("UNet2DConditionModel with class_embed_type/num_class_embeds (label added to the "
+                                 "time embedding) is not supported; ptqd expects the class fed as cross-attention context")
+        table_path = next((p / CLASS_TABLE for p in (root, unet_dir) if (p / CLASS_TABLE).exists()), None)
+        if table_path is None:
+            raise UserError(
+                f"UNet2DConditionModel needs a class embedding table: put {CLASS_TABLE} (tensor 'embedding.weight', "
+                f"[num_classes, {unet.config.cross_attention_dim}]) in {root}"
+            )
+        from safetensors import safe_open
+
+        with safe_open(str(table_path), "pt") as f:
+            meta = f.metadata() or {}
+            if "embedding.weight" not in f.keys():
+                raise ModelLoadError(f"{table_path} has no tensor 'embedding.weight' (found: {', '.join(f.keys())})")
+            table = f.get_tensor("embedding.weight").float()
+        dim = unet.config.cross_attention_dim
+        if table.ndim != 2 or table.shape[1] != dim:
+            raise ModelLoadError(f"{table_path}: embedding.weight has shape {tuple(table.shape)}, expected [num_classes, {dim}]")
+        n = int(table.shape[0])
+        null = int(meta.get("null_class", n - 1))
+        cond = Conditioning(kind="class", num_classes=n, null_class=null, context_dim=dim, context_tokens=1)
+        class_embedding = table.numpy().copy()
+        call = lambda m, x, t, c: m(x, t, encoder_hidden_states=c, return_dict=False)[0]  # noqa: E731
+    else:
+        cond = Conditioning()
+        call = lambda m, x, t, c: m(x, t, return_dict=False)[0]  # noqa: E731
+
+    size = unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    first_stage, image_shape, scale_factor = None, None, 1.0
+    for sub, cls in (("vqvae", "VQModel"), ("vae", "AutoencoderKL")):
+        if with_first_stage and (root / sub / "config.json").exists():
+            ae = getattr(diffusers, cls).from_pretrained(root / sub, local_files_only=True).eval()
+            ae.requires_grad_(False)
+            first_stage = DiffusersDecoder(ae)
+            scale_factor = float(getattr(ae.config, "scaling_factor", 1.0)) if cls == "AutoencoderKL" else 1.0
+            f = 2 ** (len(ae.config.block_out_channels) - 1)
+            image_shape = (ae.config.out_channels, h * f, w * f)
+            break
+    facts = ModelFacts(family="diffusers", latent_shape=(unet.config.in_channels, h, w), schedule=schedule,
+                       conditioning=cond, prediction_type=prediction, scale_factor=scale_factor,
+                       image_shape=image_shape, source=root.name)
+    eps = EpsModel(unet, call, has_context=cond.kind == "class").eval()
+    return LoadedModel(unet=eps, facts=facts, class_embedding=class_embedding, first_stage=first_stage)
+
+
+class DiffusersDecoder(torch.nn.Module):
+    def __init__(self, ae):
+        super().__init__()
+        self.ae = ae
+
+    def forward(self, z):
+        return self.ae.decode(z, return_dict=False)[0]

@@ -1,0 +1,107 @@
+"""What every model loader returns: one torch module with a fixed signature plus its facts."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ptqd.errors import ModelLoadError, UserError
+from ptqd.facts import ModelFacts
+
+
+class EpsModel(nn.Module):
+    """The exported signature: ``forward(x [B,C,H,W], t [B] float32, context [B,L,D]?) -> eps``.
+
+    ``call(unet, x, t, context)`` adapts the source module's own signature.
+    """
+
+    def __init__(self, unet: nn.Module, call, has_context: bool):
+        super().__init__()
+        self.unet = unet
+        self._call = call
+        self.has_context = has_context
+
+    def forward(self, x, t, context=None):
+        return self._call(self.unet, x, t, context)
+
+
+@dataclass
+class LoadedModel:
+    unet: EpsModel
+    facts: ModelFacts
+    class_embedding: np.ndarray | None = None  # [num_classes, context_dim] float32
+    first_stage: nn.Module | None = None  # latent -> image in [-1, 1]
+
+    def context_for(self, labels) -> torch.Tensor | None:
+        """The cross-attention context [B, 1, D] for class labels (None when unconditional)."""
+        if self.class_embedding is None:
+            return None
+        table = torch.from_numpy(self.class_embedding)
+        return table[torch.as_tensor(labels, dtype=torch.long)][:, None, :]
+
+
+def safe_load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load tensors without executing code: safetensors, or ``torch.load(weights_only=True)``.
+
+    A pickle that wants to build arbitrary objects is refused, never run.
+    """
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise UserError(f"expected a checkpoint file, got a directory: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(os.fspath(path))
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise ModelLoadError(f"{path.name} is not a valid safetensors file: {e}") from None
+    try:
+        obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "pickle" in type(e).__name__.lower():
+            raise ModelLoadError(
+                f"refused to load {path.name}: it is a pickle that needs arbitrary Python objects "
+                f"({msg[:160]}). ptqd only loads plain tensors; save the state_dict as safetensors "
+                "from a trusted environment and pass that file instead"
+            ) from None
+        raise ModelLoadError(f"could not read checkpoint {path.name}: {msg[:200]}") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelLoadError(
+            f"{path.name} does not hold a state_dict (a mapping of names to tensors, possibly under 'state_dict')"
+        )
+    return obj
+
+
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str, hint: str) -> None:
+    """``load_state_dict`` that reports every missing, unexpected and mis-shaped tensor at once."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mis = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    problems = []
+
+    def listing(keys, fmt=str, limit=8):
+        more = f", ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
+        return ", ".join(fmt(k) for k in keys[:limit]) + more
+
+    if mis:
+        problems.append(
+            f"{len(mis)} tensor(s) with shapes that do not match the config: "
+            + listing(mis, lambda k: f"{k} (config {tuple(own[k].shape)}, checkpoint {tuple(state[k].shape)})", 5)
+        )
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {listing(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {listing(unexpected)}")
+    if problems:
+        raise ModelLoadError(f"{what} does not match its config: " + "; ".join(problems) + f". {hint}")
+    module.load_state_dict(state, strict=True)
