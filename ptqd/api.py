@@ -61,7 +61,8 @@ def export(model: str | os.PathLike, out: str | os.PathLike, config: str | os.Pa
         bar.set_postfix_str("loading model")
         loaded = load_model(model, config=config, schedule=schedule, with_first_stage=first_stage)
         bar.update()
-        record: dict[str, Any] = {"source": str(model), "opset": opset, "exporter": exporter, "inputs": ["x", "t"]}
+        record: dict[str, Any] = {"source": str(model), "source_sha256": _source_digest(model), "opset": opset,
+                                  "exporter": exporter, "inputs": ["x", "t"]}
         with Bundle.transaction(out, create=True) as w:
             bar.set_postfix_str("exporting UNet")
             path = w.file(UNET_ONNX)
@@ -99,10 +100,24 @@ def export(model: str | os.PathLike, out: str | os.PathLike, config: str | os.Pa
                                     for k, v in reports.items()}
             if reports:
                 w.write_json(EXPORT_REPORT, reports)
+            if loaded.facts.family == "demo":
+                _write_demo_eval_assets(w)
             w.set_model(loaded.facts.to_json())
             w.set_stage("export", record)
         bar.set_postfix_str("done")
     return record
+
+
+def _source_digest(model) -> str | None:
+    """sha256 of the weights file the bundle was exported from (so `demo` can tell a stale bundle)."""
+    from ptqd.bundle import sha256_file
+
+    if str(model) == "demo":
+        from ptqd.models.demo import demo_dir
+
+        return sha256_file(demo_dir() / "demo_ldm.safetensors")
+    p = Path(model)
+    return sha256_file(p) if p.is_file() else None
 
 
 def inspect(bundle: str | os.PathLike) -> dict[str, Any]:
@@ -131,3 +146,205 @@ def inspect(bundle: str | os.PathLike) -> dict[str, Any]:
     if export:
         info["export"] = export
     return info
+
+
+def _write_demo_eval_assets(w) -> None:
+    """The demo's evaluator travels in its bundle: digit classifier (features) and the real digits."""
+    import numpy as np
+
+    from ptqd.evaluate import DEMO_FEATURES, DEMO_REAL
+    from ptqd.models.demo import demo_dir, digits
+    from ptqd.runtime.pipeline import to_uint8
+
+    w.write_bytes(DEMO_FEATURES, (demo_dir() / "digit_classifier.onnx").read_bytes())
+    xtr, ytr, xte, yte = digits()
+    buf = io.BytesIO()
+    np.savez_compressed(buf, train_images=to_uint8(xtr), train_labels=ytr, held_out_images=to_uint8(xte),
+                        held_out_labels=yte)
+    w.write_bytes(DEMO_REAL, buf.getvalue())
+
+
+def engine_path(b: Bundle, precision: str) -> str:
+    """Bundle-relative path of the engine for ``precision`` (``fp32``: the exported graph)."""
+    if precision == "fp32":
+        return UNET_ONNX
+    rel = f"engines/onnxruntime/{precision}.onnx"
+    if not b.has(rel):
+        raise UserError(f"{b.root} has no {precision} engine; build it with `ptqd build {b.root} --precisions "
+                        f"{precision}` (available: fp32)")
+    return rel
+
+
+def _open(bundle, precision: str = "fp32", threads: int | None = None, allow_spinning: bool = True):
+    import numpy as np
+
+    from ptqd.runtime.runners import OrtDecoder, OrtRunner
+
+    b = Bundle.open(bundle)
+    facts = b.facts
+    runner = OrtRunner(b.path(engine_path(b, precision)), threads, allow_spinning)
+    decoder = OrtDecoder(b.path(FIRST_STAGE_ONNX), threads) if b.has(FIRST_STAGE_ONNX) else None
+    table = np.load(b.path(CLASS_EMBEDDING)) if b.has(CLASS_EMBEDDING) else None
+    return b, facts, runner, decoder, table
+
+
+def default_labels(facts, classes, num: int):
+    import numpy as np
+
+    cond = facts.conditioning
+    if cond.kind == "none":
+        if classes:
+            raise UserError("the model is unconditional: drop --classes")
+        return np.zeros(num, dtype=np.int64)
+    if not classes:
+        classes = [c for c in range(cond.num_classes) if c != cond.null_class]
+    bad = [c for c in classes if not 0 <= c < cond.num_classes]
+    if bad:
+        raise UserError(f"--classes {bad} out of range: the model has classes 0..{cond.num_classes - 1}")
+    return np.array([classes[i % len(classes)] for i in range(num)], dtype=np.int64)
+
+
+def _sampler_config(facts, steps: int, eta: float, guidance: float):
+    from ptqd.runtime.sampler import SamplerConfig
+
+    cfg = SamplerConfig(steps=steps, eta=eta, guidance=guidance)
+    cfg.validate(facts.schedule.num_train_timesteps)
+    if facts.conditioning.kind == "none" and guidance != 1.0:
+        cfg = SamplerConfig(steps=steps, eta=eta, guidance=1.0)
+    return cfg
+
+
+def sample(bundle, classes=None, num: int = 16, seed: int = 0, steps: int = 20, eta: float = 0.0,
+           guidance: float = 3.0, out: str | os.PathLike | None = None, precision: str = "fp32",
+           batch: int = 64, progress: bool | None = None):
+    """Sample ``num`` images (labels cycle through ``classes``). Returns (images uint8 NHWC, labels).
+
+    ``out``: ``FILE.png`` writes a grid, ``FILE.npz`` writes ``images`` and ``labels``. Sample i's noise
+    depends only on (seed, i): the same seed pairs samples across engines.
+    """
+    import numpy as np
+
+    from ptqd.runtime.pipeline import decode, sample_latents
+
+    if num < 1:
+        raise UserError(f"--num must be >= 1, got {num}")
+    b, facts, runner, decoder, table = _open(bundle, precision)
+    cfg = _sampler_config(facts, steps, eta, guidance)
+    labels = default_labels(facts, list(classes) if classes else None, num)
+    if out is not None and Path(out).suffix not in (".png", ".npz"):
+        raise UserError(f"--out {out}: expected a .png (grid) or .npz (arrays) file")
+    if decoder is None and out is not None and Path(out).suffix == ".png":
+        raise UserError(f"{b.root} has no first-stage decoder, so samples stay latents: write .npz instead")
+    chunks = []
+    with _progress(num, f"sample {precision}", progress) as bar:
+        for s0 in range(0, num, batch):
+            idx = np.arange(s0, min(num, s0 + batch))
+            lat = sample_latents(runner, facts, table, labels[idx], idx, seed, cfg)
+            chunks.append(decode(decoder, lat, facts.scale_factor) if decoder is not None else lat)
+            bar.update(len(idx))
+    images = np.concatenate(chunks)
+    if out is not None:
+        write_samples(Path(out), images, labels, cols=_grid_cols(facts, classes, num))
+    return images, labels
+
+
+def _grid_cols(facts, classes, num: int) -> int:
+    if facts.conditioning.kind == "class":
+        return min(num, len(classes) if classes else facts.conditioning.num_classes - 1)
+    return min(num, 8)
+
+
+def write_samples(out: Path, images, labels, cols: int) -> None:
+    import numpy as np
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if out.suffix == ".npz":
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, images=images, labels=labels)
+    else:
+        from PIL import Image
+
+        from ptqd.runtime.pipeline import grid
+
+        g = grid(images, cols, scale=max(1, 96 // images.shape[1]))
+        Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g).save(tmp, format="PNG")
+    os.replace(tmp, out)
+
+
+def evaluate(bundle, precisions=("fp32",), num: int = 500, seed: int = 0, steps: int = 20, eta: float = 0.0,
+             guidance: float = 3.0, classes=None, features: str | os.PathLike | None = None, batch: int = 100,
+             progress: bool | None = None, write_report: bool = True) -> dict[str, Any]:
+    """Quality rows for ``precisions`` against FP (always the first row) on the same seeds and classes."""
+    import numpy as np
+
+    from ptqd.evaluate import DEMO_FEATURES, DEMO_REAL, FeatureModel, evaluate_runners, frechet_distance
+    from ptqd.runtime.runners import OrtRunner
+
+    b, facts, fp_runner, decoder, table = _open(bundle, "fp32", allow_spinning=False)
+    cfg = _sampler_config(facts, steps, eta, guidance)
+    labels = default_labels(facts, list(classes) if classes else None, num)
+    runners = {"fp32": fp_runner}
+    for p in precisions:
+        if p != "fp32":
+            runners[p] = OrtRunner(b.path(engine_path(b, p)), allow_spinning=False)
+    feat_path = Path(features) if features else (b.path(DEMO_FEATURES) if b.has(DEMO_FEATURES) else None)
+    if feat_path is not None and not feat_path.exists():
+        raise UserError(f"--features {feat_path}: file not found")
+    fmodel = FeatureModel(feat_path) if feat_path is not None else None
+    real = None
+    reference: dict[str, Any] = {}
+    if b.has(DEMO_REAL) and fmodel is not None:
+        data = np.load(b.path(DEMO_REAL))
+        real = data["held_out_images"]
+        rf = fmodel(real)[0]
+        train_f = fmodel(data["train_images"])[0]
+        rng = np.random.RandomState(seed)
+        allf = np.concatenate([train_f, rf])
+        perm = rng.permutation(len(allf))
+        half = len(allf) // 2
+        reference = {
+            "fd_real_half_vs_half": frechet_distance(allf[perm[:half]], allf[perm[half:]]),
+            "fd_real_train_vs_held_out": frechet_distance(train_f[rng.choice(len(train_f), min(num, len(train_f)),
+                                                                           replace=False)], rf),
+            "held_out_images": int(len(real)),
+            "classifier_acc_held_out": float((fmodel(real)[1].argmax(1) == data["held_out_labels"]).mean()),
+        }
+    with _progress(num, "eval", progress) as bar:
+        res = evaluate_runners(facts, table, runners, decoder, labels, seed, cfg, batch=batch, features=fmodel,
+                               real=real, progress=bar)
+    res.reference = reference
+    report = res.to_json()
+    if write_report:
+        with Bundle.transaction(b.root) as w:
+            w.write_json("reports/eval.json", report)
+    return report
+
+
+def demo(out: str | os.PathLike = "demo-out", num: int = 500, seed: int = 0, steps: int = 20, eta: float = 0.0,
+         guidance: float = 3.0, progress: bool | None = None) -> dict[str, Any]:
+    """The demo end to end: build (or reuse) the demo bundle, sample a grid, evaluate against real digits."""
+    from ptqd.errors import BundleError
+
+    out = Path(out)
+    bundle = out / "demo.bundle"
+    reuse = False
+    try:
+        rec = Bundle.open(bundle).stage("export") or {}
+        reuse = rec.get("source") == "demo" and rec.get("source_sha256") == _source_digest("demo")
+    except BundleError:
+        pass
+    if not reuse:
+        export("demo", bundle, progress=progress)
+    grid_path = out / "samples.png"
+    sample(bundle, classes=list(range(10)), num=40, seed=seed, steps=steps, eta=eta, guidance=guidance,
+           out=grid_path, progress=progress)
+    report = evaluate(bundle, num=num, seed=seed, steps=steps, eta=eta, guidance=guidance, progress=progress)
+    return {"bundle": str(bundle), "reused_bundle": reuse, "grid": str(grid_path), "eval": report}
+
+
+def train_demo(out: str | os.PathLike | None = None, seed: int = 0, progress: bool | None = None) -> dict[str, Any]:
+    """Retrain the demo model and classifier (about 20 minutes on 2 cores); default: over the shipped weights."""
+    from ptqd.models.demo import demo_dir, train_demo as _train
+
+    return _train(Path(out) if out else demo_dir(), seed=seed, progress=progress)

@@ -8,7 +8,8 @@ Guarantees:
 * **Atomic updates.** A ``Bundle.transaction`` stages the next version of the bundle in a
   sibling directory (unchanged files are hard links, so this is cheap), writes the manifest
   last, then swaps directories. An interrupted stage leaves the previous bundle intact; a
-  crash inside the swap itself (two renames) is repaired on the next open.
+  crash inside the swap itself (two renames) is repaired on the next open. One writer at a
+  time: writers hold an advisory lock (``.<name>.lock`` beside the bundle).
 * **Checksums.** Every file is verified against the manifest before it is used.
 * **Containment.** A manifest path must be relative, inside the bundle, and free of ``..``.
 * **Versioning.** ``schema_version`` newer than this ptqd understands is refused; older
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import os
@@ -75,14 +77,39 @@ def _siblings(root: Path, marker: str) -> list[Path]:
     return sorted(root.parent.glob(f".{root.name}{marker}*"), key=lambda p: p.stat().st_mtime)
 
 
+@contextlib.contextmanager
+def _lock(root: Path, blocking: bool) -> Iterator[bool]:
+    """An advisory lock beside the bundle (``.<name>.lock``): one writer at a time, and recovery
+    never touches a directory that a live writer is using. Yields whether the lock was taken."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _recover(root: Path) -> None:
-    """Repair what an interrupted swap or stage left behind next to ``root``."""
+    """Repair what an interrupted swap or stage left beside ``root``. Call with the lock held."""
     olds = _siblings(root, _OLD)
     if not root.exists() and olds:
         os.rename(olds[-1], root)  # the swap died between its two renames: put the previous bundle back
         olds = olds[:-1]
     for leftover in olds + _siblings(root, _STAGING):
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _recover_if_idle(root: Path) -> None:
+    if not root.parent.exists() or not (_siblings(root, _OLD) or _siblings(root, _STAGING)):
+        return
+    with _lock(root, blocking=False) as taken:
+        if taken:  # no writer is running: what is left over is from a dead one
+            _recover(root)
 
 
 class Bundle:
@@ -97,7 +124,7 @@ class Bundle:
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Bundle":
         root = Path(path)
-        _recover(root)
+        _recover_if_idle(root)
         mpath = root / MANIFEST
         if not root.is_dir():
             raise BundleError(f"bundle not found: {root} (create one with `ptqd export MODEL --out {root}`)")
@@ -191,24 +218,24 @@ class Bundle:
         success). Otherwise the bundle must exist and unchanged files carry over.
         """
         root = Path(path)
-        _recover(root)
-        if root.exists() and not root.is_dir():
-            raise BundleError(f"{root} exists and is not a directory")
-        if root.exists() and not create and not (root / MANIFEST).exists():
-            raise BundleError(f"{root} is not a ptqd bundle (no {MANIFEST})")
-        if root.exists() and create and any(root.iterdir()) and not (root / MANIFEST).exists():
-            raise BundleError(f"{root} exists, is not empty and is not a ptqd bundle; choose another --out")
-        previous = None if create or not root.exists() else cls.open(root)
-        root.parent.mkdir(parents=True, exist_ok=True)
-        staging = root.parent / f".{root.name}{_STAGING}{uuid.uuid4().hex[:8]}"
-        staging.mkdir()
-        try:
-            writer = BundleWriter(root, staging, previous)
-            yield writer
-            writer._commit()
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        with _lock(root, blocking=True):
+            _recover(root)
+            if root.exists() and not root.is_dir():
+                raise BundleError(f"{root} exists and is not a directory")
+            if root.exists() and not create and not (root / MANIFEST).exists():
+                raise BundleError(f"{root} is not a ptqd bundle (no {MANIFEST})")
+            if root.exists() and create and any(root.iterdir()) and not (root / MANIFEST).exists():
+                raise BundleError(f"{root} exists, is not empty and is not a ptqd bundle; choose another --out")
+            previous = None if create or not root.exists() else cls.open(root)
+            staging = root.parent / f".{root.name}{_STAGING}{uuid.uuid4().hex[:8]}"
+            staging.mkdir()
+            try:
+                writer = BundleWriter(root, staging, previous)
+                yield writer
+                writer._commit()
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
 
 
 class BundleWriter:

@@ -20,6 +20,8 @@ examples:
   ptqd export models/ldm/cin256-v2/model.ckpt --config configs/latent-diffusion/cin256-v2.yaml --out cin.bundle
   ptqd export path/to/diffusers-ldm --out ldm.bundle
   ptqd inspect cin.bundle
+  ptqd sample cin.bundle --classes 88,207 --num 16 --out samples.png
+  ptqd eval demo-out/demo.bundle --num 500
 """
 
 
@@ -78,6 +80,88 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _classes(spec: str | None):
+    from ptqd.errors import UserError
+
+    if not spec:
+        return None
+    try:
+        return [int(c) for c in spec.split(",") if c.strip()]
+    except ValueError:
+        raise UserError(f"--classes {spec!r}: expected comma-separated class indices, e.g. 0,1,2") from None
+
+
+def _fmt(v, width: int, spec: str, suffix: str = "") -> str:
+    return ("-" if v is None else format(v, spec) + suffix).rjust(width)
+
+
+def print_eval(report: dict) -> None:
+    cfg, ref = report["config"], report.get("reference", {})
+    print(f"{cfg['num']} samples, seed {cfg['seed']}, {cfg['steps']} DDIM steps, eta {cfg['eta']}, "
+          f"guidance {cfg['guidance']}")
+    print(f"{'precision':<12}{'FD':>9}{'class acc':>11}{'PSNR vs FP':>12}{'eps MSE':>11}{'seconds':>9}")
+    for r in report["rows"]:
+        acc = None if r.get("class_acc") is None else 100 * r["class_acc"]
+        print(f"{r['precision']:<12}{_fmt(r.get('fd'), 9, '.2f')}{_fmt(acc, 11, '.1f', '%')}"
+              f"{_fmt(r.get('psnr_vs_fp'), 12, '.2f')}{_fmt(r.get('eps_mse_mean'), 11, '.2e')}{r['seconds']:9.1f}")
+    if ref:
+        print(f"for scale: FD real vs real {ref['fd_real_half_vs_half']:.2f} (two halves of all digits), "
+              f"{ref['fd_real_train_vs_held_out']:.2f} (train vs held-out at this sample count); "
+              f"classifier accuracy on held-out digits {100 * ref['classifier_acc_held_out']:.1f}%")
+
+
+def cmd_sample(args) -> int:
+    from ptqd import api
+
+    images, labels = api.sample(args.bundle, classes=_classes(args.classes), num=args.num, seed=args.seed,
+                                steps=args.steps, eta=args.eta, guidance=args.guidance, out=args.out,
+                                precision=args.precision, batch=args.batch)
+    print(f"{len(images)} samples ({args.precision}) -> {args.out or '(not written: pass --out FILE.png|.npz)'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from ptqd import api
+
+    precisions = [p for p in (args.precisions or "fp32").split(",") if p]
+    report = api.evaluate(args.bundle, precisions=precisions, num=args.num, seed=args.seed, steps=args.steps,
+                          eta=args.eta, guidance=args.guidance, classes=_classes(args.classes),
+                          features=args.features)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_eval(report)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ptqd import api
+
+    res = api.demo(args.out, num=args.num, seed=args.seed, steps=args.steps, eta=args.eta, guidance=args.guidance)
+    print(f"bundle  {res['bundle']}{' (reused)' if res['reused_bundle'] else ''}")
+    print(f"grid    {res['grid']}  (4 samples of each digit 0-9)")
+    print_eval(res["eval"])
+    return 0
+
+
+def cmd_train_demo(args) -> int:
+    from ptqd import api
+
+    log = api.train_demo(args.out, seed=args.seed)
+    print(json.dumps(log, indent=2))
+    return 0
+
+
+def _sampling_args(p, num: int) -> None:
+    p.add_argument("--num", type=int, default=num, help=f"number of samples in total (default {num})")
+    p.add_argument("--classes", help="comma-separated class labels, cycled over the samples (default: all classes)")
+    p.add_argument("--seed", type=int, default=0, help="sample i's noise depends only on (seed, i): samples are "
+                                                       "paired across engines (default 0)")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20: t = 951, 901, ..., 1)")
+    p.add_argument("--eta", type=float, default=0.0, help="0 = deterministic DDIM, 1 = DDPM-like (default 0)")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ptqd", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -107,6 +191,38 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("bundle")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("sample", help="sample images with one engine",
+                       description="Sample with the FP32 graph or one engine; writes a PNG grid or an NPZ "
+                                   "(images uint8 NxHxWxC, labels).")
+    s.add_argument("bundle")
+    _sampling_args(s, 16)
+    s.add_argument("--precision", default="fp32", help="engine to sample with (default fp32)")
+    s.add_argument("--out", help="FILE.png (grid) or FILE.npz (arrays)")
+    s.add_argument("--batch", type=int, default=64, help="samples per engine call (default 64)")
+    s.set_defaults(func=cmd_sample)
+
+    v = sub.add_parser("eval", help="quality vs FP on the same seeds: FD, class accuracy, PSNR, eps MSE",
+                       description="Evaluate precisions against FP32 on the same seeds and classes. FD uses the "
+                                   "bundle's feature model (the demo ships one) or --features.")
+    v.add_argument("bundle")
+    _sampling_args(v, 500)
+    v.add_argument("--precisions", default="fp32", help="comma-separated engines; FP32 is always the first row")
+    v.add_argument("--features", help="ONNX model image [N,C,H,W] in [-1,1] -> 'features' (+ 'logits') for FD")
+    v.add_argument("--json", action="store_true", help="machine-readable output")
+    v.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo", help="the demo model end to end (README's main command)",
+                       description="Export (or reuse) the demo bundle, sample a grid of digits, print the quality "
+                                   "table.")
+    d.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
+    _sampling_args(d, 500)
+    d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train-demo", help="retrain the demo model and digit classifier (~20 min on 2 cores)")
+    t.add_argument("--out", help="directory for the weights (default: the shipped ones, in place)")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_train_demo)
     return p
 
 

@@ -27,7 +27,7 @@ def test_roundtrip_and_checksums(tmp_path):
     b = _make(tmp_path / "b")
     assert b.read_bytes("a/data.bin") == b"v1" and b.read_json("info.json") == {"x": 1}
     assert len(b.files["a/data.bin"]["sha256"]) == 64 and b.stage("test") == {"n": 1}
-    assert not list(tmp_path.glob(".b.*")), "staging left behind"
+    assert not list(tmp_path.glob(".b.staging-*")) + list(tmp_path.glob(".b.old-*")), "staging left behind"
 
 
 def test_tampered_file_is_refused(tmp_path):
@@ -74,7 +74,7 @@ def test_failed_stage_leaves_previous_bundle_intact(tmp_path):
     again = Bundle.open(b.root)
     assert again.read_bytes("a/data.bin") == b"v1" and not again.has("new.bin")
     assert (tmp_path / "b" / MANIFEST).read_text() == before
-    assert not list(tmp_path.glob(".b.*"))
+    assert not list(tmp_path.glob(".b.staging-*"))
 
 
 def test_update_keeps_unchanged_files_and_never_writes_through_links(tmp_path):
@@ -95,7 +95,16 @@ def test_interrupted_swap_is_recovered(tmp_path):
     (tmp_path / ".b.staging-cafe").mkdir()
     b = Bundle.open(tmp_path / "b")
     assert b.read_bytes("a/data.bin") == b"v1"
-    assert not list(tmp_path.glob(".b.*"))
+    assert not list(tmp_path.glob(".b.staging-*")) + list(tmp_path.glob(".b.old-*"))
+
+
+def test_reader_never_cleans_up_a_live_writers_staging(tmp_path):
+    _make(tmp_path / "b")
+    with Bundle.transaction(tmp_path / "b") as w:
+        w.write_bytes("late.bin", b"x")
+        assert Bundle.open(tmp_path / "b").read_bytes("a/data.bin") == b"v1"  # a reader meanwhile
+        assert w.staging.exists()
+    assert Bundle.open(tmp_path / "b").read_bytes("late.bin") == b"x"
 
 
 def test_create_refuses_to_clobber_a_non_bundle(tmp_path):

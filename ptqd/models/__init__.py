@@ -23,7 +23,9 @@ def find_compvis_config(checkpoint: Path) -> Path | None:
 
 def load_model(source: str | Path, config: str | Path | dict | None = None, schedule: NoiseSchedule | None = None,
                with_first_stage: bool = True) -> LoadedModel:
-    """Load ``source``: a diffusers directory, or a CompVis checkpoint (``config`` = its YAML)."""
+    """Load ``source``: ``"demo"``, a diffusers directory, or a CompVis checkpoint (``config`` = its YAML)."""
+    if str(source) == "demo":
+        return load_demo(with_first_stage)
     path = Path(source)
     if not path.exists():
         raise UserError(f"model not found: {path} (expected a diffusers directory or a CompVis .ckpt/.safetensors)")
@@ -44,3 +46,19 @@ def load_model(source: str | Path, config: str | Path | dict | None = None, sche
             raise UserError(f"{path.name} is a CompVis checkpoint: pass its YAML with --config "
                             "(e.g. configs/latent-diffusion/cin256-v2.yaml)")
     return load_compvis(path, config, with_first_stage=with_first_stage)
+
+
+def load_demo(with_first_stage: bool = True) -> LoadedModel:
+    """The shipped demo LDM (a CompVis-layout checkpoint trained by ``ptqd train-demo``)."""
+    import dataclasses
+
+    from ptqd.models.compvis import load_compvis
+    from ptqd.models.demo import demo_dir
+
+    d = demo_dir()
+    ckpt = d / "demo_ldm.safetensors"
+    if not ckpt.exists():
+        raise UserError(f"the demo weights are missing from {d}: reinstall ptqd, or run `ptqd train-demo`")
+    loaded = load_compvis(ckpt, d / "demo_ldm.yaml", with_first_stage=with_first_stage)
+    loaded.facts = dataclasses.replace(loaded.facts, family="demo", source="ptqd demo (digits)")
+    return loaded

@@ -1,0 +1,89 @@
+"""Sampling: the DDIM loop over an engine runner, classifier-free guidance, first-stage decode.
+
+numpy only. Conditioning is a context row per sample: the class embedding of its label,
+and, for guidance, the null class's row in a doubled batch (as the CompVis sampler does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ptqd.errors import UserError
+from ptqd.runtime.sampler import DDIMSampler, NoiseSource, SamplerConfig
+
+# observe(step_index, t, x_t [B,C,H,W], context_or_None, eps_guided) — used by eval to compare engines
+Observer = Callable[[int, int, np.ndarray, "GuidedContext", np.ndarray], None]
+
+
+@dataclass
+class GuidedContext:
+    cond: np.ndarray | None  # [B, L, D]
+    null: np.ndarray | None  # [B, L, D], None when unguided or unconditional
+    guidance: float
+
+
+def contexts(facts, class_embedding: np.ndarray | None, labels: np.ndarray, guidance: float) -> GuidedContext:
+    cond = facts.conditioning
+    if cond.kind == "none":
+        if guidance != 1.0:
+            raise UserError("the model is unconditional: classifier-free guidance needs a class-conditional model "
+                            "(use --guidance 1)")
+        return GuidedContext(None, None, 1.0)
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.min() < 0 or labels.max() >= cond.num_classes:
+        raise UserError(f"class labels must be in [0, {cond.num_classes - 1}], got {sorted(set(labels.tolist()))}")
+    rows = class_embedding[labels][:, None, :]
+    null = class_embedding[np.full(len(labels), cond.null_class)][:, None, :] if guidance != 1.0 else None
+    return GuidedContext(rows.astype(np.float32), None if null is None else null.astype(np.float32), guidance)
+
+
+def guided_eps(runner, x: np.ndarray, t: int, ctx: GuidedContext) -> np.ndarray:
+    """ε = ε_u + s·(ε_c − ε_u), one engine call on the doubled batch [cond; uncond]."""
+    tt = np.full((x.shape[0],), float(t), dtype=np.float32)
+    if ctx.null is None:
+        return runner(x, tt, ctx.cond)
+    out = runner(np.concatenate([x, x]), np.concatenate([tt, tt]), np.concatenate([ctx.cond, ctx.null]))
+    e_c, e_u = np.split(out, 2)
+    return e_u + ctx.guidance * (e_c - e_u)
+
+
+def sample_latents(runner, facts, class_embedding, labels: np.ndarray, indices: np.ndarray, seed: int,
+                   cfg: SamplerConfig, observe: Observer | None = None) -> np.ndarray:
+    """Run the sampler for one batch; sample i's noise comes from (seed, indices[i]). Returns x_0 latents."""
+    sampler = DDIMSampler(facts.schedule.alphas_cumprod, cfg.spacing)
+    sampler.set_timesteps(cfg.steps)
+    ctx = contexts(facts, class_embedding, labels, cfg.guidance)
+    noise = NoiseSource(seed, indices, tuple(facts.latent_shape))
+    x = noise.draw()  # x_T
+    for i, t in enumerate(sampler.timesteps):
+        eps = guided_eps(runner, x, int(t), ctx)
+        if observe is not None:
+            observe(i, int(t), x, ctx, eps)
+        x, _ = sampler.step(eps, int(t), x, cfg.eta, noise.draw() if cfg.eta > 0 else None)
+    return x
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[-1, 1] NCHW float -> uint8 NHWC."""
+    return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def decode(decoder, latents: np.ndarray, scale_factor: float) -> np.ndarray:
+    return to_uint8(decoder(latents / scale_factor))
+
+
+def grid(images: np.ndarray, cols: int, scale: int = 1, pad: int = 2) -> np.ndarray:
+    """uint8 NHWC -> one uint8 HWC image with ``cols`` columns (grey background)."""
+    n, h, w, c = images.shape
+    if scale > 1:
+        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+        h, w = h * scale, w * scale
+    rows = -(-n // cols)
+    out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 128, np.uint8)
+    for k in range(n):
+        r, q = divmod(k, cols)
+        out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = images[k]
+    return out

@@ -1,0 +1,81 @@
+"""Engine runners: one small interface, ``runner(x, t, context) -> eps`` (numpy in, numpy out).
+
+The runtime imports numpy and the chosen backend only; backends are imported when a runner
+is created, never at ``import ptqd.runtime``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ptqd.errors import MissingDependencyError
+
+
+class Runner:
+    """Base runner: ``__call__`` checks inputs and calls ``infer`` (override that)."""
+
+    name = "runner"
+
+    def __call__(self, x: np.ndarray, t: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
+        if x.ndim != 4 or t.shape != (x.shape[0],):
+            raise ValueError(f"expected x [B,C,H,W] and t [B], got {x.shape} and {t.shape}")
+        return self.infer(np.ascontiguousarray(x, np.float32), np.ascontiguousarray(t, np.float32),
+                          None if context is None else np.ascontiguousarray(context, np.float32))
+
+    def infer(self, x, t, context):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def ort_session(path: str | os.PathLike, threads: int | None = None, allow_spinning: bool = True):
+    """An ONNX Runtime CPU session. ``allow_spinning=False`` when several sessions take turns
+    (engine switching): an idle session's spinning threads otherwise steal a core (MEASURED.md)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:  # pragma: no cover - onnxruntime is a dependency
+        raise MissingDependencyError("onnxruntime is not installed: pip install onnxruntime") from None
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    if not allow_spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+class OrtRunner(Runner):
+    name = "onnxruntime"
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, allow_spinning: bool = True):
+        self.path = Path(path)
+        self.session = ort_session(path, threads, allow_spinning)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def infer(self, x, t, context):
+        feeds = {"x": x, "t": t}
+        if "context" in self.input_names:
+            if context is None:
+                raise ValueError(f"{self.path.name} needs a context input")
+            feeds["context"] = context
+        return self.session.run(["eps"], feeds)[0]
+
+
+class OrtDecoder:
+    """First-stage decoder engine: latent z -> image in [-1, 1]."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        self.session = ort_session(path, threads)
+
+    def __call__(self, z: np.ndarray) -> np.ndarray:
+        return self.session.run(["image"], {"z": np.ascontiguousarray(z, np.float32)})[0]

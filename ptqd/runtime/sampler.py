@@ -1,0 +1,106 @@
+"""DDIM (Song et al., 2021) in numpy, with eta and classifier-free guidance.
+
+Follows the diffusers scheduler contract: ``set_timesteps(n)``, then ``timesteps`` (descending)
+and ``step(eps, t, x)``. With ``eta = 0`` sampling is deterministic (DDIM); with ``eta = 1`` the
+added noise has the DDPM posterior variance at the chosen steps.
+
+Timestep spacing: ``"compvis"`` (default for CompVis models) is ``make_ddim_timesteps('uniform')``
+of latent-diffusion: t = 1, 1 + c, 1 + 2c, ... with c = T // n, so 20 steps give 1, 51, ..., 951;
+it equals diffusers' ``DDIMScheduler(timestep_spacing="leading", steps_offset=1,
+set_alpha_to_one=False)``. ``"leading"`` drops the offset (0, c, 2c, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    steps: int = 20
+    eta: float = 0.0
+    guidance: float = 1.0  # classifier-free guidance scale s: eps_u + s·(eps_c - eps_u); 1 = no guidance
+    spacing: str = "compvis"
+
+    def validate(self, num_train_timesteps: int) -> None:
+        from ptqd.errors import UserError
+
+        if not 1 <= self.steps <= num_train_timesteps:
+            raise UserError(f"--steps must be between 1 and {num_train_timesteps}, got {self.steps}")
+        if not 0.0 <= self.eta <= 1.0:
+            raise UserError(f"--eta must be in [0, 1] (0 = DDIM, 1 = DDPM-like), got {self.eta}")
+        if self.guidance < 0:
+            raise UserError(f"--guidance must be >= 0, got {self.guidance}")
+        if self.spacing not in ("compvis", "leading"):
+            raise UserError(f"spacing must be 'compvis' or 'leading', got {self.spacing!r}")
+
+
+class DDIMSampler:
+    """Notation (DDIM paper, eq. 12), with ᾱ the cumulative product of (1 - β):
+
+      x_t      the current latent                   ε          the (guided) noise prediction
+      ᾱ_t      alphas_cumprod[t]                    ᾱ_prev     alphas_cumprod[t - T/n] (ᾱ_0 at the end)
+      x̂_0      (x_t - √(1-ᾱ_t)·ε) / √ᾱ_t            predicted clean latent
+      σ_t      η·√((1-ᾱ_prev)/(1-ᾱ_t))·√(1-ᾱ_t/ᾱ_prev)
+      x_prev   √ᾱ_prev·x̂_0 + √(1-ᾱ_prev-σ_t²)·ε + σ_t·z,   z ~ N(0, I)
+    """
+
+    def __init__(self, alphas_cumprod: np.ndarray, spacing: str = "compvis"):
+        self.alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
+        self.num_train_timesteps = len(self.alphas_cumprod)
+        self.spacing = spacing
+        self.final_alpha_cumprod = float(self.alphas_cumprod[0])  # set_alpha_to_one=False, as CompVis
+        self.timesteps: np.ndarray | None = None
+        self.step_ratio = 0
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        T = self.num_train_timesteps
+        if not 1 <= num_inference_steps <= T:
+            raise ValueError(f"num_inference_steps must be in [1, {T}], got {num_inference_steps}")
+        self.step_ratio = T // num_inference_steps
+        offset = 1 if self.spacing == "compvis" else 0
+        ts = np.arange(num_inference_steps) * self.step_ratio + offset
+        self.timesteps = ts[::-1].astype(np.int64).copy()
+
+    def alphas(self, t: int) -> tuple[float, float]:
+        """(ᾱ_t, ᾱ_prev) for the step at timestep t."""
+        prev = t - self.step_ratio
+        a_prev = float(self.alphas_cumprod[prev]) if prev >= 0 else self.final_alpha_cumprod
+        return float(self.alphas_cumprod[t]), a_prev
+
+    def sigma(self, t: int, eta: float) -> float:
+        a_t, a_prev = self.alphas(t)
+        return eta * float(np.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)))
+
+    def step(self, eps: np.ndarray, t: int, x: np.ndarray, eta: float = 0.0,
+             noise: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One update x_t -> x_prev. Returns (x_prev, x̂_0). ``noise`` is required when eta > 0."""
+        if self.timesteps is None:
+            raise RuntimeError("call set_timesteps(n) before step()")
+        a_t, a_prev = self.alphas(int(t))
+        # 1. predicted x_0 (DDIM eq. 12, first term)
+        x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
+        # 2. σ_t (eq. 16) and the direction pointing to x_t (second term)
+        sigma = self.sigma(int(t), eta)
+        direction = np.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
+        # 3. x_prev, plus fresh noise (third term) when stochastic
+        x_prev = np.sqrt(a_prev) * x0 + direction
+        if sigma > 0:
+            if noise is None:
+                raise ValueError("eta > 0 needs the step's noise")
+            x_prev = x_prev + sigma * noise
+        return x_prev.astype(np.float32), x0.astype(np.float32)
+
+
+class NoiseSource:
+    """Per-sample seeded noise: sample i's noise depends only on (seed, i), never on the batch size,
+    so the same seed pairs samples across engines and batchings."""
+
+    def __init__(self, seed: int, indices: np.ndarray, shape: tuple[int, ...]):
+        self.shape = shape
+        self.rngs = [np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, int(i)]))) for i in indices]
+
+    def draw(self) -> np.ndarray:
+        return np.stack([r.standard_normal(self.shape, dtype=np.float32) for r in self.rngs])
