@@ -170,8 +170,10 @@ def engine_path(b: Bundle, precision: str) -> str:
         return UNET_ONNX
     rel = f"engines/onnxruntime/{precision}.onnx"
     if not b.has(rel):
+        have = ["fp32"] + sorted(p[len("engines/onnxruntime/"):-len(".onnx")] for p in b.files
+                                 if p.startswith("engines/onnxruntime/") and p.endswith(".onnx") and ".qdq." not in p)
         raise UserError(f"{b.root} has no {precision} engine; build it with `ptqd build {b.root} --precisions "
-                        f"{precision}` (available: fp32)")
+                        f"{precision}` (available: {', '.join(have)})")
     return rel
 
 
@@ -348,3 +350,221 @@ def train_demo(out: str | os.PathLike | None = None, seed: int = 0, progress: bo
     from ptqd.models.demo import demo_dir, train_demo as _train
 
     return _train(Path(out) if out else demo_dir(), seed=seed, progress=progress)
+
+
+# ---- calibrate and build ----------------------------------------------------------------------
+CALIB_FEEDS = "calib/feeds.npz"
+OUR_PRECISIONS = ("w8a8", "w4a8", "w4a4")
+PEER = "ort-int8"
+# Engine vs fake-quant ε, relative L2 per timestep. The fake-quant model emulates the integer kernels
+# exactly; the float ops around them (GroupNorm, SiLU, softmax) round differently in torch and ORT, and
+# now and then that moves an input across a quantization tie: a rare 1-LSB flip that the rest of the
+# network carries along. So: the median timestep must agree to float noise, the worst within 2e-2.
+ENGINE_TOLERANCE = {"median_rel_l2": 1e-4, "worst_rel_l2": 2e-2}
+VALIDATION_TIMESTEPS = (1, 101, 251, 401, 501, 601, 751, 951)
+
+
+def _load_source(b: Bundle):
+    """The torch model the bundle was exported from (the calibrator needs it); checked by sha256."""
+    from ptqd.models import load_model
+
+    rec = b.stage("export") or {}
+    src = rec.get("source")
+    if src is None:
+        raise UserError(f"{b.root} has no export record; export the model first")
+    if src != "demo" and not Path(src).exists():
+        raise UserError(f"calibration needs the source model {src} (gone since export); export again from where it is")
+    if rec.get("source_sha256") and _source_digest(src) != rec["source_sha256"]:
+        raise UserError(f"{src} changed since it was exported to {b.root}; export again")
+    return load_model(src, with_first_stage=False)
+
+
+def calibrate(bundle, samples: int = 32, steps: int = 20, eta: float = 0.0, guidance: float = 3.0,
+              method: str = "mse", rounding: str = "gptq", buckets: int = 1, progress: bool | None = None) -> dict:
+    """Observe activations along FP trajectories; write quantization parameters per precision."""
+    import time
+
+    import numpy as np
+
+    from ptqd.calib.calibrate import CalibConfig, quantize_layers, save_params, select_layers
+    from ptqd.calib.observe import observe
+
+    cfg = CalibConfig(samples=samples, steps=steps, eta=eta, guidance=guidance, method=method, rounding=rounding,
+                      buckets=buckets)
+    cfg.validate()
+    b = Bundle.open(bundle)
+    facts = b.facts
+    scfg = _sampler_config(facts, steps, eta, guidance)
+    t0 = time.perf_counter()
+    loaded = _load_source(b)
+    table = b.read_json(UNET_LAYERS)
+    selected = select_layers(table["layers"], cfg.keep_fp)
+    labels = default_labels(facts, None, samples)
+    with _progress(cfg.seeds + len(cfg.precisions), "calibrate", progress) as bar:
+        bar.set_postfix_str(f"observing {len(selected)} layers over {steps} steps")
+        obs, feeds = observe(loaded, selected, labels, np.arange(cfg.seeds), scfg, progress=bar)
+        t_obs = time.perf_counter() - t0
+        record: dict[str, Any] = {"config": {k: v for k, v in cfg.__dict__.items()}, "layers": len(selected),
+                                  "calibration_inputs": len(feeds) * len(feeds[0][0]), "precisions": {}}
+        with Bundle.transaction(b.root) as w:
+            for p in cfg.precisions:
+                bar.set_postfix_str(f"{p}: ranges + {rounding} weights")
+                layers = quantize_layers(loaded, selected, obs, cfg, p)
+                meta, arrays = save_params(layers)
+                w.write_json(f"calib/{p}.json", meta)
+                buf = io.BytesIO()
+                np.savez(buf, **arrays)
+                w.write_bytes(f"calib/{p}.npz", buf.getvalue())
+                errs = {k: float(np.mean([lq.errors[k] for lq in layers])) for k in layers[0].errors}
+                record["precisions"][p] = {"mean_layer_rel_error": errs}
+                bar.update()
+            # per-step input ranges: what timestep buckets would have to absorb
+            record["per_step_input_range"] = {
+                o.name: {int(s): [st.lo, st.hi] for s, st in sorted(o.inputs.items())} for o in obs.values()}
+            buf = io.BytesIO()
+            np.savez_compressed(buf, x=np.concatenate([f[0] for f in feeds]), t=np.concatenate([f[1] for f in feeds]),
+                                **({"context": np.concatenate([f[2] for f in feeds])} if feeds[0][2] is not None else {}))
+            w.write_bytes(CALIB_FEEDS, buf.getvalue())
+            record["seconds"] = {"observe": round(t_obs, 1), "total": round(time.perf_counter() - t0, 1)}
+            w.write_json("calib/calibration.json", record)
+            w.set_stage("calibrate", {k: record[k] for k in ("config", "layers", "calibration_inputs", "seconds")})
+    return record
+
+
+def _peer_int8(b: Bundle, out_qdq: Path, rows: list[dict]) -> None:
+    """ONNX Runtime's own quantize_static on the same calibration inputs (the tool users would pick)."""
+    import numpy as np
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    data = np.load(b.path(CALIB_FEEDS))
+    n = len(data["t"])
+    chunk = 64
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.i = 0
+
+        def get_next(self):
+            if self.i >= n:
+                return None
+            sl = slice(self.i, self.i + chunk)
+            self.i += chunk
+            feeds = {"x": data["x"][sl], "t": data["t"][sl]}
+            if "context" in data:
+                feeds["context"] = data["context"][sl]
+            return feeds
+
+    import logging
+
+    attention = [r["name"] for r in rows if r["kind"] == "attention"]
+    logging.disable(logging.WARNING)  # quantize_static's advice to pre-process goes to the root logger
+    try:
+        _quantize_static(quantize_static, b, out_qdq, Reader, QuantFormat, QuantType, attention)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _quantize_static(quantize_static, b, out_qdq, Reader, QuantFormat, QuantType, attention):
+    quantize_static(str(b.path(UNET_ONNX)), str(out_qdq), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    op_types_to_quantize=["Conv", "MatMul", "Gemm"], nodes_to_exclude=attention)
+
+
+def validate_engine(runner, reference, facts, class_embedding, timesteps=VALIDATION_TIMESTEPS, batch: int = 2,
+                    seed: int = 0) -> dict:
+    """Engine vs a reference runner (the fake-quant model) on seeded inputs: worst rel-L2 and max abs error."""
+    import numpy as np
+
+    from ptqd.exporter.validate import seeded_unet_inputs
+
+    rows = []
+    for i, t in enumerate(timesteps):
+        f = seeded_unet_inputs(facts, batch, float(t), seed + i)
+        if "context" in f and class_embedding is not None:
+            f["context"] = class_embedding[np.arange(batch) % len(class_embedding)][:, None, :].astype(np.float32)
+        got, ref = runner(f["x"], f["t"], f.get("context")), reference(f["x"], f["t"], f.get("context"))
+        rows.append({"t": t, "max_abs": float(np.abs(got - ref).max()),
+                     "rel_l2": float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12))})
+    rel = [r["rel_l2"] for r in rows]
+    return {"per_timestep": rows, "median_rel_l2": float(np.median(rel)), "worst_rel_l2": max(rel),
+            "worst_max_abs": max(r["max_abs"] for r in rows),
+            "passed": float(np.median(rel)) <= ENGINE_TOLERANCE["median_rel_l2"]
+            and max(rel) <= ENGINE_TOLERANCE["worst_rel_l2"]}
+
+
+def build(bundle, backend: str = "onnxruntime", precisions=OUR_PRECISIONS + (PEER,), validate: bool = True,
+          progress: bool | None = None) -> dict:
+    """One engine per precision from the calibration; validated against the fake-quant model."""
+    import time
+
+    import numpy as np
+
+    from ptqd.calib.calibrate import load_params
+    from ptqd.engines.onnxruntime import build_engine, describe_engine
+    from ptqd.engines.qdq import write_qdq
+    from ptqd.errors import ExportError, MissingDependencyError
+    from ptqd.runtime.runners import OrtRunner
+
+    if backend == "tensorrt":
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            raise MissingDependencyError("the tensorrt backend needs TensorRT and an NVIDIA GPU: "
+                                         "pip install 'ptqd[gpu]' on a machine with CUDA") from None
+        raise UserError("the tensorrt backend is not implemented yet")
+    if backend != "onnxruntime":
+        raise UserError(f"--backend must be onnxruntime or tensorrt, got {backend!r}")
+    bad = [p for p in precisions if p not in OUR_PRECISIONS + (PEER,)]
+    if bad:
+        raise UserError(f"unknown precision(s) {bad}; choose from {', '.join(OUR_PRECISIONS + (PEER,))}")
+    b = Bundle.open(bundle)
+    if b.stage("calibrate") is None:
+        raise UserError(f"{b.root} is not calibrated: run `ptqd calibrate {b.root}` first")
+    rows = b.read_json(UNET_LAYERS)["layers"]
+    loaded = _load_source(b) if validate and any(p != PEER for p in precisions) else None
+    table = np.load(b.path(CLASS_EMBEDDING)) if b.has(CLASS_EMBEDDING) else None
+    records: dict[str, Any] = {}
+    old = b.read_json("engines/onnxruntime/build.json") if b.has("engines/onnxruntime/build.json") else {}
+    with _progress(len(precisions), "build", progress) as bar, Bundle.transaction(b.root) as w:
+        for p in precisions:
+            t0 = time.perf_counter()
+            bar.set_postfix_str(p)
+            qdq_rel, eng_rel = f"engines/onnxruntime/{p}.qdq.onnx", f"engines/onnxruntime/{p}.onnx"
+            qdq_path, eng_path = w.file(qdq_rel), w.file(eng_rel)
+            if p == PEER:
+                _peer_int8(b, qdq_path, rows)
+                rec: dict[str, Any] = {"numerics": "ONNX Runtime quantize_static: QDQ, U8 activations (MinMax), "
+                                                   "S8 per-channel weights, reduce_range; attention matmuls float"}
+                layers = None
+            else:
+                meta = b.read_json(f"calib/{p}.json")
+                layers = load_params(meta, np.load(b.path(f"calib/{p}.npz")))
+                write_qdq(b.path(UNET_ONNX), layers, qdq_path)
+                wb, ab = p[1], p[3]
+                rec = {"numerics": f"w{wb}a{ab} numerics on int8 kernels (QLinearConv, MatMulIntegerToFloat)"
+                                   + (": weights on the 4-bit grid" if wb == "4" else
+                                      ": 8-bit weights on the reduce-range grid ±63 (exact on AVX2 u8s8)")
+                                   + (", activations clipped to the 4-bit grid" if ab == "4" else "")
+                                   + "; conv outputs requantized to 8 bits; first/last layers 8-bit; skip and "
+                                     "downsample convs, embedding Gemms and attention matmuls float"}
+            build_engine(qdq_path, eng_path)
+            rec.update(describe_engine(eng_path, rows))
+            if validate and layers is not None:
+                from ptqd.calib.fakequant import fake_quant_model
+                from ptqd.runtime.torch_runner import TorchRunner
+
+                ref = TorchRunner(fake_quant_model(loaded.unet, layers))
+                val = validate_engine(OrtRunner(eng_path), ref, b.facts, table)
+                val["tolerance"] = ENGINE_TOLERANCE
+                rec["validation_vs_fake_quant"] = val
+                if not val["passed"]:
+                    raise ExportError(f"{p} engine does not match its fake-quant model: rel-L2 error median "
+                                      f"{val['median_rel_l2']:.3g}, worst {val['worst_rel_l2']:.3g} (tolerance "
+                                      f"{ENGINE_TOLERANCE['median_rel_l2']:g} / {ENGINE_TOLERANCE['worst_rel_l2']:g})")
+            rec["build_seconds"] = round(time.perf_counter() - t0, 1)
+            records[p] = rec
+            bar.update()
+        merged = {**old, **records}
+        w.write_json("engines/onnxruntime/build.json", merged)
+        w.set_stage("build", {"backend": backend, "precisions": sorted(merged)})
+    return records

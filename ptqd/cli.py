@@ -20,6 +20,7 @@ examples:
   ptqd export models/ldm/cin256-v2/model.ckpt --config configs/latent-diffusion/cin256-v2.yaml --out cin.bundle
   ptqd export path/to/diffusers-ldm --out ldm.bundle
   ptqd inspect cin.bundle
+  ptqd calibrate cin.bundle && ptqd build cin.bundle --precisions w8a8,w4a8,w4a4,ort-int8
   ptqd sample cin.bundle --classes 88,207 --num 16 --out samples.png
   ptqd eval demo-out/demo.bundle --num 500
 """
@@ -134,6 +135,33 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from ptqd import api
+
+    rec = api.calibrate(args.bundle, samples=args.samples, steps=args.steps, eta=args.eta, guidance=args.guidance,
+                        method=args.method, rounding=args.rounding, buckets=args.buckets)
+    print(f"calibrated {rec['layers']} layers on {rec['calibration_inputs']} UNet inputs "
+          f"({rec['seconds']['total']:.0f} s)")
+    for p, r in rec["precisions"].items():
+        errs = ", ".join(f"{k} {v:.2e}" for k, v in r["mean_layer_rel_error"].items())
+        print(f"  {p}: mean layer output error (relative) {errs}")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from ptqd import api
+
+    precisions = tuple(p for p in args.precisions.split(",") if p)
+    recs = api.build(args.bundle, backend=args.backend, precisions=precisions, validate=not args.no_validate)
+    print(f"{'engine':<10}{'int MACs':>9}{'size':>10}{'vs fake-quant (median)':>24}  kernels")
+    for p, r in recs.items():
+        v = r.get("validation_vs_fake_quant")
+        ops = ", ".join(f"{k} {n}" for k, n in r["integer_kernel_ops"].items())
+        print(f"{p:<10}{100 * r['integer_mac_share']:8.1f}%{_human(r['size_bytes']):>10}"
+              f"{_fmt(v and v['median_rel_l2'], 24, '.2e')}  {ops}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from ptqd import api
 
@@ -192,6 +220,31 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.set_defaults(func=cmd_inspect)
 
+    c = sub.add_parser("calibrate", help="observe activations over the denoising steps; quantize per precision",
+                       description="Run the FP model along real sampler trajectories (classes x seeds, every step, "
+                                   "CFG-doubled batch), choose activation ranges and round weights for w8a8, w4a8 "
+                                   "and w4a4. Needs the source model the bundle was exported from.")
+    c.add_argument("bundle")
+    c.add_argument("--samples", type=int, default=32, help="calibration trajectories (labels cycle the classes)")
+    c.add_argument("--steps", type=int, default=20, help="DDIM steps of the calibrated schedule (default 20)")
+    c.add_argument("--eta", type=float, default=0.0)
+    c.add_argument("--guidance", type=float, default=3.0)
+    c.add_argument("--method", choices=("mse", "minmax", "percentile"), default="mse",
+                   help="activation range choice (default mse: clipping search)")
+    c.add_argument("--rounding", choices=("nearest", "gptq"), default="gptq", help="weight rounding (default gptq)")
+    c.add_argument("--buckets", type=int, default=1, help="timestep buckets with their own scales (only 1 for now)")
+    c.set_defaults(func=cmd_calibrate)
+
+    bl = sub.add_parser("build", help="one engine per precision, validated against the fake-quant model",
+                        description="Write a QDQ graph per precision and build its engine; each is checked against "
+                                    "the fake-quant torch model. ort-int8 is ONNX Runtime's own quantize_static on "
+                                    "the same calibration inputs, for comparison.")
+    bl.add_argument("bundle")
+    bl.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
+    bl.add_argument("--precisions", default="w8a8,w4a8,w4a4,ort-int8")
+    bl.add_argument("--no-validate", action="store_true", help="skip the check against the fake-quant model")
+    bl.set_defaults(func=cmd_build)
+
     s = sub.add_parser("sample", help="sample images with one engine",
                        description="Sample with the FP32 graph or one engine; writes a PNG grid or an NPZ "
                                    "(images uint8 NxHxWxC, labels).")
@@ -207,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "bundle's feature model (the demo ships one) or --features.")
     v.add_argument("bundle")
     _sampling_args(v, 500)
-    v.add_argument("--precisions", default="fp32", help="comma-separated engines; FP32 is always the first row")
+    v.add_argument("--precisions", default="fp32", help="comma-separated engines, e.g. fp32,ort-int8,w8a8,w4a8,w4a4; "
+                                                        "FP32 is always the first row")
     v.add_argument("--features", help="ONNX model image [N,C,H,W] in [-1,1] -> 'features' (+ 'logits') for FD")
     v.add_argument("--json", action="store_true", help="machine-readable output")
     v.set_defaults(func=cmd_eval)

@@ -1,0 +1,102 @@
+"""QDQ graph writer: FP ONNX + calibrated layers -> one explicit-quantization ONNX per precision.
+
+For each quantized node (addressed by its layer-table name):
+
+  x ─[Clip]─ QuantizeLinear(u8) ─ DequantizeLinear ─┐            (Clip only for < 8-bit activations:
+  W_int8 ─ DequantizeLinear(axis = out axis) ───────┼─ Conv ─ Q ─ DQ ─►   it keeps the 4-bit grid)
+  b_int32 ─ DequantizeLinear(s_x·s_w) (Conv) ───────┘   MatMul ─────────►  (no output Q: float output)
+
+ONNX Runtime fuses these into QLinearConv and MatMulIntegerToFloat (int8 kernels); 4-bit numerics
+run on those int8 kernels with values restricted to the 4-bit grid. Scales are constants.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _safe(name: str) -> str:
+    return name.strip("/").replace("/", "_").replace(".", "_")
+
+
+def write_qdq(fp_onnx: Path, layers, out_path: Path) -> dict:
+    """Write the QDQ model; returns {"quantized_nodes": n}."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(fp_onnx))
+    g = model.graph
+    nodes = {n.name: n for n in g.node}
+    inits = {i.name: i for i in g.initializer}
+    new_inits, inserted_before, inserted_after = [], {}, {}
+
+    def const(name, arr):
+        new_inits.append(numpy_helper.from_array(arr, name))
+        return name
+
+    for lq in layers:
+        node = nodes.get(lq.name)
+        if node is None:
+            raise ValueError(f"node {lq.name!r} from the calibration is not in {fp_onnx.name}: re-run calibrate")
+        base = _safe(lq.name)
+        pre, post = [], []
+        # activation input
+        x = node.input[0]
+        a = lq.act_in
+        if a.bits < 8:
+            lo, hi = a.range
+            pre.append(helper.make_node("Clip", [x, const(f"{base}_clip_lo", np.array(lo, np.float32)),
+                                                 const(f"{base}_clip_hi", np.array(hi, np.float32))],
+                                        [f"{base}_xc"], name=f"{base}_Clip"))
+            x = f"{base}_xc"
+        sx = const(f"{base}_x_scale", np.array(a.scale, np.float32))
+        zx = const(f"{base}_x_zp", np.array(a.zero_point, np.uint8))
+        pre.append(helper.make_node("QuantizeLinear", [x, sx, zx], [f"{base}_xq"], name=f"{base}_QuantizeLinear_x"))
+        pre.append(helper.make_node("DequantizeLinear", [f"{base}_xq", sx, zx], [f"{base}_xd"],
+                                    name=f"{base}_DequantizeLinear_x"))
+        node.input[0] = f"{base}_xd"
+        # weight: torch layout [C_out, ...]; ONNX MatMul wants [K, N] with the output axis 1
+        w_int = lq.w_int if lq.op == "Conv" else lq.w_int.T.copy()
+        axis = 0 if lq.op == "Conv" else 1
+        old_w = node.input[1]
+        if old_w not in inits:
+            raise ValueError(f"{lq.name}: weight {old_w} is not an initializer")
+        if tuple(inits[old_w].dims) != w_int.shape:
+            raise ValueError(f"{lq.name}: weight shape {tuple(inits[old_w].dims)} != calibrated {w_int.shape}")
+        wq = const(f"{base}_w_int8", w_int.astype(np.int8))
+        ws = const(f"{base}_w_scale", lq.w_scale.astype(np.float32))
+        wz = const(f"{base}_w_zp", np.zeros(len(lq.w_scale), np.int8))
+        pre.append(helper.make_node("DequantizeLinear", [wq, ws, wz], [f"{base}_wd"], axis=axis,
+                                    name=f"{base}_DequantizeLinear_w"))
+        node.input[1] = f"{base}_wd"
+        if lq.op == "Conv" and len(node.input) > 2 and lq.bias_q is not None:
+            bq = const(f"{base}_b_int32", lq.bias_q.astype(np.int32))
+            bs = const(f"{base}_b_scale", lq.bias_scale.astype(np.float32))
+            bz = const(f"{base}_b_zp", np.zeros(len(lq.bias_q), np.int32))
+            pre.append(helper.make_node("DequantizeLinear", [bq, bs, bz], [f"{base}_bd"], axis=0,
+                                        name=f"{base}_DequantizeLinear_b"))
+            node.input[2] = f"{base}_bd"
+        if lq.act_out is not None:
+            y = node.output[0]
+            raw = f"{base}_y"
+            node.output[0] = raw
+            sy = const(f"{base}_y_scale", np.array(lq.act_out.scale, np.float32))
+            zy = const(f"{base}_y_zp", np.array(lq.act_out.zero_point, np.uint8))
+            post.append(helper.make_node("QuantizeLinear", [raw, sy, zy], [f"{base}_yq"], name=f"{base}_QuantizeLinear_y"))
+            post.append(helper.make_node("DequantizeLinear", [f"{base}_yq", sy, zy], [y], name=f"{base}_DequantizeLinear_y"))
+        inserted_before[lq.name], inserted_after[lq.name] = pre, post
+    # rebuild the node list in topological order, dropping weights no longer used
+    ordered = []
+    for n in g.node:
+        ordered += inserted_before.get(n.name, []) + [n] + inserted_after.get(n.name, [])
+    del g.node[:]
+    g.node.extend(ordered)
+    used = {i for n in g.node for i in n.input}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep + new_inits)
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(out_path))
+    return {"quantized_nodes": len(layers)}
