@@ -359,8 +359,9 @@ PEER = "ort-int8"
 # Engine vs fake-quant ε, relative L2 per timestep. The fake-quant model emulates the integer kernels
 # exactly; the float ops around them (GroupNorm, SiLU, softmax) round differently in torch and ORT, and
 # now and then that moves an input across a quantization tie: a rare 1-LSB flip that the rest of the
-# network carries along. So: the median timestep must agree to float noise, the worst within 2e-2.
-ENGINE_TOLERANCE = {"median_rel_l2": 1e-4, "worst_rel_l2": 2e-2}
+# network carries along. So: the median timestep must agree to float noise, the worst within 2e-2 for
+# 8-bit activations and 1e-1 for 4-bit ones (a tie flip there moves a value by 1/15 of its range, not 1/255).
+ENGINE_TOLERANCE = {"median_rel_l2": 1e-4, "worst_rel_l2": 2e-2, "worst_rel_l2_a4": 1e-1}
 VALIDATION_TIMESTEPS = (1, 101, 251, 401, 501, 601, 751, 951)
 
 
@@ -471,7 +472,7 @@ def _quantize_static(quantize_static, b, out_qdq, Reader, QuantFormat, QuantType
 
 
 def validate_engine(runner, reference, facts, class_embedding, timesteps=VALIDATION_TIMESTEPS, batch: int = 2,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, act_bits: int = 8) -> dict:
     """Engine vs a reference runner (the fake-quant model) on seeded inputs: worst rel-L2 and max abs error."""
     import numpy as np
 
@@ -489,7 +490,7 @@ def validate_engine(runner, reference, facts, class_embedding, timesteps=VALIDAT
     return {"per_timestep": rows, "median_rel_l2": float(np.median(rel)), "worst_rel_l2": max(rel),
             "worst_max_abs": max(r["max_abs"] for r in rows),
             "passed": float(np.median(rel)) <= ENGINE_TOLERANCE["median_rel_l2"]
-            and max(rel) <= ENGINE_TOLERANCE["worst_rel_l2"]}
+            and max(rel) <= ENGINE_TOLERANCE["worst_rel_l2" if act_bits >= 8 else "worst_rel_l2_a4"]}
 
 
 def build(bundle, backend: str = "onnxruntime", precisions=OUR_PRECISIONS + (PEER,), validate: bool = True,
@@ -554,13 +555,14 @@ def build(bundle, backend: str = "onnxruntime", precisions=OUR_PRECISIONS + (PEE
                 from ptqd.runtime.torch_runner import TorchRunner
 
                 ref = TorchRunner(fake_quant_model(loaded.unet, layers))
-                val = validate_engine(OrtRunner(eng_path), ref, b.facts, table)
+                val = validate_engine(OrtRunner(eng_path), ref, b.facts, table, act_bits=int(ab))
                 val["tolerance"] = ENGINE_TOLERANCE
                 rec["validation_vs_fake_quant"] = val
                 if not val["passed"]:
                     raise ExportError(f"{p} engine does not match its fake-quant model: rel-L2 error median "
                                       f"{val['median_rel_l2']:.3g}, worst {val['worst_rel_l2']:.3g} (tolerance "
-                                      f"{ENGINE_TOLERANCE['median_rel_l2']:g} / {ENGINE_TOLERANCE['worst_rel_l2']:g})")
+                                      f"{ENGINE_TOLERANCE['median_rel_l2']:g} / worst {ENGINE_TOLERANCE['worst_rel_l2']:g} "
+                                      f"with 8-bit, {ENGINE_TOLERANCE['worst_rel_l2_a4']:g} with 4-bit activations)")
             rec["build_seconds"] = round(time.perf_counter() - t0, 1)
             records[p] = rec
             bar.update()

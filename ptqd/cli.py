@@ -227,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("bundle")
     c.add_argument("--samples", type=int, default=32, help="calibration trajectories (labels cycle the classes)")
     c.add_argument("--steps", type=int, default=20, help="DDIM steps of the calibrated schedule (default 20)")
-    c.add_argument("--eta", type=float, default=0.0)
-    c.add_argument("--guidance", type=float, default=3.0)
+    c.add_argument("--eta", type=float, default=0.0, help="sampler eta of the calibration trajectories (default 0)")
+    c.add_argument("--guidance", type=float, default=3.0, help="CFG scale of the calibration trajectories (default 3)")
     c.add_argument("--method", choices=("mse", "minmax", "percentile"), default="mse",
                    help="activation range choice (default mse: clipping search)")
     c.add_argument("--rounding", choices=("nearest", "gptq"), default="gptq", help="weight rounding (default gptq)")

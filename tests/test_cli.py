@@ -124,3 +124,13 @@ def test_help_teaches():
     assert r.returncode == 0 and "examples:" in r.stdout and "export" in r.stdout
     r = run("export", "--help")
     assert "--config" in r.stdout and "--schedule" in r.stdout
+
+
+def test_build_tensorrt_without_tensorrt_is_one_line(tiny_cin_bundle):
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    assert_one_line_error(run("build", tiny_cin_bundle, "--backend", "tensorrt"), "pip install")

@@ -64,11 +64,11 @@ def _columns(torch, mod, x, max_positions: int, gen):
     if cols.shape[0] > max_positions:
         idx = torch.randperm(cols.shape[0], generator=gen)[:max_positions]
         cols = cols[idx]
-    return cols.double()
+    return cols.float()
 
 
 def observe(loaded, layers: list[dict], labels: np.ndarray, seeds: np.ndarray, cfg, per_call: int = 2048,
-            h_positions: int = 2048, progress=None, record_inputs: bool = True):
+            h_positions: int = 512, progress=None, record_inputs: bool = True):
     """Run FP trajectories with hooks. Returns (observations by node name, calibration feeds).
 
     ``layers``: layer-table rows to observe (their ``module`` names address the torch modules).
@@ -93,7 +93,7 @@ def observe(loaded, layers: list[dict], labels: np.ndarray, seeds: np.ndarray, c
             x = args[0].detach()
             o.inputs.setdefault(state["step"], TensorStats()).add(x.numpy(), rng, per_call)
             cols = _columns(torch, mod, x, h_positions, gen)
-            h = (cols.T @ cols).numpy()
+            h = (cols.T @ cols).double().numpy()  # float32 products of <= h_positions rows, summed in float64
             o.H = h if o.H is None else o.H + h
             o.h_count += cols.shape[0]
 
