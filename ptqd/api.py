@@ -460,15 +460,12 @@ def _peer_int8(b: Bundle, out_qdq: Path, rows: list[dict]) -> None:
     attention = [r["name"] for r in rows if r["kind"] == "attention"]
     logging.disable(logging.WARNING)  # quantize_static's advice to pre-process goes to the root logger
     try:
-        _quantize_static(quantize_static, b, out_qdq, Reader, QuantFormat, QuantType, attention)
+        quantize_static(str(b.path(UNET_ONNX)), str(out_qdq), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+                        nodes_to_exclude=attention)
     finally:
         logging.disable(logging.NOTSET)
-
-
-def _quantize_static(quantize_static, b, out_qdq, Reader, QuantFormat, QuantType, attention):
-    quantize_static(str(b.path(UNET_ONNX)), str(out_qdq), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    op_types_to_quantize=["Conv", "MatMul", "Gemm"], nodes_to_exclude=attention)
 
 
 def validate_engine(runner, reference, facts, class_embedding, timesteps=VALIDATION_TIMESTEPS, batch: int = 2,

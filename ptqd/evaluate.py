@@ -82,6 +82,7 @@ class EvalResult:
     config: dict[str, Any]
     rows: list[dict[str, Any]] = field(default_factory=list)
     reference: dict[str, Any] = field(default_factory=dict)
+    images: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # uint8 NHWC per precision; not saved
 
     def to_json(self) -> dict[str, Any]:
         return {"config": self.config, "reference": self.reference, "rows": self.rows}
@@ -137,5 +138,5 @@ def evaluate_runners(facts, class_embedding, runners: dict[str, Any], decoder, l
             row["eps_mse"] = (mse[k] / per_elem).tolist()
             row["eps_mse_mean"] = float(np.mean(row["eps_mse"]))
         result.rows.append(row)
-    result.images = images  # type: ignore[attr-defined]  (kept for grids; not serialized)
+    result.images = images
     return result
