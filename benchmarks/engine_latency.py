@@ -18,7 +18,6 @@ import numpy as np
 from ptqd import api
 from ptqd.bundle import Bundle
 from ptqd.exporter.validate import seeded_unet_inputs
-from ptqd.runtime.runners import OrtRunner
 
 
 def main(argv=None) -> dict:
@@ -35,7 +34,7 @@ def main(argv=None) -> dict:
     names = ["fp32"] + [p for p in args.precisions.split(",") if p]
     # several sessions take turns: ORT's spinning worker threads would otherwise steal the cores of the
     # session that runs (MEASURED.md); spinning is off for every engine alike
-    runners = {p: OrtRunner(b.path(api.engine_path(b, p)), threads=args.threads, allow_spinning=False) for p in names}
+    runners = {p: api.open_engine(b, p, threads=args.threads, allow_spinning=False) for p in names}
     out = {"threads": args.threads, "runs": args.runs, "batches": {}}
     for batch in (int(x) for x in args.batches.split(",")):
         feeds = seeded_unet_inputs(b.facts, batch, 501.0, 0)

@@ -164,27 +164,36 @@ def _write_demo_eval_assets(w) -> None:
     w.write_bytes(DEMO_REAL, buf.getvalue())
 
 
-def engine_path(b: Bundle, precision: str) -> str:
-    """Bundle-relative path of the engine for ``precision`` (``fp32``: the exported graph)."""
+BUILD_JSON = "engines/onnxruntime/build.json"
+
+
+def open_engine(b: Bundle, precision: str = "fp32", threads: int | None = None, allow_spinning: bool = True):
+    """A runner for ``precision``: the exported graph for fp32, else the built engine (one per
+    timestep bucket when the calibration has several)."""
+    from ptqd.runtime.runners import BucketedRunner, OrtRunner
+
     if precision == "fp32":
-        return UNET_ONNX
-    rel = f"engines/onnxruntime/{precision}.onnx"
-    if not b.has(rel):
-        have = ["fp32"] + sorted(p[len("engines/onnxruntime/"):-len(".onnx")] for p in b.files
-                                 if p.startswith("engines/onnxruntime/") and p.endswith(".onnx") and ".qdq." not in p)
+        return OrtRunner(b.path(UNET_ONNX), threads, allow_spinning)
+    built = b.read_json(BUILD_JSON) if b.has(BUILD_JSON) else {}
+    if precision not in built:
         raise UserError(f"{b.root} has no {precision} engine; build it with `ptqd build {b.root} --precisions "
-                        f"{precision}` (available: {', '.join(have)})")
-    return rel
+                        f"{precision}` (available: {', '.join(['fp32'] + sorted(built))})")
+    entries = built[precision].get("buckets") or [{"engine": f"engines/onnxruntime/{precision}.onnx"}]
+    if len(entries) == 1:
+        return OrtRunner(b.path(entries[0]["engine"]), threads, allow_spinning)
+    # engines take turns: no spinning threads (MEASURED.md)
+    return BucketedRunner([(tuple(e["t_range"]), OrtRunner(b.path(e["engine"]), threads, allow_spinning=False))
+                           for e in entries])
 
 
 def _open(bundle, precision: str = "fp32", threads: int | None = None, allow_spinning: bool = True):
     import numpy as np
 
-    from ptqd.runtime.runners import OrtDecoder, OrtRunner
+    from ptqd.runtime.runners import OrtDecoder
 
     b = Bundle.open(bundle)
     facts = b.facts
-    runner = OrtRunner(b.path(engine_path(b, precision)), threads, allow_spinning)
+    runner = open_engine(b, precision, threads, allow_spinning)
     decoder = OrtDecoder(b.path(FIRST_STAGE_ONNX), threads) if b.has(FIRST_STAGE_ONNX) else None
     table = np.load(b.path(CLASS_EMBEDDING)) if b.has(CLASS_EMBEDDING) else None
     return b, facts, runner, decoder, table
@@ -281,7 +290,6 @@ def evaluate(bundle, precisions=("fp32",), num: int = 500, seed: int = 0, steps:
     import numpy as np
 
     from ptqd.evaluate import DEMO_FEATURES, DEMO_REAL, FeatureModel, evaluate_runners, frechet_distance
-    from ptqd.runtime.runners import OrtRunner
 
     b, facts, fp_runner, decoder, table = _open(bundle, "fp32", allow_spinning=False)
     cfg = _sampler_config(facts, steps, eta, guidance)
@@ -289,7 +297,7 @@ def evaluate(bundle, precisions=("fp32",), num: int = 500, seed: int = 0, steps:
     runners = {"fp32": fp_runner}
     for p in precisions:
         if p != "fp32":
-            runners[p] = OrtRunner(b.path(engine_path(b, p)), allow_spinning=False)
+            runners[p] = open_engine(b, p, allow_spinning=False)
     feat_path = Path(features) if features else (b.path(DEMO_FEATURES) if b.has(DEMO_FEATURES) else None)
     if feat_path is not None and not feat_path.exists():
         raise UserError(f"--features {feat_path}: file not found")
@@ -407,16 +415,32 @@ def calibrate(bundle, samples: int = 32, steps: int = 20, eta: float = 0.0, guid
         t_obs = time.perf_counter() - t0
         record: dict[str, Any] = {"config": {k: v for k, v in cfg.__dict__.items()}, "layers": len(selected),
                                   "calibration_inputs": len(feeds) * len(feeds[0][0]), "precisions": {}}
+        from ptqd.calib.calibrate import bucket_steps
+        from ptqd.runtime.sampler import DDIMSampler
+
+        sampler = DDIMSampler(facts.schedule.alphas_cumprod, scfg.spacing)
+        sampler.set_timesteps(steps)
+        groups = bucket_steps(steps, buckets)
+        record["buckets"] = [{"steps": g, "t_range": [int(sampler.timesteps[g[-1]]), int(sampler.timesteps[g[0]])]}
+                             for g in groups]
         with Bundle.transaction(b.root) as w:
+            for rel in w.listed("calib/") + w.listed("engines/"):
+                w.remove(rel)  # a new calibration replaces the old one whole, and the engines built from it go
+            w.drop_stage("build")
             for p in cfg.precisions:
                 bar.set_postfix_str(f"{p}: ranges + {rounding} weights")
-                layers = quantize_layers(loaded, selected, obs, cfg, p)
-                meta, arrays = save_params(layers)
-                w.write_json(f"calib/{p}.json", meta)
-                buf = io.BytesIO()
-                np.savez(buf, **arrays)
-                w.write_bytes(f"calib/{p}.npz", buf.getvalue())
-                errs = {k: float(np.mean([lq.errors[k] for lq in layers])) for k in layers[0].errors}
+                first = None
+                for k, g in enumerate(groups):
+                    layers = quantize_layers(loaded, selected, obs, cfg, p, steps=None if buckets == 1 else g,
+                                             weights_from=first)
+                    first = first or layers
+                    meta, arrays = save_params(layers)
+                    meta["bucket"] = record["buckets"][k]
+                    w.write_json(f"calib/{p}{bucket_suffix(k, buckets)}.json", meta)
+                    buf = io.BytesIO()
+                    np.savez(buf, **arrays)
+                    w.write_bytes(f"calib/{p}{bucket_suffix(k, buckets)}.npz", buf.getvalue())
+                errs = {k: float(np.mean([lq.errors[k] for lq in first])) for k in first[0].errors}
                 record["precisions"][p] = {"mean_layer_rel_error": errs}
                 bar.update()
             # per-step input ranges: what timestep buckets would have to absorb
@@ -428,8 +452,14 @@ def calibrate(bundle, samples: int = 32, steps: int = 20, eta: float = 0.0, guid
             w.write_bytes(CALIB_FEEDS, buf.getvalue())
             record["seconds"] = {"observe": round(t_obs, 1), "total": round(time.perf_counter() - t0, 1)}
             w.write_json("calib/calibration.json", record)
-            w.set_stage("calibrate", {k: record[k] for k in ("config", "layers", "calibration_inputs", "seconds")})
+            w.set_stage("calibrate", {k: record[k] for k in ("config", "layers", "calibration_inputs", "buckets",
+                                                             "seconds")})
     return record
+
+
+def bucket_suffix(k: int, buckets: int) -> str:
+    """File-name suffix of timestep bucket k: none with a single bucket, ``.b<k>`` otherwise."""
+    return "" if buckets == 1 else f".b{k}"
 
 
 def _peer_int8(b: Bundle, out_qdq: Path, rows: list[dict]) -> None:
@@ -522,22 +552,21 @@ def build(bundle, backend: str = "onnxruntime", precisions=OUR_PRECISIONS + (PEE
     loaded = _load_source(b) if validate and any(p != PEER for p in precisions) else None
     table = np.load(b.path(CLASS_EMBEDDING)) if b.has(CLASS_EMBEDDING) else None
     records: dict[str, Any] = {}
-    old = b.read_json("engines/onnxruntime/build.json") if b.has("engines/onnxruntime/build.json") else {}
+    calib_buckets = b.stage("calibrate").get("buckets") or [{"t_range": [0, b.facts.schedule.num_train_timesteps - 1]}]
+    old = b.read_json(BUILD_JSON) if b.has(BUILD_JSON) else {}
     with _progress(len(precisions), "build", progress) as bar, Bundle.transaction(b.root) as w:
         for p in precisions:
             t0 = time.perf_counter()
             bar.set_postfix_str(p)
-            qdq_rel, eng_rel = f"engines/onnxruntime/{p}.qdq.onnx", f"engines/onnxruntime/{p}.onnx"
-            qdq_path, eng_path = w.file(qdq_rel), w.file(eng_rel)
+            for rel in w.listed(f"engines/onnxruntime/{p}."):
+                w.remove(rel)  # a rebuild replaces every bucket's engine of this precision
+            layers = None
             if p == PEER:
+                qdq_path, eng_path = w.file(f"engines/onnxruntime/{p}.qdq.onnx"), w.file(f"engines/onnxruntime/{p}.onnx")
                 _peer_int8(b, qdq_path, rows)
                 rec: dict[str, Any] = {"numerics": "ONNX Runtime quantize_static: QDQ, U8 activations (MinMax), "
                                                    "S8 per-channel weights, reduce_range; attention matmuls float"}
-                layers = None
             else:
-                meta = b.read_json(f"calib/{p}.json")
-                layers = load_params(meta, np.load(b.path(f"calib/{p}.npz")))
-                write_qdq(b.path(UNET_ONNX), layers, qdq_path)
                 wb, ab = p[1], p[3]
                 rec = {"numerics": f"w{wb}a{ab} numerics on int8 kernels (QLinearConv, MatMulIntegerToFloat)"
                                    + (": weights on the 4-bit grid" if wb == "4" else
@@ -545,25 +574,42 @@ def build(bundle, backend: str = "onnxruntime", precisions=OUR_PRECISIONS + (PEE
                                    + (", activations clipped to the 4-bit grid" if ab == "4" else "")
                                    + "; conv outputs requantized to 8 bits; first/last layers 8-bit; skip and "
                                      "downsample convs, embedding Gemms and attention matmuls float"}
-            build_engine(qdq_path, eng_path)
-            rec.update(describe_engine(eng_path, rows))
-            if validate and layers is not None:
-                from ptqd.calib.fakequant import fake_quant_model
-                from ptqd.runtime.torch_runner import TorchRunner
+            buckets = calib_buckets if p != PEER else [None]
+            rec["buckets"] = []
+            for k, bucket in enumerate(buckets):
+                sfx = bucket_suffix(k, len(buckets))
+                if p != PEER:
+                    qdq_path, eng_path = w.file(f"engines/onnxruntime/{p}{sfx}.qdq.onnx"), w.file(
+                        f"engines/onnxruntime/{p}{sfx}.onnx")
+                    layers = load_params(b.read_json(f"calib/{p}{sfx}.json"), np.load(b.path(f"calib/{p}{sfx}.npz")))
+                    write_qdq(b.path(UNET_ONNX), layers, qdq_path)
+                build_engine(qdq_path, eng_path)
+                desc = describe_engine(eng_path, rows)
+                if k == 0:
+                    rec.update(desc)
+                entry = {"t_range": bucket["t_range"] if bucket else None,
+                         "engine": eng_path.relative_to(w.staging).as_posix(), "size_bytes": desc["size_bytes"]}
+                if validate and layers is not None:
+                    from ptqd.calib.fakequant import fake_quant_model
+                    from ptqd.runtime.torch_runner import TorchRunner
 
-                ref = TorchRunner(fake_quant_model(loaded.unet, layers))
-                val = validate_engine(OrtRunner(eng_path), ref, b.facts, table, act_bits=int(ab))
-                val["tolerance"] = ENGINE_TOLERANCE
-                rec["validation_vs_fake_quant"] = val
-                if not val["passed"]:
-                    raise ExportError(f"{p} engine does not match its fake-quant model: rel-L2 error median "
-                                      f"{val['median_rel_l2']:.3g}, worst {val['worst_rel_l2']:.3g} (tolerance "
-                                      f"{ENGINE_TOLERANCE['median_rel_l2']:g} / worst {ENGINE_TOLERANCE['worst_rel_l2']:g} "
-                                      f"with 8-bit, {ENGINE_TOLERANCE['worst_rel_l2_a4']:g} with 4-bit activations)")
+                    ref = TorchRunner(fake_quant_model(loaded.unet, layers))
+                    val = validate_engine(OrtRunner(eng_path), ref, b.facts, table, act_bits=int(ab))
+                    val["tolerance"] = ENGINE_TOLERANCE
+                    entry["validation_vs_fake_quant"] = val
+                    if k == 0:
+                        rec["validation_vs_fake_quant"] = val
+                    if not val["passed"]:
+                        raise ExportError(f"{p}{sfx} engine does not match its fake-quant model: rel-L2 error median "
+                                          f"{val['median_rel_l2']:.3g}, worst {val['worst_rel_l2']:.3g} (tolerance "
+                                          f"{ENGINE_TOLERANCE['median_rel_l2']:g} / worst "
+                                          f"{ENGINE_TOLERANCE['worst_rel_l2']:g} with 8-bit, "
+                                          f"{ENGINE_TOLERANCE['worst_rel_l2_a4']:g} with 4-bit activations)")
+                rec["buckets"].append(entry)
             rec["build_seconds"] = round(time.perf_counter() - t0, 1)
             records[p] = rec
             bar.update()
         merged = {**old, **records}
-        w.write_json("engines/onnxruntime/build.json", merged)
+        w.write_json(BUILD_JSON, merged)
         w.set_stage("build", {"backend": backend, "precisions": sorted(merged)})
     return records

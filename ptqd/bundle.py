@@ -295,6 +295,14 @@ class BundleWriter:
     def set_stage(self, name: str, record: dict[str, Any]) -> None:
         self.manifest.setdefault("stages", {})[name] = record
 
+    def drop_stage(self, name: str) -> None:
+        """Forget a stage whose outputs this transaction invalidates (their files go with ``remove``)."""
+        self.manifest.setdefault("stages", {}).pop(name, None)
+
+    def listed(self, prefix: str = "") -> list[str]:
+        """Files the next version of the bundle lists, under ``prefix``."""
+        return sorted(r for r in self.manifest["files"] if r.startswith(prefix))
+
     def _commit(self) -> None:
         for rel in sorted(self._dirty):
             p = self.staging / rel

@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method", choices=("mse", "minmax", "percentile"), default="mse",
                    help="activation range choice (default mse: clipping search)")
     c.add_argument("--rounding", choices=("nearest", "gptq"), default="gptq", help="weight rounding (default gptq)")
-    c.add_argument("--buckets", type=int, default=1, help="timestep buckets with their own scales (only 1 for now)")
+    c.add_argument("--buckets", type=int, default=1, help="timestep buckets, each with its own activation scales and engine (default 1)")
     c.set_defaults(func=cmd_calibrate)
 
     bl = sub.add_parser("build", help="one engine per precision, validated against the fake-quant model",

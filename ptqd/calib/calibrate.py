@@ -53,8 +53,8 @@ class CalibConfig:
             raise UserError(f"--rounding must be nearest or gptq, got {self.rounding!r}")
         if self.samples < 1 or self.seeds < 1:
             raise UserError("--samples must be >= 1")
-        if self.buckets != 1:
-            raise UserError("--buckets > 1 (per-timestep-bucket scales) is not implemented yet; use 1")
+        if not 1 <= self.buckets <= self.steps:
+            raise UserError(f"--buckets must be between 1 and --steps ({self.steps}), got {self.buckets}")
         bad = [p for p in self.precisions if p not in PRECISIONS]
         if bad:
             raise UserError(f"unknown precision(s) {bad}; ptqd calibrates {', '.join(PRECISIONS)}")
@@ -108,39 +108,58 @@ class LayerQuant:
         return (np.float32(self.act_in.scale) * self.w_scale).astype(np.float32)
 
 
-def quantize_layers(loaded, selected: list[dict], obs: dict, cfg: CalibConfig, precision: str) -> list[LayerQuant]:
+def bucket_steps(steps: int, buckets: int) -> list[list[int]]:
+    """Contiguous groups of sampler step indices (step 0 = the noisiest timestep)."""
+    return [g.tolist() for g in np.array_split(np.arange(steps), buckets)]
+
+
+def quantize_layers(loaded, selected: list[dict], obs: dict, cfg: CalibConfig, precision: str,
+                    steps: list[int] | None = None, weights_from: list[LayerQuant] | None = None) -> list[LayerQuant]:
+    """Quantize every selected layer. ``steps``: use activation statistics of these steps only (a
+    timestep bucket). ``weights_from``: reuse those integer weights (buckets share weights)."""
     w_bits_p, a_bits_p = PRECISIONS[precision]
+    prior = {lq.name: lq for lq in weights_from} if weights_from else {}
     unet = loaded.unet.unet
     out = []
     for r in selected:
         o = obs[r["name"]]
         wb, ab = (8, 8) if r["role"] in ("first", "last") else (w_bits_p, a_bits_p)
-        ins = list(o.inputs.values())
+        ins = [v for k, v in o.inputs.items() if steps is None or k in steps]
         lo, hi = min(s.lo for s in ins), max(s.hi for s in ins)
         act_in = choose_act_range(np.concatenate([s.merged() for s in ins]), lo, hi, ab, cfg.method)
         act_out = None
         if r["op"] == "Conv" and r["role"] != "last":
-            outs = list(o.outputs.values())
+            outs = [v for k, v in o.outputs.items() if steps is None or k in steps]
             act_out = choose_act_range(np.concatenate([s.merged() for s in outs]), min(s.lo for s in outs),
                                        max(s.hi for s in outs), 8, cfg.method)
         mod = unet.get_submodule(r["module"])
         w2d, b = _weight2d(mod)
         grid_bits = 7 if (cfg.reduce_range and wb == 8) else wb  # the weight grid actually used
-        scales = weight_scales(w2d, grid_bits, axis=0, method="mse" if cfg.method != "minmax" else "minmax")
-        H = o.H / max(o.h_count, 1)
-        q_near = quantize_weight(w2d, scales, grid_bits, axis=0)
-        errors = {"nearest": layer_error(w2d, q_near * scales[:, None].astype(np.float64), H)}
-        q = q_near
-        if cfg.rounding == "gptq":
-            q_g = gptq(w2d, H, scales, grid_bits)
-            errors["gptq"] = layer_error(w2d, q_g * scales[:, None].astype(np.float64), H)
-            q = q_g if errors["gptq"] <= errors["nearest"] else q_near  # never worse than nearest
+        if r["name"] in prior:  # buckets differ in activation ranges only
+            pq = prior[r["name"]]
+            q, scales, errors = pq.w_int.reshape(len(w2d), -1), pq.w_scale, pq.errors
+        else:
+            q, scales, errors = _round_weights(w2d, o, cfg, grid_bits)
         lq = LayerQuant(r["name"], r["module"], r["op"], wb, ab, act_in, act_out,
                         q.reshape(mod.weight.shape).astype(np.int8), scales, errors=errors)
         if r["op"] == "Conv" and b is not None:
             lq.bias_q = np.round(b / lq.bias_scale.astype(np.float64)).astype(np.int32)
         out.append(lq)
     return out
+
+
+def _round_weights(w2d: np.ndarray, o, cfg: CalibConfig, grid_bits: int):
+    """(integer weights [C_out, K], scales, per-layer output error of nearest and GPTQ)."""
+    scales = weight_scales(w2d, grid_bits, axis=0, method="mse" if cfg.method != "minmax" else "minmax")
+    H = o.H / max(o.h_count, 1)
+    q_near = quantize_weight(w2d, scales, grid_bits, axis=0)
+    errors = {"nearest": layer_error(w2d, q_near * scales[:, None].astype(np.float64), H)}
+    q = q_near
+    if cfg.rounding == "gptq":
+        q_g = gptq(w2d, H, scales, grid_bits)
+        errors["gptq"] = layer_error(w2d, q_g * scales[:, None].astype(np.float64), H)
+        q = q_g if errors["gptq"] <= errors["nearest"] else q_near  # never worse than nearest
+    return q, scales, errors
 
 
 def save_params(layers: list[LayerQuant]) -> tuple[dict, dict[str, np.ndarray]]:

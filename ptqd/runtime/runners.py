@@ -79,3 +79,27 @@ class OrtDecoder:
 
     def __call__(self, z: np.ndarray) -> np.ndarray:
         return self.session.run(["image"], {"z": np.ascontiguousarray(z, np.float32)})[0]
+
+
+class BucketedRunner(Runner):
+    """One engine per timestep bucket (each with its own activation scales). A call goes to the bucket
+    whose t-range holds its timestep, or the nearest one when sampling with another step count."""
+
+    name = "bucketed"
+
+    def __init__(self, buckets: list[tuple[tuple[float, float], Runner]]):
+        if not buckets:
+            raise ValueError("BucketedRunner needs at least one bucket")
+        self.buckets = sorted(buckets, key=lambda b: b[0][0])
+
+    def pick(self, t: float) -> Runner:
+        def distance(rng):
+            lo, hi = rng
+            return 0.0 if lo <= t <= hi else min(abs(t - lo), abs(t - hi))
+
+        return min(self.buckets, key=lambda b: distance(b[0]))[1]
+
+    def infer(self, x, t, context):
+        if not np.all(t == t[0]):
+            raise ValueError("a bucketed engine runs one timestep per call (the sampler's batches share t)")
+        return self.pick(float(t[0])).infer(x, t, context)

@@ -88,3 +88,33 @@ def test_tensorrt_backend_without_tensorrt(built):
         pass
     with pytest.raises(MissingDependencyError, match="pip install"):
         api.build(built[0], backend="tensorrt", progress=False)
+
+
+def test_timestep_buckets_build_one_engine_each_and_switch_by_t(tmp_path):
+    from ptqd.runtime.runners import BucketedRunner
+
+    d = tmp_path / "demo.bundle"
+    api.export("demo", d, progress=False, validate=False)
+    rec = api.calibrate(d, samples=4, steps=6, buckets=2, progress=False)
+    assert [bk["steps"] for bk in rec["buckets"]] == [[0, 1, 2], [3, 4, 5]]
+    assert rec["buckets"][0]["t_range"] == [499, 831] and rec["buckets"][1]["t_range"] == [1, 333]
+    b = Bundle.open(d)
+    assert b.has("calib/w8a8.b0.json") and b.has("calib/w8a8.b1.npz") and not b.has("calib/w8a8.json")
+    lo = b.read_json("calib/w8a8.b1.json")["layers"]
+    hi = b.read_json("calib/w8a8.b0.json")["layers"]
+    assert any(a["act_in"] != c["act_in"] for a, c in zip(lo, hi)), "buckets should differ in activation ranges"
+    recs = api.build(d, precisions=("w8a8",), progress=False)
+    assert [e["engine"] for e in recs["w8a8"]["buckets"]] == ["engines/onnxruntime/w8a8.b0.onnx",
+                                                            "engines/onnxruntime/w8a8.b1.onnx"]
+    assert all(e["validation_vs_fake_quant"]["passed"] for e in recs["w8a8"]["buckets"])
+    runner = api.open_engine(Bundle.open(d), "w8a8")
+    assert isinstance(runner, BucketedRunner)
+    assert runner.pick(900.0) is runner.pick(600.0) is not runner.pick(100.0)
+    imgs, _ = api.sample(d, num=2, steps=6, precision="w8a8", progress=False)
+    assert imgs.shape == (2, 32, 32, 1)
+    # recalibrating replaces the calibration whole and drops the engines built from the old one
+    api.calibrate(d, samples=4, steps=6, buckets=1, progress=False)
+    b = Bundle.open(d)
+    assert not any(".b0." in f or ".b1." in f for f in b.files) and b.stage("build") is None
+    with pytest.raises(UserError, match="no w8a8 engine"):
+        api.open_engine(b, "w8a8")
