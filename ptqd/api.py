@@ -302,12 +302,12 @@ def evaluate(bundle, precisions=("fp32",), num: int = 500, seed: int = 0, steps:
     if feat_path is not None and not feat_path.exists():
         raise UserError(f"--features {feat_path}: file not found")
     fmodel = FeatureModel(feat_path) if feat_path is not None else None
-    real = None
+    rf = None
     reference: dict[str, Any] = {}
     if b.has(DEMO_REAL) and fmodel is not None:
         data = np.load(b.path(DEMO_REAL))
         real = data["held_out_images"]
-        rf = fmodel(real)[0]
+        rf, real_logits = fmodel(real)
         train_f = fmodel(data["train_images"])[0]
         rng = np.random.RandomState(seed)
         allf = np.concatenate([train_f, rf])
@@ -318,11 +318,11 @@ def evaluate(bundle, precisions=("fp32",), num: int = 500, seed: int = 0, steps:
             "fd_real_train_vs_held_out": frechet_distance(train_f[rng.choice(len(train_f), min(num, len(train_f)),
                                                                            replace=False)], rf),
             "held_out_images": int(len(real)),
-            "classifier_acc_held_out": float((fmodel(real)[1].argmax(1) == data["held_out_labels"]).mean()),
+            "classifier_acc_held_out": float((real_logits.argmax(1) == data["held_out_labels"]).mean()),
         }
     with _progress(num, "eval", progress) as bar:
         res = evaluate_runners(facts, table, runners, decoder, labels, seed, cfg, batch=batch, features=fmodel,
-                               real=real, progress=bar)
+                               real_features=rf, progress=bar)
     res.reference = reference
     report = res.to_json()
     if write_report:

@@ -94,7 +94,7 @@ def class_accuracy(logits: np.ndarray | None, labels: np.ndarray) -> float | Non
 
 def evaluate_runners(facts, class_embedding, runners: dict[str, Any], decoder, labels: np.ndarray, seed: int,
                      cfg, batch: int = 100, features: FeatureModel | None = None,
-                     real: np.ndarray | None = None, progress=None) -> EvalResult:
+                     real_features: np.ndarray | None = None, progress=None) -> EvalResult:
     """``runners``: name -> runner; the first is the FP reference every other row is paired with."""
     from ptqd.runtime.pipeline import decode, sample_latents
 
@@ -123,14 +123,13 @@ def evaluate_runners(facts, class_embedding, runners: dict[str, Any], decoder, l
     per_elem = n * int(np.prod(facts.latent_shape))
     result = EvalResult(config={"num": n, "seed": seed, "steps": cfg.steps, "eta": cfg.eta,
                                 "guidance": cfg.guidance, "spacing": cfg.spacing})
-    real_feats = features(real)[0] if features is not None and real is not None else None
     images = {k: np.concatenate(v) for k, v in images.items()}
     for k in names:
         imgs = images[k]
         row: dict[str, Any] = {"precision": k, "seconds": round(seconds[k], 2)}
         if features is not None and decoder is not None:
             feats, logits = features(imgs)
-            row["fd"] = frechet_distance(feats, real_feats) if real_feats is not None else None
+            row["fd"] = frechet_distance(feats, real_features) if real_features is not None else None
             row["class_acc"] = class_accuracy(logits, labels)
         if k != fp:
             p = psnr(imgs, images[fp]) if decoder is not None else None
