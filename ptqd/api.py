@@ -1,4 +1,5 @@
 """The Python API: one function per stage. The CLI is a thin shell over these."""
+# PTQD's stages after the engines live in ptqd.compiler and are re-exported here (see the end).
 
 from __future__ import annotations
 
@@ -145,6 +146,9 @@ def inspect(bundle: str | os.PathLike) -> dict[str, Any]:
     export = b.stage("export")
     if export:
         info["export"] = export
+    from ptqd.compiler import bops_table
+
+    info["bops"] = bops_table(b)
     return info
 
 
@@ -193,7 +197,7 @@ def _open(bundle, precision: str = "fp32", threads: int | None = None, allow_spi
 
     b = Bundle.open(bundle)
     facts = b.facts
-    runner = open_engine(b, precision, threads, allow_spinning)
+    runner = open_engine(b, precision, threads, allow_spinning) if precision else None
     decoder = OrtDecoder(b.path(FIRST_STAGE_ONNX), threads) if b.has(FIRST_STAGE_ONNX) else None
     table = np.load(b.path(CLASS_EMBEDDING)) if b.has(CLASS_EMBEDDING) else None
     return b, facts, runner, decoder, table
@@ -227,19 +231,25 @@ def _sampler_config(facts, steps: int, eta: float, guidance: float):
 
 def sample(bundle, classes=None, num: int = 16, seed: int = 0, steps: int = 20, eta: float = 0.0,
            guidance: float = 3.0, out: str | os.PathLike | None = None, precision: str = "fp32",
-           batch: int = 64, progress: bool | None = None):
+           batch: int = 64, progress: bool | None = None, correction: str = "auto"):
     """Sample ``num`` images (labels cycle through ``classes``). Returns (images uint8 NHWC, labels).
 
+    ``precision``: ``fp32``, an engine (``w8a8``, ...), ``auto`` (the bundle's mixed-precision plan) or
+    a plan FILE.json. ``correction``: PTQD's correction and VSC, ``auto`` (on where fitted), ``on``, ``off``.
     ``out``: ``FILE.png`` writes a grid, ``FILE.npz`` writes ``images`` and ``labels``. Sample i's noise
     depends only on (seed, i): the same seed pairs samples across engines.
     """
     import numpy as np
 
+    from ptqd.compiler import step_engines
     from ptqd.runtime.pipeline import decode, sample_latents
 
     if num < 1:
         raise UserError(f"--num must be >= 1, got {num}")
-    b, facts, runner, decoder, table = _open(bundle, precision)
+    if correction not in ("auto", "on", "off"):
+        raise UserError(f"--correction must be auto, on or off, got {correction!r}")
+    b, facts, _, decoder, table = _open(bundle, None)
+    runner, _label = step_engines(b, precision, correction)
     cfg = _sampler_config(facts, steps, eta, guidance)
     labels = default_labels(facts, list(classes) if classes else None, num)
     if out is not None and Path(out).suffix not in (".png", ".npz"):
@@ -285,19 +295,25 @@ def write_samples(out: Path, images, labels, cols: int) -> None:
 
 def evaluate(bundle, precisions=("fp32",), num: int = 500, seed: int = 0, steps: int = 20, eta: float = 0.0,
              guidance: float = 3.0, classes=None, features: str | os.PathLike | None = None, batch: int = 100,
-             progress: bool | None = None, write_report: bool = True) -> dict[str, Any]:
-    """Quality rows for ``precisions`` against FP (always the first row) on the same seeds and classes."""
+             progress: bool | None = None, write_report: bool = True, correction: str | tuple = "auto",
+             rows: list[tuple[str, str | tuple]] | None = None, report_name: str = "eval") -> dict[str, Any]:
+    """Quality rows for ``precisions`` (engines, ``auto`` for the plan, or plan files) against FP (always
+    the first row) on the same seeds and classes. ``correction`` applies to every row; ``rows``, a list
+    of (precision, correction) pairs, replaces ``precisions`` for mixed settings (the ablation)."""
     import numpy as np
 
+    from ptqd.compiler import plan_bops, precision_bops, step_engines
     from ptqd.evaluate import DEMO_FEATURES, DEMO_REAL, FeatureModel, evaluate_runners, frechet_distance
 
     b, facts, fp_runner, decoder, table = _open(bundle, "fp32", allow_spinning=False)
     cfg = _sampler_config(facts, steps, eta, guidance)
     labels = default_labels(facts, list(classes) if classes else None, num)
-    runners = {"fp32": fp_runner}
-    for p in precisions:
-        if p != "fp32":
-            runners[p] = open_engine(b, p, allow_spinning=False)
+    runners, specs, cache = {"fp32": fp_runner}, {"fp32": "fp32"}, {}
+    for p, corr in rows if rows is not None else [(p, correction) for p in precisions]:
+        if p == "fp32" and corr in ("auto", "off"):
+            continue
+        eng, label = step_engines(b, p, corr, cache=cache)
+        runners[label], specs[label] = eng, p
     feat_path = Path(features) if features else (b.path(DEMO_FEATURES) if b.has(DEMO_FEATURES) else None)
     if feat_path is not None and not feat_path.exists():
         raise UserError(f"--features {feat_path}: file not found")
@@ -320,37 +336,69 @@ def evaluate(bundle, precisions=("fp32",), num: int = 500, seed: int = 0, steps:
             "held_out_images": int(len(real)),
             "classifier_acc_held_out": float((real_logits.argmax(1) == data["held_out_labels"]).mean()),
         }
-    with _progress(num, "eval", progress) as bar:
+    with _progress(num, report_name, progress) as bar:
         res = evaluate_runners(facts, table, runners, decoder, labels, seed, cfg, batch=batch, features=fmodel,
                                real_features=rf, progress=bar)
     res.reference = reference
+    fp_bops = precision_bops(b, "fp32") if b.has(UNET_LAYERS) else None
+    for row in res.rows:
+        spec = specs[row["precision"]]
+        if fp_bops and (spec in ("fp32", "auto", "ort-int8") or spec in OUR_PRECISIONS or spec.endswith(".json")):
+            v = plan_bops(b, spec, cfg.steps, cfg.spacing)
+            row["bops_per_forward"] = v
+            row["bops_saving"] = fp_bops / v
     report = res.to_json()
     if write_report:
         with Bundle.transaction(b.root) as w:
-            w.write_json("reports/eval.json", report)
+            w.write_json(f"reports/{report_name}.json", report)
+    for r in cache.values():
+        r.close()
     return report
 
 
+def ablation(bundle, precisions=("w4a8", "w4a4", "auto"), num: int = 500, seed: int = 0, steps: int = 20,
+             guidance: float = 3.0, batch: int = 100, progress: bool | None = None) -> dict[str, Any]:
+    """PTQD's ablation on one bundle, paired with FP on the same seeds: at η = 0 the uncorrected engine,
+    + correlated correction (k), + bias; at η = 1 the uncorrected engine, + k + bias, + VSC."""
+    rows0 = [(p, c) for p in precisions for c in ("off", ("k",), ("k", "bias"))]
+    rows1 = [(p, c) for p in precisions for c in ("off", ("k", "bias"), ("k", "bias", "vsc"))]
+    out = {}
+    for eta, rows in ((0.0, rows0), (1.0, rows1)):
+        out[f"eta{eta:g}"] = evaluate(bundle, num=num, seed=seed, steps=steps, eta=eta, guidance=guidance,
+                                      batch=batch, progress=progress, rows=rows, report_name=f"ablation_eta{eta:g}")
+    return out
+
+
+DEMO_ROWS = (("ort-int8", "off"), ("w8a8", "off"), ("w8a8", "on"), ("w4a8", "off"), ("w4a8", "on"),
+             ("w4a4", "off"), ("w4a4", "on"), ("auto", "on"))
+
+
 def demo(out: str | os.PathLike = "demo-out", num: int = 500, seed: int = 0, steps: int = 20, eta: float = 0.0,
-         guidance: float = 3.0, progress: bool | None = None) -> dict[str, Any]:
-    """The demo end to end: build (or reuse) the demo bundle, sample a grid, evaluate against real digits."""
-    from ptqd.errors import BundleError
+         guidance: float = 3.0, progress: bool | None = None, log=print) -> dict[str, Any]:
+    """The demo end to end: compile the demo model (reusing finished stages), sample a grid with the
+    mixed-precision plan, and evaluate every engine and the plan against FP on the same seeds."""
+    from ptqd.bench import unet_latency
+    from ptqd.compiler import compile as compile_model
 
     out = Path(out)
     bundle = out / "demo.bundle"
-    reuse = False
-    try:
-        rec = Bundle.open(bundle).stage("export") or {}
-        reuse = rec.get("source") == "demo" and rec.get("source_sha256") == _source_digest("demo")
-    except BundleError:
-        pass
-    if not reuse:
-        export("demo", bundle, progress=progress)
+    comp = compile_model("demo", bundle, precisions=OUR_PRECISIONS + (PEER,), progress=progress, log=log)
     grid_path = out / "samples.png"
     sample(bundle, classes=list(range(10)), num=40, seed=seed, steps=steps, eta=eta, guidance=guidance,
-           out=grid_path, progress=progress)
-    report = evaluate(bundle, num=num, seed=seed, steps=steps, eta=eta, guidance=guidance, progress=progress)
-    return {"bundle": str(bundle), "reused_bundle": reuse, "grid": str(grid_path), "eval": report}
+           out=grid_path, precision="auto", progress=progress)
+    report = evaluate(bundle, rows=list(DEMO_ROWS), num=num, seed=seed, steps=steps, eta=eta, guidance=guidance,
+                      progress=progress)
+    b = Bundle.open(bundle)
+    lat = unet_latency(b, OUR_PRECISIONS + (PEER,), batch=2 if b.facts.conditioning.kind == "class" else 1)
+    plan_steps = b.read_json("calib/plan.json")["steps"]
+    for row in report["rows"]:
+        p = row["precision"].split("+")[0]
+        if p in lat:
+            row["unet_ms"] = lat[p]["median_ms"]
+        elif p == "plan":  # the plan's engines, weighted by the steps each runs
+            row["unet_ms"] = sum(lat[s["precision"]]["median_ms"] for s in plan_steps) / len(plan_steps)
+    return {"bundle": str(bundle), "stages": comp["stages"], "plan": comp["plan"], "grid": str(grid_path),
+            "eval": report, "latency": lat}
 
 
 def train_demo(out: str | os.PathLike | None = None, seed: int = 0, progress: bool | None = None) -> dict[str, Any]:
@@ -426,7 +474,8 @@ def calibrate(bundle, samples: int = 32, steps: int = 20, eta: float = 0.0, guid
         with Bundle.transaction(b.root) as w:
             for rel in w.listed("calib/") + w.listed("engines/"):
                 w.remove(rel)  # a new calibration replaces the old one whole, and the engines built from it go
-            w.drop_stage("build")
+            for stage in ("build", "correct", "plan"):
+                w.drop_stage(stage)
             for p in cfg.precisions:
                 bar.set_postfix_str(f"{p}: ranges + {rounding} weights")
                 first = None
@@ -452,8 +501,11 @@ def calibrate(bundle, samples: int = 32, steps: int = 20, eta: float = 0.0, guid
             w.write_bytes(CALIB_FEEDS, buf.getvalue())
             record["seconds"] = {"observe": round(t_obs, 1), "total": round(time.perf_counter() - t0, 1)}
             w.write_json("calib/calibration.json", record)
-            w.set_stage("calibrate", {k: record[k] for k in ("config", "layers", "calibration_inputs", "buckets",
-                                                             "seconds")})
+            from ptqd.compiler import digest
+
+            w.set_stage("calibrate", {**{k: record[k] for k in ("config", "layers", "calibration_inputs", "buckets",
+                                                                "seconds")},
+                                      "inputs": digest(b, (UNET_ONNX, UNET_LAYERS))})
     return record
 
 
@@ -611,5 +663,10 @@ def build(bundle, backend: str = "onnxruntime", precisions=OUR_PRECISIONS + (PEE
             bar.update()
         merged = {**old, **records}
         w.write_json(BUILD_JSON, merged)
-        w.set_stage("build", {"backend": backend, "precisions": sorted(merged)})
+        from ptqd.compiler import BUILD_INPUTS, digest
+
+        w.set_stage("build", {"backend": backend, "precisions": sorted(merged), "inputs": digest(b, BUILD_INPUTS)})
     return records
+
+
+from ptqd.compiler import bops_table, compile, correct, plan  # noqa: E402  (re-exported)

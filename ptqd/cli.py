@@ -14,7 +14,8 @@ from ptqd import __version__
 from ptqd.errors import PtqdError
 
 EPILOG = """\
-pipeline:  export -> calibrate -> build -> sample / eval / bench   (one bundle directory)
+pipeline:  export -> calibrate -> build -> correct (+ plan) -> sample / eval   (one bundle directory)
+           ptqd compile runs the first four, resumably
 
 examples:
   ptqd export models/ldm/cin256-v2/model.ckpt --config configs/latent-diffusion/cin256-v2.yaml --out cin.bundle
@@ -22,7 +23,9 @@ examples:
   ptqd inspect cin.bundle
   ptqd calibrate cin.bundle && ptqd build cin.bundle --precisions w8a8,w4a8,w4a4,ort-int8
   ptqd sample cin.bundle --classes 88,207 --num 16 --out samples.png
-  ptqd eval demo-out/demo.bundle --num 500
+  ptqd compile demo --out d.bundle && ptqd sample d.bundle --plan auto --out plan.png
+  ptqd eval demo-out/demo.bundle --precisions fp32,w4a8,auto --num 500
+  ptqd eval demo-out/demo.bundle --ablation
 """
 
 
@@ -74,6 +77,16 @@ def cmd_inspect(args) -> int:
               f"linear {_human(by['linear'], 'MAC')}, attention {_human(by['attention'], 'MAC')}")
         print(f"layers      {sum(n.values())}: {n['conv']} conv, {n['linear']} linear, {n['attention']} attention "
               f"matmuls; {info['weight_params'] / 1e6:.2f} M weight parameters")
+    if info.get("bops"):
+        bo = info["bops"]
+        print(f"BOPs/fwd    FP32 {_human(bo['fp32'], 'BOPs')} (conv + linear MACs x 32 x 32; attention matmuls not counted)")
+        for p, r in bo["precisions"].items():
+            print(f"  {p:<9}{_human(r['bops'], 'BOPs'):>14}  {r['saving_vs_fp32']:5.1f}x less  ({r['source']})")
+        if "plan" in bo:
+            pl = bo["plan"]
+            mix = ", ".join(f"{p} x{n}" for p, n in pl["precisions"].items())
+            print(f"  {'plan':<9}{_human(pl['mean_bops_per_forward'], 'BOPs'):>14}  {pl['saving_vs_fp32']:5.1f}x less  "
+                  f"(mean over {pl['steps']} steps: {mix})")
     print(f"stages      {', '.join(info['stages']) or 'none'}")
     print(f"files       {_human(info['total_bytes'])} in {len(info['files'])} files (checksums verified)")
     for rel, size in info["files"].items():
@@ -100,11 +113,17 @@ def print_eval(report: dict) -> None:
     cfg, ref = report["config"], report.get("reference", {})
     print(f"{cfg['num']} samples, seed {cfg['seed']}, {cfg['steps']} DDIM steps, eta {cfg['eta']}, "
           f"guidance {cfg['guidance']}")
-    print(f"{'precision':<12}{'FD':>9}{'class acc':>11}{'PSNR vs FP':>12}{'eps MSE':>11}{'seconds':>9}")
-    for r in report["rows"]:
+    rows = report["rows"]
+    w = max(12, 2 + max(len(r["precision"]) for r in rows))
+    lat = any("unet_ms" in r for r in rows)
+    print(f"{'precision':<{w}}{'FD':>9}{'class acc':>11}{'PSNR vs FP':>12}{'eps MSE':>11}{'BOPs saving':>13}"
+          + (f"{'UNet ms':>9}" if lat else f"{'seconds':>9}"))
+    for r in rows:
         acc = None if r.get("class_acc") is None else 100 * r["class_acc"]
-        print(f"{r['precision']:<12}{_fmt(r.get('fd'), 9, '.2f')}{_fmt(acc, 11, '.1f', '%')}"
-              f"{_fmt(r.get('psnr_vs_fp'), 12, '.2f')}{_fmt(r.get('eps_mse_mean'), 11, '.2e')}{r['seconds']:9.1f}")
+        print(f"{r['precision']:<{w}}{_fmt(r.get('fd'), 9, '.2f')}{_fmt(acc, 11, '.1f', '%')}"
+              f"{_fmt(r.get('psnr_vs_fp'), 12, '.2f')}{_fmt(r.get('eps_mse_mean'), 11, '.2e')}"
+              f"{_fmt(r.get('bops_saving'), 12, '.1f', 'x')}"
+              + (_fmt(r.get("unet_ms"), 9, ".2f") if lat else f"{r['seconds']:9.1f}"))
     if ref:
         print(f"for scale: FD real vs real {ref['fd_real_half_vs_half']:.2f} (two halves of all digits), "
               f"{ref['fd_real_train_vs_held_out']:.2f} (train vs held-out at this sample count); "
@@ -116,22 +135,79 @@ def cmd_sample(args) -> int:
 
     images, labels = api.sample(args.bundle, classes=_classes(args.classes), num=args.num, seed=args.seed,
                                 steps=args.steps, eta=args.eta, guidance=args.guidance, out=args.out,
-                                precision=args.precision, batch=args.batch)
-    print(f"{len(images)} samples ({args.precision}) -> {args.out or '(not written: pass --out FILE.png|.npz)'}")
+                                precision=args.plan, batch=args.batch, correction=args.correction)
+    print(f"{len(images)} samples ({args.plan}, correction {args.correction}) -> "
+          f"{args.out or '(not written: pass --out FILE.png|.npz)'}")
     return 0
 
 
 def cmd_eval(args) -> int:
     from ptqd import api
 
+    if args.ablation:
+        precisions = [p for p in (args.precisions or "w4a8,w4a4,auto").split(",") if p and p != "fp32"]
+        res = api.ablation(args.bundle, precisions=precisions, num=args.num, seed=args.seed, steps=args.steps,
+                           guidance=args.guidance)
+        if args.json:
+            print(json.dumps(res, indent=2))
+        else:
+            for rep in res.values():
+                print_eval(rep)
+                print()
+        return 0
     precisions = [p for p in (args.precisions or "fp32").split(",") if p]
     report = api.evaluate(args.bundle, precisions=precisions, num=args.num, seed=args.seed, steps=args.steps,
                           eta=args.eta, guidance=args.guidance, classes=_classes(args.classes),
-                          features=args.features)
+                          features=args.features, correction=args.correction)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print_eval(report)
+    return 0
+
+
+def cmd_correct(args) -> int:
+    from ptqd import api
+
+    rec = api.correct(args.bundle, samples=args.samples, holdout=args.holdout, seed=args.seed)
+    print(f"fitted k_t, bias_t, sigma_q,t over {rec['config']['steps']} steps on {args.samples - args.holdout} "
+          f"trajectories ({args.holdout} held out; {rec['seconds']:.0f} s)")
+    for p, sm in rec["summary"].items():
+        print(f"  {p}: held-out eps MSE {sm['eps_mse_uncorrected_holdout']:.3e} -> "
+              f"{sm['eps_mse_gated_holdout']:.3e}; linear fit explains "
+              f"{100 * sm['explained_variance_holdout']:.1f}% of the error variance; k_raw in "
+              f"[{sm['k_raw_range'][0]:.3f}, {sm['k_raw_range'][1]:.3f}], sigma_q in "
+              f"[{sm['sigma_q_range'][0]:.3f}, {sm['sigma_q_range'][1]:.3f}]")
+    pl = api.plan(args.bundle, margin=args.margin)
+    _print_plan(pl)
+    return 0
+
+
+def _print_plan(pl: dict) -> None:
+    steps = pl["steps"]
+    print(f"plan ({pl['criterion']}):")
+    print("  " + "  ".join(f"t={s['t']}:{s['precision']}" for s in steps))
+
+
+def cmd_plan(args) -> int:
+    from ptqd import api
+
+    _print_plan(api.plan(args.bundle, margin=args.margin))
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from ptqd import api
+
+    precisions = tuple(p for p in args.precisions.split(",") if p)
+    res = api.compile(args.model, args.out, config=args.config, precisions=precisions, samples=args.samples,
+                      steps=args.steps, guidance=args.guidance, margin=args.margin, force=args.force)
+    bo = res["bops"]
+    print(f"bundle  {res['bundle']}")
+    print(f"plan    {' '.join(res['plan'])}")
+    if "plan" in bo:
+        print(f"BOPs    plan {bo['plan']['saving_vs_fp32']:.1f}x less than FP32 per sample; "
+              + ", ".join(f"{p} {r['saving_vs_fp32']:.1f}x" for p, r in bo["precisions"].items()))
     return 0
 
 
@@ -166,9 +242,12 @@ def cmd_demo(args) -> int:
     from ptqd import api
 
     res = api.demo(args.out, num=args.num, seed=args.seed, steps=args.steps, eta=args.eta, guidance=args.guidance)
-    print(f"bundle  {res['bundle']}{' (reused)' if res['reused_bundle'] else ''}")
-    print(f"grid    {res['grid']}  (4 samples of each digit 0-9)")
+    print(f"bundle  {res['bundle']}")
+    print(f"plan    {' '.join(res['plan'])}")
+    print(f"grid    {res['grid']}  (4 samples of each digit 0-9, sampled with the plan)")
     print_eval(res["eval"])
+    print("rows: +ptqd = PTQD correction (k_t, bias_t; VSC when eta > 0); plan = step-aware mixed precision; "
+          "UNet ms = one CFG-doubled forward (batch 2), median, the plan's weighted by its steps")
     return 0
 
 
@@ -250,7 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(images uint8 NxHxWxC, labels).")
     s.add_argument("bundle")
     _sampling_args(s, 16)
-    s.add_argument("--precision", default="fp32", help="engine to sample with (default fp32)")
+    s.add_argument("--plan", "--precision", dest="plan", default="fp32",
+                   help="fp32, an engine (w8a8, w4a8, w4a4, ort-int8), auto (the bundle's step-aware mixed-precision "
+                        "plan) or a plan FILE.json (default fp32)")
+    s.add_argument("--correction", choices=("auto", "on", "off"), default="auto",
+                   help="PTQD's noise correction and, with --eta > 0, variance schedule calibration (default auto: "
+                        "on where fitted)")
     s.add_argument("--out", help="FILE.png (grid) or FILE.npz (arrays)")
     s.add_argument("--batch", type=int, default=64, help="samples per engine call (default 64)")
     s.set_defaults(func=cmd_sample)
@@ -263,8 +347,46 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--precisions", default="fp32", help="comma-separated engines, e.g. fp32,ort-int8,w8a8,w4a8,w4a4; "
                                                         "FP32 is always the first row")
     v.add_argument("--features", help="ONNX model image [N,C,H,W] in [-1,1] -> 'features' (+ 'logits') for FD")
+    v.add_argument("--correction", choices=("auto", "on", "off"), default="auto",
+                   help="apply PTQD's correction to every quantized row (default auto: on where fitted)")
+    v.add_argument("--ablation", action="store_true",
+                   help="PTQD ablation for --precisions (default w4a8,w4a4,auto): uncorrected, + correlated "
+                        "correction, + bias at eta 0; uncorrected, + k + bias, + VSC at eta 1")
     v.add_argument("--json", action="store_true", help="machine-readable output")
     v.set_defaults(func=cmd_eval)
+
+    co = sub.add_parser("correct", help="fit PTQD's noise correction and the mixed-precision plan",
+                        description="Run the FP and each precision's fake-quant model on the same x_t along FP "
+                                    "trajectories; fit k_t, bias_t[c] and sigma_q,t per step (calib/correction.json), "
+                                    "then the step-aware plan (calib/plan.json).")
+    co.add_argument("bundle")
+    co.add_argument("--samples", type=int, default=64, help="trajectories (default 64)")
+    co.add_argument("--holdout", type=int, default=16, help="of those, held out to measure the fit (default 16)")
+    co.add_argument("--seed", type=int, default=1, help="trajectory seed (default 1; calibration uses 0)")
+    co.add_argument("--margin", type=float, default=1.0, help="plan: a step may use precision p when its SNR_Q "
+                                                              ">= margin x SNR_F (default 1)")
+    co.set_defaults(func=cmd_correct)
+
+    pl = sub.add_parser("plan", help="recompute the step-aware mixed-precision plan",
+                        description="Pick per step the cheapest precision (fewest BOPs) whose corrected quantization "
+                                    "SNR clears the sample's SNR abar/(1-abar), times --margin.")
+    pl.add_argument("bundle")
+    pl.add_argument("--margin", type=float, default=1.0)
+    pl.set_defaults(func=cmd_plan)
+
+    cp = sub.add_parser("compile", help="export -> calibrate -> build -> correct -> plan, resumable",
+                        description="The whole pipeline into one bundle. A finished stage whose inputs are unchanged "
+                                    "is reused, so a rerun after an interruption continues where it stopped.")
+    cp.add_argument("model", help="demo, a diffusers directory or a CompVis .ckpt/.safetensors")
+    cp.add_argument("--out", required=True, help="bundle directory")
+    cp.add_argument("--config", help="CompVis YAML config")
+    cp.add_argument("--precisions", default="w8a8,w4a8,w4a4,ort-int8")
+    cp.add_argument("--samples", type=int, default=32, help="calibration trajectories (default 32)")
+    cp.add_argument("--steps", type=int, default=20, help="DDIM steps of the calibrated schedule (default 20)")
+    cp.add_argument("--guidance", type=float, default=3.0, help="CFG scale of calibration and correction (default 3)")
+    cp.add_argument("--margin", type=float, default=1.0, help="plan margin (default 1)")
+    cp.add_argument("--force", action="store_true", help="rerun every stage")
+    cp.set_defaults(func=cmd_compile)
 
     d = sub.add_parser("demo", help="the demo model end to end (README's main command)",
                        description="Export (or reuse) the demo bundle, sample a grid of digits, print the quality "

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ptqd.runtime.pipeline import guided_eps
+from ptqd.runtime.pipeline import predict
 
 DEMO_FEATURES = "eval/features.onnx"
 DEMO_REAL = "eval/real_images.npz"
@@ -109,7 +109,7 @@ def evaluate_runners(facts, class_embedding, runners: dict[str, Any], decoder, l
 
         def observe(i, t, x, ctx, eps_fp):
             for k in names[1:]:
-                e = guided_eps(runners[k], x, t, ctx)
+                e = predict(runners[k], x, t, ctx)[0]
                 mse[k][i] += float(((e - eps_fp) ** 2).sum())
 
         for k in names:

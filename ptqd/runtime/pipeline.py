@@ -50,19 +50,32 @@ def guided_eps(runner, x: np.ndarray, t: int, ctx: GuidedContext) -> np.ndarray:
     return e_u + ctx.guidance * (e_c - e_u)
 
 
-def sample_latents(runner, facts, class_embedding, labels: np.ndarray, indices: np.ndarray, seed: int,
+def predict(engine, x: np.ndarray, t: int, ctx: GuidedContext):
+    """(ε for the sampler, its residual-noise std for VSC) at timestep t. ``engine`` is a runner
+    (ε as the engine computes it) or a :class:`~ptqd.runtime.correction.StepEngines` (the plan's
+    engine for t, with the PTQD correction applied after guidance, as it was fitted)."""
+    if not hasattr(engine, "at"):
+        return guided_eps(engine, x, t, ctx), 0.0
+    runner, corr = engine.at(t)
+    return engine.correct(guided_eps(runner, x, t, ctx), corr), engine.residual_std(corr)
+
+
+def sample_latents(engine, facts, class_embedding, labels: np.ndarray, indices: np.ndarray, seed: int,
                    cfg: SamplerConfig, observe: Observer | None = None) -> np.ndarray:
-    """Run the sampler for one batch; sample i's noise comes from (seed, indices[i]). Returns x_0 latents."""
+    """Run the sampler for one batch; sample i's noise comes from (seed, indices[i]). Returns x_0 latents.
+
+    ``engine``: a runner, or a ``StepEngines`` (engine per step by plan, PTQD correction, VSC)."""
     sampler = DDIMSampler(facts.schedule.alphas_cumprod, cfg.spacing)
     sampler.set_timesteps(cfg.steps)
     ctx = contexts(facts, class_embedding, labels, cfg.guidance)
     noise = NoiseSource(seed, indices, tuple(facts.latent_shape))
     x = noise.draw()  # x_T
     for i, t in enumerate(sampler.timesteps):
-        eps = guided_eps(runner, x, int(t), ctx)
+        eps, residual = predict(engine, x, int(t), ctx)
         if observe is not None:
             observe(i, int(t), x, ctx, eps)
-        x, _ = sampler.step(eps, int(t), x, cfg.eta, noise.draw() if cfg.eta > 0 else None)
+        x, _ = sampler.step(eps, int(t), x, cfg.eta, noise.draw() if cfg.eta > 0 else None, residual_std=residual,
+                            vsc_direction=cfg.vsc_direction)
     return x
 
 

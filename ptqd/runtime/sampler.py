@@ -23,6 +23,7 @@ class SamplerConfig:
     eta: float = 0.0
     guidance: float = 1.0  # classifier-free guidance scale s: eps_u + s·(eps_c - eps_u); 1 = no guidance
     spacing: str = "compvis"
+    vsc_direction: str = "sigma"  # direction term under VSC: "sigma" (σ_t, default) or "sigma_prime" (σ_t′)
 
     def validate(self, num_train_timesteps: int) -> None:
         from ptqd.errors import UserError
@@ -35,6 +36,8 @@ class SamplerConfig:
             raise UserError(f"--guidance must be >= 0, got {self.guidance}")
         if self.spacing not in ("compvis", "leading"):
             raise UserError(f"spacing must be 'compvis' or 'leading', got {self.spacing!r}")
+        if self.vsc_direction not in ("sigma", "sigma_prime"):
+            raise UserError(f"vsc_direction must be 'sigma' or 'sigma_prime', got {self.vsc_direction!r}")
 
 
 class DDIMSampler:
@@ -45,6 +48,15 @@ class DDIMSampler:
       x̂_0      (x_t - √(1-ᾱ_t)·ε) / √ᾱ_t            predicted clean latent
       σ_t      η·√((1-ᾱ_prev)/(1-ᾱ_t))·√(1-ᾱ_t/ᾱ_prev)
       x_prev   √ᾱ_prev·x̂_0 + √(1-ᾱ_prev-σ_t²)·ε + σ_t·z,   z ~ N(0, I)
+
+    Variance schedule calibration (PTQD): when ε carries a residual quantization noise of std r
+    (after the correction, r = σ_q,t / (1 + k_t)), that noise reaches x_prev with ε's net
+    coefficient λ_t = √(1-ᾱ_prev-σ_t²) − √(ᾱ_prev·(1-ᾱ_t)/ᾱ_t), i.e. as extra variance λ_t²·r².
+    The sampler then injects only σ_t′² = max(σ_t² − λ_t²·r², 0) of fresh noise, so the total stays
+    σ_t². The direction term keeps σ_t (not σ_t′): the residual noise takes the place of part of
+    the fresh noise, so the deterministic part of the update must not change; with σ_t′ in the
+    direction, λ_t itself would grow and the variance budget would no longer add up (the PTQD
+    reference code does this; ``vsc_direction="sigma_prime"`` reproduces it for comparison).
     """
 
     def __init__(self, alphas_cumprod: np.ndarray, spacing: str = "compvis"):
@@ -74,9 +86,24 @@ class DDIMSampler:
         a_t, a_prev = self.alphas(t)
         return eta * float(np.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)))
 
+    def eps_coefficient(self, t: int, eta: float) -> float:
+        """λ_t: the net coefficient of ε in x_prev (x̂_0's −√(ᾱ_prev(1−ᾱ_t)/ᾱ_t) plus the direction's)."""
+        a_t, a_prev = self.alphas(t)
+        sigma = self.sigma(t, eta)
+        return float(np.sqrt(max(1 - a_prev - sigma**2, 0.0)) - np.sqrt(a_prev * (1 - a_t) / a_t))
+
+    def calibrated_sigma(self, t: int, eta: float, residual_std: float) -> float:
+        """σ_t′ = √max(σ_t² − λ_t²·r², 0): the fresh noise left once the residual noise r is counted."""
+        sigma = self.sigma(t, eta)
+        lam = self.eps_coefficient(t, eta)
+        return float(np.sqrt(max(sigma**2 - lam**2 * residual_std**2, 0.0)))
+
     def step(self, eps: np.ndarray, t: int, x: np.ndarray, eta: float = 0.0,
-             noise: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """One update x_t -> x_prev. Returns (x_prev, x̂_0). ``noise`` is required when eta > 0."""
+             noise: np.ndarray | None = None, residual_std: float = 0.0,
+             vsc_direction: str = "sigma") -> tuple[np.ndarray, np.ndarray]:
+        """One update x_t -> x_prev. Returns (x_prev, x̂_0). ``noise`` is required when eta > 0.
+
+        ``residual_std``: std of the noise left in ``eps`` (VSC; 0 = the plain sampler)."""
         if self.timesteps is None:
             raise RuntimeError("call set_timesteps(n) before step()")
         a_t, a_prev = self.alphas(int(t))
@@ -84,9 +111,12 @@ class DDIMSampler:
         x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
         # 2. σ_t (eq. 16) and the direction pointing to x_t (second term)
         sigma = self.sigma(int(t), eta)
-        direction = np.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
+        fresh = self.calibrated_sigma(int(t), eta, residual_std) if residual_std > 0 and sigma > 0 else sigma
+        d_sigma = fresh if vsc_direction == "sigma_prime" else sigma
+        direction = np.sqrt(max(1 - a_prev - d_sigma**2, 0.0)) * eps
         # 3. x_prev, plus fresh noise (third term) when stochastic
         x_prev = np.sqrt(a_prev) * x0 + direction
+        sigma = fresh
         if sigma > 0:
             if noise is None:
                 raise ValueError("eta > 0 needs the step's noise")

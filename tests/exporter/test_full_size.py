@@ -26,3 +26,15 @@ def test_cin256_v2_macs_within_2_percent(tmp_path):
     assert abs(by["linear"] / 27.6e9 - 1) < 0.02
     assert abs(by["attention"] / 4.45e9 - 1) < 0.02
     assert abs(info["weight_params"] / 400.9e6 - 1) < 0.01
+    # BOPs: FP32 102.2 T as in PTQD; the shipped copy of this layer table (tests/test_bops.py) is current
+    assert abs(info["bops"]["fp32"] / 102.2e12 - 1) < 0.005
+    import gzip
+    import json
+    from pathlib import Path
+
+    from ptqd.bundle import Bundle
+
+    shipped = json.loads(gzip.decompress((Path(__file__).parent.parent / "data" / "cin256_layers.json.gz").read_bytes()))
+    fresh = Bundle.open(tmp_path / "b").read_json("unet.layers.json")
+    assert [(r["name"], r["macs"], r["kind"]) for r in fresh["layers"]] == \
+        [(r["name"], r["macs"], r["kind"]) for r in shipped["layers"]]

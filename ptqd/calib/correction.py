@@ -1,0 +1,176 @@
+"""PTQD's correction fit and the step-aware mixed-precision plan (numpy; the collection step runs
+the torch models).
+
+Per precision and per timestep t of the calibrated schedule, with ε the FP noise prediction and
+Δ = ε_q − ε the quantized model's error on the same x_t (both after classifier-free guidance,
+along FP trajectories):
+
+  k_t        least-squares slope of Δ on ε, with intercept, over all elements; a negative slope
+             becomes 0 (dividing by 1 + k < 1 would amplify the residual)
+  bias_t[c]  per latent channel mean of Δ − k_t·ε. That is what makes the corrected prediction
+             (ε_q − bias_t)/(1 + k_t) unbiased; it equals the mean of Δ when ε is centred, as
+             the PTQD reference computes it
+  σ_q,t      mean over samples of the per-sample std of Δ − k_t·ε − bias_t[c]: the noise the
+             correction cannot remove (the bias is subtracted first, because the runtime removes
+             it; otherwise channel-to-channel bias differences would count as noise)
+
+The fit uses part of the samples; the rest (held out) measure what it achieves: the share of
+the error variance the linear model explains, and the error MSE before and after correction.
+
+The plan (step-aware mixed precision, PTQD §3.4): at each step, the quantization noise must
+be small next to the signal the sample still carries. Both sides are power ratios:
+
+  SNR_Q(p, t) = ‖ε‖² / ‖ε̂_p − ε‖²     (noise prediction vs the error left after correction)
+  SNR_F(t)    = ᾱ_t / (1 − ᾱ_t)          (signal vs noise in x_t)
+
+and step t runs the cheapest precision p (fewest BOPs) with SNR_Q(p, t) ≥ margin · SNR_F(t); if
+none qualifies, the one with the best SNR_Q. Early steps (x_t mostly noise) get the low-bit
+engines, the last steps (x_t mostly signal) the high-bit ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class StepFit:
+    k: float
+    k_raw: float  # the slope before clamping at 0
+    bias: np.ndarray  # [C]
+    sigma_q: float
+
+    def corrected_error(self, eps: np.ndarray, delta: np.ndarray) -> np.ndarray:
+        """ε̂ − ε = (Δ − k·ε − bias) / (1 + k)."""
+        return (delta - self.k * eps - _chan(self.bias, eps.ndim)) / (1.0 + self.k)
+
+    def to_json(self) -> dict:
+        return {"k": self.k, "k_raw": self.k_raw, "bias": [float(b) for b in self.bias], "sigma_q": self.sigma_q}
+
+
+def _chan(v: np.ndarray, ndim: int) -> np.ndarray:
+    return np.asarray(v).reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def fit_step(eps: np.ndarray, delta: np.ndarray) -> StepFit:
+    """Fit k_t, bias_t[c], σ_q,t on ε and Δ of shape [N, C, ...] (N samples, C latent channels)."""
+    e = np.asarray(eps, np.float64)
+    d = np.asarray(delta, np.float64)
+    if e.shape != d.shape or e.ndim < 2:
+        raise ValueError(f"eps and delta must have the same shape [N, C, ...], got {e.shape} and {d.shape}")
+    ec, dc = e - e.mean(), d - d.mean()
+    var = float((ec * ec).mean())
+    k_raw = float((ec * dc).mean() / var) if var > 0 else 0.0
+    k = max(k_raw, 0.0)
+    resid = d - k * e
+    axes = (0,) + tuple(range(2, e.ndim))
+    bias = resid.mean(axis=axes)
+    r = (resid - _chan(bias, e.ndim)).reshape(len(e), -1)
+    sigma_q = float(r.std(axis=1).mean())
+    return StepFit(k, k_raw, bias, sigma_q)
+
+
+def assess(fit: StepFit, eps: np.ndarray, delta: np.ndarray) -> dict:
+    """What the fit achieves on (held-out) samples."""
+    e = np.asarray(eps, np.float64)
+    d = np.asarray(delta, np.float64)
+    lin = d - fit.k * e - _chan(fit.bias, e.ndim)
+    after = fit.corrected_error(e, d)
+    dvar = float(((d - d.mean()) ** 2).sum())
+    e2 = float((e * e).sum())
+    return {
+        "explained_variance": 1.0 - float((lin * lin).sum()) / dvar if dvar > 0 else 0.0,
+        "mse_uncorrected": float((d * d).mean()),
+        "mse_corrected": float((after * after).mean()),
+        "snr_q_uncorrected": e2 / max(float((d * d).sum()), 1e-30),
+        "snr_q": e2 / max(float((after * after).sum()), 1e-30),
+    }
+
+
+def fit_precision(eps_steps: list[np.ndarray], delta_steps: list[np.ndarray], timesteps, holdout: int,
+                  gate: bool = True) -> dict:
+    """Per step: fit on samples [:-holdout], assess on [-holdout:] (and on the fit samples).
+
+    ``gate``: a correction part is kept at a step only if it lowers the held-out error (as GPTQ is
+    kept per layer only if it beats nearest rounding): with an error that is nearly uncorrelated
+    with ε, a noisy k or bias would otherwise add error. The raw fit stays in the record.
+    Returns {"steps": [{"t", "k", "bias", "sigma_q", "gate", "raw": {...}, "fit", "holdout"}, ...]}."""
+    rows = []
+    for t, e, d in zip(timesteps, eps_steps, delta_steps):
+        n = len(e)
+        if not 0 <= holdout < n:
+            raise ValueError(f"holdout must be in [0, {n - 1}] samples, got {holdout}")
+        cut = n - holdout
+        f = fit_step(e[:cut], d[:cut])
+        row = {"t": int(t), **f.to_json(), "gate": "k+bias", "raw": f.to_json(), "fit": assess(f, e[:cut], d[:cut])}
+        if holdout:
+            row["holdout"] = assess(f, e[cut:], d[cut:])
+            if gate:
+                zero = np.zeros_like(f.bias)
+                variants = {"none": StepFit(0.0, f.k_raw, zero, f.sigma_q), "k": StepFit(f.k, f.k_raw, zero, f.sigma_q),
+                            "bias": StepFit(0.0, f.k_raw, f.bias, f.sigma_q), "k+bias": f}
+                mse = {name: assess(v, e[cut:], d[cut:])["mse_corrected"] for name, v in variants.items()}
+                best = min(mse, key=lambda name: (mse[name], len(name)))
+                g = variants[best]
+                row.update({"k": g.k, "bias": [float(b) for b in g.bias], "gate": best,
+                            "holdout_gated": assess(g, e[cut:], d[cut:])})
+        rows.append(row)
+    return {"steps": rows}
+
+
+def sample_snr(alphas_cumprod: np.ndarray, timesteps) -> list[float]:
+    a = np.asarray(alphas_cumprod, np.float64)
+    return [float(a[int(t)] / (1.0 - a[int(t)])) for t in timesteps]
+
+
+def make_plan(corrections: dict[str, dict], cost: dict[str, float], alphas_cumprod, margin: float = 1.0,
+              split: str = "holdout") -> dict:
+    """Cheapest precision per step whose corrected SNR_Q clears margin·SNR_F (see the module doc).
+
+    ``corrections``: precision -> fit_precision() result; ``cost``: precision -> BOPs per forward."""
+    precs = sorted(corrections, key=lambda p: cost[p])
+    first = corrections[precs[0]]["steps"]
+    ts = [s["t"] for s in first]
+    snr_f = sample_snr(alphas_cumprod, ts)
+    key = {"holdout": "holdout_gated"}.get(split, split)
+    curves = {p: [s.get(key, s.get(split, s["fit"]))["snr_q"] for s in corrections[p]["steps"]] for p in precs}
+    steps = []
+    for i, t in enumerate(ts):
+        ok = [p for p in precs if curves[p][i] >= margin * snr_f[i]]
+        p = ok[0] if ok else max(precs, key=lambda q: curves[q][i])
+        steps.append({"t": int(t), "precision": p, "snr_f": snr_f[i], "snr_q": {q: curves[q][i] for q in precs},
+                      "qualified": bool(ok)})
+    return {"criterion": f"cheapest precision with SNR_Q(p, t) >= {margin:g} * SNR_F(t) ({split} samples), "
+                         "else the best SNR_Q; SNR_Q = |eps|^2 / |corrected eps - eps|^2, SNR_F = abar/(1-abar)",
+            "margin": margin, "precisions_by_cost": precs, "cost_bops": {p: cost[p] for p in precs}, "steps": steps}
+
+
+def collect(fp_runner, quant_runner_for_step: dict, facts, class_embedding, labels: np.ndarray, seed: int, cfg,
+            batch: int = 64, progress=None):
+    """Run FP trajectories; at every step, every quantized model sees the same x_t.
+
+    ``quant_runner_for_step``: precision -> callable(step index) -> runner (timestep buckets have
+    one model each). Returns (timesteps, [ε per step, N×C×H×W], {precision: [Δ per step]}), ε and
+    Δ after classifier-free guidance, as the sampler uses them."""
+    from ptqd.runtime.pipeline import guided_eps, sample_latents
+    from ptqd.runtime.sampler import DDIMSampler
+
+    sampler = DDIMSampler(facts.schedule.alphas_cumprod, cfg.spacing)
+    sampler.set_timesteps(cfg.steps)
+    eps: list[list[np.ndarray]] = [[] for _ in range(cfg.steps)]
+    delta = {p: [[] for _ in range(cfg.steps)] for p in quant_runner_for_step}
+    for s0 in range(0, len(labels), batch):
+        idx = np.arange(s0, min(len(labels), s0 + batch))
+
+        def observe(i, t, x, ctx, e_fp):
+            eps[i].append(e_fp)
+            for p, runner_at in quant_runner_for_step.items():
+                delta[p][i].append(guided_eps(runner_at(i), x, t, ctx) - e_fp)
+            if progress is not None:
+                progress.update(len(idx))
+
+        sample_latents(fp_runner, facts, class_embedding, labels[idx], idx, seed, cfg, observe=observe)
+    return ([int(t) for t in sampler.timesteps], [np.concatenate(e) for e in eps],
+            {p: [np.concatenate(d) for d in v] for p, v in delta.items()})

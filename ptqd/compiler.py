@@ -1,0 +1,302 @@
+"""PTQD stages after the engines: correction fit, mixed-precision plan, BOPs; ``compile`` runs the
+whole pipeline, reusing every stage whose inputs are unchanged. Re-exported by :mod:`ptqd.api`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ptqd.bundle import Bundle
+from ptqd.errors import UserError
+
+CORRECTION_JSON = "calib/correction.json"
+PLAN_JSON = "calib/plan.json"
+CALIBRATED = ("w8a8", "w4a8", "w4a4")
+
+
+def _calib_layers(b: Bundle, precision: str) -> list[dict] | None:
+    rel = f"calib/{precision}.json" if b.has(f"calib/{precision}.json") else f"calib/{precision}.b0.json"
+    return b.read_json(rel)["layers"] if b.has(rel) else None
+
+
+def precision_bops(b: Bundle, precision: str, rows: list[dict] | None = None) -> float:
+    """BOPs per forward of one precision: the calibrated layers when there are, else the default selection."""
+    from ptqd.api import UNET_LAYERS
+    from ptqd.bops import bops, layer_bits
+
+    rows = rows if rows is not None else b.read_json(UNET_LAYERS)["layers"]
+    calibrated = _calib_layers(b, precision) if precision in CALIBRATED else None
+    return bops(rows, layer_bits(rows, precision, calibrated))
+
+
+def bops_table(b: Bundle) -> dict[str, Any]:
+    """BOPs per forward for FP32 and each precision (built or not), and for the plan summed over its steps."""
+    from ptqd.api import UNET_LAYERS
+
+    if not b.has(UNET_LAYERS):
+        return {}
+    rows = b.read_json(UNET_LAYERS)["layers"]
+    fp = precision_bops(b, "fp32", rows)
+    out: dict[str, Any] = {"fp32": fp, "precisions": {}}
+    for p in CALIBRATED + ("ort-int8",):
+        v = precision_bops(b, p, rows)
+        out["precisions"][p] = {"bops": v, "saving_vs_fp32": fp / v,
+                                "source": "calibrated layers" if p in CALIBRATED and _calib_layers(b, p) else
+                                ("quantize_static: every conv/linear" if p == "ort-int8" else "default layer selection")}
+    if b.has(PLAN_JSON):
+        plan = b.read_json(PLAN_JSON)
+        per = {p: precision_bops(b, p, rows) for p in {s["precision"] for s in plan["steps"]}}
+        total = sum(per[s["precision"]] for s in plan["steps"])
+        n = len(plan["steps"])
+        out["plan"] = {"bops_per_sample": total, "steps": n, "mean_bops_per_forward": total / n,
+                       "saving_vs_fp32": fp * n / total,
+                       "precisions": {p: sum(s["precision"] == p for s in plan["steps"]) for p in sorted(per)}}
+    return out
+
+
+def digest(b: Bundle, prefixes: tuple[str, ...]) -> dict[str, str]:
+    """sha256 of the bundle files a stage consumed (what makes a finished stage reusable)."""
+    return {rel: rec["sha256"] for rel, rec in sorted(b.files.items()) if rel.startswith(prefixes)}
+
+
+CALIB_FILES = tuple(f"calib/{p}." for p in CALIBRATED)
+BUILD_INPUTS = CALIB_FILES + ("calib/feeds.npz", "unet.onnx")
+
+
+def _fake_quant_runners(b: Bundle, loaded, precisions) -> dict:
+    """precision -> (step index -> torch runner of that step's timestep bucket)."""
+    import numpy as np
+
+    from ptqd.api import bucket_suffix
+    from ptqd.calib.calibrate import load_params
+    from ptqd.calib.fakequant import fake_quant_model
+    from ptqd.runtime.torch_runner import TorchRunner
+
+    buckets = b.stage("calibrate").get("buckets") or [{"steps": None}]
+    out = {}
+    for p in precisions:
+        runners, step_to_bucket = [], {}
+        for k, bk in enumerate(buckets):
+            sfx = bucket_suffix(k, len(buckets))
+            layers = load_params(b.read_json(f"calib/{p}{sfx}.json"), np.load(b.path(f"calib/{p}{sfx}.npz")))
+            runners.append(TorchRunner(fake_quant_model(loaded.unet, layers)))
+            for s in bk.get("steps") or []:
+                step_to_bucket[s] = k
+        out[p] = (lambda rs, m: (lambda i: rs[m.get(i, 0)]))(runners, step_to_bucket)
+    return out
+
+
+def correct(bundle, samples: int = 64, holdout: int = 16, seed: int = 1, batch: int = 32,
+            progress: bool | None = None) -> dict[str, Any]:
+    """Fit PTQD's correction (k_t, bias_t[c], σ_q,t) for every calibrated precision; write
+    calib/correction.json. Runs the source FP model and each precision's fake-quant model on the
+    same x_t along FP trajectories of the calibrated schedule (steps, guidance), seeds distinct from
+    the calibration's; the last ``holdout`` samples only measure the fit."""
+    import time
+
+    import numpy as np
+
+    from ptqd.api import CLASS_EMBEDDING, _load_source, _progress, _sampler_config, default_labels
+    from ptqd.calib.correction import collect, fit_precision
+    from ptqd.runtime.torch_runner import TorchRunner
+
+    b = Bundle.open(bundle)
+    cal = b.stage("calibrate")
+    if cal is None:
+        raise UserError(f"{b.root} is not calibrated: run `ptqd calibrate {b.root}` first")
+    if samples < 2 or not 1 <= holdout < samples:
+        raise UserError(f"--samples must be >= 2 and --holdout in [1, samples - 1], got {samples} and {holdout}")
+    c = cal["config"]
+    facts = b.facts
+    scfg = _sampler_config(facts, c["steps"], c["eta"], c["guidance"])
+    precisions = [p for p in CALIBRATED if b.has(f"calib/{p}.json") or b.has(f"calib/{p}.b0.json")]
+    t0 = time.perf_counter()
+    loaded = _load_source(b)
+    table = np.load(b.path(CLASS_EMBEDDING)) if b.has(CLASS_EMBEDDING) else None
+    labels = default_labels(facts, None, samples)
+    quant = _fake_quant_runners(b, loaded, precisions)
+    with _progress(samples * scfg.steps, "correct", progress) as bar:
+        bar.set_postfix_str(f"FP vs {', '.join(precisions)} on the same x_t")
+        ts, eps, delta = collect(TorchRunner(loaded.unet), quant, facts, table, labels, seed, scfg, batch=batch,
+                                 progress=bar)
+    fits = {p: fit_precision(eps, delta[p], ts, holdout) for p in precisions}
+    summary = {}
+    for p, f in fits.items():
+        h = [s["holdout"] for s in f["steps"]]
+        summary[p] = {"explained_variance_holdout": float(np.mean([x["explained_variance"] for x in h])),
+                      "eps_mse_uncorrected_holdout": float(np.mean([x["mse_uncorrected"] for x in h])),
+                      "eps_mse_corrected_holdout": float(np.mean([x["mse_corrected"] for x in h])),
+                      "eps_mse_gated_holdout": float(np.mean([s["holdout_gated"]["mse_corrected"]
+                                                              for s in f["steps"]])),
+                      "k_raw_range": [min(s["raw"]["k_raw"] for s in f["steps"]),
+                                      max(s["raw"]["k_raw"] for s in f["steps"])],
+                      "gates": {g: sum(s["gate"] == g for s in f["steps"]) for g in ("none", "k", "bias", "k+bias")},
+                      "sigma_q_range": [min(s["sigma_q"] for s in f["steps"]), max(s["sigma_q"] for s in f["steps"])]}
+    record = {"config": {"samples": samples, "holdout": holdout, "seed": seed, "steps": scfg.steps,
+                         "eta": scfg.eta, "guidance": scfg.guidance, "spacing": scfg.spacing,
+                         "model": "fake-quant torch model of each precision (engines match it; see build.json)"},
+              "summary": summary, "precisions": fits, "seconds": round(time.perf_counter() - t0, 1)}
+    with Bundle.transaction(b.root) as w:
+        w.write_json(CORRECTION_JSON, record)
+        w.drop_stage("plan")
+        if w.listed(PLAN_JSON):
+            w.remove(PLAN_JSON)
+        w.set_stage("correct", {"config": record["config"], "inputs": digest(b, CALIB_FILES),
+                                "summary": summary, "seconds": record["seconds"]})
+    return record
+
+
+def plan(bundle, margin: float = 1.0, precisions=None) -> dict[str, Any]:
+    """Step-aware mixed precision from the fitted correction: write calib/plan.json (with the curves)."""
+    from ptqd.calib.correction import make_plan
+
+    b = Bundle.open(bundle)
+    if not b.has(CORRECTION_JSON):
+        raise UserError(f"{b.root} has no fitted correction: run `ptqd correct {b.root}` first")
+    if margin <= 0:
+        raise UserError(f"--margin must be > 0, got {margin}")
+    corr = b.read_json(CORRECTION_JSON)["precisions"]
+    built = b.read_json("engines/onnxruntime/build.json") if b.has("engines/onnxruntime/build.json") else {}
+    cands = [p for p in (precisions or corr) if p in corr and p in built]
+    if not cands:
+        raise UserError(f"no precision has both a fitted correction and a built engine in {b.root}: "
+                        f"run `ptqd build {b.root}`")
+    cost = {p: precision_bops(b, p) for p in cands}
+    rec = make_plan({p: corr[p] for p in cands}, cost, b.facts.schedule.alphas_cumprod, margin)
+    with Bundle.transaction(b.root) as w:
+        w.write_json(PLAN_JSON, rec)
+        w.set_stage("plan", {"margin": margin, "precisions": cands, "inputs": digest(b, (CORRECTION_JSON,)),
+                             "plan": [s["precision"] for s in rec["steps"]]})
+    return rec
+
+
+def step_engines(b: Bundle, spec: str = "fp32", correction: str | tuple = "auto", threads: int | None = None,
+                 cache: dict | None = None):
+    """The runtime for a plan spec: ``auto`` (calib/plan.json), a precision, or a plan FILE.
+
+    ``correction``: "auto" (on where fitted), "on" (error when not fitted), "off", or a tuple of parts
+    ("k", "bias", "vsc"). Returns (engine for sample_latents, label). FP32 without correction is a
+    plain runner."""
+    import json
+
+    from ptqd.api import open_engine
+    from ptqd.runtime.correction import CORRECTION_PARTS, CorrectionTable, Plan, StepEngines
+
+    if spec == "auto":
+        if not b.has(PLAN_JSON):
+            raise UserError(f"{b.root} has no plan: run `ptqd compile` or `ptqd correct {b.root}` first")
+        pl = Plan.from_json(b.read_json(PLAN_JSON))
+    elif spec.endswith(".json"):
+        try:
+            pl = Plan.from_json(json.loads(Path(spec).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"--plan {spec}: not a plan file ({e}); expected {{\"steps\": [{{\"t\": 951, "
+                            f"\"precision\": \"w4a4\"}}, ...]}}") from None
+    else:
+        pl = Plan.fixed(spec)
+    if correction in ("auto", "on"):
+        use = CORRECTION_PARTS
+    elif correction == "off":
+        use = ()
+    else:
+        use = tuple(correction)
+    tables = {}
+    needs = [p for p in pl.precisions if p in CALIBRATED]
+    if use and needs:
+        if not b.has(CORRECTION_JSON):
+            if correction == "on" or isinstance(correction, tuple):
+                raise UserError(f"{b.root} has no fitted correction: run `ptqd correct {b.root}` (or "
+                                "--correction off)")
+        else:
+            fitted = b.read_json(CORRECTION_JSON)["precisions"]
+            tables = {p: CorrectionTable.from_json(fitted[p]) for p in needs if p in fitted}
+    cache = {} if cache is None else cache  # precision -> runner, shared by the rows of an eval
+    runners = {}
+    for p in pl.precisions:
+        if p not in cache:
+            cache[p] = open_engine(b, p, threads, allow_spinning=False)
+        runners[p] = cache[p]
+    if not tables and len(pl.precisions) == 1:
+        return runners[pl.precisions[0]], pl.precisions[0]
+    label = "plan" if spec == "auto" else Path(spec).stem if spec.endswith(".json") else spec
+    if tables and use:
+        label += "+" + "+".join(use) if isinstance(correction, tuple) else "+ptqd"
+    return StepEngines(runners, pl, tables, use), label
+
+
+def plan_bops(b: Bundle, spec: str, steps: int, spacing: str = "compvis") -> float:
+    """Mean BOPs per forward of a precision or plan over the sampler's steps."""
+    import json
+
+    from ptqd.runtime.correction import Plan
+    from ptqd.runtime.sampler import DDIMSampler
+
+    if spec == "auto":
+        pl = Plan.from_json(b.read_json(PLAN_JSON))
+    elif spec.endswith(".json"):
+        pl = Plan.from_json(json.loads(Path(spec).read_text()))
+    else:
+        return precision_bops(b, spec)
+    sampler = DDIMSampler(b.facts.schedule.alphas_cumprod, spacing)
+    sampler.set_timesteps(steps)
+    cost = {p: precision_bops(b, p) for p in pl.precisions}
+    return sum(cost[pl.at(float(t))] for t in sampler.timesteps) / steps
+
+
+def _reusable(b: Bundle, stage: str, inputs: tuple[str, ...], **config) -> bool:
+    """A finished stage is reused when its record's inputs (sha256) and settings are unchanged."""
+    rec = b.stage(stage)
+    if not rec or rec.get("inputs") != digest(b, inputs):
+        return False
+    return all(rec.get(k) == v if k != "config" else all(rec["config"].get(ck) == cv for ck, cv in v.items())
+               for k, v in config.items())
+
+
+def compile(model, out, config=None, precisions=CALIBRATED, samples: int = 32, steps: int = 20,
+            guidance: float = 3.0, correction_samples: int = 64, holdout: int = 16, margin: float = 1.0,
+            force: bool = False, progress: bool | None = None, log=print) -> dict[str, Any]:
+    """export -> calibrate -> build -> correct -> plan, into one bundle. Resumable: a stage whose
+    inputs (the sha256 of the files it reads) and settings are unchanged is reused, so a rerun after an
+    interruption, or with a new --margin, redoes only what changed. ``force`` reruns everything."""
+    import time
+
+    from ptqd import api
+    from ptqd.errors import BundleError
+
+    out = Path(out)
+    done: dict[str, Any] = {}
+
+    def stage(name: str, reuse: bool, fn):
+        t0 = time.perf_counter()
+        if reuse and not force:
+            done[name] = "reused"
+            log(f"[{len(done)}/5] {name}: reused (inputs unchanged)")
+            return
+        fn()
+        done[name] = round(time.perf_counter() - t0, 1)
+        log(f"[{len(done)}/5] {name}: done in {done[name]:.0f} s")
+
+    try:
+        b = Bundle.open(out)
+        rec = b.stage("export") or {}
+        fresh = rec.get("source") == str(model) and rec.get("source_sha256") == api._source_digest(model) \
+            and rec.get("source_sha256") is not None
+    except BundleError:
+        fresh = False
+    stage("export", fresh, lambda: api.export(model, out, config=config, progress=progress))
+    b = Bundle.open(out)
+    ccfg = {"samples": samples, "steps": steps, "guidance": guidance}
+    stage("calibrate", _reusable(b, "calibrate", (api.UNET_ONNX, api.UNET_LAYERS), config=ccfg),
+          lambda: api.calibrate(out, samples=samples, steps=steps, guidance=guidance, progress=progress))
+    b = Bundle.open(out)
+    built = set((b.stage("build") or {}).get("precisions", []))
+    stage("build", _reusable(b, "build", BUILD_INPUTS) and set(precisions) <= built,
+          lambda: api.build(out, precisions=tuple(precisions), progress=progress))
+    b = Bundle.open(out)
+    stage("correct", _reusable(b, "correct", CALIB_FILES, config={"samples": correction_samples, "holdout": holdout}),
+          lambda: correct(out, samples=correction_samples, holdout=holdout, progress=progress))
+    b = Bundle.open(out)
+    stage("plan", _reusable(b, "plan", (CORRECTION_JSON,), margin=margin), lambda: plan(out, margin=margin))
+    b = Bundle.open(out)
+    return {"bundle": str(out), "stages": done, "plan": (b.stage("plan") or {}).get("plan"), "bops": bops_table(b)}
