@@ -17,7 +17,7 @@ import numpy as np
 
 from ptqd import api
 from ptqd.bundle import Bundle
-from ptqd.exporter.validate import seeded_unet_inputs
+from ptqd.facts import seeded_unet_inputs
 
 
 def main(argv=None) -> dict:

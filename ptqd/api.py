@@ -49,7 +49,7 @@ def export(model: str | os.PathLike, out: str | os.PathLike, config: str | os.Pa
 
     from ptqd.exporter import ExportConfig, export_first_stage, export_unet, validate_first_stage, validate_unet
     from ptqd.exporter.layers import build_layer_table
-    from ptqd.exporter.validate import seeded_unet_inputs
+    from ptqd.facts import seeded_unet_inputs
     from ptqd.models import load_model
 
     ecfg = ExportConfig(opset=opset, exporter=exporter)
@@ -146,8 +146,6 @@ def inspect(bundle: str | os.PathLike) -> dict[str, Any]:
     export = b.stage("export")
     if export:
         info["export"] = export
-    from ptqd.compiler import bops_table
-
     info["bops"] = bops_table(b)
     return info
 
@@ -296,7 +294,8 @@ def write_samples(out: Path, images, labels, cols: int) -> None:
 def evaluate(bundle, precisions=("fp32",), num: int = 500, seed: int = 0, steps: int = 20, eta: float = 0.0,
              guidance: float = 3.0, classes=None, features: str | os.PathLike | None = None, batch: int = 100,
              progress: bool | None = None, write_report: bool = True, correction: str | tuple = "auto",
-             rows: list[tuple[str, str | tuple]] | None = None, report_name: str = "eval") -> dict[str, Any]:
+             rows: list[tuple[str, str | tuple]] | None = None, report_name: str = "eval",
+             vsc_direction: str = "sigma", eps_mse: bool = True) -> dict[str, Any]:
     """Quality rows for ``precisions`` (engines, ``auto`` for the plan, or plan files) against FP (always
     the first row) on the same seeds and classes. ``correction`` applies to every row; ``rows``, a list
     of (precision, correction) pairs, replaces ``precisions`` for mixed settings (the ablation)."""
@@ -305,8 +304,11 @@ def evaluate(bundle, precisions=("fp32",), num: int = 500, seed: int = 0, steps:
     from ptqd.compiler import plan_bops, precision_bops, step_engines
     from ptqd.evaluate import DEMO_FEATURES, DEMO_REAL, FeatureModel, evaluate_runners, frechet_distance
 
+    import dataclasses
+
     b, facts, fp_runner, decoder, table = _open(bundle, "fp32", allow_spinning=False)
-    cfg = _sampler_config(facts, steps, eta, guidance)
+    cfg = dataclasses.replace(_sampler_config(facts, steps, eta, guidance), vsc_direction=vsc_direction)
+    cfg.validate(facts.schedule.num_train_timesteps)
     labels = default_labels(facts, list(classes) if classes else None, num)
     runners, specs, cache = {"fp32": fp_runner}, {"fp32": "fp32"}, {}
     for p, corr in rows if rows is not None else [(p, correction) for p in precisions]:
@@ -338,7 +340,7 @@ def evaluate(bundle, precisions=("fp32",), num: int = 500, seed: int = 0, steps:
         }
     with _progress(num, report_name, progress) as bar:
         res = evaluate_runners(facts, table, runners, decoder, labels, seed, cfg, batch=batch, features=fmodel,
-                               real_features=rf, progress=bar)
+                               real_features=rf, progress=bar, eps_mse=eps_mse)
     res.reference = reference
     fp_bops = precision_bops(b, "fp32") if b.has(UNET_LAYERS) else None
     for row in res.rows:
@@ -555,7 +557,7 @@ def validate_engine(runner, reference, facts, class_embedding, timesteps=VALIDAT
     """Engine vs a reference runner (the fake-quant model) on seeded inputs: worst rel-L2 and max abs error."""
     import numpy as np
 
-    from ptqd.exporter.validate import seeded_unet_inputs
+    from ptqd.facts import seeded_unet_inputs
 
     rows = []
     for i, t in enumerate(timesteps):
@@ -669,4 +671,4 @@ def build(bundle, backend: str = "onnxruntime", precisions=OUR_PRECISIONS + (PEE
     return records
 
 
-from ptqd.compiler import bops_table, compile, correct, plan  # noqa: E402  (re-exported)
+from ptqd.compiler import bops_table, compile, correct, plan  # noqa: E402, F401  (re-exported)

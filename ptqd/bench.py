@@ -28,7 +28,7 @@ def unet_latency(b, precisions, batch: int = 2, runs: int = 20, warmup: int = 3,
     """UNet forward latency (ms, median and min) per precision at ``batch`` (2 = one CFG-guided sample),
     with the median ratio to FP32. Spinning is off for every engine alike (several sessions take turns)."""
     from ptqd.api import open_engine
-    from ptqd.exporter.validate import seeded_unet_inputs
+    from ptqd.facts import seeded_unet_inputs
 
     names = ["fp32"] + [p for p in precisions if p != "fp32"]
     runners = dict(runners or {})
@@ -41,3 +41,162 @@ def unet_latency(b, precisions, batch: int = 2, runs: int = 20, warmup: int = 3,
     med = {p: float(np.median(v)) for p, v in times.items()}
     return {p: {"median_ms": 1e3 * med[p], "min_ms": 1e3 * float(np.min(times[p])),
                 "speedup_vs_fp32": med["fp32"] / med[p]} for p in names}
+
+
+class _Timed:
+    """Wraps a runner and adds up the seconds spent inside it (to split engine time from the runtime's)."""
+
+    def __init__(self, runner):
+        self.runner, self.seconds, self.calls = runner, 0.0, 0
+
+    def __call__(self, x, t, context=None):
+        t0 = time.perf_counter()
+        out = self.runner(x, t, context)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
+
+
+def peak_rss_mb(bundle, precisions: list[str], batch: int = 2) -> float:
+    """Peak resident memory (MiB) of a fresh process that loads ``precisions`` (all at once, as the
+    runtime keeps a plan's engines) and runs each once; [] measures the interpreter + ONNX Runtime alone."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json,resource,sys;import numpy as np;import onnxruntime;from ptqd import api;"
+            "from ptqd.bundle import Bundle;from ptqd.facts import seeded_unet_inputs;"
+            "b=Bundle.open(sys.argv[1]);ps=json.loads(sys.argv[2]);"
+            "rs=[api.open_engine(b,p,allow_spinning=False) for p in ps];"
+            "f=seeded_unet_inputs(b.facts,int(sys.argv[3]),501.0,0);"
+            "[r(f['x'],f['t'],f.get('context')) for r in rs];"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)")
+    out = subprocess.run([sys.executable, "-c", code, str(bundle), json.dumps(list(precisions)), str(batch)],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def bench(bundle, precisions=None, runs: int = 10, warmup: int = 3, large_batch: int = 32, e2e_images: int = 8,
+          steps: int = 20, guidance: float = 3.0, threads: int | None = None, torch_peer: bool = True,
+          memory: bool = True, progress=None) -> dict:
+    """Latency, throughput, load time, memory and size per engine; end-to-end sampling per image with the
+    runtime's own overhead. Every timing shares one process and runs round-robin (see module doc)."""
+    import os
+
+    from ptqd.api import BUILD_JSON, CLASS_EMBEDDING, FIRST_STAGE_ONNX, UNET_LAYERS, UNET_ONNX, _load_source, \
+        _sampler_config, default_labels, open_engine
+    from ptqd.bundle import Bundle
+    from ptqd.compiler import PLAN_JSON, plan_bops, precision_bops, step_engines
+    from ptqd.errors import PtqdError
+    from ptqd.facts import seeded_unet_inputs
+    from ptqd.runtime.correction import StepEngines
+    from ptqd.runtime.pipeline import decode, sample_latents
+    from ptqd.runtime.runners import OrtDecoder
+
+    b = Bundle.open(bundle)
+    facts = b.facts
+    built = b.read_json(BUILD_JSON) if b.has(BUILD_JSON) else {}
+    precisions = list(precisions) if precisions else sorted(built, key=lambda p: (p != "ort-int8", p))
+    table = b.read_json(UNET_LAYERS) if b.has(UNET_LAYERS) else None
+    macs = table["macs_per_forward"] if table else None
+    cfg_batch = 2 if facts.conditioning.kind == "class" and guidance != 1.0 else 1
+    engines: dict = {}
+    load_s: dict = {}
+    sizes: dict = {}
+    for p in ["fp32"] + precisions:
+        t0 = time.perf_counter()
+        engines[p] = open_engine(b, p, threads, allow_spinning=False)
+        load_s[p] = time.perf_counter() - t0
+        if p == "fp32":
+            sizes[p] = os.path.getsize(b.path(UNET_ONNX))
+        else:
+            sizes[p] = sum(e["size_bytes"] for e in built[p].get("buckets", [])) or built[p]["size_bytes"]
+    notes = []
+    if torch_peer:
+        try:
+            from ptqd.runtime.torch_runner import TorchRunner
+
+            t0 = time.perf_counter()
+            engines["torch-fp32"] = TorchRunner(_load_source(b).unet)
+            load_s["torch-fp32"] = time.perf_counter() - t0
+            sizes["torch-fp32"] = None
+        except (PtqdError, ImportError) as e:
+            notes.append(f"PyTorch eager peer skipped: {e}")
+    names = list(engines)
+    latency: dict = {}
+    for batch in (1, cfg_batch, large_batch) if cfg_batch != 1 else (1, large_batch):
+        f = seeded_unet_inputs(facts, batch, 501.0, 0)
+        if progress:
+            progress(f"UNet forward, batch {batch}")
+        times = round_robin({p: (lambda r=engines[p], f=f: r(f["x"], f["t"], f.get("context"))) for p in names},
+                            runs if batch != large_batch else max(3, runs // 3), warmup if batch != large_batch else 1)
+        for p in names:
+            med = float(np.median(times[p]))
+            latency.setdefault(p, {})[str(batch)] = {
+                "median_ms": 1e3 * med, "min_ms": 1e3 * float(np.min(times[p])), "runs": len(times[p]),
+                "samples_per_s": batch / med, "gflops": (2 * macs * batch / med / 1e9) if macs else None}
+    for p in names:
+        for k, v in latency[p].items():
+            v["speedup_vs_ort_fp32"] = latency["fp32"][k]["median_ms"] / v["median_ms"]
+    rows = {p: {"latency": latency[p], "load_s": load_s[p], "size_bytes": sizes[p]} for p in names}
+    fp_bops = precision_bops(b, "fp32") if table else None
+    for p in names:
+        if fp_bops and p in ["fp32"] + precisions:
+            rows[p]["bops_saving"] = fp_bops / precision_bops(b, p)
+    if memory:
+        if progress:
+            progress("peak memory (a fresh process per engine)")
+        base = peak_rss_mb(b.root, [], cfg_batch)
+        for p in ["fp32"] + precisions:
+            rows[p]["peak_rss_mb"] = peak_rss_mb(b.root, [p], cfg_batch)
+        rows["_process_baseline_mb"] = base
+    # end to end: sampling time per image, and the runtime's share (sampler arithmetic, guidance,
+    # correction, engine switching: everything that is not an engine call or the decoder)
+    decoder = OrtDecoder(b.path(FIRST_STAGE_ONNX), threads) if b.has(FIRST_STAGE_ONNX) else None
+    cls = np.load(b.path(CLASS_EMBEDDING)) if b.has(CLASS_EMBEDDING) else None
+    scfg = _sampler_config(facts, steps, 0.0, guidance)
+    labels = default_labels(facts, None, e2e_images)
+    idx = np.arange(e2e_images)
+    specs = ["fp32"] + [p for p in precisions if p != "ort-int8"] + (["auto"] if b.has(PLAN_JSON) else []) + \
+        (["ort-int8"] if "ort-int8" in precisions else [])
+    e2e: dict = {}
+    for spec in specs:
+        if progress:
+            progress(f"sampling {spec}")
+        eng, label = step_engines(b, spec, "auto", cache=dict(engines))
+        if isinstance(eng, StepEngines):
+            timed = {p: _Timed(r) for p, r in eng.runners.items()}
+            eng.runners = timed
+            inner = list(timed.values())
+        else:
+            eng = _Timed(eng)
+            inner = [eng]
+        sample_latents(eng, facts, cls, labels, idx, 0, scfg)  # warm-up
+        for t_ in inner:
+            t_.seconds, t_.calls = 0.0, 0
+        if isinstance(eng, StepEngines):
+            eng.switches, eng._last = 0, None
+        t0 = time.perf_counter()
+        lat = sample_latents(eng, facts, cls, labels, idx, 0, scfg)
+        t_sample = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        if decoder is not None:
+            decode(decoder, lat, facts.scale_factor)
+        t_decode = time.perf_counter() - t1
+        engine_s = sum(t_.seconds for t_ in inner)
+        total = t_sample + t_decode
+        e2e[label] = {"seconds_per_image": total / e2e_images, "engine_share": engine_s / total,
+                      "decoder_share": t_decode / total, "runtime_overhead_share": (t_sample - engine_s) / total,
+                      "engine_calls": sum(t_.calls for t_ in inner),
+                      "engine_switches": getattr(eng, "switches", 0),
+                      "bops_saving": (fp_bops / plan_bops(b, spec, steps)) if fp_bops else None}
+    for v in e2e.values():
+        v["speedup_vs_ort_fp32"] = e2e["fp32"]["seconds_per_image"] / v["seconds_per_image"]
+    out = {"bundle": str(b.root), "threads": threads or "onnxruntime default", "batches": {"single": 1, "cfg": cfg_batch,
+                                                                                          "large": large_batch},
+           "macs_per_forward": macs, "engines": rows, "sampling": e2e, "steps": steps, "e2e_images": e2e_images,
+           "notes": notes}
+    if memory and b.has(PLAN_JSON):
+        plan_precs = sorted({s["precision"] for s in b.read_json(PLAN_JSON)["steps"]})
+        out["plan_resident"] = {"precisions": plan_precs, "peak_rss_mb": peak_rss_mb(b.root, plan_precs, cfg_batch)}
+    return out

@@ -15,7 +15,7 @@ from ptqd.errors import PtqdError
 
 EPILOG = """\
 pipeline:  export -> calibrate -> build -> correct (+ plan) -> sample / eval   (one bundle directory)
-           ptqd compile runs the first four, resumably
+           ptqd compile runs the first four, resumably; ptqd check gates engine regressions in CI
 
 examples:
   ptqd export models/ldm/cin256-v2/model.ckpt --config configs/latent-diffusion/cin256-v2.yaml --out cin.bundle
@@ -251,6 +251,89 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def print_bench(res: dict) -> None:
+    eng = res["engines"]
+    bs = res["batches"]
+    names = [k for k in eng if not k.startswith("_")]
+    cols = [str(bs["single"])] + ([str(bs["cfg"])] if bs["cfg"] != bs["single"] else []) + [str(bs["large"])]
+    print(f"UNet forward: median of >= {eng['fp32']['latency'][cols[0]]['runs']} runs after warm-up, engines "
+          f"round-robin in one process; x = speed vs ONNX Runtime FP32 (> 1 is faster)")
+    head = "".join(f"{'b' + c + ' ms':>10}{'x':>6}" for c in cols[:-1])
+    print(f"{'engine':<12}{head}{'b' + cols[-1] + ' img/s':>12}{'x':>6}{'GFLOP/s':>9}{'load s':>8}{'+MB':>7}"
+          f"{'size':>10}{'BOPs':>8}")
+    for p in names:
+        r = eng[p]
+        lat = r["latency"]
+        cells = "".join(f"{lat[c]['median_ms']:10.2f}{lat[c]['speedup_vs_ort_fp32']:6.2f}" for c in cols[:-1])
+        big = lat[cols[-1]]
+        mem = r.get("peak_rss_mb")
+        extra = None if mem is None else mem - eng.get("_process_baseline_mb", 0)
+        print(f"{p:<12}{cells}{big['samples_per_s']:12.0f}{big['speedup_vs_ort_fp32']:6.2f}"
+              f"{_fmt(big['gflops'], 9, '.1f')}{r['load_s']:8.2f}{_fmt(extra, 7, '.0f')}"
+              f"{(_human(r['size_bytes']) if r['size_bytes'] else '-'):>10}{_fmt(r.get('bops_saving'), 7, '.1f', 'x')}")
+    if "_process_baseline_mb" in eng:
+        print(f"+MB: peak resident memory of a fresh process with the engine, over "
+              f"{eng['_process_baseline_mb']:.0f} MB for Python + ONNX Runtime alone")
+    if "plan_resident" in res:
+        pr = res["plan_resident"]
+        print(f"the plan's runtime keeps {', '.join(pr['precisions'])} loaded: peak {pr['peak_rss_mb']:.0f} MB "
+              f"(+{pr['peak_rss_mb'] - eng.get('_process_baseline_mb', 0):.0f} MB)")
+    print(f"\nend to end: {res['e2e_images']} images, {res['steps']} DDIM steps, decode included")
+    print(f"{'sampler':<14}{'s/image':>9}{'x':>6}{'engine':>8}{'decoder':>9}{'runtime':>9}{'switches':>10}{'BOPs':>8}")
+    for k, r in res["sampling"].items():
+        print(f"{k:<14}{r['seconds_per_image']:9.4f}{r['speedup_vs_ort_fp32']:6.2f}{100 * r['engine_share']:7.1f}%"
+              f"{100 * r['decoder_share']:8.1f}%{100 * r['runtime_overhead_share']:8.1f}%{r['engine_switches']:10d}"
+              f"{_fmt(r.get('bops_saving'), 7, '.1f', 'x')}")
+    print("runtime = sampler arithmetic, guidance, PTQD correction and engine switching (all but engine and decoder)")
+    for n in res.get("notes", []):
+        print(f"note: {n}")
+
+
+def cmd_bench(args) -> int:
+    from ptqd.bench import bench
+    from ptqd.bundle import Bundle
+
+    precisions = [p for p in args.precisions.split(",") if p] if args.precisions else None
+    res = bench(args.bundle, precisions=precisions, runs=args.runs, threads=args.threads, large_batch=args.large_batch,
+                torch_peer=not args.no_torch, memory=not args.no_memory,
+                progress=None if args.json else (lambda m: print(f"... {m}", file=sys.stderr)))
+    with Bundle.transaction(args.bundle) as w:
+        w.write_json("reports/bench.json", res)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print_bench(res)
+    return 0
+
+
+def cmd_check(args) -> int:
+    from ptqd.check import check, format_rows
+
+    res = check(args.bundle, baseline=args.baseline, update=args.update, junit=args.junit, num=args.num)
+    if args.update:
+        print(f"baseline written: {res['updated']}")
+        for s, v in res["engines"].items():
+            print(f"  {s:<10}" + ", ".join(f"{k} {x:.4g}" for k, x in v.items()))
+        return 0
+    print(f"ptqd check {args.bundle} against {res['baseline']} (made {res['baseline_created']})")
+    print(format_rows(res["rows"]))
+    bad = [r for r in res["rows"] if not r["passed"]]
+    if bad:
+        print(f"FAILED: {len(bad)} of {len(res['rows'])} checks regressed")
+        return 1
+    print(f"passed: {len(res['rows'])} checks ({res['seconds']:.0f} s)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ptqd.report import report
+
+    res = report(args.bundle, run_eval=args.eval, eval_num=args.num, run_bench=args.bench)
+    for f in res["files"]:
+        print(f"wrote {args.bundle}/{f}")
+    return 0
+
+
 def cmd_train_demo(args) -> int:
     from ptqd import api
 
@@ -394,6 +477,41 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
     _sampling_args(d, 500)
     d.set_defaults(func=cmd_demo)
+
+    be = sub.add_parser("bench", help="latency, throughput, memory and size per engine; end-to-end sampling",
+                        description="Time every engine and the peers (PyTorch eager FP32, ONNX Runtime FP32, ONNX "
+                                    "Runtime quantize_static INT8) in one process, round-robin, medians after "
+                                    "warm-up; ratios against ONNX Runtime FP32. Writes reports/bench.json.")
+    be.add_argument("bundle")
+    be.add_argument("--precisions", help="engines to time (default: every built engine)")
+    be.add_argument("--runs", type=int, default=20, help="timed runs per engine and batch (default 20, min 10)")
+    be.add_argument("--large-batch", type=int, default=32, help="batch for throughput (default 32)")
+    be.add_argument("--threads", type=int, help="intra-op threads (default: ONNX Runtime's, one per core)")
+    be.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager peer")
+    be.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement (a process per engine)")
+    be.add_argument("--json", action="store_true")
+    be.set_defaults(func=cmd_bench)
+
+    ck = sub.add_parser("check", help="regression gate for CI: engines vs a stored baseline",
+                        description="Recompute seeded engine outputs and end-to-end samples; compare with the "
+                                    "baseline (eps drift, sample drift, PSNR vs FP, FD, class accuracy). Exits 1 on "
+                                    "a regression. Tolerances: see `python -c 'import ptqd.check; "
+                                    "help(ptqd.check)'`.")
+    ck.add_argument("bundle")
+    ck.add_argument("--baseline", help="baseline JSON (NPZ beside it); default BUNDLE/reports/check_baseline.json")
+    ck.add_argument("--update", action="store_true", help="write a new baseline from the current engines")
+    ck.add_argument("--junit", help="also write JUnit XML here")
+    ck.add_argument("--num", type=int, default=64, help="end-to-end samples when writing a baseline (default 64)")
+    ck.set_defaults(func=cmd_check)
+
+    rp = sub.add_parser("report", help="regenerate reports/: sample grids, correction and plan plots, index",
+                        description="Side-by-side samples (FP, each engine, the plan; same seeds), plots of k_t, "
+                                    "bias, sigma_q and the plan with its SNR curves, and an index.md.")
+    rp.add_argument("bundle")
+    rp.add_argument("--eval", action="store_true", help="rerun the quality evaluation first (--num samples)")
+    rp.add_argument("--num", type=int, default=200)
+    rp.add_argument("--bench", action="store_true", help="rerun the benchmark first")
+    rp.set_defaults(func=cmd_report)
 
     t = sub.add_parser("train-demo", help="retrain the demo model and digit classifier (~20 min on 2 cores)")
     t.add_argument("--out", help="directory for the weights (default: the shipped ones, in place)")

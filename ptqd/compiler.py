@@ -3,7 +3,6 @@ whole pipeline, reusing every stage whose inputs are unchanged. Re-exported by :
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 

@@ -94,7 +94,7 @@ def class_accuracy(logits: np.ndarray | None, labels: np.ndarray) -> float | Non
 
 def evaluate_runners(facts, class_embedding, runners: dict[str, Any], decoder, labels: np.ndarray, seed: int,
                      cfg, batch: int = 100, features: FeatureModel | None = None,
-                     real_features: np.ndarray | None = None, progress=None) -> EvalResult:
+                     real_features: np.ndarray | None = None, progress=None, eps_mse: bool = True) -> EvalResult:
     """``runners``: name -> runner; the first is the FP reference every other row is paired with."""
     from ptqd.runtime.pipeline import decode, sample_latents
 
@@ -115,7 +115,7 @@ def evaluate_runners(facts, class_embedding, runners: dict[str, Any], decoder, l
         for k in names:
             t0 = time.perf_counter()
             lat = sample_latents(runners[k], facts, class_embedding, labels[idx], idx, seed, cfg,
-                                 observe=observe if k == fp and len(names) > 1 else None)
+                                 observe=observe if k == fp and len(names) > 1 and eps_mse else None)
             seconds[k] += time.perf_counter() - t0
             images[k].append(decode(decoder, lat, facts.scale_factor) if decoder is not None else lat)
         if progress is not None:
@@ -134,8 +134,9 @@ def evaluate_runners(facts, class_embedding, runners: dict[str, Any], decoder, l
         if k != fp:
             p = psnr(imgs, images[fp]) if decoder is not None else None
             row["psnr_vs_fp"] = float(np.mean(np.minimum(p, 100.0))) if p is not None else None
-            row["eps_mse"] = (mse[k] / per_elem).tolist()
-            row["eps_mse_mean"] = float(np.mean(row["eps_mse"]))
+            if eps_mse:
+                row["eps_mse"] = (mse[k] / per_elem).tolist()
+                row["eps_mse_mean"] = float(np.mean(row["eps_mse"]))
         result.rows.append(row)
     result.images = images
     return result

@@ -135,3 +135,15 @@ class ModelFacts:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"manifest 'model' section is malformed ({e}); re-export the bundle") from None
+
+
+def seeded_unet_inputs(facts, batch: int, t: float, seed: int) -> dict[str, np.ndarray]:
+    """Seeded UNet inputs (x ~ N(0, I), t, random context rows) for validation and benchmarks (numpy only)."""
+    rng = np.random.RandomState(seed)
+    c, h, w = facts.latent_shape
+    feeds = {"x": rng.standard_normal((batch, c, h, w)).astype(np.float32),
+             "t": np.full((batch,), t, dtype=np.float32)}
+    if facts.conditioning.kind != "none":
+        cond = facts.conditioning
+        feeds["context"] = rng.standard_normal((batch, cond.context_tokens, cond.context_dim)).astype(np.float32)
+    return feeds

@@ -87,3 +87,18 @@ def ort_vs_torch(bundle: Path, loaded, batch: int = 3, seed: int = 123) -> float
         ref = loaded.unet(*(torch.from_numpy(v) for v in feeds.values())).numpy()
     assert np.abs(ref).max() > 1e-2, "degenerate model: outputs are ~0"
     return float(np.abs(got - ref).max())
+
+
+SMALL_COMPILE = dict(precisions=("w8a8", "w4a8", "w4a4", "ort-int8"), samples=8, steps=10, correction_samples=12,
+                     holdout=4)
+
+
+@pytest.fixture(scope="session")
+def compiled(tmp_path_factory):
+    """The demo model through `ptqd compile` with small settings: (bundle, result, log lines)."""
+    from ptqd import api
+
+    out = tmp_path_factory.mktemp("c") / "demo.bundle"
+    log = []
+    res = api.compile("demo", out, progress=False, log=log.append, **SMALL_COMPILE)
+    return out, res, log

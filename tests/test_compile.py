@@ -10,15 +10,7 @@ from ptqd.bundle import Bundle
 from ptqd.cli import main
 from ptqd.errors import UserError
 
-SMALL = dict(precisions=("w8a8", "w4a8", "w4a4"), samples=8, steps=10, correction_samples=12, holdout=4)
-
-
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    out = tmp_path_factory.mktemp("c") / "demo.bundle"
-    log = []
-    res = api.compile("demo", out, progress=False, log=log.append, **SMALL)
-    return out, res, log
+from tests.conftest import SMALL_COMPILE as SMALL
 
 
 def test_compile_runs_every_stage_and_writes_corrections_and_plan(compiled):

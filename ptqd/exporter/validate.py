@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ptqd.errors import ExportError
+from ptqd.facts import seeded_unet_inputs  # noqa: F401  (re-exported)
 
 DEFAULT_TIMESTEPS = (1, 251, 501, 751, 999)
 
@@ -33,17 +34,6 @@ def _session(path: Path):
     so = ort.SessionOptions()
     so.log_severity_level = 3
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def seeded_unet_inputs(facts, batch: int, t: float, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.RandomState(seed)
-    c, h, w = facts.latent_shape
-    feeds = {"x": rng.standard_normal((batch, c, h, w)).astype(np.float32),
-             "t": np.full((batch,), t, dtype=np.float32)}
-    if facts.conditioning.kind != "none":
-        cond = facts.conditioning
-        feeds["context"] = rng.standard_normal((batch, cond.context_tokens, cond.context_dim)).astype(np.float32)
-    return feeds
 
 
 def validate_unet(loaded, onnx_path: Path, cfg: ValidationConfig = ValidationConfig(),

@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 from ptqd import api
 from ptqd.bundle import Bundle
-from ptqd.errors import ExportError, UserError
+from ptqd.errors import UserError
 
 
 @pytest.fixture(scope="module")
