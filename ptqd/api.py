@@ -169,10 +169,16 @@ def _write_demo_eval_assets(w) -> None:
 BUILD_JSON = "engines/onnxruntime/build.json"
 
 
-def open_engine(b: Bundle, precision: str = "fp32", threads: int | None = None, allow_spinning: bool = True):
+def open_engine(b: Bundle, precision: str = "fp32", threads: int | None = None, allow_spinning: bool = True,
+                backend: str = "onnxruntime"):
     """A runner for ``precision``: the exported graph for fp32, else the built engine (one per
-    timestep bucket when the calibration has several)."""
+    timestep bucket when the calibration has several). ``backend="tensorrt"``: the TensorRT plan."""
     from ptqd.runtime.runners import BucketedRunner, OrtRunner
+
+    if backend == "tensorrt":
+        from ptqd.tensorrt_backend import open_tensorrt_runner
+
+        return open_tensorrt_runner(b, precision)
 
     if precision == "fp32":
         return OrtRunner(b.path(UNET_ONNX), threads, allow_spinning)
@@ -476,7 +482,7 @@ def calibrate(bundle, samples: int = 32, steps: int = 20, eta: float = 0.0, guid
         with Bundle.transaction(b.root) as w:
             for rel in w.listed("calib/") + w.listed("engines/"):
                 w.remove(rel)  # a new calibration replaces the old one whole, and the engines built from it go
-            for stage in ("build", "correct", "plan"):
+            for stage in ("build", "build_tensorrt", "correct", "plan"):
                 w.drop_stage(stage)
             for p in cfg.precisions:
                 bar.set_postfix_str(f"{p}: ranges + {rounding} weights")
@@ -574,7 +580,7 @@ def validate_engine(runner, reference, facts, class_embedding, timesteps=VALIDAT
             and max(rel) <= ENGINE_TOLERANCE["worst_rel_l2" if act_bits >= 8 else "worst_rel_l2_a4"]}
 
 
-def build(bundle, backend: str = "onnxruntime", precisions=OUR_PRECISIONS + (PEER,), validate: bool = True,
+def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool = True,
           progress: bool | None = None) -> dict:
     """One engine per precision from the calibration; validated against the fake-quant model."""
     import time
@@ -584,18 +590,16 @@ def build(bundle, backend: str = "onnxruntime", precisions=OUR_PRECISIONS + (PEE
     from ptqd.calib.calibrate import load_params
     from ptqd.engines.onnxruntime import build_engine, describe_engine
     from ptqd.engines.qdq import write_qdq
-    from ptqd.errors import ExportError, MissingDependencyError
+    from ptqd.errors import ExportError
     from ptqd.runtime.runners import OrtRunner
 
     if backend == "tensorrt":
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            raise MissingDependencyError("the tensorrt backend needs TensorRT and an NVIDIA GPU: "
-                                         "pip install 'ptqd[gpu]' on a machine with CUDA") from None
-        raise UserError("the tensorrt backend is not implemented yet")
+        from ptqd.tensorrt_backend import TRT_PRECISIONS, build_tensorrt
+
+        return build_tensorrt(bundle, TRT_PRECISIONS if precisions is None else tuple(precisions), validate, progress)
     if backend != "onnxruntime":
         raise UserError(f"--backend must be onnxruntime or tensorrt, got {backend!r}")
+    precisions = OUR_PRECISIONS + (PEER,) if precisions is None else tuple(precisions)
     bad = [p for p in precisions if p not in OUR_PRECISIONS + (PEER,)]
     if bad:
         raise UserError(f"unknown precision(s) {bad}; choose from {', '.join(OUR_PRECISIONS + (PEER,))}")
@@ -672,3 +676,10 @@ def build(bundle, backend: str = "onnxruntime", precisions=OUR_PRECISIONS + (PEE
 
 
 from ptqd.compiler import bops_table, compile, correct, plan  # noqa: E402, F401  (re-exported)
+
+
+def lint(bundle, target: str = "tensorrt") -> dict:
+    """Check each precision's QDQ graph against ``target``'s rules on the CPU ({graph: [Finding]})."""
+    from ptqd.tensorrt_backend import lint as _lint
+
+    return _lint(bundle, target)

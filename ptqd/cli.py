@@ -227,8 +227,11 @@ def cmd_calibrate(args) -> int:
 def cmd_build(args) -> int:
     from ptqd import api
 
-    precisions = tuple(p for p in args.precisions.split(",") if p)
+    precisions = tuple(p for p in args.precisions.split(",") if p) if args.precisions else None
     recs = api.build(args.bundle, backend=args.backend, precisions=precisions, validate=not args.no_validate)
+    if args.backend == "tensorrt":
+        print_trt_build(recs)
+        return 0
     print(f"{'engine':<10}{'int MACs':>9}{'size':>10}{'vs fake-quant (median)':>24}  kernels")
     for p, r in recs.items():
         v = r.get("validation_vs_fake_quant")
@@ -236,6 +239,33 @@ def cmd_build(args) -> int:
         print(f"{p:<10}{100 * r['integer_mac_share']:8.1f}%{_human(r['size_bytes']):>10}"
               f"{_fmt(v and v['median_rel_l2'], 24, '.2e')}  {ops}")
     return 0
+
+
+def cmd_lint(args) -> int:
+    from ptqd import api
+    from ptqd.engines.lint import format_findings
+
+    results = api.lint(args.bundle, target=args.target)
+    if args.json:
+        print(json.dumps({g: [f.to_json() for f in found] for g, found in results.items()}, indent=2))
+    else:
+        print(format_findings(results))
+    bad = {g: found for g, found in results.items() if found}
+    if bad:
+        n = sum(len(f) for f in bad.values())
+        print(f"ptqd: {n} {args.target} rule violation(s) in {', '.join(bad)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def print_trt_build(recs: dict) -> None:
+    print(f"{'engine':<10}{'size':>10}{'int8/int4/fp16/fp32 layers':>28}{'vs ORT (median)':>17}  TensorRT, GPU")
+    for p, r in recs.items():
+        lp = r["layer_precisions"]
+        v = r["buckets"][0].get("validation_vs_onnxruntime")
+        mix = "/".join(str(lp.get(k, 0)) for k in ("int8", "int4", "fp16", "fp32"))
+        print(f"{p:<10}{_human(r['size_bytes']):>10}{mix:>28}{_fmt(v and v['median_rel_l2'], 17, '.2e')}  "
+              f"{r['tensorrt']}, {r['gpu'].get('name')}")
 
 
 def cmd_demo(args) -> int:
@@ -403,9 +433,22 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the same calibration inputs, for comparison.")
     bl.add_argument("bundle")
     bl.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
-    bl.add_argument("--precisions", default="w8a8,w4a8,w4a4,ort-int8")
+    bl.add_argument("--precisions", default=None,
+                    help="comma-separated (default: w8a8,w4a8,w4a4,ort-int8 on onnxruntime; fp16,w8a8,w4a8,w4a4 on "
+                         "tensorrt)")
     bl.add_argument("--no-validate", action="store_true", help="skip the check against the fake-quant model")
     bl.set_defaults(func=cmd_build)
+
+    lt = sub.add_parser("lint", help="check each precision's QDQ graph against a backend's rules (CPU only)",
+                        description="Check the QDQ graph of every precision against the target backend's rules "
+                                    "(TensorRT: symmetric int8, constant positive scales, per-channel weight axes, "
+                                    "INT4 only as block-quantized MatMul weights, Q/DQ where TensorRT fuses them, "
+                                    "opset). Lints the built graphs, or the ones the calibration would build. "
+                                    "Exits 1 when a rule is broken.")
+    lt.add_argument("bundle")
+    lt.add_argument("--target", choices=("tensorrt",), default="tensorrt")
+    lt.add_argument("--json", action="store_true", help="machine-readable output")
+    lt.set_defaults(func=cmd_lint)
 
     s = sub.add_parser("sample", help="sample images with one engine",
                        description="Sample with the FP32 graph or one engine; writes a PNG grid or an NPZ "

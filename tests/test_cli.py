@@ -133,3 +133,24 @@ def test_build_tensorrt_without_tensorrt_is_one_line(tiny_cin_bundle):
     except ImportError:
         pass
     assert_one_line_error(run("build", tiny_cin_bundle, "--backend", "tensorrt"), "pip install")
+
+
+def test_lint_tensorrt_passes_on_the_demo_and_names_the_rule_on_an_ort_graph(compiled, tmp_path, capsys):
+    import shutil
+
+    from ptqd.bundle import Bundle
+    from ptqd.cli import main
+
+    bundle = compiled[0]
+    assert main(["lint", str(bundle), "--target", "tensorrt"]) == 0
+    lines = {ln.split()[0]: ln.split()[-1] for ln in capsys.readouterr().out.splitlines() if ln.strip()}
+    assert {p: lines.get(p) for p in ("fp16", "w8a8", "w4a8", "w4a4")} == dict.fromkeys(("fp16", "w8a8", "w4a8",
+                                                                                        "w4a4"), "ok")
+    bad = tmp_path / "bad.bundle"
+    shutil.copytree(bundle, bad)
+    with Bundle.transaction(bad) as w:  # an ONNX Runtime graph where a TensorRT one belongs
+        shutil.copyfile(Bundle.open(bad).path("engines/onnxruntime/w8a8.qdq.onnx"),
+                        w.file("engines/tensorrt/w8a8.qdq.onnx"))
+    assert main(["lint", str(bad)]) == 1
+    res = capsys.readouterr()
+    assert "zero-point" in res.out and "rule violation" in res.err

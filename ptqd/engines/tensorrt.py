@@ -1,0 +1,827 @@
+"""TensorRT backend: a TensorRT-conformant QDQ graph per precision, a serialized plan per graph, and a
+runner whose engines share one device-memory allocation.
+
+Why a graph of its own (``write_qdq_tensorrt``), not the ONNX Runtime one (``qdq.py``)
+-------------------------------------------------------------------------------------
+TensorRT takes its precisions from the graph only (explicit quantization; strongly typed networks:
+TensorRT 10 needs the STRONGLY_TYPED flag, TensorRT 11 has no precision builder flags at all), and
+its Q/DQ rules differ from ONNX Runtime's (``ptqd.engines.lint`` checks them on the CPU):
+
+  ONNX Runtime graph                         TensorRT graph (this module)
+  ----------------------------------------   -------------------------------------------------------
+  activations uint8, asymmetric (z != 0)     int8, symmetric (z = 0): s = max(|lo|, |hi|) / 127 from
+                                             the calibrated range [lo, hi]          <- recorded choice
+  4-bit activations: Clip to [lo, hi], u8    Clip to ±7·s, int8 Q/DQ (s = max(|lo|, |hi|) / 7): the
+                                             4-bit symmetric grid on int8 kernels
+  weights int8 per output channel, z = 0     same integers, same scales (already symmetric)
+  4-bit MatMul weights on the int8 grid      true INT4, weight-only, 2-D block scales (block 128 or
+                                             64 along K; each block carries its channel's scale, so
+                                             the numerics are the calibrated ones); TensorRT has no
+                                             INT4 activations and no INT4 convolution, so these
+                                             MatMuls read FP16 activations (W4A16)
+  conv bias int32 at s_x·s_w                 float bias (TensorRT wants the bias float)
+  conv outputs requantized to 8 bits         no output Q/DQ: TensorRT fuses Q/DQ into the layers'
+                                             inputs and weights; outputs stay FP16
+  FP32 everywhere else                       FP16 everywhere else, except the time-embedding path
+                                             (everything computed from ``t`` alone) which stays
+                                             FP32: in fp16, t·freq near t = 1000 rounds to steps of
+                                             0.5, a phase error of up to 0.25 rad in the sinusoid's
+                                             fastest components; the path is a few kMACs
+  opset 18                                   opset 21 (INT4 and block-quantized DequantizeLinear,
+                                             FP16 Q/DQ scales), via onnx.version_converter
+  graph inputs/outputs FP32                  FP32 too (Cast at the boundary): the runner interface
+                                             stays numpy float32
+
+So the TensorRT engines compute the precision their name says with a *symmetric* activation grid;
+they are compared against ONNX Runtime running the same graph (``scripts/tensorrt_gpu_check.py``),
+not against the asymmetric fake-quant model. Every choice is returned by the writer and recorded in
+``build.json``.
+
+Heavy imports (``tensorrt``, ``polygraphy``, the CUDA runtime) happen inside functions: importing
+this module needs numpy only, and every TensorRT-touching function first calls
+:func:`require_tensorrt`, which says what to install in one line.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ptqd.errors import MissingDependencyError, UserError
+from ptqd.runtime.runners import Runner  # the runner interface (numpy only)
+
+INSTALL_HINT = "pip install tensorrt polygraphy (on a machine with an NVIDIA GPU and CUDA)"
+TRT_OPSET = 21  # INT4 / block-quantized DequantizeLinear (ONNX 21); TensorRT 10.15 parses opsets 9..24
+INT4_BLOCK_SIZES = (128, 64)  # TensorRT's INT4 block sizes, largest first
+KEEP_FP32_INPUTS = ("t",)  # graph inputs whose exclusive downstream path (time embedding) stays FP32
+TIMING_CACHE = "timing.cache"
+
+
+def require_tensorrt():
+    """Import TensorRT or raise MissingDependencyError with one line saying what to install."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise MissingDependencyError(f"the tensorrt backend needs TensorRT: {INSTALL_HINT}") from None
+    try:
+        import polygraphy  # noqa: F401
+    except ImportError:  # pragma: no cover - polygraphy is a ptqd dependency
+        raise MissingDependencyError(f"the tensorrt backend needs polygraphy: {INSTALL_HINT}") from None
+    return trt
+
+
+# ---- options ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrtOptions:
+    """How the TensorRT graphs and plans are made. Batch sizes count *sampler* samples per call:
+    classifier-free guidance runs the UNet on the conditional and unconditional halves together,
+    so with ``cfg`` the profile's opt and max batches are doubled (the min is not: unguided calls).
+    Calls larger than the profile's max are split by the runner, so ``max_batch`` is a speed knob."""
+
+    min_batch: int = 1
+    opt_batch: int = 4
+    max_batch: int = 16
+    cfg: bool = True
+    float_dtype: str = "float16"  # unquantized layers: "float16" (what TensorRT is for) or "float32"
+    int4_matmul: bool = True  # 4-bit MatMul weights as true INT4 (weight-only); False: int8 grid + act Q/DQ
+    builder_optimization_level: int | None = None  # TensorRT's default (3) when None
+    workspace_bytes: int | None = None  # the builder's workspace pool limit; TensorRT's default when None
+
+    def validate(self) -> None:
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise UserError(f"batch sizes must satisfy 1 <= min <= opt <= max, got {self.min_batch}, "
+                            f"{self.opt_batch}, {self.max_batch}")
+        if self.float_dtype not in ("float16", "float32"):
+            raise UserError(f"float_dtype must be float16 or float32, got {self.float_dtype!r}")
+        if self.builder_optimization_level is not None and not 0 <= self.builder_optimization_level <= 5:
+            raise UserError(f"builder_optimization_level must be 0..5, got {self.builder_optimization_level}")
+        if self.workspace_bytes is not None and self.workspace_bytes <= 0:
+            raise UserError(f"workspace_bytes must be > 0, got {self.workspace_bytes}")
+
+    @property
+    def profile_batches(self) -> tuple[int, int, int]:
+        """(min, opt, max) of the UNet's batch dimension: CFG doubles opt and max."""
+        k = 2 if self.cfg else 1
+        return self.min_batch, k * self.opt_batch, k * self.max_batch
+
+
+# ---- FP16 conversion ----------------------------------------------------------------------------
+_DTYPE_ATTR_OPS = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "EyeLike",
+                   "Multinomial", "Bernoulli")
+_SUBGRAPH_OPS = ("If", "Loop", "Scan")
+
+
+def convert_float16(model, keep_fp32_inputs: Sequence[str] = KEEP_FP32_INPUTS) -> dict[str, Any]:
+    """Convert ``model`` (in place) to FP16 compute, keeping graph inputs/outputs FP32.
+
+    Nodes fall in three groups, in topological order:
+      constant  all inputs constant (initializers, Constant nodes, or other constant nodes): left as
+                they are; a float constant is converted where an FP16 node reads it (a stored one by
+                an FP16 copy, a computed one by a Cast)
+      fp32      computed only from ``keep_fp32_inputs`` (and constants): the time-embedding path
+      fp16      everything else
+    An FP16 node's float input is converted when its schema ties that input's type to the output's
+    (Conv's W and B, Mul's operands, LayerNormalization's scale...), and not where the schema fixes
+    it (Resize's ``scales`` is always float32) or leaves it free (Shape's data). Cast(to=FLOAT) and
+    ConstantOfShape(float value) in the FP16 region are retargeted to FLOAT16.
+    Returns {"fp32_nodes": [...], "fp16_nodes": n, "casts": n}.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = model.graph
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    inferred = onnx.shape_inference.infer_shapes(model)
+    dtype: dict[str, int] = {}
+    for vi in list(inferred.graph.value_info) + list(g.input) + list(g.output):
+        dtype[vi.name] = vi.type.tensor_type.elem_type
+    inits = {i.name: i for i in g.initializer}
+    for i in g.initializer:
+        dtype[i.name] = i.data_type
+    const_node_value = {}
+    for n in g.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    dtype[n.output[0]] = a.t.data_type
+                    const_node_value[n.output[0]] = a.t
+                elif a.name in ("value_float", "value_floats"):
+                    dtype[n.output[0]] = TensorProto.FLOAT
+
+    const, fp32 = set(inits), {i.name for i in g.input if i.name in keep_fp32_inputs}
+    kind: dict[int, str] = {}
+    fp32_nodes: list[str] = []
+    for k, n in enumerate(g.node):
+        if n.op_type in _SUBGRAPH_OPS:
+            raise UserError(f"{n.name}: control flow ({n.op_type}) is not supported by ptqd's FP16 conversion")
+        ins = [i for i in n.input if i]
+        if all(i in const for i in ins):
+            kind[k] = "const"
+            const.update(n.output)
+        elif all(i in const or i in fp32 for i in ins):
+            kind[k] = "fp32"
+            fp32.update(n.output)
+            fp32_nodes.append(n.name)
+        else:
+            kind[k] = "fp16"
+
+    f16_of: dict[str, str] = {}  # float32 tensor -> its FP16 counterpart
+    produced_f16: set[str] = set()
+    new_inits, nodes, casts = [], [], 0
+
+    def as_f16(name: str) -> str:
+        nonlocal casts
+        if name in f16_of:
+            return f16_of[name]
+        new = f"{name}__f16"
+        if name in inits:
+            new_inits.append(numpy_helper.from_array(numpy_helper.to_array(inits[name]).astype(np.float16), new))
+        elif name in const_node_value:
+            arr = numpy_helper.to_array(const_node_value[name]).astype(np.float16)
+            nodes.append(helper.make_node("Constant", [], [new], value=numpy_helper.from_array(arr, new),
+                                          name=f"{new}_Constant"))
+        else:  # a graph input, an FP32-path tensor or a computed constant
+            nodes.append(helper.make_node("Cast", [name], [new], to=TensorProto.FLOAT16, name=f"{new}_Cast"))
+            casts += 1
+        f16_of[name] = new
+        return new
+
+    for k, n in enumerate(g.node):
+        if kind[k] == "fp16":
+            if n.op_type in _DTYPE_ATTR_OPS:
+                raise UserError(f"{n.name}: {n.op_type} has a dtype attribute ptqd's FP16 conversion does not handle")
+            schema = onnx.defs.get_schema(n.op_type, opset, n.domain)
+            out_types = {o.type_str for o in schema.outputs}
+            for i, name in enumerate(n.input):
+                if not name or name in produced_f16 or dtype.get(name) != TensorProto.FLOAT:
+                    continue
+                formal = schema.inputs[min(i, len(schema.inputs) - 1)]
+                if formal.type_str in out_types and not formal.type_str.startswith("tensor("):
+                    n.input[i] = as_f16(name)
+            for a in n.attribute:
+                if n.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT:
+                    a.i = TensorProto.FLOAT16
+                if n.op_type == "ConstantOfShape" and a.name == "value" and a.t.data_type == TensorProto.FLOAT:
+                    a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float16), a.t.name))
+            produced_f16.update(o for o in n.output if dtype.get(o) in (TensorProto.FLOAT, None))
+        nodes.append(n)
+
+    # graph outputs computed in FP16 get a Cast back to FLOAT under their own name
+    tail = []
+    for out in g.output:
+        if out.name in produced_f16:
+            raw = f"{out.name}__f16"
+            for n in nodes:
+                for field in (n.input, n.output):
+                    for j, name in enumerate(field):
+                        if name == out.name:
+                            field[j] = raw
+            tail.append(helper.make_node("Cast", [raw], [out.name], to=TensorProto.FLOAT, name=f"{out.name}_Cast"))
+            casts += 1
+    del g.node[:]
+    g.node.extend(nodes + tail)
+    g.initializer.extend(new_inits)
+    _drop_unused(model)
+    del g.value_info[:]
+    return {"fp32_nodes": sorted(fp32_nodes), "fp16_nodes": sum(v == "fp16" for v in kind.values()), "casts": casts}
+
+
+def _drop_unused(model) -> None:
+    """Remove initializers and Constant nodes nothing reads any more (the FP32 originals of FP16 copies)."""
+    g = model.graph
+    while True:
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        dead = [n for n in g.node if n.op_type == "Constant" and n.output[0] not in used]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+
+
+# ---- quantizer math ------------------------------------------------------------------------------
+def symmetric_act_scale(lo: float, hi: float, bits: int) -> tuple[float, int]:
+    """TensorRT's symmetric per-tensor quantizer covering the calibrated range [lo, hi].
+
+    q_max = 2^(b-1) - 1 (127 for 8 bits; 7 for 4 bits, on int8 storage behind a Clip to ±7·s)
+    s = max(|lo|, |hi|) / q_max,  z = 0,  x̂ = s · clamp(round_half_even(x / s), -q_max - 1, q_max)
+    The calibrated range comes from the asymmetric (uint8) quantizer; a symmetric grid over the same
+    range spends half its levels on the side the data barely reaches (post-SiLU activations): one
+    bit of resolution for the sign TensorRT requires. Returns (s, q_max).
+    """
+    qmax = 2 ** (bits - 1) - 1
+    amax = max(abs(float(lo)), abs(float(hi)), 1e-8)
+    return amax / qmax, qmax
+
+
+def int4_block_size(k: int, n: int) -> int | None:
+    """Block size for an INT4 MatMul weight [K, N]: the largest TensorRT block size dividing K (None
+    when none does, or N is odd: INT4 packs two values per byte along the last dimension)."""
+    if n % 2:
+        return None
+    return next((bs for bs in INT4_BLOCK_SIZES if k % bs == 0), None)
+
+
+def _default_opset(model) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _checked_scale(arr, dtype, what: str) -> np.ndarray:
+    """Scales in the graph's float type; an FP16 scale that underflows to 0 or overflows is a hard error."""
+    out = np.asarray(arr, dtype=np.float64).astype(dtype)
+    if not np.all(np.isfinite(out)) or np.any(out <= 0):
+        raise UserError(f"{what}: a scale is not representable in {np.dtype(dtype).name} "
+                        f"(min {np.min(arr):.3g}, max {np.max(arr):.3g}); build with float_dtype='float32'")
+    return out
+
+
+def write_qdq_tensorrt(fp_onnx: str | os.PathLike, layers: Sequence, out_path: str | os.PathLike,
+                       options: TrtOptions | None = None) -> dict[str, Any]:
+    """Write the TensorRT QDQ graph of one precision (``layers``: the calibration's LayerQuant list;
+    empty: the plain FP16 graph, the baseline engine). Returns what was done, for ``build.json``.
+
+    Per quantized layer (the names of the ONNX Runtime writer, ``qdq.py``, where they mean the same):
+
+      x ─[Clip ±7s]─ Q(int8, s, z=0) ─ DQ ─┐                  (Clip for 4-bit activations only)
+      W ─ DQ(int8, scales[C_out], axis) ───┴─ Conv / MatMul ─►  float output, float bias
+      W ─ DQ(INT4, scales[K/bs, N], block_size=bs, axis=0) ─ MatMul   (4-bit MatMul weights:
+                                                                       weight-only, FP16 input)
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper, version_converter
+
+    from ptqd.engines.qdq import _safe
+
+    opts = options or TrtOptions()
+    opts.validate()
+    model = onnx.load(str(fp_onnx))
+    src_opset = _default_opset(model)
+    if src_opset < TRT_OPSET:
+        model = version_converter.convert_version(model, TRT_OPSET)
+    record: dict[str, Any] = {
+        "target": "tensorrt",
+        "opset": {"source": src_opset, "graph": max(src_opset, TRT_OPSET),
+                  "converted_by": "onnx.version_converter" if src_opset < TRT_OPSET else None},
+        "float_dtype": opts.float_dtype,
+        "activation_quantizer": "symmetric int8 per tensor, z = 0: s = max(|lo|, |hi|) / 127 (4-bit: / 7 with "
+                                "a Clip to ±7s) from the calibrated range [lo, hi]; the ONNX Runtime graphs "
+                                "use the asymmetric uint8 quantizer, TensorRT has no asymmetric quantization",
+        "weights": "calibrated integers and per-output-channel scales, unchanged",
+        "conv_outputs": "not requantized (TensorRT fuses Q/DQ into layer inputs); the ONNX Runtime graphs "
+                        "requantize conv outputs to 8 bits",
+        "bias": "float",
+    }
+    if opts.float_dtype == "float16":
+        conv = convert_float16(model)
+        record["fp32_path"] = {"why": "computed from t alone (timestep embedding): fp16 cannot hold t·freq "
+                                      "for t near 1000", "nodes": len(conv["fp32_nodes"])}
+    g = model.graph
+    nodes = {n.name: n for n in g.node}
+    inits = {i.name: i for i in g.initializer}
+    inferred = onnx.shape_inference.infer_shapes(model)
+    elem = {vi.name: vi.type.tensor_type.elem_type for vi in list(inferred.graph.value_info) + list(g.input)}
+    elem.update({i.name: i.data_type for i in g.initializer})
+    np_of = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
+
+    new_inits: list = []
+    before: dict[str, list] = {}
+    per_layer, int4_layers = [], []
+
+    def const(name, arr):
+        new_inits.append(numpy_helper.from_array(np.asarray(arr), name))
+        return name
+
+    for lq in layers:
+        node = nodes.get(lq.name)
+        if node is None:
+            raise UserError(f"node {lq.name!r} from the calibration is not in {Path(fp_onnx).name}: re-run calibrate")
+        if lq.op not in ("Conv", "MatMul"):
+            raise UserError(f"{lq.name}: ptqd writes Conv and MatMul layers, got {lq.op}")
+        base = _safe(lq.name)
+        ftype = np_of.get(elem.get(node.input[0]))
+        if ftype is None:
+            raise UserError(f"{lq.name}: input {node.input[0]} is not a float tensor in the TensorRT graph")
+        w_int = lq.w_int if lq.op == "Conv" else lq.w_int.T.copy()  # MatMul: [K, N], output axis 1
+        old_w = node.input[1]
+        if old_w not in inits:
+            raise UserError(f"{lq.name}: weight {old_w} is not an initializer")
+        if tuple(inits[old_w].dims) != w_int.shape:
+            raise UserError(f"{lq.name}: weight shape {tuple(inits[old_w].dims)} != calibrated {w_int.shape}")
+        bs = int4_block_size(*w_int.shape) if lq.op == "MatMul" and w_int.ndim == 2 else None
+        int4 = bool(opts.int4_matmul and lq.w_bits == 4 and bs and np.abs(w_int).max() <= 7)
+        pre: list = []
+        row: dict[str, Any] = {"name": lq.name, "op": lq.op, "w_bits": lq.w_bits, "a_bits": lq.a_bits}
+        # activation: symmetric per-tensor int8 (4-bit: int8 grid clipped to ±7); none for INT4 weight-only
+        if int4:
+            row["activations"] = opts.float_dtype
+        else:
+            lo, hi = lq.act_in.range
+            s, qmax = symmetric_act_scale(lo, hi, lq.a_bits)
+            sx = _checked_scale(s, ftype, f"{lq.name} input scale")
+            x = node.input[0]
+            if lq.a_bits < 8:
+                pre.append(helper.make_node("Clip", [x, const(f"{base}_clip_lo", (-qmax * sx).astype(ftype)),
+                                                     const(f"{base}_clip_hi", (qmax * sx).astype(ftype))],
+                                            [f"{base}_xc"], name=f"{base}_Clip"))
+                x = f"{base}_xc"
+            sxn = const(f"{base}_x_scale", sx)
+            zx = const(f"{base}_x_zp", np.array(0, np.int8))
+            pre.append(helper.make_node("QuantizeLinear", [x, sxn, zx], [f"{base}_xq"], name=f"{base}_QuantizeLinear_x"))
+            pre.append(helper.make_node("DequantizeLinear", [f"{base}_xq", sxn, zx], [f"{base}_xd"],
+                                        name=f"{base}_DequantizeLinear_x"))
+            node.input[0] = f"{base}_xd"
+            row["activations"] = "int8" if lq.a_bits == 8 else f"int8 grid ±{qmax} ({lq.a_bits}-bit)"
+            row["x_scale"] = float(sx)
+        ws = _checked_scale(lq.w_scale, ftype, f"{lq.name} weight scales")
+        if int4:
+            k, n = w_int.shape
+            wq = helper.make_tensor(f"{base}_w_int4", TensorProto.INT4, [k, n], w_int.astype(np.int8).ravel().tolist())
+            new_inits.append(wq)
+            wsn = const(f"{base}_w_scale", np.tile(ws[None, :], (k // bs, 1)))  # [K/bs, N]: each block its channel's s
+            pre.append(helper.make_node("DequantizeLinear", [wq.name, wsn], [f"{base}_wd"], axis=0, block_size=bs,
+                                        name=f"{base}_DequantizeLinear_w"))
+            row["weights"] = f"int4 blocks of {bs} along K"
+            int4_layers.append(lq.name)
+        else:
+            wq = const(f"{base}_w_int8", w_int.astype(np.int8))
+            wsn = const(f"{base}_w_scale", ws)
+            pre.append(helper.make_node("DequantizeLinear", [wq, wsn], [f"{base}_wd"], axis=0 if lq.op == "Conv" else 1,
+                                        name=f"{base}_DequantizeLinear_w"))
+            row["weights"] = "int8 per channel" + (f" ({lq.w_bits}-bit grid)" if lq.w_bits < 8 else "")
+        node.input[1] = f"{base}_wd"
+        before[lq.name] = pre
+        per_layer.append(row)
+
+    ordered = []
+    for n in g.node:
+        ordered += before.get(n.name, []) + [n]
+    del g.node[:]
+    g.node.extend(ordered)
+    g.initializer.extend(new_inits)
+    _drop_unused(model)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save_model(model, str(out_path))
+    counts: dict[str, int] = {}
+    for r in per_layer:
+        key = f"{r['op']}: {r['weights']}, activations {r['activations']}"
+        counts[key] = counts.get(key, 0) + 1
+    record.update({"quantized_nodes": len(per_layer), "layers": counts, "int4_weight_only_layers": len(int4_layers),
+                   "per_layer": per_layer})
+    if int4_layers:
+        record["int4"] = (f"{len(int4_layers)} MatMul layers with 4-bit weights run INT4 weight-only (TensorRT has no "
+                          f"INT4 activations): their inputs are {opts.float_dtype}, not quantized")
+    return record
+
+
+def numerics_summary(record: dict[str, Any]) -> str:
+    """One line for build.json: what the engine computes (cf. the ONNX Runtime backend's ``numerics``)."""
+    if not record.get("quantized_nodes"):
+        return f"{record['float_dtype']} (no quantized layers; timestep embedding fp32)"
+    parts = [f"{v} x {k}" for k, v in record["layers"].items()]
+    return (f"TensorRT explicit quantization, symmetric int8 activations per tensor (z = 0); "
+            f"{'; '.join(parts)}; other layers {record['float_dtype']}")
+
+
+# ---- build configuration ------------------------------------------------------------------------
+def graph_inputs(path_or_model) -> dict[str, tuple[int | None, ...]]:
+    """{input name: dims} of an ONNX graph, None for a dynamic dimension."""
+    import onnx
+
+    model = onnx.load(str(path_or_model), load_external_data=False) if isinstance(path_or_model, (str, os.PathLike)) \
+        else path_or_model
+    inits = {i.name for i in model.graph.initializer}
+    return {i.name: tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                          for d in i.type.tensor_type.shape.dim)
+            for i in model.graph.input if i.name not in inits}
+
+
+def profile_shapes(inputs: Mapping[str, Sequence[int | None]], options: TrtOptions) -> dict[str, dict[str, list[int]]]:
+    """The optimization profile: the batch dimension (axis 0 of every input) over
+    ``options.profile_batches`` (CFG-doubled), every other dimension static as exported."""
+    options.validate()
+    lo, opt, hi = options.profile_batches
+    out = {}
+    for name, dims in inputs.items():
+        if not dims:
+            raise UserError(f"input {name} is a scalar; ptqd's UNet inputs all have a batch dimension")
+        rest = list(dims[1:])
+        if any(d is None for d in rest):
+            raise UserError(f"input {name} has dynamic dimensions {dims} beyond the batch; TensorRT profiles here "
+                            "fix them: export with a static latent size")
+        out[name] = {"min": [lo] + rest, "opt": [opt] + rest, "max": [hi] + rest}
+    return out
+
+
+def build_spec(options: TrtOptions, shapes: Mapping[str, Mapping[str, list[int]]],
+               timing_cache: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The builder configuration as plain data: recorded in build.json, turned into polygraphy's
+    ``CreateConfig`` by :func:`create_config`. No precision flags: the network is strongly typed
+    and every precision comes from the graph's tensor types and Q/DQ nodes."""
+    options.validate()
+    return {
+        "strongly_typed": True,
+        "precision_flags": [],
+        "profiles": [{name: {k: list(v) for k, v in s.items()} for name, s in shapes.items()}],
+        "timing_cache": None if timing_cache is None else str(timing_cache),
+        "builder_optimization_level": options.builder_optimization_level,
+        "workspace_bytes": options.workspace_bytes,
+        "profiling_verbosity": "DETAILED",  # the engine inspector then reports every layer's tensor formats
+        "options": asdict(options),
+    }
+
+
+def create_config(spec: Mapping[str, Any], trt=None):
+    """polygraphy ``CreateConfig`` for ``spec``. ``trt``: the tensorrt module, for the settings that are
+    TensorRT enums (profiling verbosity, memory pools); None where TensorRT is absent (CPU tests),
+    which leaves those out and imports nothing from TensorRT."""
+    from polygraphy.backend.trt import CreateConfig, Profile
+
+    profiles = []
+    for prof in spec["profiles"]:
+        p = Profile()
+        for name, s in prof.items():
+            p.add(name, min=tuple(s["min"]), opt=tuple(s["opt"]), max=tuple(s["max"]))
+        profiles.append(p)
+    kwargs: dict[str, Any] = {"profiles": profiles, "load_timing_cache": spec.get("timing_cache")}
+    if spec.get("builder_optimization_level") is not None:
+        kwargs["builder_optimization_level"] = spec["builder_optimization_level"]
+    if trt is not None:
+        kwargs["profiling_verbosity"] = getattr(trt.ProfilingVerbosity, spec.get("profiling_verbosity", "DETAILED"))
+        if spec.get("workspace_bytes"):
+            kwargs["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: int(spec["workspace_bytes"])}
+    return CreateConfig(**kwargs)
+
+
+# ---- build and inspect --------------------------------------------------------------------------
+def build_engine(qdq_path: str | os.PathLike, plan_path: str | os.PathLike, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Parse ``qdq_path`` as a strongly typed network, build and serialize the plan to ``plan_path``
+    (polygraphy: NetworkFromOnnxPath -> CreateConfig -> EngineBytesFromNetwork), updating the timing
+    cache. Returns :func:`describe_engine` plus the build time."""
+    trt = require_tensorrt()
+    from polygraphy.backend.trt import EngineBytesFromNetwork, NetworkFromOnnxPath
+    from polygraphy.exception import PolygraphyException
+
+    from ptqd.errors import ExportError
+
+    t0 = time.perf_counter()
+    network = NetworkFromOnnxPath(str(qdq_path), strongly_typed=spec.get("strongly_typed", True))
+    try:
+        data = EngineBytesFromNetwork(network, config=create_config(spec, trt),
+                                      save_timing_cache=spec.get("timing_cache"))()
+    except PolygraphyException as e:
+        raise ExportError(f"TensorRT could not build {Path(qdq_path).name}: {e} (run `ptqd lint` on the bundle; "
+                          "the log above has TensorRT's reason)") from None
+    Path(plan_path).write_bytes(bytes(data))
+    desc = describe_engine(plan_path)
+    desc["build_seconds"] = round(time.perf_counter() - t0, 1)
+    return desc
+
+
+_PRECISION_ORDER = ("int4", "fp8", "int8", "bf16", "fp16", "fp32")
+_FORMAT_TOKENS = (("int4", "int4"), ("fp8", "fp8"), ("int8", "int8"), ("bf16", "bf16"), ("bfloat16", "bf16"),
+                  ("fp16", "fp16"), ("half", "fp16"), ("fp32", "fp32"), ("float", "fp32"))
+
+
+def layer_precision(layer: Mapping[str, Any]) -> str:
+    """A layer's compute precision from the inspector's JSON: the narrowest float or quantized type
+    among its inputs' "Format/Datatype" strings (integer shape tensors ignored); "unknown" when the
+    engine was built without detailed profiling verbosity."""
+    found = set()
+    for io in list(layer.get("Inputs", [])):
+        fmt = str(io.get("Format/Datatype", "")).lower() if isinstance(io, Mapping) else ""
+        for token, name in _FORMAT_TOKENS:
+            if token in fmt.replace("-", ""):
+                found.add(name)
+                break
+    return next((p for p in _PRECISION_ORDER if p in found), "unknown")
+
+
+def summarize_layers(info: Mapping[str, Any]) -> dict[str, Any]:
+    """{"layer_precisions": {precision: count}, "per_layer": [{name, type, precision}]} from
+    ``IEngineInspector.get_engine_information(LayerInformationFormat.JSON)``."""
+    rows = []
+    for layer in info.get("Layers", []):
+        if isinstance(layer, str):  # built without DETAILED verbosity: names only
+            rows.append({"name": layer, "type": None, "precision": "unknown"})
+        else:
+            rows.append({"name": layer.get("Name"), "type": layer.get("LayerType"), "precision": layer_precision(layer)})
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["precision"]] = counts.get(r["precision"], 0) + 1
+    return {"layer_precisions": counts, "per_layer": rows}
+
+
+def _device_memory_size(engine) -> int:
+    """Scratch memory one execution context of ``engine`` needs (max over its profiles)."""
+    v2 = getattr(engine, "device_memory_size_v2", None)  # TensorRT >= 10.1
+    return int(v2 if v2 is not None else engine.device_memory_size)
+
+
+def describe_engine(plan_path: str | os.PathLike) -> dict[str, Any]:
+    """TensorRT version, GPU, device memory and per-layer precisions of a serialized plan."""
+    trt = require_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
+    if engine is None:
+        raise UserError(f"{plan_path}: TensorRT {trt.__version__} cannot load this plan (built by another TensorRT "
+                        "version or for another GPU); rebuild it with `ptqd build --backend tensorrt`")
+    inspector = engine.create_engine_inspector()
+    info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    return {"tensorrt": trt.__version__, "gpu": gpu_info(), "device_memory_bytes": _device_memory_size(engine),
+            "size_bytes": Path(plan_path).stat().st_size, "layers": engine.num_layers, **summarize_layers(info)}
+
+
+def _user_managed_context(engine, trt):
+    """An execution context that allocates no scratch memory of its own (the caller hands it some).
+    TensorRT 10 takes the strategy directly; releases that create contexts from an IRuntimeConfig
+    (10.11+, 11) take it through the config."""
+    strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+    try:
+        return engine.create_execution_context(strategy)
+    except TypeError:
+        config = engine.create_runtime_config()
+        config.set_execution_context_allocation_strategy(strategy)
+        return engine.create_execution_context(config)
+
+
+def _cudart():
+    """The CUDA runtime library polygraphy loaded (ctypes); one CUDA runtime in the process."""
+    from polygraphy import cuda
+
+    return cuda.wrapper().handle
+
+
+def _check_cuda(status: int, what: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"CUDA error {status} in {what}")
+
+
+def gpu_info() -> dict[str, Any]:
+    """Name and compute capability of the current GPU, through the CUDA runtime polygraphy loads.
+    ``cudaDeviceProp`` starts with ``char name[256]`` in every CUDA version, so a generous buffer
+    avoids depending on the rest of the struct's layout."""
+    try:
+        lib = _cudart()
+        dev = ctypes.c_int(0)
+        _check_cuda(lib.cudaGetDevice(ctypes.byref(dev)), "cudaGetDevice")
+        props = ctypes.create_string_buffer(16384)
+        get = getattr(lib, "cudaGetDeviceProperties_v2", None) or lib.cudaGetDeviceProperties
+        _check_cuda(get(props, dev), "cudaGetDeviceProperties")
+        major, minor, rt = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+        _check_cuda(lib.cudaDeviceGetAttribute(ctypes.byref(major), 75, dev), "cudaDeviceGetAttribute")  # CC major
+        _check_cuda(lib.cudaDeviceGetAttribute(ctypes.byref(minor), 76, dev), "cudaDeviceGetAttribute")  # CC minor
+        lib.cudaRuntimeGetVersion(ctypes.byref(rt))
+        return {"name": props.raw[:256].split(b"\0")[0].decode(errors="replace"),
+                "compute_capability": f"{major.value}.{minor.value}", "cuda_runtime": rt.value, "device": dev.value}
+    except (OSError, RuntimeError, AttributeError, ValueError) as e:  # a description, not a reason to fail
+        return {"name": "unknown", "error": str(e)}
+
+
+# ---- run ----------------------------------------------------------------------------------------
+class TrtEngineSet:
+    """Every engine of a plan, one device-memory allocation, one stream.
+
+    A sampling plan switches precision per step, so its engines run one at a time: each execution
+    context is created with ``ExecutionContextAllocationStrategy.USER_MANAGED`` and handed the same
+    scratch buffer, sized for the largest engine (``device_memory_size_v2``), instead of each
+    holding its own. Input and output buffers are shared too (the engines have the same I/O), at the
+    profile's max batch. Calls are serialized by a lock; CUDA graphs (``cuda_graphs=True``) are
+    captured per engine and batch size on first use (TensorRT's recipe: one ``execute_async_v3``
+    to settle shapes, then capture one, then replay)."""
+
+    def __init__(self, plans: Mapping[str, str | os.PathLike], cuda_graphs: bool = False):
+        trt = require_tensorrt()
+        from polygraphy import cuda
+        from polygraphy.datatype import DataType
+
+        if not plans:
+            raise UserError("TrtEngineSet needs at least one plan")
+        self._trt, self._cuda = trt, cuda
+        self.cuda_graphs = cuda_graphs
+        self.lock = threading.Lock()
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engines = {}
+        for name, path in plans.items():
+            engine = self._runtime.deserialize_cuda_engine(Path(path).read_bytes())
+            if engine is None:
+                raise UserError(f"{path}: TensorRT {trt.__version__} cannot load this plan (another TensorRT version "
+                                "or GPU); rebuild it with `ptqd build --backend tensorrt`")
+            self.engines[name] = engine
+        self.io = self._io_specs(next(iter(self.engines.values())))
+        for name, engine in self.engines.items():
+            if self._io_specs(engine) != self.io:
+                raise UserError(f"engine {name} has other inputs/outputs than the rest of the plan; rebuild them together")
+        self.max_batch = min(spec["max"][0] for spec in self.io.values() if spec["mode"] == "input")
+        self.stream = cuda.Stream()
+        self.device_memory_bytes = max(_device_memory_size(e) for e in self.engines.values())
+        self.scratch = cuda.DeviceArray.raw((max(self.device_memory_bytes, 1),))
+        self.buffers = {name: cuda.DeviceArray(shape=tuple(spec["max"]), dtype=DataType.FLOAT32)
+                        for name, spec in self.io.items()}
+        self.contexts = {}
+        for name, engine in self.engines.items():
+            ctx = _user_managed_context(engine, trt)
+            if ctx is None:
+                raise RuntimeError(f"TensorRT could not create an execution context for {name}")
+            if hasattr(ctx, "set_device_memory"):  # TensorRT >= 10.1
+                ctx.set_device_memory(self.scratch.ptr, self.scratch.allocated_nbytes)
+            else:
+                ctx.device_memory = self.scratch.ptr
+            for t in self.io:
+                if not ctx.set_tensor_address(t, self.buffers[t].ptr):
+                    raise RuntimeError(f"TensorRT refused the address of {t} for {name}")
+            self.contexts[name] = ctx
+        self._graphs: dict[tuple[str, int], ctypes.c_void_p] = {}
+        self.graph_fallback: dict[str, str] = {}
+
+    def _io_specs(self, engine) -> dict[str, dict[str, Any]]:
+        trt = self._trt
+        specs = {}
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            mode = "input" if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "output"
+            if engine.get_tensor_dtype(name) != trt.float32:
+                raise UserError(f"engine tensor {name} is {engine.get_tensor_dtype(name)}; ptqd's TensorRT graphs "
+                                "keep float32 inputs and outputs: rebuild the plan")
+            if mode == "input":
+                lo, opt, hi = (tuple(s) for s in engine.get_tensor_profile_shape(name, 0))
+            else:
+                lo = opt = hi = None
+            specs[name] = {"mode": mode, "min": lo, "opt": opt, "max": hi}
+        # outputs are as large as the inputs' max batch allows: [max_batch, *static dims]
+        max_b = min(s["max"][0] for s in specs.values() if s["mode"] == "input")
+        for name, s in specs.items():
+            if s["mode"] == "output":
+                dims = tuple(engine.get_tensor_shape(name))
+                s["max"] = (max_b,) + tuple(dims[1:])
+        return specs
+
+    def runner(self, name: str) -> TrtRunner:
+        if name not in self.engines:
+            raise UserError(f"no {name} engine in this plan (have: {', '.join(self.engines)})")
+        return TrtRunner(self, name)
+
+    def execute(self, name: str, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        """One call of engine ``name`` with batch <= max_batch; returns the single output (eps)."""
+        ctx = self.contexts[name]
+        n = next(iter(feeds.values())).shape[0]
+        with self.lock:
+            for t, arr in feeds.items():
+                if tuple(ctx.get_tensor_shape(t)) != arr.shape and not ctx.set_input_shape(t, arr.shape):
+                    raise ValueError(f"{name}: input {t} of shape {arr.shape} is outside the engine's profile "
+                                     f"{self.io[t]['min']}..{self.io[t]['max']}")
+                self.buffers[t].copy_from(np.ascontiguousarray(arr), self.stream)
+            if self.cuda_graphs and name not in self.graph_fallback:
+                self._launch_graph(name, n, ctx)
+            elif not ctx.execute_async_v3(self.stream.ptr):
+                raise RuntimeError(f"TensorRT execute_async_v3 failed for {name}; see the log above")
+            out_name = next(t for t, s in self.io.items() if s["mode"] == "output")
+            shape = tuple(ctx.get_tensor_shape(out_name))
+            host = np.empty(shape, np.float32)
+            self.buffers[out_name].view(shape=shape).copy_to(host, self.stream)
+            self.stream.synchronize()
+        return host
+
+    def _launch_graph(self, name: str, n: int, ctx) -> None:
+        lib = _cudart()
+        stream = ctypes.c_void_p(self.stream.ptr)
+        key = (name, n)
+        if key not in self._graphs:
+            if not ctx.execute_async_v3(self.stream.ptr):  # settles shape-dependent state before capture
+                raise RuntimeError(f"TensorRT execute_async_v3 failed for {name}")
+            graph, exe = ctypes.c_void_p(), ctypes.c_void_p()
+            _check_cuda(lib.cudaStreamBeginCapture(stream, ctypes.c_int(0)), "cudaStreamBeginCapture")  # global mode
+            ok = ctx.execute_async_v3(self.stream.ptr)
+            status = lib.cudaStreamEndCapture(stream, ctypes.byref(graph))
+            if not ok or status != 0:
+                self.graph_fallback[name] = f"capture failed (execute_async_v3 ok={ok}, cudaStreamEndCapture {status})"
+                if graph.value:
+                    lib.cudaGraphDestroy(graph)
+                if not ctx.execute_async_v3(self.stream.ptr):
+                    raise RuntimeError(f"TensorRT execute_async_v3 failed for {name}")
+                return
+            _check_cuda(lib.cudaGraphInstantiateWithFlags(ctypes.byref(exe), graph, ctypes.c_ulonglong(0)),
+                        "cudaGraphInstantiateWithFlags")
+            lib.cudaGraphDestroy(graph)
+            self._graphs[key] = exe
+        _check_cuda(lib.cudaGraphLaunch(self._graphs[key], stream), "cudaGraphLaunch")
+
+    def close(self) -> None:
+        if getattr(self, "_graphs", None):
+            lib = _cudart()
+            for exe in self._graphs.values():
+                lib.cudaGraphExecDestroy(exe)
+            self._graphs.clear()
+        self.contexts = {}  # contexts go before the memory they use
+        for buf in list(getattr(self, "buffers", {}).values()) + ([self.scratch] if hasattr(self, "scratch") else []):
+            buf.free()
+        self.buffers = {}
+        if hasattr(self, "stream"):
+            self.stream.free()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class TrtRunner(Runner):
+    """``runner(x, t, context) -> eps`` on one engine of a :class:`TrtEngineSet` (same interface as
+    ``OrtRunner``). Batches larger than the profile's max are run in chunks."""
+
+    name = "tensorrt"
+
+    def __init__(self, engines: TrtEngineSet, precision: str):
+        self.engines, self.precision = engines, precision
+        self.inputs = [t for t, s in engines.io.items() if s["mode"] == "input"]
+
+    def infer(self, x, t, context):
+        feeds = {"x": x, "t": t}
+        if "context" in self.inputs:
+            if context is None:
+                raise ValueError(f"the {self.precision} engine needs a context input")
+            feeds["context"] = context
+        missing = [n for n in self.inputs if n not in feeds]
+        if missing:
+            raise ValueError(f"the {self.precision} engine wants inputs {missing} ptqd does not provide")
+        step = self.engines.max_batch
+        outs = [self.engines.execute(self.precision, {k: v[s:s + step] for k, v in feeds.items()})
+                for s in range(0, x.shape[0], step)]
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+
+__all__ = [
+    "INSTALL_HINT",
+    "TIMING_CACHE",
+    "TrtEngineSet",
+    "TrtOptions",
+    "TrtRunner",
+    "build_engine",
+    "build_spec",
+    "convert_float16",
+    "create_config",
+    "describe_engine",
+    "gpu_info",
+    "graph_inputs",
+    "int4_block_size",
+    "layer_precision",
+    "numerics_summary",
+    "profile_shapes",
+    "require_tensorrt",
+    "summarize_layers",
+    "symmetric_act_scale",
+    "write_qdq_tensorrt",
+]
