@@ -105,6 +105,15 @@ def _classes(spec: str | None):
         raise UserError(f"--classes {spec!r}: expected comma-separated class indices, e.g. 0,1,2") from None
 
 
+def _emit(args, obj, pretty) -> int:
+    """``--json``: the object as JSON; otherwise the human table."""
+    if args.json:
+        print(json.dumps(obj, indent=2))
+    else:
+        pretty(obj)
+    return 0
+
+
 def _fmt(v, width: int, spec: str, suffix: str = "") -> str:
     return ("-" if v is None else format(v, spec) + suffix).rjust(width)
 
@@ -159,11 +168,7 @@ def cmd_eval(args) -> int:
     report = api.evaluate(args.bundle, precisions=precisions, num=args.num, seed=args.seed, steps=args.steps,
                           eta=args.eta, guidance=args.guidance, classes=_classes(args.classes),
                           features=args.features, correction=args.correction)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_eval(report)
-    return 0
+    return _emit(args, report, print_eval)
 
 
 def cmd_correct(args) -> int:
@@ -329,11 +334,7 @@ def cmd_bench(args) -> int:
                 progress=None if args.json else (lambda m: print(f"... {m}", file=sys.stderr)))
     with Bundle.transaction(args.bundle) as w:
         w.write_json("reports/bench.json", res)
-    if args.json:
-        print(json.dumps(res, indent=2))
-    else:
-        print_bench(res)
-    return 0
+    return _emit(args, res, print_bench)
 
 
 def cmd_check(args) -> int:
@@ -389,6 +390,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"ptqd {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    cp = sub.add_parser("compile", help="export -> calibrate -> build -> correct -> plan, resumable",
+                        description="The whole pipeline into one bundle. A finished stage whose inputs are unchanged "
+                                    "is reused, so a rerun after an interruption continues where it stopped.")
+    cp.add_argument("model", help="demo, a diffusers directory or a CompVis .ckpt/.safetensors")
+    cp.add_argument("--out", required=True, help="bundle directory")
+    cp.add_argument("--config", help="CompVis YAML config")
+    cp.add_argument("--precisions", default="w8a8,w4a8,w4a4,ort-int8")
+    cp.add_argument("--samples", type=int, default=32, help="calibration trajectories (default 32)")
+    cp.add_argument("--steps", type=int, default=20, help="DDIM steps of the calibrated schedule (default 20)")
+    cp.add_argument("--guidance", type=float, default=3.0, help="CFG scale of calibration and correction (default 3)")
+    cp.add_argument("--margin", type=float, default=1.0, help="plan margin (default 1)")
+    cp.add_argument("--force", action="store_true", help="rerun every stage")
+    cp.set_defaults(func=cmd_compile)
 
     e = sub.add_parser("export", help="UNet -> validated FP32 ONNX bundle with a layer table",
                        description="Export a UNet (and its first-stage decoder) to a new bundle. The ONNX graph is "
@@ -500,19 +515,6 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--margin", type=float, default=1.0)
     pl.set_defaults(func=cmd_plan)
 
-    cp = sub.add_parser("compile", help="export -> calibrate -> build -> correct -> plan, resumable",
-                        description="The whole pipeline into one bundle. A finished stage whose inputs are unchanged "
-                                    "is reused, so a rerun after an interruption continues where it stopped.")
-    cp.add_argument("model", help="demo, a diffusers directory or a CompVis .ckpt/.safetensors")
-    cp.add_argument("--out", required=True, help="bundle directory")
-    cp.add_argument("--config", help="CompVis YAML config")
-    cp.add_argument("--precisions", default="w8a8,w4a8,w4a4,ort-int8")
-    cp.add_argument("--samples", type=int, default=32, help="calibration trajectories (default 32)")
-    cp.add_argument("--steps", type=int, default=20, help="DDIM steps of the calibrated schedule (default 20)")
-    cp.add_argument("--guidance", type=float, default=3.0, help="CFG scale of calibration and correction (default 3)")
-    cp.add_argument("--margin", type=float, default=1.0, help="plan margin (default 1)")
-    cp.add_argument("--force", action="store_true", help="rerun every stage")
-    cp.set_defaults(func=cmd_compile)
 
     d = sub.add_parser("demo", help="the demo model end to end (README's main command)",
                        description="Export (or reuse) the demo bundle, sample a grid of digits, print the quality "

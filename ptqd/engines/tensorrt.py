@@ -789,11 +789,9 @@ class TrtRunner(Runner):
         self.inputs = [t for t, s in engines.io.items() if s["mode"] == "input"]
 
     def infer(self, x, t, context):
-        feeds = {"x": x, "t": t}
-        if "context" in self.inputs:
-            if context is None:
-                raise ValueError(f"the {self.precision} engine needs a context input")
-            feeds["context"] = context
+        from ptqd.runtime.runners import unet_feeds
+
+        feeds = unet_feeds(self.inputs, x, t, context, f"the {self.precision} engine")
         missing = [n for n in self.inputs if n not in feeds]
         if missing:
             raise ValueError(f"the {self.precision} engine wants inputs {missing} ptqd does not provide")

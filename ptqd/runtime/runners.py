@@ -54,6 +54,16 @@ def ort_session(path: str | os.PathLike, threads: int | None = None, allow_spinn
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def unet_feeds(input_names, x, t, context, what: str) -> dict[str, np.ndarray]:
+    """The UNet's feeds by input name; ``context`` only where the graph takes one."""
+    feeds = {"x": x, "t": t}
+    if "context" in input_names:
+        if context is None:
+            raise ValueError(f"{what} needs a context input")
+        feeds["context"] = context
+    return feeds
+
+
 class OrtRunner(Runner):
     name = "onnxruntime"
 
@@ -63,12 +73,7 @@ class OrtRunner(Runner):
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def infer(self, x, t, context):
-        feeds = {"x": x, "t": t}
-        if "context" in self.input_names:
-            if context is None:
-                raise ValueError(f"{self.path.name} needs a context input")
-            feeds["context"] = context
-        return self.session.run(["eps"], feeds)[0]
+        return self.session.run(["eps"], unet_feeds(self.input_names, x, t, context, self.path.name))[0]
 
 
 class OrtDecoder:
