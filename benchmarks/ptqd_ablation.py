@@ -4,8 +4,9 @@
 
 For each seed and eta in {0, 1}: FP32 and, for w4a8, w4a4 and the plan, the uncorrected engine,
 + correlated correction (k), + bias, and at eta 1 + VSC (and VSC with the reference code's
-direction term, sigma_t'). Prints FD, paired PSNR vs FP and class accuracy, mean and std over
-seeds, and the per-seed difference corrected - uncorrected (paired: same seed, same noise).
+direction term, sigma_t', with --sigma-prime). Prints FD to real images, FD to FP's samples, paired
+PSNR vs FP and class accuracy, mean and std over seeds, and the mean per-seed difference corrected -
+uncorrected (paired: same seed, same noise).
 """
 
 from __future__ import annotations
@@ -28,10 +29,17 @@ def main(argv=None):
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--num", type=int, default=500)
     ap.add_argument("--json")
+    ap.add_argument("--sigma-prime", action="store_true", help="also VSC with the reference's direction term")
+    ap.add_argument("--plans", default="", help="comma-separated plan files to compare (rows +ptqd and off)")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
-    runs = {"eta0": (0.0, ROWS0, "sigma"), "eta1": (1.0, ROWS1, "sigma"), "eta1_sigma_prime": (1.0, ROWS1_PRIME,
-                                                                                                   "sigma_prime")}
+    extra = [p for p in args.plans.split(",") if p]
+    global ROWS0, ROWS1
+    ROWS0 = ROWS0 + [(p, c) for p in extra for c in ("off", ("k", "bias"))]
+    ROWS1 = ROWS1 + [(p, c) for p in extra for c in ("off", ("k", "bias"), ("k", "bias", "vsc"))]
+    runs = {"eta0": (0.0, ROWS0, "sigma"), "eta1": (1.0, ROWS1, "sigma")}
+    if args.sigma_prime:
+        runs["eta1_sigma_prime"] = (1.0, ROWS1_PRIME, "sigma_prime")
     results: dict = {k: {} for k in runs}
     for seed in seeds:
         for name, (eta, rows, direction) in runs.items():
@@ -39,23 +47,29 @@ def main(argv=None):
                                write_report=False, vsc_direction=direction, eps_mse=False)
             for r in rep["rows"]:
                 results[name].setdefault(r["precision"], []).append(
-                    {"seed": seed, "fd": r["fd"], "psnr": r.get("psnr_vs_fp"), "acc": r["class_acc"],
+                    {"seed": seed, "fd": r["fd"], "fd_fp": r.get("fd_vs_fp"), "psnr": r.get("psnr_vs_fp"), "acc": r["class_acc"],
                      "eps_mse": r.get("eps_mse_mean")})
             print(f"seed {seed} {name} done", flush=True)
     for name, table in results.items():
         print(f"\n{name} ({len(seeds)} seeds x {args.num} samples): mean ± std over seeds")
-        print(f"{'row':<22}{'FD':>16}{'PSNR vs FP':>16}{'class acc':>12}{'dFD vs off':>14}{'dPSNR vs off':>14}")
+        print(f"{'row':<20}{'FD':>15}{'FD vs FP':>15}{'PSNR vs FP':>15}{'acc':>7}{'dFD':>7}{'dFDvsFP':>8}{'dPSNR':>8}")
+
+        def col(vals, key):
+            return np.array([np.nan if v[key] is None else v[key] for v in vals], dtype=float)
+
         for row, vals in table.items():
-            fd = np.array([v["fd"] for v in vals])
-            ps = np.array([np.nan if v["psnr"] is None else v["psnr"] for v in vals])
-            acc = np.array([v["acc"] for v in vals])
+            fd, fdfp, ps, acc = col(vals, "fd"), col(vals, "fd_fp"), col(vals, "psnr"), col(vals, "acc")
             base = table.get(row.split("+")[0])
-            dfd = dps = ""
+            deltas = ["", "", ""]
             if base is not None and "+" in row:
-                dfd = f"{np.mean(fd - np.array([v['fd'] for v in base])):+.2f}"
-                dps = f"{np.nanmean(ps - np.array([np.nan if v['psnr'] is None else v['psnr'] for v in base])):+.3f}"
-            print(f"{row:<22}{fd.mean():9.2f} ± {fd.std():4.1f}{np.nanmean(ps):9.2f} ± {np.nanstd(ps):4.2f}"
-                  f"{100 * acc.mean():11.1f}%{dfd:>14}{dps:>14}")
+                deltas = [f"{np.nanmean(a - col(base, k)):+.2f}" for a, k in ((fd, "fd"), (fdfp, "fd_fp"),
+                                                                              (ps, "psnr"))]
+
+            def ms(a):
+                return "-".rjust(15) if np.isnan(a).all() else f"{np.nanmean(a):8.2f} ± {np.nanstd(a):4.2f}"
+
+            print(f"{row:<20}{ms(fd)}{ms(fdfp)}{ms(ps)}{100 * np.nanmean(acc):6.1f}%{deltas[0]:>7}{deltas[1]:>8}"
+                  f"{deltas[2]:>8}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -59,7 +59,8 @@ class _Timed:
 
 def peak_rss_mb(bundle, precisions: list[str], batch: int = 2) -> float:
     """Peak resident memory (MiB) of a fresh process that loads ``precisions`` (all at once, as the
-    runtime keeps a plan's engines) and runs each once; [] measures the interpreter + ONNX Runtime alone."""
+    runtime keeps a plan's engines) and runs each once; [] measures the interpreter + ONNX Runtime alone.
+    Read from VmHWM: a process's ru_maxrss survives exec, so it would report the (torch-laden) parent's."""
     import json
     import subprocess
     import sys
@@ -70,13 +71,16 @@ def peak_rss_mb(bundle, precisions: list[str], batch: int = 2) -> float:
             "rs=[api.open_engine(b,p,allow_spinning=False) for p in ps];"
             "f=seeded_unet_inputs(b.facts,int(sys.argv[3]),501.0,0);"
             "[r(f['x'],f['t'],f.get('context')) for r in rs];"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)")
+            "import pathlib;st=pathlib.Path('/proc/self/status');"
+            "hwm=[l for l in st.read_text().splitlines() if l.startswith('VmHWM')] if st.exists() else [];"
+            "print(int(hwm[0].split()[1])/1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)")
     out = subprocess.run([sys.executable, "-c", code, str(bundle), json.dumps(list(precisions)), str(batch)],
                          capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
 def bench(bundle, precisions=None, runs: int = 10, warmup: int = 3, large_batch: int = 32, e2e_images: int = 8,
+          e2e_runs: int = 5,
           steps: int = 20, guidance: float = 3.0, threads: int | None = None, torch_peer: bool = True,
           memory: bool = True, progress=None) -> dict:
     """Latency, throughput, load time, memory and size per engine; end-to-end sampling per image with the
@@ -174,17 +178,21 @@ def bench(bundle, precisions=None, runs: int = 10, warmup: int = 3, large_batch:
         sample_latents(eng, facts, cls, labels, idx, 0, scfg)  # warm-up
         for t_ in inner:
             t_.seconds, t_.calls = 0.0, 0
-        if isinstance(eng, StepEngines):
-            eng.switches, eng._last = 0, None
-        t0 = time.perf_counter()
-        lat = sample_latents(eng, facts, cls, labels, idx, 0, scfg)
-        t_sample = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        if decoder is not None:
-            decode(decoder, lat, facts.scale_factor)
-        t_decode = time.perf_counter() - t1
-        engine_s = sum(t_.seconds for t_ in inner)
-        total = t_sample + t_decode
+        runs_ = []
+        for _ in range(e2e_runs):
+            for t_ in inner:
+                t_.seconds, t_.calls = 0.0, 0
+            if isinstance(eng, StepEngines):
+                eng.switches, eng._last = 0, None  # count one run's switches
+            t0 = time.perf_counter()
+            lat = sample_latents(eng, facts, cls, labels, idx, 0, scfg)
+            t_sample = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            if decoder is not None:
+                decode(decoder, lat, facts.scale_factor)
+            t_dec = time.perf_counter() - t1
+            runs_.append((t_sample + t_dec, t_sample, t_dec, sum(t_.seconds for t_ in inner)))
+        total, t_sample, t_decode, engine_s = sorted(runs_)[len(runs_) // 2]  # the median run
         e2e[label] = {"seconds_per_image": total / e2e_images, "engine_share": engine_s / total,
                       "decoder_share": t_decode / total, "runtime_overhead_share": (t_sample - engine_s) / total,
                       "engine_calls": sum(t_.calls for t_ in inner),
@@ -195,6 +203,7 @@ def bench(bundle, precisions=None, runs: int = 10, warmup: int = 3, large_batch:
     out = {"bundle": str(b.root), "threads": threads or "onnxruntime default", "batches": {"single": 1, "cfg": cfg_batch,
                                                                                           "large": large_batch},
            "macs_per_forward": macs, "engines": rows, "sampling": e2e, "steps": steps, "e2e_images": e2e_images,
+           "e2e_runs": e2e_runs,
            "notes": notes}
     if memory and b.has(PLAN_JSON):
         plan_precs = sorted({s["precision"] for s in b.read_json(PLAN_JSON)["steps"]})

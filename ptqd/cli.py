@@ -125,11 +125,12 @@ def print_eval(report: dict) -> None:
     rows = report["rows"]
     w = max(12, 2 + max(len(r["precision"]) for r in rows))
     lat = any("unet_ms" in r for r in rows)
-    print(f"{'precision':<{w}}{'FD':>9}{'class acc':>11}{'PSNR vs FP':>12}{'eps MSE':>11}{'BOPs saving':>13}"
-          + (f"{'UNet ms':>9}" if lat else f"{'seconds':>9}"))
+    print(f"{'precision':<{w}}{'FD':>9}{'FD vs FP':>10}{'class acc':>11}{'PSNR vs FP':>12}{'eps MSE':>11}"
+          f"{'BOPs saving':>13}" + (f"{'UNet ms':>9}" if lat else f"{'seconds':>9}"))
     for r in rows:
         acc = None if r.get("class_acc") is None else 100 * r["class_acc"]
-        print(f"{r['precision']:<{w}}{_fmt(r.get('fd'), 9, '.2f')}{_fmt(acc, 11, '.1f', '%')}"
+        print(f"{r['precision']:<{w}}{_fmt(r.get('fd'), 9, '.2f')}{_fmt(r.get('fd_vs_fp'), 10, '.2f')}"
+              f"{_fmt(acc, 11, '.1f', '%')}"
               f"{_fmt(r.get('psnr_vs_fp'), 12, '.2f')}{_fmt(r.get('eps_mse_mean'), 11, '.2e')}"
               f"{_fmt(r.get('bops_saving'), 12, '.1f', 'x')}"
               + (_fmt(r.get("unet_ms"), 9, ".2f") if lat else f"{r['seconds']:9.1f}"))
@@ -183,7 +184,7 @@ def cmd_correct(args) -> int:
               f"{100 * sm['explained_variance_holdout']:.1f}% of the error variance; k_raw in "
               f"[{sm['k_raw_range'][0]:.3f}, {sm['k_raw_range'][1]:.3f}], sigma_q in "
               f"[{sm['sigma_q_range'][0]:.3f}, {sm['sigma_q_range'][1]:.3f}]")
-    pl = api.plan(args.bundle, margin=args.margin)
+    pl = api.plan(args.bundle, margin=args.margin, criterion=args.criterion, budget=args.budget)
     _print_plan(pl)
     return 0
 
@@ -197,7 +198,8 @@ def _print_plan(pl: dict) -> None:
 def cmd_plan(args) -> int:
     from ptqd import api
 
-    _print_plan(api.plan(args.bundle, margin=args.margin))
+    _print_plan(api.plan(args.bundle, margin=args.margin, criterion=args.criterion, budget=args.budget,
+                         reference=args.reference))
     return 0
 
 
@@ -206,7 +208,8 @@ def cmd_compile(args) -> int:
 
     precisions = tuple(p for p in args.precisions.split(",") if p)
     res = api.compile(args.model, args.out, config=args.config, precisions=precisions, samples=args.samples,
-                      steps=args.steps, guidance=args.guidance, margin=args.margin, force=args.force)
+                      steps=args.steps, guidance=args.guidance, margin=args.margin, criterion=args.criterion,
+                      budget=args.budget, force=args.force)
     bo = res["bops"]
     print(f"bundle  {res['bundle']}")
     print(f"plan    {' '.join(res['plan'])}")
@@ -383,6 +386,15 @@ def _sampling_args(p, num: int) -> None:
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
 
 
+def _plan_args(p) -> None:
+    p.add_argument("--criterion", choices=("sensitivity", "snr"), default="sensitivity",
+                   help="plan rule: measured per-step sensitivity under a BOPs budget (default), or PTQD's SNR rule")
+    p.add_argument("--budget", type=float, default=0.9,
+                   help="sensitivity: mean BOPs per step at most this multiple of w4a8's (default 0.9)")
+    p.add_argument("--margin", type=float, default=1.0,
+                   help="snr: a step may use precision p when SNR_Q(p) >= margin x SNR_F (default 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ptqd", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -401,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--samples", type=int, default=32, help="calibration trajectories (default 32)")
     cp.add_argument("--steps", type=int, default=20, help="DDIM steps of the calibrated schedule (default 20)")
     cp.add_argument("--guidance", type=float, default=3.0, help="CFG scale of calibration and correction (default 3)")
-    cp.add_argument("--margin", type=float, default=1.0, help="plan margin (default 1)")
+    _plan_args(cp)
     cp.add_argument("--force", action="store_true", help="rerun every stage")
     cp.set_defaults(func=cmd_compile)
 
@@ -504,15 +516,19 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--samples", type=int, default=64, help="trajectories (default 64)")
     co.add_argument("--holdout", type=int, default=16, help="of those, held out to measure the fit (default 16)")
     co.add_argument("--seed", type=int, default=1, help="trajectory seed (default 1; calibration uses 0)")
-    co.add_argument("--margin", type=float, default=1.0, help="plan: a step may use precision p when its SNR_Q "
-                                                              ">= margin x SNR_F (default 1)")
+    _plan_args(co)
     co.set_defaults(func=cmd_correct)
 
     pl = sub.add_parser("plan", help="recompute the step-aware mixed-precision plan",
-                        description="Pick per step the cheapest precision (fewest BOPs) whose corrected quantization "
-                                    "SNR clears the sample's SNR abar/(1-abar), times --margin.")
+                        description="sensitivity (default): measure how much each step's precision moves the final "
+                                    "samples away from FP's, then pick the plan with the least damage whose mean BOPs "
+                                    "stay under --budget x the reference's. snr (PTQD's rule): per step the cheapest "
+                                    "precision whose corrected quantization SNR clears --margin x the sample's SNR "
+                                    "abar/(1-abar).")
     pl.add_argument("bundle")
-    pl.add_argument("--margin", type=float, default=1.0)
+    _plan_args(pl)
+    pl.add_argument("--reference", default="w4a8", help="sensitivity: the precision the budget is relative to "
+                                                         "(default w4a8)")
     pl.set_defaults(func=cmd_plan)
 
 

@@ -146,15 +146,62 @@ def correct(bundle, samples: int = 64, holdout: int = 16, seed: int = 1, batch: 
     return record
 
 
-def plan(bundle, margin: float = 1.0, precisions=None) -> dict[str, Any]:
-    """Step-aware mixed precision from the fitted correction: write calib/plan.json (with the curves)."""
-    from ptqd.calib.correction import make_plan
+def measure_damage(b: Bundle, candidates, reference: str, samples: int = 64, seed: int = 2) -> dict[str, Any]:
+    """For every step i and precision p: how much the final latents move away from FP's when step i
+    alone runs p instead of ``reference`` (mean squared difference, same noise), with the PTQD
+    correction on. Runs the built ONNX Runtime engines on the calibrated schedule."""
+    import numpy as np
+
+    from ptqd.api import CLASS_EMBEDDING, _sampler_config, default_labels, open_engine
+    from ptqd.runtime.correction import CorrectionTable, Plan, StepEngines
+    from ptqd.runtime.pipeline import sample_latents
+    from ptqd.runtime.sampler import DDIMSampler
+
+    c = b.stage("calibrate")["config"]
+    facts = b.facts
+    cfg = _sampler_config(facts, c["steps"], 0.0, c["guidance"])
+    sampler = DDIMSampler(facts.schedule.alphas_cumprod, cfg.spacing)
+    sampler.set_timesteps(cfg.steps)
+    ts = [int(t) for t in sampler.timesteps]
+    table = np.load(b.path(CLASS_EMBEDDING)) if b.has(CLASS_EMBEDDING) else None
+    labels, idx = default_labels(facts, None, samples), np.arange(samples)
+    fitted = b.read_json(CORRECTION_JSON)["precisions"]
+    tables = {p: CorrectionTable.from_json(fitted[p]) for p in candidates if p in fitted}
+    runners = {p: open_engine(b, p, allow_spinning=False) for p in ["fp32", *candidates]}
+    fp = sample_latents(runners["fp32"], facts, table, labels, idx, seed, cfg)
+
+    def error(precs):
+        eng = StepEngines(runners, Plan(ts, precs), tables)
+        return float(np.mean((sample_latents(eng, facts, table, labels, idx, seed, cfg) - fp) ** 2))
+
+    base = error([reference] * len(ts))
+    damage = {}
+    for p in candidates:
+        if p != reference:
+            damage[p] = [error([p if j == i else reference for j in range(len(ts))]) - base for i in range(len(ts))]
+    for r in runners.values():
+        r.close()
+    return {"reference_error": base, "damage": damage, "samples": samples, "seed": seed}
+
+
+def plan(bundle, margin: float = 1.0, precisions=None, criterion: str = "sensitivity", budget: float = 0.9,
+         reference: str = "w4a8", samples: int = 64) -> dict[str, Any]:
+    """Step-aware mixed precision from the fitted correction: write calib/plan.json (with the curves).
+
+    ``criterion``: "snr" (PTQD: cheapest precision whose corrected SNR_Q clears margin·SNR_F) or
+    "sensitivity" (default: measured damage of each step's precision on the final samples, cheapest
+    plan set under ``budget`` × the BOPs of ``reference``; see ``budget_plan``)."""
+    from ptqd.calib.correction import budget_plan, make_plan
 
     b = Bundle.open(bundle)
     if not b.has(CORRECTION_JSON):
         raise UserError(f"{b.root} has no fitted correction: run `ptqd correct {b.root}` first")
     if margin <= 0:
         raise UserError(f"--margin must be > 0, got {margin}")
+    if criterion not in ("snr", "sensitivity"):
+        raise UserError(f"--criterion must be snr or sensitivity, got {criterion!r}")
+    if not 0 < budget:
+        raise UserError(f"--budget must be > 0 (a multiple of the reference's BOPs), got {budget}")
     corr = b.read_json(CORRECTION_JSON)["precisions"]
     built = b.read_json("engines/onnxruntime/build.json") if b.has("engines/onnxruntime/build.json") else {}
     cands = [p for p in (precisions or corr) if p in corr and p in built]
@@ -163,9 +210,27 @@ def plan(bundle, margin: float = 1.0, precisions=None) -> dict[str, Any]:
                         f"run `ptqd build {b.root}`")
     cost = {p: precision_bops(b, p) for p in cands}
     rec = make_plan({p: corr[p] for p in cands}, cost, b.facts.schedule.alphas_cumprod, margin)
+    if criterion == "sensitivity":
+        if reference not in cands:
+            raise UserError(f"--reference {reference} has no engine and correction; choose from {', '.join(cands)}")
+        meas = measure_damage(b, cands, reference, samples)
+        try:
+            chosen = budget_plan(meas["damage"], cost, reference, budget)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        for i, s in enumerate(rec["steps"]):
+            s["precision"] = chosen[i]
+            s["damage"] = {p: d[i] for p, d in meas["damage"].items()}
+        rec["criterion"] = (f"measured: each step's damage to the final samples (latent MSE vs FP when that step "
+                            f"alone leaves {reference}), cheapest damage per BOP first, mean BOPs <= {budget:g} x "
+                            f"{reference}")
+        rec.update({"budget": budget, "reference": reference, "reference_error": meas["reference_error"],
+                    "measurement": {k: meas[k] for k in ("samples", "seed")}})
+    rec["criterion_name"] = criterion
     with Bundle.transaction(b.root) as w:
         w.write_json(PLAN_JSON, rec)
-        w.set_stage("plan", {"margin": margin, "precisions": cands, "inputs": digest(b, (CORRECTION_JSON,)),
+        w.set_stage("plan", {"margin": margin, "criterion": criterion, "budget": budget, "reference": reference,
+                             "precisions": cands, "inputs": digest(b, (CORRECTION_JSON, "engines/onnxruntime/build.json")),
                              "plan": [s["precision"] for s in rec["steps"]]})
     return rec
 
@@ -254,7 +319,7 @@ def _reusable(b: Bundle, stage: str, inputs: tuple[str, ...], **config) -> bool:
 
 def compile(model, out, config=None, precisions=CALIBRATED, samples: int = 32, steps: int = 20,
             guidance: float = 3.0, correction_samples: int = 64, holdout: int = 16, margin: float = 1.0,
-            force: bool = False, progress: bool | None = None, log=print) -> dict[str, Any]:
+            criterion: str = "sensitivity", budget: float = 0.9, force: bool = False, progress: bool | None = None, log=print) -> dict[str, Any]:
     """export -> calibrate -> build -> correct -> plan, into one bundle. Resumable: a stage whose
     inputs (the sha256 of the files it reads) and settings are unchanged is reused, so a rerun after an
     interruption, or with a new --margin, redoes only what changed. ``force`` reruns everything."""
@@ -296,6 +361,8 @@ def compile(model, out, config=None, precisions=CALIBRATED, samples: int = 32, s
     stage("correct", _reusable(b, "correct", CALIB_FILES, config={"samples": correction_samples, "holdout": holdout}),
           lambda: correct(out, samples=correction_samples, holdout=holdout, progress=progress))
     b = Bundle.open(out)
-    stage("plan", _reusable(b, "plan", (CORRECTION_JSON,), margin=margin), lambda: plan(out, margin=margin))
+    stage("plan", _reusable(b, "plan", (CORRECTION_JSON, "engines/onnxruntime/build.json"), margin=margin,
+                            criterion=criterion, budget=budget),
+          lambda: plan(out, margin=margin, criterion=criterion, budget=budget))
     b = Bundle.open(out)
     return {"bundle": str(out), "stages": done, "plan": (b.stage("plan") or {}).get("plan"), "bops": bops_table(b)}

@@ -91,7 +91,7 @@ def test_bench_reports_every_engine_peers_and_runtime_overhead(compiled):
     for r in s.values():
         total = r["engine_share"] + r["decoder_share"] + r["runtime_overhead_share"]
         assert total == pytest.approx(1.0) and 0 <= r["runtime_overhead_share"] < 1
-        assert r["engine_calls"] == 4
+        assert r["engine_calls"] == 4  # the median run's
     plan = json.loads((compiled[0] / "calib/plan.json").read_text())["steps"]
     ts = [901, 601, 301, 1]  # the 4-step schedule, read through the 10-step plan (nearest t)
     assert s["plan+ptqd"]["engine_switches"] >= 0 and len(plan) == 10 and len(ts) == 4

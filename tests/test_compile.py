@@ -28,11 +28,24 @@ def test_compile_runs_every_stage_and_writes_corrections_and_plan(compiled):
     assert corr["config"]["holdout"] == 4 and corr["config"]["guidance"] == 3.0
     plan = b.read_json("calib/plan.json")
     assert len(plan["steps"]) == 10 and set(res["plan"]) <= {"w8a8", "w4a8", "w4a4"}
-    # noisier steps never get more bits than quieter ones under the SNR criterion
+    assert plan["criterion_name"] == "sensitivity" and plan["budget"] == 0.9
+    assert all(set(s["damage"]) == {"w8a8", "w4a4"} for s in plan["steps"])
+    bo = res["bops"]
+    assert bo["plan"]["mean_bops_per_forward"] <= 0.9 * bo["precisions"]["w4a8"]["bops"] * (1 + 1e-9)
+    assert all(s["snr_f"] > 0 and set(s["snr_q"]) == {"w8a8", "w4a8", "w4a4"} for s in plan["steps"])
+
+
+def test_snr_plan_gives_noisier_steps_no_more_bits(compiled, tmp_path):
+    import shutil
+
+    out = tmp_path / "snr.bundle"
+    shutil.copytree(compiled[0], out)
+    plan = api.plan(out, criterion="snr")
     rank = {p: i for i, p in enumerate(plan["precisions_by_cost"])}
     ranks = [rank[s["precision"]] for s in plan["steps"]]
-    assert ranks == sorted(ranks)
-    assert all(s["snr_f"] > 0 and set(s["snr_q"]) == set(rank) for s in plan["steps"])
+    assert ranks == sorted(ranks) and plan["criterion_name"] == "snr"
+    with pytest.raises(UserError, match="criterion"):
+        api.plan(out, criterion="magic")
 
 
 def test_compile_is_resumable_and_reruns_only_what_changed(compiled):

@@ -174,3 +174,40 @@ def collect(fp_runner, quant_runner_for_step: dict, facts, class_embedding, labe
         sample_latents(fp_runner, facts, class_embedding, labels[idx], idx, seed, cfg, observe=observe)
     return ([int(t) for t in sampler.timesteps], [np.concatenate(e) for e in eps],
             {p: [np.concatenate(d) for d in v] for p, v in delta.items()})
+
+
+def budget_plan(damage: dict[str, list[float]], cost: dict[str, float], reference: str, budget: float) -> list[str]:
+    """Measured step-aware plan under a BOPs budget.
+
+    ``damage[p][i]``: increase of the final-sample error when step i alone runs p instead of
+    ``reference`` (negative: p helps). Start with ``reference`` everywhere; while the mean cost per
+    step exceeds ``budget`` × cost(reference), downgrade the step that loses least error per BOP
+    saved; then spend what is left of the budget on the upgrades that remove most error per BOP.
+    Errors of different steps are taken as additive (small perturbations)."""
+    steps = len(next(iter(damage.values())))
+    plan = [reference] * steps
+    limit = budget * cost[reference] * steps
+
+    def total():
+        return sum(cost[p] for p in plan)
+
+    def dmg(i, p):
+        return 0.0 if p == reference else damage[p][i]
+
+    while total() > limit + 1e-9:
+        moves = [((dmg(i, p) - dmg(i, plan[i])) / (cost[plan[i]] - cost[p]), i, p)
+                 for i in range(steps) for p in cost if cost[p] < cost[plan[i]]]
+        if not moves:
+            raise ValueError(f"no plan fits a budget of {budget:g} x {reference}: every step already runs the "
+                             "cheapest precision")
+        _, i, p = min(moves)
+        plan[i] = p
+    while True:
+        moves = [((dmg(i, p) - dmg(i, plan[i])) / (cost[p] - cost[plan[i]]), i, p)
+                 for i in range(steps) for p in cost
+                 if cost[p] > cost[plan[i]] and dmg(i, p) < dmg(i, plan[i])
+                 and total() - cost[plan[i]] + cost[p] <= limit + 1e-9]
+        if not moves:
+            return plan
+        _, i, p = min(moves)
+        plan[i] = p

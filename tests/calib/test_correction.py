@@ -74,3 +74,20 @@ def test_plan_picks_cheapest_precision_whose_snr_clears_the_sample_snr():
     snr_mid = plan["steps"][1]["snr_f"]
     plan2 = make_plan(corr, cost, ac, margin=6.0 / snr_mid, split="fit")
     assert plan2["steps"][1]["precision"] == "w4a8"
+
+
+def test_budget_plan_downgrades_the_least_damaging_steps_first_and_respects_the_budget():
+    from ptqd.calib.correction import budget_plan
+
+    cost = {"w4a4": 1.0, "w4a8": 2.0, "w8a8": 4.0}
+    damage = {"w4a4": [5.0, 0.1, 0.2, 3.0], "w8a8": [-0.5, 0.0, 0.0, -0.01]}
+    plan = budget_plan(damage, cost, "w4a8", budget=0.75)  # mean cost <= 1.5: two steps must go to w4a4
+    assert plan == ["w4a8", "w4a4", "w4a4", "w4a8"]
+    # slack is spent on the upgrade that removes most error per BOP
+    plan = budget_plan(damage, cost, "w4a8", budget=1.0)
+    assert plan == ["w4a8"] * 4
+    plan = budget_plan(damage, cost, "w4a8", budget=1.25)  # 2 BOPs of slack: step 0 to w8a8
+    assert plan == ["w8a8", "w4a8", "w4a8", "w4a8"]
+    assert sum(cost[p] for p in budget_plan(damage, cost, "w4a8", 0.6)) <= 0.6 * 2.0 * 4
+    with pytest.raises(ValueError, match="no plan fits"):
+        budget_plan(damage, cost, "w4a8", budget=0.1)
