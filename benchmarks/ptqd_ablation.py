@@ -34,10 +34,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     extra = [p for p in args.plans.split(",") if p]
-    global ROWS0, ROWS1
-    ROWS0 = ROWS0 + [(p, c) for p in extra for c in ("off", ("k", "bias"))]
-    ROWS1 = ROWS1 + [(p, c) for p in extra for c in ("off", ("k", "bias"), ("k", "bias", "vsc"))]
-    runs = {"eta0": (0.0, ROWS0, "sigma"), "eta1": (1.0, ROWS1, "sigma")}
+    rows0 = ROWS0 + [(p, c) for p in extra for c in ("off", ("k", "bias"))]
+    rows1 = ROWS1 + [(p, c) for p in extra for c in ("off", ("k", "bias"), ("k", "bias", "vsc"))]
+    runs = {"eta0": (0.0, rows0, "sigma"), "eta1": (1.0, rows1, "sigma")}
     if args.sigma_prime:
         runs["eta1_sigma_prime"] = (1.0, ROWS1_PRIME, "sigma_prime")
     results: dict = {k: {} for k in runs}
