@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ptqd.calib.quant import ActQuant, act_params, choose_act_range, gptq, quantize_weight, weight_scales
+from ptqd.calib.quant import ActQuant, act_params, choose_act_range
 from ptqd.errors import UserError
 
 PRECISIONS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}
@@ -42,6 +42,7 @@ class CalibConfig:
     method: str = "mse"  # activation range: mse | minmax | percentile
     rounding: str = "gptq"  # weights: nearest | gptq
     buckets: int = 1
+    batch: int = 32  # trajectories observed at once (activation memory)
     reduce_range: bool = True  # 8-bit weights on ±63 (exact on AVX2 u8s8 kernels); 4-bit weights unaffected
     keep_fp: tuple[str, ...] = DEFAULT_KEEP_FP
     precisions: tuple[str, ...] = tuple(PRECISIONS)
@@ -51,8 +52,10 @@ class CalibConfig:
             raise UserError(f"--method must be mse, minmax or percentile, got {self.method!r}")
         if self.rounding not in ("nearest", "gptq"):
             raise UserError(f"--rounding must be nearest or gptq, got {self.rounding!r}")
-        if self.samples < 1 or self.seeds < 1:
+        if self.samples < 1 or self.seeds < 1 or self.batch < 1:
             raise UserError("--samples must be >= 1")
+        if not 1 <= self.steps <= 1000:
+            raise UserError(f"--steps must be between 1 and 1000, got {self.steps}")
         if not 1 <= self.buckets <= self.steps:
             raise UserError(f"--buckets must be between 1 and --steps ({self.steps}), got {self.buckets}")
         bad = [p for p in self.precisions if p not in PRECISIONS]
@@ -78,15 +81,52 @@ def select_layers(rows: list[dict], keep_fp=DEFAULT_KEEP_FP) -> list[dict]:
 
 
 def _weight2d(mod) -> tuple[np.ndarray, np.ndarray | None]:
-    w = mod.weight.detach().double().numpy()
-    b = None if mod.bias is None else mod.bias.detach().double().numpy()
+    w = mod.weight.detach().float().cpu().numpy()
+    b = None if mod.bias is None else mod.bias.detach().double().cpu().numpy()
     return w.reshape(w.shape[0], -1), b
 
 
-def layer_error(w2d: np.ndarray, deq2d: np.ndarray, H: np.ndarray) -> float:
-    """Relative output error of a weight change on the observed inputs: tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)."""
-    d = w2d - deq2d
-    return float(np.einsum("ij,jk,ik->", d, H, d) / max(np.einsum("ij,jk,ik->", w2d, H, w2d), 1e-30))
+def grid_bits(role: str, w_bits: int, reduce_range: bool) -> int:
+    """The weight grid a layer really uses: first/last layers are 8-bit whatever the precision, and
+    8-bit weights sit on ±63 (7 bits) with ``reduce_range``."""
+    wb = 8 if role in ("first", "last") else w_bits
+    return 7 if (reduce_range and wb == 8) else wb
+
+
+def quantize_weights(loaded, selected: list[dict], rec, cfg: CalibConfig, device, feeds_items: int = 4,
+                     budget_bytes: int = 2 << 30, progress=None) -> dict:
+    """Round every selected layer's weights on every grid the precisions need, in bounded memory.
+
+    Layers go in groups (execution order) whose float32 H matrices fit ``budget_bytes``; for each
+    group the recorded UNet calls are replayed to accumulate H (see ``observe.hessians``), the group's
+    layers are rounded on each grid (the H is shared by all precisions), and the H are freed.
+    Returns {(grid_bits, node name): (int weights [C_out, K] int8, scales [C_out], errors)}."""
+    from ptqd.calib.observe import groups_by_memory, hessians
+    from ptqd.calib.rounding import round_layer
+
+    unet = loaded.unet.unet
+    rank = {name: i for i, name in enumerate(rec.order)}
+    ran = sorted((r for r in selected if r["name"] in rank), key=lambda r: rank[r["name"]])
+    grids = {r["name"]: sorted({grid_bits(r["role"], PRECISIONS[p][0], cfg.reduce_range) for p in cfg.precisions})
+             for r in selected}
+    out = {}
+    for group in groups_by_memory(ran, budget_bytes):
+        H = hessians(loaded, group, rec.feeds, device, items=feeds_items)
+        for r in group:
+            w2d, _ = _weight2d(unet.get_submodule(r["module"]))
+            h = H.pop(r["name"], None)
+            for gb, res in round_layer(w2d, h, grids[r["name"]], cfg.method, cfg.rounding, device).items():
+                out[(gb, r["name"])] = res
+            del h
+            if progress is not None:
+                progress.update(1)
+        del H
+    for r in selected:  # never ran along the trajectories (no inputs seen): nearest rounding, no error report
+        if r["name"] not in rank:
+            w2d, _ = _weight2d(unet.get_submodule(r["module"]))
+            for gb, res in round_layer(w2d, None, grids[r["name"]], cfg.method, "nearest", device).items():
+                out[(gb, r["name"])] = res
+    return out
 
 
 @dataclass
@@ -113,53 +153,66 @@ def bucket_steps(steps: int, buckets: int) -> list[list[int]]:
     return [g.tolist() for g in np.array_split(np.arange(steps), buckets)]
 
 
-def quantize_layers(loaded, selected: list[dict], obs: dict, cfg: CalibConfig, precision: str,
-                    steps: list[int] | None = None, weights_from: list[LayerQuant] | None = None) -> list[LayerQuant]:
-    """Quantize every selected layer. ``steps``: use activation statistics of these steps only (a
-    timestep bucket). ``weights_from``: reuse those integer weights (buckets share weights)."""
+RANGE_SAMPLES = 65536  # values per range search (a seeded subset when more were observed)
+
+
+def _act_range(stats: list, bits: int, method: str, cache: dict, key) -> ActQuant:
+    """The activation quantizer of one tensor over some steps' statistics (cached: precisions with the
+    same activation bits, and every precision's 8-bit conv outputs, share it)."""
+    if key not in cache:
+        samples = np.concatenate([s.merged() for s in stats])
+        if samples.size > RANGE_SAMPLES:
+            samples = samples[np.random.RandomState(0).choice(samples.size, RANGE_SAMPLES, replace=False)]
+        cache[key] = choose_act_range(samples, min(s.lo for s in stats), max(s.hi for s in stats), bits, method)
+    return cache[key]
+
+
+def quantize_layers(loaded, selected: list[dict], obs: dict, cfg: CalibConfig, precision: str, weights: dict,
+                    steps: list[int] | None = None, range_cache: dict | None = None) -> list[LayerQuant]:
+    """Every selected layer of one precision: activation ranges from ``obs`` (of these ``steps`` only: a
+    timestep bucket) and the rounded ``weights`` from :func:`quantize_weights` (buckets share weights).
+
+    A conv's int32 bias must fit its grid s_x·s_w[c]: a channel whose weights are (nearly) all zero has a
+    tiny s_w, and its bias would overflow int32 in ONNX Runtime's QLinearConv; such a channel's weight
+    scale is raised until the bias fits (its integer weights are re-rounded on the larger scale)."""
     w_bits_p, a_bits_p = PRECISIONS[precision]
-    prior = {lq.name: lq for lq in weights_from} if weights_from else {}
     unet = loaded.unet.unet
+    cache = {} if range_cache is None else range_cache
+    sk = None if steps is None else tuple(steps)
     out = []
     for r in selected:
         o = obs[r["name"]]
         wb, ab = (8, 8) if r["role"] in ("first", "last") else (w_bits_p, a_bits_p)
         ins = [v for k, v in o.inputs.items() if steps is None or k in steps]
-        lo, hi = min(s.lo for s in ins), max(s.hi for s in ins)
-        act_in = choose_act_range(np.concatenate([s.merged() for s in ins]), lo, hi, ab, cfg.method)
+        if not ins:
+            raise UserError(f"layer {r['module']} never ran along the calibration trajectories; it cannot be "
+                            "calibrated (keep it in float with a keep-fp pattern)")
+        act_in = _act_range(ins, ab, cfg.method, cache, (r["name"], "in", ab, sk))
         act_out = None
         if r["op"] == "Conv" and r["role"] != "last":
             outs = [v for k, v in o.outputs.items() if steps is None or k in steps]
-            act_out = choose_act_range(np.concatenate([s.merged() for s in outs]), min(s.lo for s in outs),
-                                       max(s.hi for s in outs), 8, cfg.method)
+            act_out = _act_range(outs, 8, cfg.method, cache, (r["name"], "out", 8, sk))
         mod = unet.get_submodule(r["module"])
-        w2d, b = _weight2d(mod)
-        grid_bits = 7 if (cfg.reduce_range and wb == 8) else wb  # the weight grid actually used
-        if r["name"] in prior:  # buckets differ in activation ranges only
-            pq = prior[r["name"]]
-            q, scales, errors = pq.w_int.reshape(len(w2d), -1), pq.w_scale, pq.errors
-        else:
-            q, scales, errors = _round_weights(w2d, o, cfg, grid_bits)
-        lq = LayerQuant(r["name"], r["module"], r["op"], wb, ab, act_in, act_out,
-                        q.reshape(mod.weight.shape).astype(np.int8), scales, errors=errors)
+        gb = grid_bits(r["role"], w_bits_p, cfg.reduce_range)
+        q, scales, errors = weights[(gb, r["name"])]
+        b = None if mod.bias is None else mod.bias.detach().double().cpu().numpy()
+        bias_q = None
         if r["op"] == "Conv" and b is not None:
-            lq.bias_q = np.round(b / lq.bias_scale.astype(np.float64)).astype(np.int32)
+            s_x = np.float64(np.float32(act_in.scale))
+            need = np.abs(b) / (s_x * (2**31 - 1) / 2)  # keep |bias_q| <= 2^30: headroom for the accumulation
+            low = scales.astype(np.float64) < need
+            if low.any():
+                scales = scales.copy()
+                scales[low] = need[low].astype(np.float32) * np.float32(1.01)
+                w2d = mod.weight.detach().float().cpu().numpy().reshape(len(scales), -1)
+                qmax = 2 ** (gb - 1) - 1
+                q = q.copy()
+                q[low] = np.clip(np.round(w2d[low] / scales[low, None]), -qmax, qmax).astype(np.int8)
+            bias_q = np.round(b / (np.float32(act_in.scale) * scales).astype(np.float64)).astype(np.int32)
+        lq = LayerQuant(r["name"], r["module"], r["op"], wb, ab, act_in, act_out,
+                        q.reshape(mod.weight.shape).astype(np.int8), scales, bias_q=bias_q, errors=errors)
         out.append(lq)
     return out
-
-
-def _round_weights(w2d: np.ndarray, o, cfg: CalibConfig, grid_bits: int):
-    """(integer weights [C_out, K], scales, per-layer output error of nearest and GPTQ)."""
-    scales = weight_scales(w2d, grid_bits, axis=0, method="mse" if cfg.method != "minmax" else "minmax")
-    H = o.H / max(o.h_count, 1)
-    q_near = quantize_weight(w2d, scales, grid_bits, axis=0)
-    errors = {"nearest": layer_error(w2d, q_near * scales[:, None].astype(np.float64), H)}
-    q = q_near
-    if cfg.rounding == "gptq":
-        q_g = gptq(w2d, H, scales, grid_bits)
-        errors["gptq"] = layer_error(w2d, q_g * scales[:, None].astype(np.float64), H)
-        q = q_g if errors["gptq"] <= errors["nearest"] else q_near  # never worse than nearest
-    return q, scales, errors
 
 
 def save_params(layers: list[LayerQuant]) -> tuple[dict, dict[str, np.ndarray]]:
