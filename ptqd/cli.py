@@ -175,16 +175,18 @@ def cmd_eval(args) -> int:
 def cmd_correct(args) -> int:
     from ptqd import api
 
-    rec = api.correct(args.bundle, samples=args.samples, holdout=args.holdout, seed=args.seed)
-    print(f"fitted k_t, bias_t, sigma_q,t over {rec['config']['steps']} steps on {args.samples - args.holdout} "
-          f"trajectories ({args.holdout} held out; {rec['seconds']:.0f} s)")
+    rec = api.correct(args.bundle, samples=args.samples, holdout=args.holdout, seed=args.seed, device=args.device,
+                      preset=args.preset)
+    c = rec["config"]
+    print(f"fitted k_t, bias_t, sigma_q,t over {c['steps']} steps on {c['samples'] - c['holdout']} "
+          f"trajectories ({c['holdout']} held out; {rec['seconds']:.0f} s on {rec['device']})")
     for p, sm in rec["summary"].items():
         print(f"  {p}: held-out eps MSE {sm['eps_mse_uncorrected_holdout']:.3e} -> "
               f"{sm['eps_mse_gated_holdout']:.3e}; linear fit explains "
               f"{100 * sm['explained_variance_holdout']:.1f}% of the error variance; k_raw in "
               f"[{sm['k_raw_range'][0]:.3f}, {sm['k_raw_range'][1]:.3f}], sigma_q in "
               f"[{sm['sigma_q_range'][0]:.3f}, {sm['sigma_q_range'][1]:.3f}]")
-    pl = api.plan(args.bundle, margin=args.margin, criterion=args.criterion, budget=args.budget)
+    pl = api.plan(args.bundle, margin=args.margin, criterion=args.criterion, budget=args.budget, preset=args.preset)
     _print_plan(pl)
     return 0
 
@@ -199,7 +201,7 @@ def cmd_plan(args) -> int:
     from ptqd import api
 
     _print_plan(api.plan(args.bundle, margin=args.margin, criterion=args.criterion, budget=args.budget,
-                         reference=args.reference))
+                         reference=args.reference, preset=args.preset))
     return 0
 
 
@@ -209,7 +211,7 @@ def cmd_compile(args) -> int:
     precisions = tuple(p for p in args.precisions.split(",") if p)
     res = api.compile(args.model, args.out, config=args.config, precisions=precisions, samples=args.samples,
                       steps=args.steps, guidance=args.guidance, margin=args.margin, criterion=args.criterion,
-                      budget=args.budget, force=args.force)
+                      budget=args.budget, force=args.force, device=args.device, preset=args.preset)
     bo = res["bops"]
     print(f"bundle  {res['bundle']}")
     print(f"plan    {' '.join(res['plan'])}")
@@ -223,9 +225,12 @@ def cmd_calibrate(args) -> int:
     from ptqd import api
 
     rec = api.calibrate(args.bundle, samples=args.samples, steps=args.steps, eta=args.eta, guidance=args.guidance,
-                        method=args.method, rounding=args.rounding, buckets=args.buckets)
-    print(f"calibrated {rec['layers']} layers on {rec['calibration_inputs']} UNet inputs "
-          f"({rec['seconds']['total']:.0f} s)")
+                        method=args.method, rounding=args.rounding, buckets=args.buckets, device=args.device,
+                        preset=args.preset)
+    sec = rec["seconds"]
+    print(f"calibrated {rec['layers']} layers on {rec['calibration_inputs']} UNet inputs on {rec['device']}, "
+          f"preset {rec['preset']} ({sec['total']:.0f} s: observe {sec['observe']:.0f}, H + weights "
+          f"{sec['weights']:.0f}, ranges + write {sec['ranges_and_write']:.0f})")
     for p, r in rec["precisions"].items():
         errs = ", ".join(f"{k} {v:.2e}" for k, v in r["mean_layer_rel_error"].items())
         print(f"  {p}: mean layer output error (relative) {errs}")
@@ -386,6 +391,18 @@ def _sampling_args(p, num: int) -> None:
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
 
 
+def _effort_args(p, device: bool = True) -> None:
+    from ptqd.budget import BUDGETS
+
+    p.add_argument("--preset", choices=BUDGETS, default="auto",
+                   help="compute preset: trajectories for calibrate, correct and plan (default auto: by the "
+                        "model's MACs per forward; minimal | quick | default | thorough, see ptqd/budget.py)")
+    if device:
+        p.add_argument("--device", default="auto",
+                       help="torch device of the calibration and correction work: auto (cuda when torch sees a GPU, "
+                            "else cpu), cpu, cuda or cuda:N")
+
+
 def _plan_args(p) -> None:
     p.add_argument("--criterion", choices=("sensitivity", "snr"), default="sensitivity",
                    help="plan rule: measured per-step sensitivity under a BOPs budget (default), or PTQD's SNR rule")
@@ -410,10 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--out", required=True, help="bundle directory")
     cp.add_argument("--config", help="CompVis YAML config")
     cp.add_argument("--precisions", default="w8a8,w4a8,w4a4,ort-int8")
-    cp.add_argument("--samples", type=int, default=32, help="calibration trajectories (default 32)")
-    cp.add_argument("--steps", type=int, default=20, help="DDIM steps of the calibrated schedule (default 20)")
+    cp.add_argument("--samples", type=int, default=None, help="calibration trajectories (default: the preset's)")
+    cp.add_argument("--steps", type=int, default=None, help="DDIM steps of the calibrated schedule (default: the "
+                                                            "preset's, 20 up to quick)")
     cp.add_argument("--guidance", type=float, default=3.0, help="CFG scale of calibration and correction (default 3)")
     _plan_args(cp)
+    _effort_args(cp)
     cp.add_argument("--force", action="store_true", help="rerun every stage")
     cp.set_defaults(func=cmd_compile)
 
@@ -444,14 +463,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "CFG-doubled batch), choose activation ranges and round weights for w8a8, w4a8 "
                                    "and w4a4. Needs the source model the bundle was exported from.")
     c.add_argument("bundle")
-    c.add_argument("--samples", type=int, default=32, help="calibration trajectories (labels cycle the classes)")
-    c.add_argument("--steps", type=int, default=20, help="DDIM steps of the calibrated schedule (default 20)")
+    c.add_argument("--samples", type=int, default=None,
+                   help="calibration trajectories (labels cycle the classes; default: the preset's, 32 for the demo)")
+    c.add_argument("--steps", type=int, default=None, help="DDIM steps of the calibrated schedule (default: the "
+                                                           "preset's, 20 up to quick)")
     c.add_argument("--eta", type=float, default=0.0, help="sampler eta of the calibration trajectories (default 0)")
     c.add_argument("--guidance", type=float, default=3.0, help="CFG scale of the calibration trajectories (default 3)")
     c.add_argument("--method", choices=("mse", "minmax", "percentile"), default="mse",
                    help="activation range choice (default mse: clipping search)")
     c.add_argument("--rounding", choices=("nearest", "gptq"), default="gptq", help="weight rounding (default gptq)")
     c.add_argument("--buckets", type=int, default=1, help="timestep buckets, each with its own activation scales and engine (default 1)")
+    _effort_args(c)
     c.set_defaults(func=cmd_calibrate)
 
     bl = sub.add_parser("build", help="one engine per precision, validated against the fake-quant model",
@@ -513,10 +535,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "trajectories; fit k_t, bias_t[c] and sigma_q,t per step (calib/correction.json), "
                                     "then the step-aware plan (calib/plan.json).")
     co.add_argument("bundle")
-    co.add_argument("--samples", type=int, default=64, help="trajectories (default 64)")
-    co.add_argument("--holdout", type=int, default=16, help="of those, held out to measure the fit (default 16)")
+    co.add_argument("--samples", type=int, default=None, help="trajectories (default: the preset's, 64 for the demo)")
+    co.add_argument("--holdout", type=int, default=None,
+                    help="of those, held out to measure the fit (default: the preset's, 16 for the demo)")
     co.add_argument("--seed", type=int, default=1, help="trajectory seed (default 1; calibration uses 0)")
     _plan_args(co)
+    _effort_args(co)
     co.set_defaults(func=cmd_correct)
 
     pl = sub.add_parser("plan", help="recompute the step-aware mixed-precision plan",
@@ -529,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     _plan_args(pl)
     pl.add_argument("--reference", default="w4a8", help="sensitivity: the precision the budget is relative to "
                                                          "(default w4a8)")
+    _effort_args(pl, device=False)
     pl.set_defaults(func=cmd_plan)
 
 

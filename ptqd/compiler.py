@@ -63,7 +63,7 @@ CALIB_FILES = tuple(f"calib/{p}." for p in CALIBRATED)
 BUILD_INPUTS = CALIB_FILES + ("calib/feeds.npz", "unet.onnx")
 
 
-def _fake_quant_runners(b: Bundle, loaded, precisions) -> dict:
+def _fake_quant_runners(b: Bundle, loaded, precisions, device=None) -> dict:
     """precision -> (step index -> torch runner of that step's timestep bucket)."""
     import numpy as np
 
@@ -79,22 +79,27 @@ def _fake_quant_runners(b: Bundle, loaded, precisions) -> dict:
         for k, bk in enumerate(buckets):
             sfx = bucket_suffix(k, len(buckets))
             layers = load_params(b.read_json(f"calib/{p}{sfx}.json"), np.load(b.path(f"calib/{p}{sfx}.npz")))
-            runners.append(TorchRunner(fake_quant_model(loaded.unet, layers)))
+            runners.append(TorchRunner(fake_quant_model(loaded.unet, layers), device))
             for s in bk.get("steps") or []:
                 step_to_bucket[s] = k
         out[p] = (lambda rs, m: (lambda i: rs[m.get(i, 0)]))(runners, step_to_bucket)
     return out
 
 
-def correct(bundle, samples: int = 64, holdout: int = 16, seed: int = 1, batch: int = 32,
+def correct(bundle, samples: int | None = None, holdout: int | None = None, seed: int = 1,
+            batch: int | None = None, device: str = "auto", preset: str = "auto",
             progress: bool | None = None) -> dict[str, Any]:
     """Fit PTQD's correction (k_t, bias_t[c], σ_q,t) for every calibrated precision; write
     calib/correction.json. Runs the source FP model and each precision's fake-quant model on the
     same x_t along FP trajectories of the calibrated schedule (steps, guidance), seeds distinct from
-    the calibration's; the last ``holdout`` samples only measure the fit."""
+    the calibration's; the last ``holdout`` samples only measure the fit. ``samples``, ``holdout`` and
+    ``batch`` default to the compute ``preset`` (``ptqd.budget``); the torch models run on ``device``."""
     import time
 
     import numpy as np
+
+    from ptqd.budget import preset_for
+    from ptqd.calib.device import describe, resolve_device
 
     from ptqd.api import CLASS_EMBEDDING, _load_source, _progress, _sampler_config, default_labels
     from ptqd.calib.correction import collect, fit_precision
@@ -104,21 +109,28 @@ def correct(bundle, samples: int = 64, holdout: int = 16, seed: int = 1, batch: 
     cal = b.stage("calibrate")
     if cal is None:
         raise UserError(f"{b.root} is not calibrated: run `ptqd calibrate {b.root}` first")
+    from ptqd.api import UNET_LAYERS
+
+    pre = preset_for(preset, b.read_json(UNET_LAYERS))
+    samples = pre.correct_samples if samples is None else samples
+    holdout = pre.holdout if holdout is None else holdout
+    batch = pre.correct_batch if batch is None else batch
     if samples < 2 or not 1 <= holdout < samples:
         raise UserError(f"--samples must be >= 2 and --holdout in [1, samples - 1], got {samples} and {holdout}")
     c = cal["config"]
     facts = b.facts
     scfg = _sampler_config(facts, c["steps"], c["eta"], c["guidance"])
     precisions = [p for p in CALIBRATED if b.has(f"calib/{p}.json") or b.has(f"calib/{p}.b0.json")]
+    dev = resolve_device(device)
     t0 = time.perf_counter()
     loaded = _load_source(b)
     table = np.load(b.path(CLASS_EMBEDDING)) if b.has(CLASS_EMBEDDING) else None
     labels = default_labels(facts, None, samples)
-    quant = _fake_quant_runners(b, loaded, precisions)
+    quant = _fake_quant_runners(b, loaded, precisions, dev)
     with _progress(samples * scfg.steps, "correct", progress) as bar:
         bar.set_postfix_str(f"FP vs {', '.join(precisions)} on the same x_t")
-        ts, eps, delta = collect(TorchRunner(loaded.unet), quant, facts, table, labels, seed, scfg, batch=batch,
-                                 progress=bar)
+        ts, eps, delta = collect(TorchRunner(loaded.unet, dev), quant, facts, table, labels, seed, scfg,
+                                 batch=batch, progress=bar)
     fits = {p: fit_precision(eps, delta[p], ts, holdout) for p in precisions}
     summary = {}
     for p, f in fits.items():
@@ -135,7 +147,8 @@ def correct(bundle, samples: int = 64, holdout: int = 16, seed: int = 1, batch: 
     record = {"config": {"samples": samples, "holdout": holdout, "seed": seed, "steps": scfg.steps,
                          "eta": scfg.eta, "guidance": scfg.guidance, "spacing": scfg.spacing,
                          "model": "fake-quant torch model of each precision (engines match it; see build.json)"},
-              "summary": summary, "precisions": fits, "seconds": round(time.perf_counter() - t0, 1)}
+              "summary": summary, "precisions": fits, "seconds": round(time.perf_counter() - t0, 1),
+              "device": describe(dev), "preset": pre.name}
     with Bundle.transaction(b.root) as w:
         w.write_json(CORRECTION_JSON, record)
         w.drop_stage("plan")
@@ -149,7 +162,10 @@ def correct(bundle, samples: int = 64, holdout: int = 16, seed: int = 1, batch: 
 def measure_damage(b: Bundle, candidates, reference: str, samples: int = 64, seed: int = 2) -> dict[str, Any]:
     """For every step i and precision p: how much the final latents move away from FP's when step i
     alone runs p instead of ``reference`` (mean squared difference, same noise), with the PTQD
-    correction on. Runs the built ONNX Runtime engines on the calibrated schedule."""
+    correction on. Runs the built ONNX Runtime engines on the calibrated schedule.
+
+    The steps before i are the reference's own, so each variant resumes from the reference
+    trajectory's x at step i: S(S+1)/2 engine steps per precision instead of S²."""
     import numpy as np
 
     from ptqd.api import CLASS_EMBEDDING, _sampler_config, default_labels, open_engine
@@ -169,23 +185,29 @@ def measure_damage(b: Bundle, candidates, reference: str, samples: int = 64, see
     tables = {p: CorrectionTable.from_json(fitted[p]) for p in candidates if p in fitted}
     runners = {p: open_engine(b, p, allow_spinning=False) for p in ["fp32", *candidates]}
     fp = sample_latents(runners["fp32"], facts, table, labels, idx, seed, cfg)
+    states: list[np.ndarray] = []  # the reference trajectory's x before each step
 
-    def error(precs):
-        eng = StepEngines(runners, Plan(ts, precs), tables)
-        return float(np.mean((sample_latents(eng, facts, table, labels, idx, seed, cfg) - fp) ** 2))
+    def keep(i, t, x, ctx, eps):
+        states.append(x.copy())
 
-    base = error([reference] * len(ts))
+    ref = StepEngines(runners, Plan(ts, [reference] * len(ts)), tables)
+    base = float(np.mean((sample_latents(ref, facts, table, labels, idx, seed, cfg, observe=keep) - fp) ** 2))
     damage = {}
     for p in candidates:
-        if p != reference:
-            damage[p] = [error([p if j == i else reference for j in range(len(ts))]) - base for i in range(len(ts))]
+        if p == reference:
+            continue
+        damage[p] = []
+        for i in range(len(ts)):
+            eng = StepEngines(runners, Plan(ts, [p if j == i else reference for j in range(len(ts))]), tables)
+            x0 = sample_latents(eng, facts, table, labels, idx, seed, cfg, start=(i, states[i]))
+            damage[p].append(float(np.mean((x0 - fp) ** 2)) - base)
     for r in runners.values():
         r.close()
     return {"reference_error": base, "damage": damage, "samples": samples, "seed": seed}
 
 
 def plan(bundle, margin: float = 1.0, precisions=None, criterion: str = "sensitivity", budget: float = 0.9,
-         reference: str = "w4a8", samples: int = 64) -> dict[str, Any]:
+         reference: str = "w4a8", samples: int | None = None, preset: str = "auto") -> dict[str, Any]:
     """Step-aware mixed precision from the fitted correction: write calib/plan.json (with the curves).
 
     ``criterion``: "snr" (PTQD: cheapest precision whose corrected SNR_Q clears margin·SNR_F) or
@@ -213,6 +235,11 @@ def plan(bundle, margin: float = 1.0, precisions=None, criterion: str = "sensiti
     if criterion == "sensitivity":
         if reference not in cands:
             raise UserError(f"--reference {reference} has no engine and correction; choose from {', '.join(cands)}")
+        from ptqd.api import UNET_LAYERS
+        from ptqd.budget import preset_for
+
+        if samples is None:
+            samples = preset_for(preset, b.read_json(UNET_LAYERS)).plan_samples
         meas = measure_damage(b, cands, reference, samples)
         try:
             chosen = budget_plan(meas["damage"], cost, reference, budget)
@@ -317,29 +344,44 @@ def _reusable(b: Bundle, stage: str, inputs: tuple[str, ...], **config) -> bool:
                for k, v in config.items())
 
 
-def compile(model, out, config=None, precisions=CALIBRATED, samples: int = 32, steps: int = 20,
-            guidance: float = 3.0, correction_samples: int = 64, holdout: int = 16, margin: float = 1.0,
-            criterion: str = "sensitivity", budget: float = 0.9, force: bool = False, progress: bool | None = None, log=print) -> dict[str, Any]:
+def compile(model, out, config=None, precisions=CALIBRATED, samples: int | None = None, steps: int | None = None,
+            guidance: float = 3.0, correction_samples: int | None = None, holdout: int | None = None,
+            margin: float = 1.0, criterion: str = "sensitivity", budget: float = 0.9, force: bool = False,
+            device: str = "auto", preset: str = "auto", progress: bool | None = None, log=print) -> dict[str, Any]:
     """export -> calibrate -> build -> correct -> plan, into one bundle. Resumable: a stage whose
     inputs (the sha256 of the files it reads) and settings are unchanged is reused, so a rerun after an
-    interruption, or with a new --margin, redoes only what changed. ``force`` reruns everything."""
+    interruption, or with a new --margin, redoes only what changed. ``force`` reruns everything.
+
+    ``preset`` sets the trajectories of calibrate, correct and plan by model size (``ptqd.budget``);
+    explicit ``samples``/``steps``/``correction_samples``/``holdout`` override it. Each stage's time
+    and peak resident memory are printed and recorded in the manifest (stage "compile")."""
     import time
 
     from ptqd import api
+    from ptqd.budget import preset_for
+    from ptqd.calib.device import resolve_device
     from ptqd.errors import BundleError
+    from ptqd.resources import peak_rss_mb, reset_peak
 
+    resolve_device(device)  # refuse a missing GPU before any work
+    preset_for(preset)  # and an unknown preset
     out = Path(out)
     done: dict[str, Any] = {}
+    costs: dict[str, Any] = {}
 
     def stage(name: str, reuse: bool, fn):
         t0 = time.perf_counter()
         if reuse and not force:
             done[name] = "reused"
+            costs[name] = {"reused": True}
             log(f"[{len(done)}/5] {name}: reused (inputs unchanged)")
             return
+        reset_peak()
         fn()
         done[name] = round(time.perf_counter() - t0, 1)
-        log(f"[{len(done)}/5] {name}: done in {done[name]:.0f} s")
+        peak = peak_rss_mb()
+        costs[name] = {"seconds": done[name], "peak_rss_mb": peak}
+        log(f"[{len(done)}/5] {name}: done in {done[name]:.0f} s" + (f", peak RSS {peak / 1024:.2f} GB" if peak else ""))
 
     try:
         b = Bundle.open(out)
@@ -350,19 +392,29 @@ def compile(model, out, config=None, precisions=CALIBRATED, samples: int = 32, s
         fresh = False
     stage("export", fresh, lambda: api.export(model, out, config=config, progress=progress))
     b = Bundle.open(out)
+    pre = preset_for(preset, b.read_json(api.UNET_LAYERS))
+    samples = pre.calib_samples if samples is None else samples
+    steps = pre.steps if steps is None else steps
+    correction_samples = pre.correct_samples if correction_samples is None else correction_samples
+    holdout = pre.holdout if holdout is None else holdout
     ccfg = {"samples": samples, "steps": steps, "guidance": guidance}
     stage("calibrate", _reusable(b, "calibrate", (api.UNET_ONNX, api.UNET_LAYERS), config=ccfg),
-          lambda: api.calibrate(out, samples=samples, steps=steps, guidance=guidance, progress=progress))
+          lambda: api.calibrate(out, samples=samples, steps=steps, guidance=guidance, device=device, preset=preset,
+                                progress=progress))
     b = Bundle.open(out)
     built = set((b.stage("build") or {}).get("precisions", []))
     stage("build", _reusable(b, "build", BUILD_INPUTS) and set(precisions) <= built,
           lambda: api.build(out, precisions=tuple(precisions), progress=progress))
     b = Bundle.open(out)
     stage("correct", _reusable(b, "correct", CALIB_FILES, config={"samples": correction_samples, "holdout": holdout}),
-          lambda: correct(out, samples=correction_samples, holdout=holdout, progress=progress))
+          lambda: correct(out, samples=correction_samples, holdout=holdout, device=device, preset=preset,
+                          progress=progress))
     b = Bundle.open(out)
     stage("plan", _reusable(b, "plan", (CORRECTION_JSON, "engines/onnxruntime/build.json"), margin=margin,
                             criterion=criterion, budget=budget),
-          lambda: plan(out, margin=margin, criterion=criterion, budget=budget))
+          lambda: plan(out, margin=margin, criterion=criterion, budget=budget, preset=preset))
+    with Bundle.transaction(out) as w:
+        w.set_stage("compile", {"preset": pre.name, "device": device, "stages": costs})
     b = Bundle.open(out)
-    return {"bundle": str(out), "stages": done, "plan": (b.stage("plan") or {}).get("plan"), "bops": bops_table(b)}
+    return {"bundle": str(out), "stages": done, "costs": costs, "preset": pre.name,
+            "plan": (b.stage("plan") or {}).get("plan"), "bops": bops_table(b)}

@@ -61,16 +61,27 @@ def predict(engine, x: np.ndarray, t: int, ctx: GuidedContext):
 
 
 def sample_latents(engine, facts, class_embedding, labels: np.ndarray, indices: np.ndarray, seed: int,
-                   cfg: SamplerConfig, observe: Observer | None = None) -> np.ndarray:
+                   cfg: SamplerConfig, observe: Observer | None = None, start: tuple[int, np.ndarray] | None = None
+                   ) -> np.ndarray:
     """Run the sampler for one batch; sample i's noise comes from (seed, indices[i]). Returns x_0 latents.
 
-    ``engine``: a runner, or a ``StepEngines`` (engine per step by plan, PTQD correction, VSC)."""
+    ``engine``: a runner, or a ``StepEngines`` (engine per step by plan, PTQD correction, VSC).
+    ``start=(i, x)``: resume at step i from x (as ``observe`` saw it there); the noise of the skipped
+    steps is drawn and dropped, so the result equals the uninterrupted run's."""
     sampler = DDIMSampler(facts.schedule.alphas_cumprod, cfg.spacing)
     sampler.set_timesteps(cfg.steps)
     ctx = contexts(facts, class_embedding, labels, cfg.guidance)
     noise = NoiseSource(seed, indices, tuple(facts.latent_shape))
     x = noise.draw()  # x_T
+    first = 0
+    if start is not None:
+        first, x = start[0], np.array(start[1], np.float32, copy=True)
+        if cfg.eta > 0:
+            for _ in range(first):
+                noise.draw()
     for i, t in enumerate(sampler.timesteps):
+        if i < first:
+            continue
         eps, residual = predict(engine, x, int(t), ctx)
         if observe is not None:
             observe(i, int(t), x, ctx, eps)
