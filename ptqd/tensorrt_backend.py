@@ -8,7 +8,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ptqd.api import CLASS_EMBEDDING, OUR_PRECISIONS, UNET_ONNX, _progress, bucket_suffix, validate_engine
+from ptqd.api import (
+    CLASS_EMBEDDING,
+    OUR_PRECISIONS,
+    UNET_ONNX,
+    _progress,
+    bucket_suffix,
+    validate_engine,
+    validation_inputs,
+)
 from ptqd.bundle import Bundle
 from ptqd.errors import UserError
 
@@ -104,7 +112,7 @@ def build_tensorrt(bundle, precisions=TRT_PRECISIONS, validate: bool = True, pro
                 if validate:
                     bits = 16 if p == "fp16" else int(p[3])
                     with TrtEngineSet({p: plan}) as engines:
-                        val = validate_engine(engines.runner(p), OrtRunner(qdq), b.facts, table, act_bits=bits)
+                        val = validate_engine(engines.runner(p), OrtRunner(qdq), validation_inputs(b), act_bits=bits)
                     med, worst = TRT_TOLERANCE[bits]
                     val.update(reference="onnxruntime on the same QDQ graph",
                                tolerance={"median_rel_l2": med, "worst_rel_l2": worst},

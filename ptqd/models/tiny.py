@@ -102,3 +102,65 @@ def write_compvis_checkpoint(path: str | Path, cfg: dict, seed: int = 0) -> Path
         torch.save({"state_dict": state, "global_step": 0}, path)
     path.with_suffix(".yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+# The cin256-v2 (LDM-4 ImageNet) family at three sizes, same structure and options as the paper's model:
+# channel_mult 1,2,3,5, attention at downsampling 8, 4, 2, spatial transformer (context 512), 2 res blocks,
+# 1001 classes. "full" is cin256-v2 itself (400.9 M parameters, 104.2 GMAC per forward at 64x64x3).
+CIN256_SIZES = {
+    "small": {"model_channels": 32, "image_size": 16},  # 5.2 M parameters: the default test suite's compile
+    "mid": {"model_channels": 64, "image_size": 32},  # 47.0 M parameters, 6.6 GMAC
+    "full": {"model_channels": 192, "image_size": 64},  # 400.9 M parameters, 104.2 GMAC
+}
+
+
+def cin256_family_config(size: str = "mid") -> dict:
+    """cin256-v2's config at one of :data:`CIN256_SIZES` (UNet only; no first stage)."""
+    if size not in CIN256_SIZES:
+        raise ValueError(f"size must be one of {', '.join(CIN256_SIZES)}, got {size!r}")
+    cfg = copy.deepcopy(CIN256_V2)
+    p = cfg["model"]["params"]
+    p.pop("first_stage_config")
+    s = CIN256_SIZES[size]
+    p["image_size"] = s["image_size"]
+    p["unet_config"]["params"].update(s)
+    return cfg
+
+
+def unit_eps_state_dict(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """:func:`compvis_state_dict` with the UNet's output conv rescaled so that ε has unit std on
+    N(0, 1) latents (t = 500, class 0), as a trained model's does.
+
+    Random weights otherwise predict ε with a std of 10-20 (every residual branch adds variance), and
+    DDIM trajectories driven by such ε leave N(0, 1) by two orders of magnitude (x_t std 67 at t = 1
+    on the 47 M model): the calibration then sees latents no trained model produces."""
+    from ptqd.models.compvis_unet import UNetModel
+
+    state = compvis_state_dict(cfg, seed)
+    unet_cfg, *_ = parse_config(cfg)
+    pre = "model.diffusion_model."
+    unet = UNetModel(unet_cfg)
+    unet.load_state_dict({k[len(pre):]: v for k, v in state.items() if k.startswith(pre)})
+    p = cfg["model"]["params"]
+    c, hw = p["channels"], p["image_size"]
+    x = torch.from_numpy(np.random.RandomState(seed + 3).standard_normal((2, c, hw, hw)).astype(np.float32))
+    ctx = state.get("cond_stage_model.embedding.weight")
+    with torch.no_grad():
+        eps = unet(x, torch.full((2,), 500.0), context=None if ctx is None else ctx[:2][:, None, :])
+    std = float(eps.std())
+    for k in (f"{pre}out.2.weight", f"{pre}out.2.bias"):
+        state[k] = state[k] / std
+    return state
+
+
+def write_cin256_family(path: str | Path, size: str = "mid", seed: int = 0) -> Path:
+    """A seeded random-weight checkpoint (safetensors) + YAML of the cin256-v2 family at ``size``, with
+    unit-std ε (:func:`unit_eps_state_dict`)."""
+    import yaml
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    cfg = cin256_family_config(size)
+    save_file(unit_eps_state_dict(cfg, seed), str(path))
+    path.with_suffix(".yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path

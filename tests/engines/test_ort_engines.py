@@ -71,9 +71,9 @@ def test_perturbed_qdq_scale_is_caught(built, tmp_path):
     build_engine(tmp_path / "bad.qdq.onnx", tmp_path / "bad.onnx")
     layers = load_params(b.read_json("calib/w8a8.json"), np.load(b.path("calib/w8a8.npz")))
     ref = TorchRunner(fake_quant_model(api._load_source(b).unet, layers))
-    table = np.load(b.path("cond/class_embedding.npy"))
-    good = api.validate_engine(OrtRunner(b.path("engines/onnxruntime/w8a8.onnx")), ref, b.facts, table)
-    bad = api.validate_engine(OrtRunner(tmp_path / "bad.onnx"), ref, b.facts, table)
+    inputs = api.validation_inputs(b)
+    good = api.validate_engine(OrtRunner(b.path("engines/onnxruntime/w8a8.onnx")), ref, inputs)
+    bad = api.validate_engine(OrtRunner(tmp_path / "bad.onnx"), ref, inputs)
     assert good["passed"] and not bad["passed"]
     assert bad["median_rel_l2"] > 10 * api.ENGINE_TOLERANCE["median_rel_l2"]
 
