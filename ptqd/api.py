@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ptqd.bundle import Bundle
+from ptqd.bundle import Bundle, writes_bundle
 from ptqd.errors import UserError
 from ptqd.facts import NoiseSchedule
 
@@ -37,6 +37,7 @@ def parse_schedule(spec: str) -> NoiseSchedule:
                         f"scaled_linear, e.g. scaled_linear:0.0015:0.0195:1000 ({e})") from None
 
 
+@writes_bundle("out", create=True)
 def export(model: str | os.PathLike, out: str | os.PathLike, config: str | os.PathLike | dict | None = None,
            schedule: NoiseSchedule | None = None, first_stage: bool = True, validate: bool = True,
            opset: int = 18, exporter: str = "torchscript", progress: bool | None = None) -> dict[str, Any]:
@@ -308,6 +309,7 @@ def evaluate(bundle, precisions=("fp32",), num: int = 500, seed: int = 0, steps:
     import numpy as np
 
     from ptqd.compiler import plan_bops, precision_bops, step_engines
+@writes_bundle(when="write_report")
     from ptqd.evaluate import DEMO_FEATURES, DEMO_REAL, FeatureModel, evaluate_runners, frechet_distance
 
     import dataclasses
@@ -458,6 +460,7 @@ def calibrate(bundle, samples: int = 32, steps: int = 20, eta: float = 0.0, guid
                       buckets=buckets)
     cfg.validate()
     b = Bundle.open(bundle)
+@writes_bundle()
     facts = b.facts
     scfg = _sampler_config(facts, steps, eta, guidance)
     t0 = time.perf_counter()
@@ -594,6 +597,7 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
     from ptqd.runtime.runners import OrtRunner
 
     if backend == "tensorrt":
+@writes_bundle()
         from ptqd.tensorrt_backend import TRT_PRECISIONS, build_tensorrt
 
         return build_tensorrt(bundle, TRT_PRECISIONS if precisions is None else tuple(precisions), validate, progress)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ptqd.bundle import Bundle
+from ptqd.bundle import Bundle, writes_bundle
 from ptqd.errors import UserError
 
 CORRECTION_JSON = "calib/correction.json"
@@ -86,6 +86,7 @@ def _fake_quant_runners(b: Bundle, loaded, precisions) -> dict:
     return out
 
 
+@writes_bundle()
 def correct(bundle, samples: int = 64, holdout: int = 16, seed: int = 1, batch: int = 32,
             progress: bool | None = None) -> dict[str, Any]:
     """Fit PTQD's correction (k_t, bias_t[c], σ_q,t) for every calibrated precision; write
@@ -183,6 +184,7 @@ def measure_damage(b: Bundle, candidates, reference: str, samples: int = 64, see
         r.close()
     return {"reference_error": base, "damage": damage, "samples": samples, "seed": seed}
 
+@writes_bundle()
 
 def plan(bundle, margin: float = 1.0, precisions=None, criterion: str = "sensitivity", budget: float = 0.9,
          reference: str = "w4a8", samples: int = 64) -> dict[str, Any]:
@@ -318,6 +320,7 @@ def _reusable(b: Bundle, stage: str, inputs: tuple[str, ...], **config) -> bool:
 
 
 def compile(model, out, config=None, precisions=CALIBRATED, samples: int = 32, steps: int = 20,
+@writes_bundle("out", create=True)
             guidance: float = 3.0, correction_samples: int = 64, holdout: int = 16, margin: float = 1.0,
             criterion: str = "sensitivity", budget: float = 0.9, force: bool = False, progress: bool | None = None, log=print) -> dict[str, Any]:
     """export -> calibrate -> build -> correct -> plan, into one bundle. Resumable: a stage whose

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ptqd.api import CLASS_EMBEDDING, OUR_PRECISIONS, UNET_ONNX, _progress, bucket_suffix, validate_engine
-from ptqd.bundle import Bundle
+from ptqd.bundle import Bundle, writes_bundle
 from ptqd.errors import UserError
 
 TRT_DIR = "engines/tensorrt"
@@ -47,6 +47,7 @@ def _tensorrt_graphs(b: Bundle, precisions, path_for, options) -> list[tuple]:
     return out
 
 
+@writes_bundle()
 def build_tensorrt(bundle, precisions=TRT_PRECISIONS, validate: bool = True, progress: bool | None = None,
                     options=None) -> dict:
     """One TensorRT plan per precision (and timestep bucket) from TensorRT-conformant QDQ graphs:
