@@ -138,10 +138,9 @@ def correct(bundle, samples: int = 64, holdout: int = 16, seed: int = 1, batch: 
                          "model": "fake-quant torch model of each precision (engines match it; see build.json)"},
               "summary": summary, "precisions": fits, "seconds": round(time.perf_counter() - t0, 1)}
     with Bundle.transaction(b.root) as w:
+        # The previous plan stays until `plan` replaces it: still a valid plan (its engines are built),
+        # and its record's inputs no longer match correction.json, so compile recomputes it.
         w.write_json(CORRECTION_JSON, record)
-        w.drop_stage("plan")
-        if w.listed(PLAN_JSON):
-            w.remove(PLAN_JSON)
         w.set_stage("correct", {"config": record["config"], "inputs": digest(b, CALIB_FILES),
                                 "summary": summary, "seconds": record["seconds"]})
     return record
