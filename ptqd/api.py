@@ -248,19 +248,23 @@ def sample(bundle, classes=None, num: int = 16, seed: int = 0, steps: int = 20, 
 
     from ptqd.compiler import step_engines
     from ptqd.runtime.pipeline import decode, sample_latents
+    from ptqd.validate import output_file, sampling_counts
 
-    if num < 1:
-        raise UserError(f"--num must be >= 1, got {num}")
+    sampling_counts(num=num, batch=batch, seed=seed)  # every option is checked before any work
     if correction not in ("auto", "on", "off"):
         raise UserError(f"--correction must be auto, on or off, got {correction!r}")
-    b, facts, _, decoder, table = _open(bundle, None)
-    runner, _label = step_engines(b, precision, correction)
-    cfg = _sampler_config(facts, steps, eta, guidance)
-    labels = default_labels(facts, list(classes) if classes else None, num)
     if out is not None and Path(out).suffix not in (".png", ".npz"):
         raise UserError(f"--out {out}: expected a .png (grid) or .npz (arrays) file")
+    if out is not None:
+        output_file(out)
+    b, facts, _, decoder, table = _open(bundle, None)
+    cfg = _sampler_config(facts, steps, eta, guidance)
+    sampling_counts(num=num, sample_shape=facts.image_shape if decoder is not None else facts.latent_shape,
+                    itemsize=1 if decoder is not None else 4)
+    labels = default_labels(facts, list(classes) if classes else None, num)
     if decoder is None and out is not None and Path(out).suffix == ".png":
         raise UserError(f"{b.root} has no first-stage decoder, so samples stay latents: write .npz instead")
+    runner, _label = step_engines(b, precision, correction)
     chunks = []
     with _progress(num, f"sample {precision}", progress) as bar:
         for s0 in range(0, num, batch):
@@ -281,6 +285,13 @@ def _grid_cols(facts, classes, num: int) -> int:
 
 
 def write_samples(out: Path, images, labels, cols: int) -> None:
+    try:
+        _write_samples(out, images, labels, cols)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write it ({e.strerror or e})") from None
+
+
+def _write_samples(out: Path, images, labels, cols: int) -> None:
     import numpy as np
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -298,6 +309,7 @@ def write_samples(out: Path, images, labels, cols: int) -> None:
     os.replace(tmp, out)
 
 
+@writes_bundle(when="write_report")
 def evaluate(bundle, precisions=("fp32",), num: int = 500, seed: int = 0, steps: int = 20, eta: float = 0.0,
              guidance: float = 3.0, classes=None, features: str | os.PathLike | None = None, batch: int = 100,
              progress: bool | None = None, write_report: bool = True, correction: str | tuple = "auto",
@@ -309,11 +321,13 @@ def evaluate(bundle, precisions=("fp32",), num: int = 500, seed: int = 0, steps:
     import numpy as np
 
     from ptqd.compiler import plan_bops, precision_bops, step_engines
-@writes_bundle(when="write_report")
     from ptqd.evaluate import DEMO_FEATURES, DEMO_REAL, FeatureModel, evaluate_runners, frechet_distance
 
     import dataclasses
 
+    from ptqd.validate import sampling_counts
+
+    sampling_counts(num=num, batch=batch, seed=seed)
     b, facts, fp_runner, decoder, table = _open(bundle, "fp32", allow_spinning=False)
     cfg = dataclasses.replace(_sampler_config(facts, steps, eta, guidance), vsc_direction=vsc_direction)
     cfg.validate(facts.schedule.num_train_timesteps)
@@ -446,6 +460,7 @@ def _load_source(b: Bundle):
     return load_model(src, with_first_stage=False)
 
 
+@writes_bundle()
 def calibrate(bundle, samples: int = 32, steps: int = 20, eta: float = 0.0, guidance: float = 3.0,
               method: str = "mse", rounding: str = "gptq", buckets: int = 1, progress: bool | None = None) -> dict:
     """Observe activations along FP trajectories; write quantization parameters per precision."""
@@ -460,7 +475,6 @@ def calibrate(bundle, samples: int = 32, steps: int = 20, eta: float = 0.0, guid
                       buckets=buckets)
     cfg.validate()
     b = Bundle.open(bundle)
-@writes_bundle()
     facts = b.facts
     scfg = _sampler_config(facts, steps, eta, guidance)
     t0 = time.perf_counter()
@@ -583,6 +597,7 @@ def validate_engine(runner, reference, facts, class_embedding, timesteps=VALIDAT
             and max(rel) <= ENGINE_TOLERANCE["worst_rel_l2" if act_bits >= 8 else "worst_rel_l2_a4"]}
 
 
+@writes_bundle()
 def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool = True,
           progress: bool | None = None) -> dict:
     """One engine per precision from the calibration; validated against the fake-quant model."""
@@ -597,7 +612,6 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
     from ptqd.runtime.runners import OrtRunner
 
     if backend == "tensorrt":
-@writes_bundle()
         from ptqd.tensorrt_backend import TRT_PRECISIONS, build_tensorrt
 
         return build_tensorrt(bundle, TRT_PRECISIONS if precisions is None else tuple(precisions), validate, progress)

@@ -183,8 +183,8 @@ def measure_damage(b: Bundle, candidates, reference: str, samples: int = 64, see
         r.close()
     return {"reference_error": base, "damage": damage, "samples": samples, "seed": seed}
 
-@writes_bundle()
 
+@writes_bundle()
 def plan(bundle, margin: float = 1.0, precisions=None, criterion: str = "sensitivity", budget: float = 0.9,
          reference: str = "w4a8", samples: int = 64) -> dict[str, Any]:
     """Step-aware mixed precision from the fitted correction: write calib/plan.json (with the curves).
@@ -197,8 +197,10 @@ def plan(bundle, margin: float = 1.0, precisions=None, criterion: str = "sensiti
     b = Bundle.open(bundle)
     if not b.has(CORRECTION_JSON):
         raise UserError(f"{b.root} has no fitted correction: run `ptqd correct {b.root}` first")
-    if margin <= 0:
-        raise UserError(f"--margin must be > 0, got {margin}")
+    from ptqd.validate import real
+
+    real("--margin", margin, 0, lo_open=True)
+    real("--budget", budget, 0, lo_open=True)
     if criterion not in ("snr", "sensitivity"):
         raise UserError(f"--criterion must be snr or sensitivity, got {criterion!r}")
     if not 0 < budget:
@@ -318,8 +320,8 @@ def _reusable(b: Bundle, stage: str, inputs: tuple[str, ...], **config) -> bool:
                for k, v in config.items())
 
 
-def compile(model, out, config=None, precisions=CALIBRATED, samples: int = 32, steps: int = 20,
 @writes_bundle("out", create=True)
+def compile(model, out, config=None, precisions=CALIBRATED, samples: int = 32, steps: int = 20,
             guidance: float = 3.0, correction_samples: int = 64, holdout: int = 16, margin: float = 1.0,
             criterion: str = "sensitivity", budget: float = 0.9, force: bool = False, progress: bool | None = None, log=print) -> dict[str, Any]:
     """export -> calibrate -> build -> correct -> plan, into one bundle. Resumable: a stage whose
@@ -329,7 +331,10 @@ def compile(model, out, config=None, precisions=CALIBRATED, samples: int = 32, s
 
     from ptqd import api
     from ptqd.errors import BundleError
+    from ptqd.validate import real
 
+    real("--margin", margin, 0, lo_open=True)  # the plan's options, checked before the stages before it run
+    real("--budget", budget, 0, lo_open=True)
     out = Path(out)
     done: dict[str, Any] = {}
 
