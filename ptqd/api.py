@@ -457,7 +457,14 @@ def _load_source(b: Bundle):
         raise UserError(f"calibration needs the source model {src} (gone since export); export again from where it is")
     if rec.get("source_sha256") and _source_digest(src) != rec["source_sha256"]:
         raise UserError(f"{src} changed since it was exported to {b.root}; export again")
-    return load_model(src, with_first_stage=False)
+    loaded = load_model(src, with_first_stage=False)
+    facts = b.facts
+    for name in ("latent_shape", "conditioning", "schedule"):  # what the UNet's inputs and the sampler use
+        if getattr(loaded.facts, name) != getattr(facts, name):
+            raise UserError(f"{b.root}: the manifest's model {name} ({getattr(facts, name)}) is not the source "
+                            f"model's ({getattr(loaded.facts, name)}); the manifest was edited or damaged: export "
+                            "again")
+    return loaded
 
 
 @writes_bundle()

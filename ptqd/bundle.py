@@ -228,6 +228,46 @@ def _recover_if_idle(root: Path) -> None:
             _recover(root)
 
 
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# The fields of stage records that later stages read, and what they must be.
+_STAGE_FIELDS: dict[str, dict[str, Any]] = {
+    "*": {"config": lambda v: isinstance(v, dict)},
+    "export": {"source": lambda v: isinstance(v, str), "source_sha256": lambda v: v is None or isinstance(v, str)},
+    "calibrate": {
+        "config": lambda v: isinstance(v, dict) and all(k in v for k in ("steps", "eta", "guidance"))
+        and _is_int(v["steps"]) and _is_num(v["eta"]) and _is_num(v["guidance"]),
+        "buckets": lambda v: isinstance(v, list) and all(
+            isinstance(b, dict) and isinstance(b.get("t_range"), list) and len(b["t_range"]) == 2
+            and all(_is_num(t) for t in b["t_range"])
+            and isinstance(b.get("steps", []), list) and all(_is_int(i) for i in b.get("steps", [])) for b in v),
+    },
+    "build": {"precisions": lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v)},
+    "plan": {"plan": lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v)},
+}
+
+
+_STAGE_REQUIRED = {"calibrate": ("config",)}
+
+
+def _stage_record_problem(name: str, rec: Any) -> str | None:
+    if not isinstance(rec, dict):
+        return f"is {type(rec).__name__}, not an object"
+    missing = [f for f in _STAGE_REQUIRED.get(name, ()) if f not in rec]
+    if missing:
+        return f"has no {', '.join(missing)}"
+    for field, ok in {**_STAGE_FIELDS["*"], **_STAGE_FIELDS.get(name, {})}.items():
+        if field in rec and not ok(rec[field]):
+            return f"field {field!r} is malformed ({str(rec[field])[:80]})"
+    return None
+
+
 def _manifest_id(root: Path) -> tuple[int, int] | None:
     """Identity of the manifest file: a commit replaces the whole directory, so this changes."""
     try:
@@ -304,10 +344,11 @@ class Bundle:
             if key in m and not isinstance(m[key], dict):
                 raise BundleError(f"{where}: '{key}' must be an object, got {type(m[key]).__name__}; "
                                   "the manifest is damaged")
-        bad = [k for k, rec in m.get("stages", {}).items() if not isinstance(rec, dict)]
-        if bad:
-            raise BundleError(f"{where}: stage record(s) {', '.join(map(repr, bad))} are not objects; "
-                              "the manifest is damaged")
+        for name, rec in m.get("stages", {}).items():
+            problem = _stage_record_problem(name, rec)
+            if problem:
+                raise BundleError(f"{where}: stage record {name!r}: {problem}; the manifest is damaged (rerun that "
+                                  "stage)")
         return m
 
     def _changed_since_open(self) -> bool:
@@ -467,9 +508,14 @@ class BundleWriter:
     def file(self, rel: str) -> Path:
         """A path in the staging area to write ``rel`` to (any previous version is detached first)."""
         rel = check_relpath(rel)
+        for parent in reversed(PurePosixPath(rel).parents[:-1]):  # a user's symlink where ptqd writes a folder
+            q = self.staging / parent
+            if q.is_symlink() or q.exists() and not q.is_dir():
+                raise BundleError(f"{self.root}: ptqd writes {rel}, but {parent} in the bundle is not ptqd's folder "
+                                  "(a symlink or a file); move it away and run the command again")
         p = self.staging / rel
         p.parent.mkdir(parents=True, exist_ok=True)
-        if p.exists():
+        if p.is_symlink() or p.exists():
             p.unlink()  # it may be a hard link to the live bundle's file: never write through it
         self._dirty.add(rel)
         return p
