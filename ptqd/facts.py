@@ -60,7 +60,7 @@ class NoiseSchedule:
                 raise ValueError(f"a {self.kind} schedule needs beta_start and beta_end")
             for name in ("beta_start", "beta_end"):
                 v = getattr(self, name)
-                if not _is_real(v) or not (math.isfinite(v) and 0 < v < 1):
+                if not _is_real(v) or not 0 < v < 1:  # NaN fails the comparison
                     raise ValueError(f"{name} must be a number in (0, 1), got {v!r}")
             if self.beta_start > self.beta_end:
                 raise ValueError(f"beta_start {self.beta_start} > beta_end {self.beta_end}: the noise must grow with t")
@@ -202,7 +202,7 @@ class ModelFacts:
                 source=d.get("source", ""),
             )
         except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as e:
-            raise BundleError(f"manifest 'model' section is malformed ({e}); re-export the bundle") from None
+            raise BundleError(f"manifest 'model' section is malformed ({str(e)[:200]}); re-export the bundle") from None
 
 
 def seeded_unet_inputs(facts, batch: int, t: float, seed: int) -> dict[str, np.ndarray]:

@@ -16,14 +16,28 @@ from typing import Any
 from ptqd.errors import NonFiniteError, UserError
 
 
+def show(value: Any, limit: int = 60) -> str:
+    """repr(value), shortened: error messages stay one readable line."""
+    r = repr(value)
+    return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
+def finite(value: Any) -> bool:
+    """A real number that a float can hold (NaN, infinities and ints beyond 1e308 are not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def real(name: str, value: Any, lo: float | None = None, hi: float | None = None, *,
          lo_open: bool = False, hi_open: bool = False) -> float:
     """``value`` as a finite float in [lo, hi] (open at an end with ``lo_open`` / ``hi_open``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise UserError(f"{name} must be a number, got {value!r}")
+        raise UserError(f"{name} must be a number, got {show(value)}")
+    if not finite(value):
+        raise NonFiniteError(f"{name} must be a finite number, got {show(value)}")
     v = float(value)
-    if not math.isfinite(v):
-        raise NonFiniteError(f"{name} must be a finite number, got {v}")
     if lo is not None and (v <= lo if lo_open else v < lo) or hi is not None and (v >= hi if hi_open else v > hi):
         left = "-inf" if lo is None else f"{lo:g}"
         right = "inf" if hi is None else f"{hi:g}"
@@ -35,14 +49,14 @@ def real(name: str, value: Any, lo: float | None = None, hi: float | None = None
 def integer(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
     """``value`` as an int in [lo, hi] (bools and floats are refused, not rounded)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise UserError(f"{name} must be an integer, got {value!r}")
+        raise UserError(f"{name} must be an integer, got {show(value)}")
     v = int(value)
     if lo is not None and v < lo or hi is not None and v > hi:
         if hi is None:
-            raise UserError(f"{name} must be >= {lo}, got {v}")
+            raise UserError(f"{name} must be >= {lo}, got {show(v)}")
         if lo is None:
-            raise UserError(f"{name} must be <= {hi}, got {v}")
-        raise UserError(f"{name} must be between {lo} and {hi}, got {v}")
+            raise UserError(f"{name} must be <= {hi}, got {show(v)}")
+        raise UserError(f"{name} must be between {lo} and {hi}, got {show(v)}")
     return v
 
 
@@ -86,13 +100,13 @@ def config_value(where: str, value: Any, kind: type, lo: float | None = None, hi
           isinstance(value, numbers.Real) and not isinstance(value, bool) if kind is float else
           isinstance(value, kind))
     if not ok:
-        raise error(f"config: {where} must be {_KIND_NAMES.get(kind, kind.__name__)}, got {value!r}"[:300])
+        raise error(f"config: {where} must be {_KIND_NAMES.get(kind, kind.__name__)}, got {show(value)}")
     if kind in (int, float):
-        if kind is float and not math.isfinite(value):
-            raise error(f"config: {where} must be a finite number, got {value!r}")
+        if not finite(value):
+            raise error(f"config: {where} must be a finite number, got {show(value)}")
         if lo is not None and value < lo or hi is not None and value > hi:
             left, right = ("-inf" if lo is None else f"{lo:g}"), ("inf" if hi is None else f"{hi:g}")
-            raise error(f"config: {where} must be in [{left}, {right}], got {value!r}")
+            raise error(f"config: {where} must be in [{left}, {right}], got {show(value)}")
         return kind(value)
     return value
 
