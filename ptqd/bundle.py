@@ -175,8 +175,9 @@ def _lock(root: Path, blocking: bool, make_parent: bool = False) -> Iterator[boo
 @contextlib.contextmanager
 def writer_lock(path: str | os.PathLike, create: bool = False) -> Iterator[Path]:
     """Hold the writer lock of the bundle at ``path`` (resolved); yields the real bundle root.
-    ``create``: the bundle may be new, so its parent folder is made; otherwise a missing parent means
-    there is no bundle to protect (the stage then fails to open it, and no folder is left behind)."""
+    ``create``: the bundle may be new, so its parent folder is made. Otherwise, when there is no bundle
+    at ``path`` (nor a backup to put back), there is nothing to protect: no lock is taken, the stage
+    then fails to open it, and no folder or lock file is left behind."""
     root = real_root(path)
     if not create and not root.is_dir() and not _siblings(root, _OLD):
         # no bundle to protect (nor one to put back): the stage says so, and leaves no lock file behind
