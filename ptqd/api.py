@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ptqd.bundle import Bundle
+from ptqd.bundle import Bundle, writes_bundle
 from ptqd.errors import UserError
 from ptqd.facts import NoiseSchedule
 
@@ -37,6 +37,7 @@ def parse_schedule(spec: str) -> NoiseSchedule:
                         f"scaled_linear, e.g. scaled_linear:0.0015:0.0195:1000 ({e})") from None
 
 
+@writes_bundle("out", create=True)
 def export(model: str | os.PathLike, out: str | os.PathLike, config: str | os.PathLike | dict | None = None,
            schedule: NoiseSchedule | None = None, first_stage: bool = True, validate: bool = True,
            opset: int = 18, exporter: str = "torchscript", progress: bool | None = None) -> dict[str, Any]:
@@ -247,19 +248,23 @@ def sample(bundle, classes=None, num: int = 16, seed: int = 0, steps: int = 20, 
 
     from ptqd.compiler import step_engines
     from ptqd.runtime.pipeline import decode, sample_latents
+    from ptqd.validate import output_file, sampling_counts
 
-    if num < 1:
-        raise UserError(f"--num must be >= 1, got {num}")
+    sampling_counts(num=num, batch=batch, seed=seed)  # every option is checked before any work
     if correction not in ("auto", "on", "off"):
         raise UserError(f"--correction must be auto, on or off, got {correction!r}")
-    b, facts, _, decoder, table = _open(bundle, None)
-    runner, _label = step_engines(b, precision, correction)
-    cfg = _sampler_config(facts, steps, eta, guidance)
-    labels = default_labels(facts, list(classes) if classes else None, num)
     if out is not None and Path(out).suffix not in (".png", ".npz"):
         raise UserError(f"--out {out}: expected a .png (grid) or .npz (arrays) file")
+    if out is not None:
+        output_file(out)
+    b, facts, _, decoder, table = _open(bundle, None)
+    cfg = _sampler_config(facts, steps, eta, guidance)
+    sampling_counts(num=num, sample_shape=facts.image_shape if decoder is not None else facts.latent_shape,
+                    itemsize=1 if decoder is not None else 4)
+    labels = default_labels(facts, list(classes) if classes else None, num)
     if decoder is None and out is not None and Path(out).suffix == ".png":
         raise UserError(f"{b.root} has no first-stage decoder, so samples stay latents: write .npz instead")
+    runner, _label = step_engines(b, precision, correction)
     chunks = []
     with _progress(num, f"sample {precision}", progress) as bar:
         for s0 in range(0, num, batch):
@@ -280,6 +285,13 @@ def _grid_cols(facts, classes, num: int) -> int:
 
 
 def write_samples(out: Path, images, labels, cols: int) -> None:
+    try:
+        _write_samples(out, images, labels, cols)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write it ({e.strerror or e})") from None
+
+
+def _write_samples(out: Path, images, labels, cols: int) -> None:
     import numpy as np
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -297,6 +309,7 @@ def write_samples(out: Path, images, labels, cols: int) -> None:
     os.replace(tmp, out)
 
 
+@writes_bundle(when="write_report")
 def evaluate(bundle, precisions=("fp32",), num: int = 500, seed: int = 0, steps: int = 20, eta: float = 0.0,
              guidance: float = 3.0, classes=None, features: str | os.PathLike | None = None, batch: int = 100,
              progress: bool | None = None, write_report: bool = True, correction: str | tuple = "auto",
@@ -312,6 +325,9 @@ def evaluate(bundle, precisions=("fp32",), num: int = 500, seed: int = 0, steps:
 
     import dataclasses
 
+    from ptqd.validate import sampling_counts
+
+    sampling_counts(num=num, batch=batch, seed=seed)
     b, facts, fp_runner, decoder, table = _open(bundle, "fp32", allow_spinning=False)
     cfg = dataclasses.replace(_sampler_config(facts, steps, eta, guidance), vsc_direction=vsc_direction)
     cfg.validate(facts.schedule.num_train_timesteps)
@@ -441,9 +457,17 @@ def _load_source(b: Bundle):
         raise UserError(f"calibration needs the source model {src} (gone since export); export again from where it is")
     if rec.get("source_sha256") and _source_digest(src) != rec["source_sha256"]:
         raise UserError(f"{src} changed since it was exported to {b.root}; export again")
-    return load_model(src, with_first_stage=False)
+    loaded = load_model(src, with_first_stage=False)
+    facts = b.facts
+    for name in ("latent_shape", "conditioning", "schedule"):  # what the UNet's inputs and the sampler use
+        if getattr(loaded.facts, name) != getattr(facts, name):
+            raise UserError(f"{b.root}: the manifest's model {name} ({getattr(facts, name)}) is not the source "
+                            f"model's ({getattr(loaded.facts, name)}); the manifest was edited or damaged: export "
+                            "again")
+    return loaded
 
 
+@writes_bundle()
 def calibrate(bundle, samples: int | None = None, steps: int | None = None, eta: float = 0.0,
               guidance: float = 3.0, method: str = "mse", rounding: str = "gptq", buckets: int = 1,
               device: str = "auto", preset: str = "auto", progress: bool | None = None) -> dict:
@@ -685,6 +709,7 @@ def _validate_built(b: Bundle, eng_path, loaded, layers, inputs: list[dict], act
     return val
 
 
+@writes_bundle()
 def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool = True,
           progress: bool | None = None) -> dict:
     """One engine per precision from the calibration; validated against the fake-quant model."""
@@ -696,7 +721,6 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
     from ptqd.engines.onnxruntime import build_engine, describe_engine
     from ptqd.engines.qdq import write_qdq
     from ptqd.errors import ExportError
-    from ptqd.runtime.runners import OrtRunner
 
     if backend == "tensorrt":
         from ptqd.tensorrt_backend import TRT_PRECISIONS, build_tensorrt

@@ -9,8 +9,15 @@ Guarantees:
   sibling directory (unchanged files are hard links, so this is cheap), writes the manifest
   last, then swaps directories. An interrupted stage leaves the previous bundle intact; a
   crash inside the swap itself (two renames) is repaired on the next open. One writer at a
-  time: writers hold an advisory lock (``.<name>.lock`` beside the bundle).
-* **Checksums.** Every file is verified against the manifest before it is used.
+  time: writers hold an advisory lock (``.<name>.lock`` beside the bundle) from their first read
+  of the bundle to their commit (:func:`writes_bundle`), so a concurrent writer waits and then
+  sees the committed result: no update is lost. A symlinked bundle path is resolved first, so
+  the real directory is updated and the link stays a link.
+* **Leftovers.** Staging and backup directories are matched literally (``.<name>.staging-<hex>``,
+  ``.<name>.old-<hex>``), never as glob patterns, and only cleaned up when no writer holds the lock.
+* **User files.** Files in the bundle that the manifest does not list (notes, scripts) are not
+  ptqd's: every stage carries them over untouched.
+* **Checksums.** Every file is verified against the manifest (size, then sha256) before it is used.
 * **Containment.** A manifest path must be relative, inside the bundle, and free of ``..``.
 * **Versioning.** ``schema_version`` newer than this ptqd understands is refused; older
   versions are migrated (none exist yet).
@@ -21,10 +28,16 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
+import functools
 import hashlib
+import inspect
 import json
+import math
 import os
+import re
 import shutil
+import sys
+import threading
 import uuid
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
@@ -36,6 +49,9 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 _STAGING = ".staging-"
 _OLD = ".old-"
+_SUFFIX = re.compile(r"[0-9a-f]+")  # what follows the marker: uuid4().hex[:8]
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_FILE_SIZE = 1 << 50  # 1 PiB: larger sizes in a manifest are damage, not data
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -71,37 +87,139 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def real_root(path: str | os.PathLike) -> Path:
+    """The directory a bundle path names, symlinks resolved: what writers lock and replace."""
+    return Path(os.path.realpath(os.fspath(path)))
+
+
 def _siblings(root: Path, marker: str) -> list[Path]:
-    if not root.parent.exists():
+    """``root``'s own leftovers ``.<name><marker><hex>``, oldest first. Names are compared literally:
+    a bundle called ``g?`` or ``exp[1]`` matches nothing of ``g1``'s."""
+    prefix = f".{root.name}{marker}"
+    try:
+        names = os.listdir(root.parent)
+    except OSError:
         return []
-    return sorted(root.parent.glob(f".{root.name}{marker}*"), key=lambda p: p.stat().st_mtime)
+    found = []
+    for n in names:
+        if n.startswith(prefix) and _SUFFIX.fullmatch(n[len(prefix):]):
+            p = root.parent / n
+            try:
+                found.append((p.lstat().st_mtime, p))
+            except FileNotFoundError:  # removed meanwhile
+                continue
+    return [p for _, p in sorted(found)]
+
+
+# Writer locks this process holds: lock path -> [owning thread, depth]. flock locks belong to an open
+# file description, so a second open() in the same thread would wait for itself; a thread that holds a
+# bundle's lock re-enters it instead (a stage calls transaction, compile calls every stage).
+_HELD: dict[str, list[int]] = {}
+_HELD_GUARD = threading.Lock()
 
 
 @contextlib.contextmanager
-def _lock(root: Path, blocking: bool) -> Iterator[bool]:
+def _lock(root: Path, blocking: bool, make_parent: bool = False) -> Iterator[bool]:
     """An advisory lock beside the bundle (``.<name>.lock``): one writer at a time, and recovery
-    never touches a directory that a live writer is using. Yields whether the lock was taken."""
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
+    never touches a directory that a live writer is using. Yields whether the lock was taken.
+
+    Re-entrant within a thread for ``blocking=True``; ``blocking=False`` asks "is no writer running?",
+    which is False inside this thread's own writer."""
+    key = os.fspath(root.parent / f".{root.name}.lock")
+    me = threading.get_ident()
+    with _HELD_GUARD:
+        held = _HELD.get(key)
+        mine = held is not None and held[0] == me
+        if mine and blocking:
+            held[1] += 1
+    if mine:
+        if not blocking:
             yield False
             return
         try:
             yield True
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            with _HELD_GUARD:
+                _HELD[key][1] -= 1
+        return
+    try:
+        if make_parent:
+            root.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError as e:
+        if not blocking:  # a reader on a read-only place: nothing can be repaired there anyway
+            yield False
+            return
+        raise BundleError(f"cannot write the bundle {root}: {key}: {e.strerror or e}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not blocking:
+                yield False
+                return
+            print(f"ptqd: waiting for another ptqd writer to finish with {root} ...", file=sys.stderr)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        with _HELD_GUARD:
+            _HELD[key] = [me, 1]
+        try:
+            yield True
+        finally:
+            with _HELD_GUARD:
+                del _HELD[key]
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def writer_lock(path: str | os.PathLike, create: bool = False) -> Iterator[Path]:
+    """Hold the writer lock of the bundle at ``path`` (resolved); yields the real bundle root.
+    ``create``: the bundle may be new, so its parent folder is made. Otherwise, when there is no bundle
+    at ``path`` (nor a backup to put back), there is nothing to protect: no lock is taken, the stage
+    then fails to open it, and no folder or lock file is left behind."""
+    root = real_root(path)
+    if not create and not root.is_dir() and not _siblings(root, _OLD):
+        # no bundle to protect (nor one to put back): the stage says so, and leaves no lock file behind
+        yield root
+        return
+    with _lock(root, blocking=True, make_parent=create):
+        yield root
+
+
+def writes_bundle(arg: str = "bundle", when: str | None = None, create: bool = False):
+    """Decorator for a stage: hold the bundle's writer lock from the stage's first read of the bundle
+    to its commit. A second writer waits, then reads what the first committed, so neither update is
+    lost. ``arg`` names the parameter that holds the bundle path; with ``when``, the lock is only taken
+    if that parameter is true (e.g. ``write_report``); ``create`` for stages that may make the bundle."""
+
+    def deco(fn):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            if when is not None and not bound.arguments[when]:
+                return fn(*args, **kwargs)
+            target = bound.arguments[arg]
+            with writer_lock(target.root if isinstance(target, Bundle) else target, create=create):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return deco
 
 
 def _recover(root: Path) -> None:
     """Repair what an interrupted swap or stage left beside ``root``. Call with the lock held."""
-    olds = _siblings(root, _OLD)
-    if not root.exists() and olds:
+    olds = [p for p in _siblings(root, _OLD) if p.is_dir() and not p.is_symlink()]
+    if not root.exists() and not root.is_symlink() and olds:
         os.rename(olds[-1], root)  # the swap died between its two renames: put the previous bundle back
         olds = olds[:-1]
     for leftover in olds + _siblings(root, _STAGING):
-        shutil.rmtree(leftover, ignore_errors=True)
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _recover_if_idle(root: Path) -> None:
@@ -112,6 +230,55 @@ def _recover_if_idle(root: Path) -> None:
             _recover(root)
 
 
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and math.isfinite(v)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# The fields of stage records that later stages read, and what they must be.
+_STAGE_FIELDS: dict[str, dict[str, Any]] = {
+    "*": {"config": lambda v: isinstance(v, dict)},
+    "export": {"source": lambda v: isinstance(v, str), "source_sha256": lambda v: v is None or isinstance(v, str)},
+    "calibrate": {
+        "config": lambda v: isinstance(v, dict) and all(k in v for k in ("steps", "eta", "guidance"))
+        and _is_int(v["steps"]) and _is_num(v["eta"]) and _is_num(v["guidance"]),
+        "buckets": lambda v: isinstance(v, list) and all(
+            isinstance(b, dict) and isinstance(b.get("t_range"), list) and len(b["t_range"]) == 2
+            and all(_is_num(t) for t in b["t_range"])
+            and isinstance(b.get("steps", []), list) and all(_is_int(i) for i in b.get("steps", [])) for b in v),
+    },
+    "build": {"precisions": lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v)},
+    "plan": {"plan": lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v)},
+}
+
+
+_STAGE_REQUIRED = {"calibrate": ("config",)}
+
+
+def _stage_record_problem(name: str, rec: Any) -> str | None:
+    if not isinstance(rec, dict):
+        return f"is {type(rec).__name__}, not an object"
+    missing = [f for f in _STAGE_REQUIRED.get(name, ()) if f not in rec]
+    if missing:
+        return f"has no {', '.join(missing)}"
+    for field, ok in {**_STAGE_FIELDS["*"], **_STAGE_FIELDS.get(name, {})}.items():
+        if field in rec and not ok(rec[field]):
+            return f"field {field!r} is malformed ({str(rec[field])[:80]})"
+    return None
+
+
+def _manifest_id(root: Path) -> tuple[int, int] | None:
+    """Identity of the manifest file: a commit replaces the whole directory, so this changes."""
+    try:
+        st = os.stat(root / MANIFEST)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
 class Bundle:
     """A bundle opened for reading. Use :meth:`open`; files are verified on first access."""
 
@@ -119,21 +286,28 @@ class Bundle:
         self.root = root
         self.manifest = manifest
         self._verified: set[str] = set()
+        self._manifest_id = _manifest_id(root)
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Bundle":
         root = Path(path)
-        _recover_if_idle(root)
+        _recover_if_idle(real_root(root))
         mpath = root / MANIFEST
+        if root.exists() and not root.is_dir():
+            raise BundleError(f"{root} is a file, not a bundle (a bundle is a directory with a {MANIFEST}, made by "
+                              f"`ptqd export` or `ptqd compile`)")
         if not root.is_dir():
             raise BundleError(f"bundle not found: {root} (create one with `ptqd export MODEL --out {root}`)")
-        if not mpath.exists():
+        if not mpath.is_file():
             raise BundleError(f"{root} is not a ptqd bundle: it has no {MANIFEST}")
         try:
             manifest = json.loads(mpath.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BundleError(f"{mpath} is not valid JSON ({e}); the bundle is damaged, re-export it") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+            raise BundleError(f"{mpath} is not valid JSON ({str(e)[:200]}); the bundle is damaged, re-export it") \
+                from None
+        except OSError as e:
+            raise BundleError(f"cannot read {mpath}: {e.strerror or e}") from None
         return cls(root, cls._migrate(manifest, mpath))
 
     @staticmethod
@@ -143,20 +317,44 @@ class Bundle:
         v = m["schema_version"]
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise BundleError(f"{where}: schema_version {v!r} is not a positive integer")
+        producer = m.get("producer", {})
         if v > SCHEMA_VERSION:
-            producer = m.get("producer", {}).get("version", "?")
+            version = producer.get("version") if isinstance(producer, dict) else None
             raise BundleError(
                 f"bundle schema_version {v} is newer than this ptqd {__version__} understands "
-                f"(up to {SCHEMA_VERSION}); it was written by ptqd {producer}: upgrade ptqd to read it"
+                f"(up to {SCHEMA_VERSION}); it was written by ptqd {version if isinstance(version, str) else '?'}: "
+                "upgrade ptqd to read it"
             )
+        if not isinstance(producer, dict):
+            raise BundleError(f"{where}: 'producer' must be an object like {{\"name\": \"ptqd\", \"version\": "
+                              f"\"{__version__}\"}}, got {type(producer).__name__}; the manifest is damaged")
         files = m.get("files")
         if not isinstance(files, dict):
             raise BundleError(f"{where} has no 'files' table")
         for rel, rec in files.items():
-            check_relpath(rel)
+            if check_relpath(rel) != rel or rel == ".":
+                raise BundleError(f"{where}: manifest path {rel!r} is not in normal form; the manifest is damaged")
             if not isinstance(rec, dict) or not isinstance(rec.get("sha256"), str):
                 raise BundleError(f"{where}: entry {rel!r} has no sha256")
+            if not _SHA256.fullmatch(rec["sha256"]):
+                raise BundleError(f"{where}: entry {rel!r}: sha256 {rec['sha256'][:80]!r} is not 64 hex digits")
+            size = rec.get("size")
+            if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_FILE_SIZE:
+                raise BundleError(f"{where}: entry {rel!r}: size {size!r} is not a byte count (an integer from 0 "
+                                  f"to {MAX_FILE_SIZE}); the manifest is damaged")
+        for key in ("stages", "model"):
+            if key in m and not isinstance(m[key], dict):
+                raise BundleError(f"{where}: '{key}' must be an object, got {type(m[key]).__name__}; "
+                                  "the manifest is damaged")
+        for name, rec in m.get("stages", {}).items():
+            problem = _stage_record_problem(name, rec)
+            if problem:
+                raise BundleError(f"{where}: stage record {name!r}: {problem}; the manifest is damaged (rerun that "
+                                  "stage)")
         return m
+
+    def _changed_since_open(self) -> bool:
+        return _manifest_id(self.root) != self._manifest_id
 
     # ---- reading -------------------------------------------------------------------------
     @property
@@ -177,15 +375,27 @@ class Bundle:
             raise BundleError(f"{rel!r} resolves outside the bundle (symlink?); refusing to use it")
         if verify and rel not in self._verified:
             if not p.is_file():
+                if self._changed_since_open():
+                    raise self._updated_meanwhile(rel)
                 raise BundleError(f"{self.root}: {rel} is listed in the manifest but missing on disk")
-            digest = sha256_file(p)
-            if digest != self.files[rel]["sha256"]:
+            want = self.files[rel]
+            size = p.stat().st_size
+            digest = sha256_file(p) if size == want["size"] else None
+            if digest != want["sha256"]:
+                if self._changed_since_open():
+                    raise self._updated_meanwhile(rel)
+                got = f"sha256 {digest[:12]}..." if digest else f"{size} bytes"
+                expected = f"{want['sha256'][:12]}..." if digest else f"{want['size']} bytes"
                 raise BundleError(
-                    f"{self.root}: {rel} does not match its checksum (sha256 {digest[:12]}..., manifest says "
-                    f"{self.files[rel]['sha256'][:12]}...): the file was modified or damaged; rebuild that stage"
+                    f"{self.root}: {rel} does not match its checksum ({got}, manifest says {expected}): the file "
+                    "was modified or damaged; rebuild that stage"
                 )
             self._verified.add(rel)
         return p
+
+    def _updated_meanwhile(self, rel: str) -> BundleError:
+        return BundleError(f"{self.root} was updated by another ptqd process while this one was reading it "
+                           f"({rel} changed); run the command again")
 
     def verify_all(self) -> None:
         for rel in self.files:
@@ -217,8 +427,8 @@ class Bundle:
         ``create=True`` starts a new bundle, replacing whatever bundle is at ``path`` (only on
         success). Otherwise the bundle must exist and unchanged files carry over.
         """
-        root = Path(path)
-        with _lock(root, blocking=True):
+        root = real_root(path)  # a symlinked bundle: update the real directory, keep the link
+        with _lock(root, blocking=True, make_parent=True):
             _recover(root)
             if root.exists() and not root.is_dir():
                 raise BundleError(f"{root} exists and is not a directory")
@@ -227,15 +437,53 @@ class Bundle:
             if root.exists() and create and any(root.iterdir()) and not (root / MANIFEST).exists():
                 raise BundleError(f"{root} exists, is not empty and is not a ptqd bundle; choose another --out")
             previous = None if create or not root.exists() else cls.open(root)
+            listed = set(previous.files) if previous is not None else _listed_leniently(root) if create else None
             staging = root.parent / f".{root.name}{_STAGING}{uuid.uuid4().hex[:8]}"
             staging.mkdir()
             try:
                 writer = BundleWriter(root, staging, previous)
+                if listed is not None:
+                    writer._foreign = _carry_foreign(root, staging, listed)
                 yield writer
                 writer._commit()
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
+
+
+def _listed_leniently(root: Path) -> set[str] | None:
+    """The paths an existing (perhaps damaged) manifest lists; None when it cannot be read."""
+    try:
+        files = json.loads((root / MANIFEST).read_text()).get("files")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return None
+    return set(files) if isinstance(files, dict) else None
+
+
+def _carry_foreign(src: Path, staging: Path, listed: set[str]) -> set[str]:
+    """Carry what the user keeps inside the bundle (files the manifest does not list, symlinks, empty
+    folders) into ``staging`` untouched: hard links, symlinks recreated as they are. Returns their paths."""
+    carried: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(src):  # does not descend into symlinked folders
+        here = Path(dirpath)
+        rel_dir = here.relative_to(src)
+        (staging / rel_dir).mkdir(parents=True, exist_ok=True)
+        for name in filenames + [d for d in dirnames if (here / d).is_symlink()]:
+            rel = (rel_dir / name).as_posix()
+            if rel in listed or rel == MANIFEST:
+                continue
+            s, d = here / name, staging / rel
+            if d.exists() or d.is_symlink():
+                continue
+            if s.is_symlink():
+                os.symlink(os.readlink(s), d)
+            else:
+                try:
+                    os.link(s, d)
+                except OSError:
+                    shutil.copy2(s, d)
+            carried.add(rel)
+    return carried
 
 
 class BundleWriter:
@@ -248,6 +496,7 @@ class BundleWriter:
             {"schema_version": SCHEMA_VERSION, "created": _now(), "files": {}, "stages": {}}
         )
         self._dirty: set[str] = set()
+        self._foreign: set[str] = set()  # the user's files, carried over as they are
         if previous is not None:
             for rel in previous.files:
                 src = previous.path(rel)  # verified: never carry a damaged file into a new version
@@ -261,9 +510,14 @@ class BundleWriter:
     def file(self, rel: str) -> Path:
         """A path in the staging area to write ``rel`` to (any previous version is detached first)."""
         rel = check_relpath(rel)
+        for parent in reversed(PurePosixPath(rel).parents[:-1]):  # a user's symlink where ptqd writes a folder
+            q = self.staging / parent
+            if q.is_symlink() or q.exists() and not q.is_dir():
+                raise BundleError(f"{self.root}: ptqd writes {rel}, but {parent} in the bundle is not ptqd's folder "
+                                  "(a symlink or a file); move it away and run the command again")
         p = self.staging / rel
         p.parent.mkdir(parents=True, exist_ok=True)
-        if p.exists():
+        if p.is_symlink() or p.exists():
             p.unlink()  # it may be a hard link to the live bundle's file: never write through it
         self._dirty.add(rel)
         return p
@@ -283,10 +537,11 @@ class BundleWriter:
 
     def remove(self, rel: str) -> None:
         rel = check_relpath(rel)
+        ours = rel in self.manifest["files"] or rel in self._dirty
         self.manifest["files"].pop(rel, None)
         self._dirty.discard(rel)
         p = self.staging / rel
-        if p.exists():
+        if ours and p.exists():  # never a file the user keeps there
             p.unlink()
 
     def set_model(self, facts_json: dict[str, Any]) -> None:
@@ -309,11 +564,12 @@ class BundleWriter:
             if not p.is_file():
                 raise BundleError(f"stage declared {rel} but did not write it")
             self.manifest["files"][rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
-        listed = set(self.manifest["files"])
-        for p in self.staging.rglob("*"):  # stray files (e.g. ORT side outputs) must be listed or go
-            rel = p.relative_to(self.staging).as_posix()
-            if p.is_file() and rel not in listed:
-                raise RuntimeError(f"internal: {rel} was written to the bundle but never declared")
+        known = set(self.manifest["files"]) | self._foreign
+        for dirpath, dirnames, filenames in os.walk(self.staging):  # stray files (e.g. ORT side outputs)
+            for name in filenames:                                   # must be listed or go
+                rel = (Path(dirpath) / name).relative_to(self.staging).as_posix()
+                if rel not in known and rel != MANIFEST:
+                    raise RuntimeError(f"internal: {rel} was written to the bundle but never declared")
         self.manifest["schema_version"] = SCHEMA_VERSION
         self.manifest["producer"] = {"name": "ptqd", "version": __version__}
         self.manifest["updated"] = _now()

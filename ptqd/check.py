@@ -33,6 +33,7 @@ from xml.sax.saxutils import quoteattr
 
 import numpy as np
 
+from ptqd.bundle import writes_bundle
 from ptqd.errors import UserError
 
 CHECK_T = (951, 501, 51)
@@ -224,6 +225,7 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@writes_bundle(when="update")
 def check(bundle, baseline: str | os.PathLike | None = None, update: bool = False,
           junit: str | os.PathLike | None = None, num: int = 64, steps: int = 20) -> dict[str, Any]:
     """Run the gate. Returns {"passed", "rows", "baseline"}; with ``update`` writes the baseline instead."""

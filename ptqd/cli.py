@@ -1,7 +1,7 @@
 """``ptqd``: the command line, a thin shell over :mod:`ptqd.api`.
 
-A user error prints one line (``ptqd: error: ...``) and exits 1; ``--debug`` shows the
-traceback. Anything else is a ptqd bug and is shown with its traceback (exit 2).
+A user error prints one line (``ptqd: error: ...``) and exits 1, wrong flags included; ``--debug``
+shows the traceback. Anything else is a ptqd bug: its traceback, a line asking for a report, exit 2.
 """
 
 from __future__ import annotations
@@ -9,9 +9,31 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 
 from ptqd import __version__
 from ptqd.errors import PtqdError
+
+BUG_REPORT = ("ptqd: internal error: this is a bug in ptqd, not in your input. Please report it with the command "
+              "you ran and the traceback above.")
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a wrong flag on one line (exit 1, like every user error), not a usage block."""
+
+    def error(self, message: str):
+        raise _UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _dumps(obj) -> str:
+    """Strict JSON for --json: NaN and infinities (not JSON) become null."""
+    from ptqd.validate import json_safe
+
+    return json.dumps(json_safe(obj), indent=2, allow_nan=False)
 
 EPILOG = """\
 pipeline:  export -> calibrate -> build -> correct (+ plan) -> sample / eval   (one bundle directory)
@@ -55,7 +77,7 @@ def cmd_inspect(args) -> int:
 
     info = api.inspect(args.bundle)
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(_dumps(info))
         return 0
     m = info["model"]
     cond = m["conditioning"]
@@ -108,7 +130,7 @@ def _classes(spec: str | None):
 def _emit(args, obj, pretty) -> int:
     """``--json``: the object as JSON; otherwise the human table."""
     if args.json:
-        print(json.dumps(obj, indent=2))
+        print(_dumps(obj))
     else:
         pretty(obj)
     return 0
@@ -159,7 +181,7 @@ def cmd_eval(args) -> int:
         res = api.ablation(args.bundle, precisions=precisions, num=args.num, seed=args.seed, steps=args.steps,
                            guidance=args.guidance)
         if args.json:
-            print(json.dumps(res, indent=2))
+            print(_dumps(res))
         else:
             for rep in res.values():
                 print_eval(rep)
@@ -260,7 +282,7 @@ def cmd_lint(args) -> int:
 
     results = api.lint(args.bundle, target=args.target)
     if args.json:
-        print(json.dumps({g: [f.to_json() for f in found] for g, found in results.items()}, indent=2))
+        print(_dumps({g: [f.to_json() for f in found] for g, found in results.items()}))
     else:
         print(format_findings(results))
     bad = {g: found for g, found in results.items() if found}
@@ -377,7 +399,7 @@ def cmd_train_demo(args) -> int:
     from ptqd import api
 
     log = api.train_demo(args.out, seed=args.seed)
-    print(json.dumps(log, indent=2))
+    print(_dumps(log))
     return 0
 
 
@@ -413,7 +435,7 @@ def _plan_args(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="ptqd", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Compile a latent diffusion UNet into post-training-quantized engines (PTQD).")
     p.add_argument("--version", action="version", version=f"ptqd {__version__}")
@@ -603,12 +625,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="directory for the weights (default: the shipped ones, in place)")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_train_demo)
+    p.commands = tuple(sub.choices)  # for error messages that point at `ptqd COMMAND --help`
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as e:
+        msg, verb = str(e), next((a for a in argv or sys.argv[1:] if a in parser.commands), None)
+        if verb and msg.endswith("(see `ptqd --help`)"):  # e.g. unrecognized arguments, found by the top parser
+            msg = msg.replace("`ptqd --help`", f"`ptqd {verb} --help`")
+        print(f"ptqd: error: {msg}", file=sys.stderr)
+        return 1
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
@@ -625,6 +655,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ptqd: interrupted; the bundle was left as it was", file=sys.stderr)
         return 130
+    except Exception:  # noqa: BLE001 - the last resort: a bug in ptqd, shown in full and said to be one
+        traceback.print_exc()
+        print(BUG_REPORT, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ptqd.bundle import Bundle
+from ptqd.bundle import Bundle, writes_bundle
 from ptqd.errors import UserError
 
 CORRECTION_JSON = "calib/correction.json"
@@ -86,6 +86,7 @@ def _fake_quant_runners(b: Bundle, loaded, precisions, device=None) -> dict:
     return out
 
 
+@writes_bundle()
 def correct(bundle, samples: int | None = None, holdout: int | None = None, seed: int = 1,
             batch: int | None = None, device: str = "auto", preset: str = "auto",
             progress: bool | None = None) -> dict[str, Any]:
@@ -150,10 +151,9 @@ def correct(bundle, samples: int | None = None, holdout: int | None = None, seed
               "summary": summary, "precisions": fits, "seconds": round(time.perf_counter() - t0, 1),
               "device": describe(dev), "preset": pre.name}
     with Bundle.transaction(b.root) as w:
+        # The previous plan stays until `plan` replaces it: still a valid plan (its engines are built),
+        # and its record's inputs no longer match correction.json, so compile recomputes it.
         w.write_json(CORRECTION_JSON, record)
-        w.drop_stage("plan")
-        if w.listed(PLAN_JSON):
-            w.remove(PLAN_JSON)
         w.set_stage("correct", {"config": record["config"], "inputs": digest(b, CALIB_FILES),
                                 "summary": summary, "seconds": record["seconds"]})
     return record
@@ -206,6 +206,7 @@ def measure_damage(b: Bundle, candidates, reference: str, samples: int = 64, see
     return {"reference_error": base, "damage": damage, "samples": samples, "seed": seed}
 
 
+@writes_bundle()
 def plan(bundle, margin: float = 1.0, precisions=None, criterion: str = "sensitivity", budget: float = 0.9,
          reference: str = "w4a8", samples: int | None = None, preset: str = "auto") -> dict[str, Any]:
     """Step-aware mixed precision from the fitted correction: write calib/plan.json (with the curves).
@@ -218,8 +219,10 @@ def plan(bundle, margin: float = 1.0, precisions=None, criterion: str = "sensiti
     b = Bundle.open(bundle)
     if not b.has(CORRECTION_JSON):
         raise UserError(f"{b.root} has no fitted correction: run `ptqd correct {b.root}` first")
-    if margin <= 0:
-        raise UserError(f"--margin must be > 0, got {margin}")
+    from ptqd.validate import real
+
+    real("--margin", margin, 0, lo_open=True)
+    real("--budget", budget, 0, lo_open=True)
     if criterion not in ("snr", "sensitivity"):
         raise UserError(f"--criterion must be snr or sensitivity, got {criterion!r}")
     if not 0 < budget:
@@ -344,6 +347,7 @@ def _reusable(b: Bundle, stage: str, inputs: tuple[str, ...], **config) -> bool:
                for k, v in config.items())
 
 
+@writes_bundle("out", create=True)
 def compile(model, out, config=None, precisions=CALIBRATED, samples: int | None = None, steps: int | None = None,
             guidance: float = 3.0, correction_samples: int | None = None, holdout: int | None = None,
             margin: float = 1.0, criterion: str = "sensitivity", budget: float = 0.9, force: bool = False,
@@ -362,7 +366,10 @@ def compile(model, out, config=None, precisions=CALIBRATED, samples: int | None 
     from ptqd.calib.device import resolve_device
     from ptqd.errors import BundleError
     from ptqd.resources import peak_rss_mb, reset_peak
+    from ptqd.validate import real
 
+    real("--margin", margin, 0, lo_open=True)  # the plan's options, checked before the stages before it run
+    real("--budget", budget, 0, lo_open=True)
     resolve_device(device)  # refuse a missing GPU before any work
     preset_for(preset)  # and an unknown preset
     out = Path(out)

@@ -2,7 +2,8 @@
 
 ``UserError`` (and subclasses) mean the input was wrong: the CLI prints the message on
 one line and exits 1, with no traceback (``--debug`` shows it). Anything else escaping
-the CLI is a bug in ptqd and is shown with its traceback.
+the CLI is a bug in ptqd: it is shown with its traceback, a line asking for a report,
+and exit code 2.
 
 Messages say what was expected, what came, and how to fix it.
 """
@@ -32,3 +33,11 @@ class ExportError(PtqdError):
 
 class MissingDependencyError(UserError):
     """An optional backend (TensorRT, onnxruntime-gpu, ...) is not installed."""
+
+
+class NonFiniteError(UserError, ValueError):
+    """A number that must be finite is NaN or infinite (an option, a model fact, an engine input)."""
+
+
+class EngineInputError(UserError, ValueError):
+    """An engine was given inputs it cannot run on (shape, NaN/Inf): refused before inference."""

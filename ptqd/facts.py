@@ -5,6 +5,8 @@ Plain data (stdlib + numpy) so the runtime and the bundle can read them without 
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -13,6 +15,23 @@ import numpy as np
 from ptqd.errors import BundleError
 
 SCHEDULE_KINDS = ("scaled_linear", "linear", "cosine", "explicit")
+MAX_TRAIN_TIMESTEPS = 1_000_000
+MAX_DIM = 1 << 16  # latent / image sides and channels, classes, context width
+MAX_ELEMENTS = 1 << 28  # per sample, latent or image (1 GiB of float32)
+SCALE_FACTOR = (1e-3, 1e3)  # beyond, decode(z / scale_factor) sees all-zero or saturated latents
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _count(name: str, v: Any, lo: int = 1, hi: int = MAX_DIM) -> None:
+    if not _is_int(v) or not lo <= v <= hi:
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -35,10 +54,26 @@ class NoiseSchedule:
     def __post_init__(self):
         if self.kind not in SCHEDULE_KINDS:
             raise ValueError(f"unknown beta schedule {self.kind!r}; expected one of {SCHEDULE_KINDS}")
-        if self.kind in ("scaled_linear", "linear") and (self.beta_start is None or self.beta_end is None):
-            raise ValueError(f"a {self.kind} schedule needs beta_start and beta_end")
+        _count("num_train_timesteps", self.num_train_timesteps, 2, MAX_TRAIN_TIMESTEPS)
+        if self.kind in ("scaled_linear", "linear"):
+            if self.beta_start is None or self.beta_end is None:
+                raise ValueError(f"a {self.kind} schedule needs beta_start and beta_end")
+            for name in ("beta_start", "beta_end"):
+                v = getattr(self, name)
+                if not _is_real(v) or not 0 < v < 1:  # NaN fails the comparison
+                    raise ValueError(f"{name} must be a number in (0, 1), got {v!r}")
+            if self.beta_start > self.beta_end:
+                raise ValueError(f"beta_start {self.beta_start} > beta_end {self.beta_end}: the noise must grow with t")
         if self.kind == "explicit" and (self.betas_explicit is None or len(self.betas_explicit) != self.num_train_timesteps):
             raise ValueError("an explicit schedule needs num_train_timesteps betas")
+        b = self.betas
+        if not (np.isfinite(b).all() and (b > 0).all() and (b < 1).all()):
+            raise ValueError("every beta must be a finite number in (0, 1)")
+        if (np.diff(b) < 0).any():
+            raise ValueError("the betas must not decrease with t (the noise grows with t)")
+        if not self.alphas_cumprod[-1] > 0:
+            raise ValueError(f"alphas_cumprod underflows to 0 by t = {self.num_train_timesteps}: the schedule "
+                             "leaves no signal to denoise")
 
     @property
     def betas(self) -> np.ndarray:
@@ -91,8 +126,15 @@ class Conditioning:
     def __post_init__(self):
         if self.kind not in ("none", "class"):
             raise ValueError(f"unknown conditioning kind {self.kind!r}")
-        if self.kind == "class" and (self.num_classes is None or self.context_dim is None):
-            raise ValueError("class conditioning needs num_classes and context_dim")
+        if self.kind == "class":
+            if self.num_classes is None or self.context_dim is None:
+                raise ValueError("class conditioning needs num_classes and context_dim")
+            _count("num_classes", self.num_classes, 2, 1 << 24)
+            _count("context_dim", self.context_dim)
+            _count("context_tokens", self.context_tokens)
+            if not _is_int(self.null_class) or not 0 <= self.null_class < self.num_classes:
+                raise ValueError(f"null_class must be a class index in [0, {self.num_classes - 1}], "
+                                 f"got {self.null_class!r}")
 
 
 @dataclass(frozen=True)
@@ -107,6 +149,32 @@ class ModelFacts:
     scale_factor: float = 1.0  # latents are z * scale_factor; decode(z_sample / scale_factor)
     image_shape: tuple[int, int, int] | None = None  # (C, H, W) of the first-stage output
     source: str = ""
+
+    def __post_init__(self):
+        if not isinstance(self.family, str):
+            raise TypeError(f"family must be a string, got {self.family!r}")
+        for name in ("latent_shape", "image_shape"):
+            shape = getattr(self, name)
+            if shape is None and name == "image_shape":
+                continue
+            if not isinstance(shape, tuple):
+                raise TypeError(f"{name} must be a tuple (C, H, W), got {shape!r}")
+            if len(shape) != 3:
+                raise ValueError(f"{name} must be (C, H, W), got {shape!r}")
+            for v in shape:
+                _count(f"{name} entries", v)
+            if math.prod(shape) > MAX_ELEMENTS:
+                raise ValueError(f"{name} {shape} has more than {MAX_ELEMENTS} elements per sample")
+        if not isinstance(self.schedule, NoiseSchedule) or not isinstance(self.conditioning, Conditioning):
+            raise TypeError("schedule and conditioning must be a NoiseSchedule and a Conditioning")
+        if self.prediction_type != "epsilon":
+            raise ValueError(f"prediction_type {self.prediction_type!r} is not supported (only 'epsilon')")
+        if not _is_real(self.scale_factor) or not (SCALE_FACTOR[0] <= self.scale_factor <= SCALE_FACTOR[1]):
+            raise ValueError(f"scale_factor must be a number in [{SCALE_FACTOR[0]:g}, {SCALE_FACTOR[1]:g}] (latents "
+                             f"are z * scale_factor: 0.18215 for Stable Diffusion's VAE, 1 for VQ models), got "
+                             f"{self.scale_factor!r}")
+        if not isinstance(self.source, str):
+            raise TypeError(f"source must be a string, got {self.source!r}")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -133,8 +201,8 @@ class ModelFacts:
                 image_shape=tuple(d["image_shape"]) if d.get("image_shape") else None,
                 source=d.get("source", ""),
             )
-        except (KeyError, TypeError, ValueError) as e:
-            raise BundleError(f"manifest 'model' section is malformed ({e}); re-export the bundle") from None
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as e:
+            raise BundleError(f"manifest 'model' section is malformed ({str(e)[:200]}); re-export the bundle") from None
 
 
 def seeded_unet_inputs(facts, batch: int, t: float, seed: int) -> dict[str, np.ndarray]:

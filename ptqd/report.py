@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from ptqd.bundle import writes_bundle
+
 
 def _png(fig) -> bytes:
     buf = io.BytesIO()
@@ -114,6 +116,7 @@ def plan_plot(plan: dict) -> bytes:
     return _png(fig)
 
 
+@writes_bundle()
 def report(bundle, num: int = 10, run_eval: bool = False, eval_num: int = 200, run_bench: bool = False,
            progress: bool | None = None) -> dict[str, Any]:
     """Regenerate reports/ (see the module doc). Returns {"files": [...], ...}."""

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from ptqd.api import (
-    CLASS_EMBEDDING,
     OUR_PRECISIONS,
     UNET_ONNX,
     _progress,
@@ -17,7 +16,7 @@ from ptqd.api import (
     validate_engine,
     validation_inputs,
 )
-from ptqd.bundle import Bundle
+from ptqd.bundle import Bundle, writes_bundle
 from ptqd.errors import UserError
 
 TRT_DIR = "engines/tensorrt"
@@ -55,12 +54,12 @@ def _tensorrt_graphs(b: Bundle, precisions, path_for, options) -> list[tuple]:
     return out
 
 
+@writes_bundle()
 def build_tensorrt(bundle, precisions=TRT_PRECISIONS, validate: bool = True, progress: bool | None = None,
                     options=None) -> dict:
     """One TensorRT plan per precision (and timestep bucket) from TensorRT-conformant QDQ graphs:
     each graph is linted on the CPU before it is built, each engine validated against ONNX Runtime
     running the same graph. The timing cache lives in the bundle and is reused by every build."""
-    import numpy as np
 
     from ptqd.engines.lint import lint_qdq
     from ptqd.engines.tensorrt import (
@@ -81,7 +80,6 @@ def build_tensorrt(bundle, precisions=TRT_PRECISIONS, validate: bool = True, pro
     options = options or TrtOptions()
     options.validate()
     b = Bundle.open(bundle)
-    table = np.load(b.path(CLASS_EMBEDDING)) if b.has(CLASS_EMBEDDING) else None
     old = b.read_json(TRT_BUILD_JSON) if b.has(TRT_BUILD_JSON) else {}
     cache_rel = f"{TRT_DIR}/{TIMING_CACHE}"
     cache_bytes = b.read_bytes(cache_rel) if b.has(cache_rel) else b""

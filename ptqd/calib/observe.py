@@ -116,7 +116,6 @@ def record_trajectories(loaded, layers: list[dict], labels: np.ndarray, seeds, c
                         per_call: int = 2048, progress=None) -> Recording:
     """Pass 1: run FP trajectories with statistics hooks on ``layers`` (layer-table rows; their
     ``module`` names address the torch modules). ``progress`` advances by one per trajectory chunk."""
-    import torch
 
     from ptqd.runtime.pipeline import sample_latents
     from ptqd.runtime.sampler import DDIMSampler

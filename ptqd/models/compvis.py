@@ -30,7 +30,21 @@ SCHEDULE_BUFFERS = (
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
     "lvlb_weights", "logvar", "scale_factor",
 )
-IGNORED_PREFIXES = ("model_ema.",)  # EMA copies and counters; deployment uses model.diffusion_model
+IGNORED_PREFIXES = ("model_ema.",)
+# model.params of LatentDiffusion / DDPM: what ptqd reads, what only matters for training (accepted and
+# ignored), and what would change the sampled model if set, so is only accepted at its default.
+MODEL_PARAMS_USED = (
+    "unet_config", "first_stage_config", "cond_stage_config", "conditioning_key", "timesteps", "beta_schedule",
+    "linear_start", "linear_end", "parameterization", "scale_factor", "image_size", "channels",
+)
+MODEL_PARAMS_TRAINING = (
+    "loss_type", "ckpt_path", "ignore_keys", "load_only_unet", "monitor", "use_ema", "first_stage_key",
+    "log_every_t", "clip_denoised", "original_elbo_weight", "v_posterior", "l_simple_weight", "scheduler_config",
+    "learn_logvar", "logvar_init", "num_timesteps_cond", "cond_stage_key", "cond_stage_trainable", "concat_mode",
+    "scale_by_std", "make_it_fit", "ucg_training", "reset_ema", "reset_num_ema_updates",
+)
+MODEL_PARAMS_DEFAULT_ONLY = {"given_betas": None, "cosine_s": 8e-3, "use_positional_encodings": False,
+                             "cond_stage_forward": None}  # EMA copies and counters; deployment uses model.diffusion_model
 # Decoder-side modules of the first stage; encoder, quant_conv and loss are not needed to sample.
 FIRST_STAGE_UNUSED = ("encoder.", "quant_conv.", "loss.")
 
@@ -83,15 +97,35 @@ def read_config(path: Path) -> dict:
 
 
 def _schedule(params: dict) -> NoiseSchedule:
+    from ptqd.validate import config_value
+
     name = params.get("beta_schedule", "linear")
     kinds = {"linear": "scaled_linear", "sqrt_linear": "linear", "cosine": "cosine"}
-    if name not in kinds:
+    if not isinstance(name, str) or name not in kinds:
         raise ModelLoadError(f"beta_schedule {name!r} is not supported; expected one of {sorted(kinds)}")
-    return NoiseSchedule(
-        kind=kinds[name], num_train_timesteps=int(params.get("timesteps", 1000)),
-        beta_start=float(params.get("linear_start", 1e-4)) if name != "cosine" else None,
-        beta_end=float(params.get("linear_end", 2e-2)) if name != "cosine" else None,
-    )
+    T = config_value("model.params.timesteps", params.get("timesteps", 1000), int, 2, 1_000_000, ModelLoadError)
+    start = config_value("model.params.linear_start", params.get("linear_start", 1e-4), float, error=ModelLoadError)
+    end = config_value("model.params.linear_end", params.get("linear_end", 2e-2), float, error=ModelLoadError)
+    try:
+        return NoiseSchedule(kind=kinds[name], num_train_timesteps=T, beta_start=start if name != "cosine" else None,
+                             beta_end=end if name != "cosine" else None)
+    except ValueError as e:
+        raise ModelLoadError(f"config: the noise schedule (beta_schedule {name}, linear_start {start}, linear_end "
+                             f"{end}, timesteps {T}) is not valid: {e}") from None
+
+
+def _check_model_params(params: dict) -> None:
+    """Refuse what ptqd would otherwise silently ignore: unknown options, and options that change the
+    sampled model away from what ptqd implements."""
+    known = set(MODEL_PARAMS_USED) | set(MODEL_PARAMS_TRAINING) | set(MODEL_PARAMS_DEFAULT_ONLY)
+    unknown = sorted(str(k) for k in params if k not in known)
+    if unknown:
+        raise ModelLoadError(f"config: model.params has option(s) ptqd does not know: {', '.join(unknown)}; "
+                             "remove them, or report them if the checkpoint needs them")
+    for k, default in MODEL_PARAMS_DEFAULT_ONLY.items():
+        if k in params and params[k] != default:
+            raise ModelLoadError(f"config: model.params.{k} = {params[k]!r} is not supported (ptqd implements "
+                                 f"{k} = {default!r})"[:300])
 
 
 def parse_config(cfg: dict):
@@ -99,8 +133,11 @@ def parse_config(cfg: dict):
     try:
         params = cfg["model"]["params"]
         unet_params = params["unet_config"]["params"]
-    except (KeyError, TypeError):
+    except (KeyError, TypeError, IndexError):
         raise ModelLoadError("config has no model.params.unet_config.params section") from None
+    if not isinstance(params, dict) or not isinstance(unet_params, dict):
+        raise ModelLoadError("config: model.params and unet_config.params must be mappings")
+    _check_model_params(params)
     if params.get("parameterization", "eps") != "eps":
         raise ModelLoadError(f"parameterization {params['parameterization']!r} is not supported (only 'eps')")
     unet_cfg = UNetConfig.from_params(dict(unet_params))
@@ -111,9 +148,19 @@ def parse_config(cfg: dict):
             raise ModelLoadError("the UNet expects a cross-attention context but the config has no conditioning")
         cond = Conditioning()
     elif key == "crossattn" and isinstance(cond_cfg, dict) and str(cond_cfg.get("target", "")).endswith("ClassEmbedder"):
+        from ptqd.validate import config_value
+
         cp = cond_cfg.get("params", {})
-        n = int(cp.get("n_classes", 1000))
-        dim = int(cp.get("embed_dim"))
+        if not isinstance(cp, dict):
+            raise ModelLoadError("config: cond_stage_config.params must be a mapping")
+        unknown = sorted(str(k) for k in cp if k not in ("n_classes", "embed_dim", "key", "ucg_rate"))
+        if unknown:
+            raise ModelLoadError(f"config: cond_stage_config.params has option(s) ptqd does not know: "
+                                 f"{', '.join(unknown)}")
+        n = config_value("cond_stage_config.params.n_classes", cp.get("n_classes", 1000), int, 2, 1 << 24,
+                         ModelLoadError)
+        dim = config_value("cond_stage_config.params.embed_dim", cp.get("embed_dim"), int, 1, 1 << 16,
+                           ModelLoadError)
         if dim != unet_cfg.context_dim:
             raise ModelLoadError(f"ClassEmbedder embed_dim={dim} but the UNet's context_dim={unet_cfg.context_dim}")
         # CompVis class-conditional models reserve the last class as the unconditional one.
@@ -125,6 +172,8 @@ def parse_config(cfg: dict):
             "class-conditional models (crossattn + ClassEmbedder)"
         )
     fs = params.get("first_stage_config")
+    if fs is not None and not isinstance(fs, dict):
+        raise ModelLoadError(f"config: first_stage_config must be a mapping, got {type(fs).__name__}")
     dec_cfg = DecoderConfig.from_params(str(fs.get("target", "")), fs.get("params", {})) if isinstance(fs, dict) else None
     return unet_cfg, dec_cfg, cond, _schedule(params), params
 
@@ -197,19 +246,33 @@ def load_compvis(checkpoint: str | Path, config: str | Path | dict, with_first_s
                     "Check first_stage_config, or export without the decoder")
         first_stage.eval()
 
-    scale_factor = float(state["scale_factor"]) if "scale_factor" in state else float(params.get("scale_factor", 1.0))
-    image_size = int(params.get("image_size", unet_cfg.image_size))
-    latent = (int(params.get("channels", unet_cfg.in_channels)), image_size, image_size)
+    from ptqd.validate import config_value
+
+    if "scale_factor" in state:
+        if state["scale_factor"].numel() != 1:
+            raise ModelLoadError(f"{ckpt_path.name}: scale_factor must be one number, got shape "
+                                 f"{tuple(state['scale_factor'].shape)}")
+        scale_factor = float(state["scale_factor"])
+    else:
+        scale_factor = config_value("model.params.scale_factor", params.get("scale_factor", 1.0), float,
+                                    error=ModelLoadError)
+    image_size = config_value("model.params.image_size", params.get("image_size", unet_cfg.image_size), int, 1, 4096,
+                              ModelLoadError)
+    latent = (config_value("model.params.channels", params.get("channels", unet_cfg.in_channels), int, 1, 4096,
+                           ModelLoadError), image_size, image_size)
     if latent[0] != unet_cfg.in_channels:
         raise ModelLoadError(f"model.params.channels={latent[0]} but the UNet has in_channels={unet_cfg.in_channels}")
     image_shape = None
     if dec_cfg is not None:
         f = dec_cfg.downsampling
         image_shape = (dec_cfg.out_ch, latent[1] * f, latent[2] * f)
-    facts = ModelFacts(
-        family="compvis-ldm", latent_shape=latent, schedule=schedule, conditioning=cond,
-        scale_factor=scale_factor, image_shape=image_shape, source=ckpt_path.name,
-    )
+    try:
+        facts = ModelFacts(
+            family="compvis-ldm", latent_shape=latent, schedule=schedule, conditioning=cond,
+            scale_factor=scale_factor, image_shape=image_shape, source=ckpt_path.name,
+        )
+    except (ValueError, TypeError) as e:
+        raise ModelLoadError(f"config: the model's facts are not valid ({e})") from None
     has_ctx = cond.kind == "class"
     wrapper = EpsModel(unet, lambda m, x, t, c: m(x, t, context=c), has_context=has_ctx)
     return LoadedModel(unet=wrapper.eval(), facts=facts, class_embedding=class_embedding, first_stage=first_stage)

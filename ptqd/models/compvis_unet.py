@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -54,24 +55,63 @@ class UNetConfig:
 
     _IGNORED = ("use_checkpoint", "use_fp16")
 
+    # name -> (kind, lo, hi): what the YAML may hold; sizes far beyond any published LDM are refused
+    # up front, before torch is asked to allocate them.
+    _TYPES: ClassVar[dict[str, tuple]] = {
+        "in_channels": (int, 1, 4096), "out_channels": (int, 1, 4096), "model_channels": (int, 32, 8192),
+        "num_res_blocks": (int, 0, 64), "image_size": (int, 1, 4096), "dropout": (float, 0.0, 1.0),
+        "conv_resample": (bool, None, None), "dims": (int, 1, 3), "num_classes": (int, 1, 1 << 24),
+        "num_heads": (int, -1, 1024), "num_head_channels": (int, -1, 8192), "num_heads_upsample": (int, -1, 1024),
+        "use_scale_shift_norm": (bool, None, None), "resblock_updown": (bool, None, None),
+        "use_new_attention_order": (bool, None, None), "use_spatial_transformer": (bool, None, None),
+        "transformer_depth": (int, 1, 64), "context_dim": (int, 1, 1 << 16), "legacy": (bool, None, None),
+    }
+    _LISTS: ClassVar[dict[str, tuple]] = {"attention_resolutions": (0, 16, 1, 4096), "channel_mult": (1, 8, 1, 64)}  # (min len, max len, lo, hi)
+    MAX_PARAMETERS: ClassVar[float] = 5e9  # ~20 GB of FP32 weights: well past any published LDM UNet
+
     @classmethod
     def from_params(cls, params: dict) -> "UNetConfig":
+        from ptqd.validate import config_value
+
+        if not isinstance(params, dict):
+            raise ModelLoadError(f"config: unet_config.params must be a mapping, got {type(params).__name__}")
         known = {f.name for f in fields(cls)} - {"ignored"}
-        unknown = sorted(set(params) - known - set(cls._IGNORED))
+        unknown = sorted(map(str, set(params) - known - set(cls._IGNORED)))
         if unknown:
             raise ModelLoadError(
                 f"unet_config.params has options ptqd does not implement: {', '.join(unknown)}; "
                 "supported are the options used by the CompVis latent-diffusion configs"
             )
         kw = {k: v for k, v in params.items() if k in known}
-        for key in ("attention_resolutions", "channel_mult"):
-            if key in kw:
-                kw[key] = tuple(int(v) for v in kw[key])
         if isinstance(kw.get("context_dim"), (list, tuple)):
             raise ModelLoadError("a list of context_dim values (one per transformer block) is not supported")
+        for key, v in kw.items():
+            where = f"unet_config.params.{key}"
+            if key in cls._LISTS:
+                n_lo, n_hi, lo, hi = cls._LISTS[key]
+                if not isinstance(v, (list, tuple)) or not n_lo <= len(v) <= n_hi:
+                    raise ModelLoadError(f"config: {where} must be a list of {n_lo} to {n_hi} integers, got {v!r}"[:300])
+                kw[key] = tuple(config_value(f"{where}[{i}]", x, int, lo, hi, ModelLoadError) for i, x in enumerate(v))
+            elif v is None and key in ("num_classes", "context_dim"):
+                continue
+            else:
+                kind, lo, hi = cls._TYPES[key]
+                kw[key] = config_value(where, v, kind, lo, hi, ModelLoadError)
+        for key in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "attention_resolutions"):
+            if key not in kw:
+                raise ModelLoadError(f"config: unet_config.params has no {key}")
         cfg = cls(**kw, ignored={k: params[k] for k in cls._IGNORED if k in params})
         cfg.validate()
         return cfg
+
+    def approx_parameters(self) -> float:
+        """Rough UNet weight count (3x3 convs of the res blocks, attention), to refuse absurd configs early."""
+        n = 0.0
+        for mult in self.channel_mult:
+            ch = self.model_channels * mult
+            per_block = 18 * ch * ch + (16 * ch * ch * self.transformer_depth if self.use_spatial_transformer else 4 * ch * ch)
+            n += (2 * self.num_res_blocks + 1) * per_block
+        return n
 
     def validate(self) -> None:
         if self.dims != 2:
@@ -83,9 +123,22 @@ class UNetConfig:
             )
         if self.num_heads == -1 and self.num_head_channels == -1:
             raise ModelLoadError("set num_heads or num_head_channels in unet_config.params")
+        for key in ("num_heads", "num_head_channels", "num_heads_upsample"):
+            if getattr(self, key) == 0:
+                raise ModelLoadError(f"config: unet_config.params.{key} must be -1 (unset) or >= 1, got 0")
+        if self.num_head_channels > self.model_channels:
+            raise ModelLoadError(f"config: num_head_channels={self.num_head_channels} is wider than model_channels="
+                                 f"{self.model_channels}: no attention head fits")
         if self.model_channels % 32:
             raise ModelLoadError(
                 f"model_channels={self.model_channels} must be a multiple of 32 (GroupNorm with 32 groups)"
+            )
+        if self.approx_parameters() > self.MAX_PARAMETERS:
+            raise ModelLoadError(
+                f"unet_config.params describe a UNet of about {self.approx_parameters() / 1e9:.0f} billion parameters "
+                f"(model_channels {self.model_channels}, channel_mult {list(self.channel_mult)}, num_res_blocks "
+                f"{self.num_res_blocks}); more than {self.MAX_PARAMETERS / 1e9:.0f} billion is not a model ptqd can "
+                "export: check the config"
             )
 
 

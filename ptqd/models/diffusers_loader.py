@@ -35,6 +35,15 @@ def _read_json(path: Path) -> dict:
 
 
 def schedule_from_scheduler_config(cfg: dict) -> NoiseSchedule:
+    try:
+        return _schedule(cfg)
+    except (ValueError, TypeError, OverflowError) as e:  # wrong types, or betas outside (0, 1)
+        raise ModelLoadError(f"scheduler config: not a valid noise schedule ({e})") from None
+
+
+def _schedule(cfg: dict) -> NoiseSchedule:
+    if not isinstance(cfg, dict):
+        raise ModelLoadError("scheduler config must be a JSON object")
     kind = cfg.get("beta_schedule", "linear")
     if cfg.get("trained_betas") is not None:
         return NoiseSchedule("explicit", len(cfg["trained_betas"]), betas_explicit=tuple(cfg["trained_betas"]))
@@ -106,8 +115,11 @@ def load_diffusers(path: str | Path, schedule: NoiseSchedule | None = None, with
         if table.ndim != 2 or table.shape[1] != dim:
             raise ModelLoadError(f"{table_path}: embedding.weight has shape {tuple(table.shape)}, expected [num_classes, {dim}]")
         n = int(table.shape[0])
-        null = int(meta.get("null_class", n - 1))
-        cond = Conditioning(kind="class", num_classes=n, null_class=null, context_dim=dim, context_tokens=1)
+        try:
+            null = int(meta.get("null_class", n - 1))
+            cond = Conditioning(kind="class", num_classes=n, null_class=null, context_dim=dim, context_tokens=1)
+        except (ValueError, TypeError) as e:
+            raise ModelLoadError(f"{table_path}: {e}") from None
         class_embedding = table.numpy().copy()
         call = lambda m, x, t, c: m(x, t, encoder_hidden_states=c, return_dict=False)[0]  # noqa: E731
     else:
@@ -126,9 +138,12 @@ def load_diffusers(path: str | Path, schedule: NoiseSchedule | None = None, with
             f = 2 ** (len(ae.config.block_out_channels) - 1)
             image_shape = (ae.config.out_channels, h * f, w * f)
             break
-    facts = ModelFacts(family="diffusers", latent_shape=(unet.config.in_channels, h, w), schedule=schedule,
-                       conditioning=cond, prediction_type=prediction, scale_factor=scale_factor,
-                       image_shape=image_shape, source=root.name)
+    try:
+        facts = ModelFacts(family="diffusers", latent_shape=(unet.config.in_channels, h, w), schedule=schedule,
+                           conditioning=cond, prediction_type=prediction, scale_factor=scale_factor,
+                           image_shape=image_shape, source=root.name)
+    except (ValueError, TypeError) as e:
+        raise ModelLoadError(f"{root}: the model's facts are not valid ({e})") from None
     eps = EpsModel(unet, call, has_context=cond.kind == "class").eval()
     return LoadedModel(unet=eps, facts=facts, class_embedding=class_embedding, first_stage=first_stage)
 

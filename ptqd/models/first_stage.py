@@ -33,9 +33,20 @@ class DecoderConfig:
     n_embed: int | None = None
     tanh_out: bool = False
 
+    DDCONFIG_KEYS = ("double_z", "z_channels", "resolution", "in_channels", "out_ch", "ch", "ch_mult",
+                     "num_res_blocks", "attn_resolutions", "dropout", "attn_type", "use_linear_attn", "tanh_out",
+                     "give_pre_end", "resamp_with_conv")
+    MAX_PARAMETERS = 5e9
+
     @classmethod
     def from_params(cls, target: str, params: dict) -> "DecoderConfig":
+        from ptqd.validate import config_value
+
+        if not isinstance(params, dict):
+            raise ModelLoadError("config: first_stage_config.params must be a mapping")
         dd = params.get("ddconfig") or {}
+        if not isinstance(dd, dict):
+            raise ModelLoadError("config: first_stage_config.params.ddconfig must be a mapping")
         if target.endswith(("VQModelInterface", "VQModel")):
             kind = "vq"
         elif target.endswith("AutoencoderKL"):
@@ -45,21 +56,48 @@ class DecoderConfig:
                 f"first_stage_config.target {target!r} is not supported; expected "
                 "ldm.models.autoencoder.VQModelInterface or AutoencoderKL"
             )
+        unknown = sorted(str(k) for k in dd if k not in cls.DDCONFIG_KEYS)
+        if unknown:
+            raise ModelLoadError(f"config: first_stage_config.params.ddconfig has option(s) ptqd does not know: "
+                                 f"{', '.join(unknown)}")
         attn_type = dd.get("attn_type", "vanilla")
         if attn_type != "vanilla" or dd.get("use_linear_attn"):
             raise ModelLoadError(f"first-stage attention type {attn_type!r} is not supported (only 'vanilla')")
-        try:
-            return cls(
-                ch=int(dd["ch"]), out_ch=int(dd["out_ch"]), ch_mult=tuple(int(m) for m in dd["ch_mult"]),
-                num_res_blocks=int(dd["num_res_blocks"]),
-                attn_resolutions=tuple(int(r) for r in dd.get("attn_resolutions", ())),
-                resolution=int(dd["resolution"]), z_channels=int(dd["z_channels"]),
-                embed_dim=int(params["embed_dim"]), kind=kind,
-                n_embed=int(params["n_embed"]) if kind == "vq" else None,
-                tanh_out=bool(dd.get("tanh_out", False)),
-            )
-        except KeyError as e:
-            raise ModelLoadError(f"first_stage_config is missing {e.args[0]!r}") from None
+        if dd.get("give_pre_end", False) is not False or dd.get("resamp_with_conv", True) is not True:
+            raise ModelLoadError("config: first-stage give_pre_end and resamp_with_conv are only supported at their "
+                                 "defaults (false, true)")
+
+        def need(d: dict, key: str, section: str, lo: int, hi: int) -> int:
+            if key not in d:
+                raise ModelLoadError(f"first_stage_config is missing {key!r}")
+            return config_value(f"{section}.{key}", d[key], int, lo, hi, ModelLoadError)
+
+        def ints(key: str, default=None, n_lo: int = 0) -> tuple[int, ...]:
+            v = dd.get(key, default)
+            if v is None:
+                raise ModelLoadError(f"first_stage_config is missing {key!r}")
+            if not isinstance(v, (list, tuple)) or not n_lo <= len(v) <= 16:
+                raise ModelLoadError(f"config: ddconfig.{key} must be a list of integers, got {v!r}"[:300])
+            return tuple(config_value(f"ddconfig.{key}[{i}]", x, int, 1, 16384, ModelLoadError) for i, x in enumerate(v))
+
+        ch_mult = ints("ch_mult", n_lo=1)
+        if len(ch_mult) > 8 or max(ch_mult) > 64:
+            raise ModelLoadError(f"config: ddconfig.ch_mult {list(ch_mult)}: at most 8 levels of at most 64x")
+        cfg = cls(
+            ch=need(dd, "ch", "ddconfig", 1, 8192), out_ch=need(dd, "out_ch", "ddconfig", 1, 4096), ch_mult=ch_mult,
+            num_res_blocks=need(dd, "num_res_blocks", "ddconfig", 0, 64),
+            attn_resolutions=ints("attn_resolutions", ()),
+            resolution=need(dd, "resolution", "ddconfig", 1, 16384),
+            z_channels=need(dd, "z_channels", "ddconfig", 1, 4096),
+            embed_dim=need(params, "embed_dim", "first_stage_config.params", 1, 4096), kind=kind,
+            n_embed=need(params, "n_embed", "first_stage_config.params", 1, 1 << 24) if kind == "vq" else None,
+            tanh_out=config_value("ddconfig.tanh_out", dd.get("tanh_out", False), bool, error=ModelLoadError),
+        )
+        approx = sum(18 * (cfg.ch * m) ** 2 * (cfg.num_res_blocks + 1) for m in cfg.ch_mult)
+        if approx > cls.MAX_PARAMETERS:
+            raise ModelLoadError(f"first_stage_config describes a decoder of about {approx / 1e9:.0f} billion "
+                                 "parameters: check the config")
+        return cfg
 
     @property
     def downsampling(self) -> int:

@@ -61,14 +61,21 @@ def safe_load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(os.fspath(path))
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise ModelLoadError(f"{path.name} is not a valid safetensors file: {e}") from None
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (PK..), or, before torch 1.6, a pickle (protocol 2-5: 0x80 0x02..0x05)
+    if not (head == b"PK\x03\x04" or len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        what = "it is empty" if not head else f"it starts with bytes {head.hex(' ')}, neither a zip archive nor a pickle"
+        raise ModelLoadError(f"{path.name} is not a PyTorch checkpoint ({what}); expected a file written by "
+                             "torch.save, or a .safetensors file")
     try:
         obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e) or "pickle" in type(e).__name__.lower():
             raise ModelLoadError(
-                f"refused to load {path.name}: it is a pickle that needs arbitrary Python objects "
-                f"({msg[:160]}). ptqd only loads plain tensors; save the state_dict as safetensors "
+                f"refused to load {path.name}: it is a pickle that needs arbitrary Python objects, or a damaged "
+                f"one ({msg[:160]}). ptqd only loads plain tensors; save the state_dict as safetensors "
                 "from a trusted environment and pass that file instead"
             ) from None
         raise ModelLoadError(f"could not read checkpoint {path.name}: {msg[:200]}") from None

@@ -20,6 +20,7 @@ nearest calibrated timestep (the higher precision on a tie).
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -78,9 +79,22 @@ class Plan:
 
     @classmethod
     def from_json(cls, rec: dict) -> "Plan":
-        steps = rec["steps"]
+        """``{"steps": [{"t": 951, "precision": "w4a4"}, ...], "precisions_by_cost": [...]?}``; ValueError
+        (saying what is wrong) for anything else."""
+        steps = rec.get("steps") if isinstance(rec, dict) else None
+        if not isinstance(steps, list) or not steps:
+            raise ValueError('a plan needs a non-empty "steps" list')
+        for i, s in enumerate(steps):
+            t = s.get("t") if isinstance(s, dict) else None
+            if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0 <= t < 2 ** 31:  # NaN fails it
+                raise ValueError(f"steps[{i}] needs a timestep \"t\" (a number in [0, 2**31)), got {repr(t)[:60]}")
+            if not isinstance(s.get("precision"), str) or not s["precision"]:
+                raise ValueError(f"steps[{i}] needs a \"precision\" name, got {repr(s.get('precision'))[:60]}")
+        by_cost = rec.get("precisions_by_cost", [])
+        if not isinstance(by_cost, list) or not all(isinstance(p, str) for p in by_cost):
+            raise ValueError('"precisions_by_cost" must be a list of precision names')
         return cls([int(s["t"]) for s in steps], [s["precision"] for s in steps],
-                   {p: i for i, p in enumerate(rec.get("precisions_by_cost", []))})
+                   {p: i for i, p in enumerate(by_cost)})
 
     @classmethod
     def fixed(cls, precision: str) -> "Plan":

@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from ptqd.errors import UserError
+from ptqd.errors import NonFiniteError, UserError
 from ptqd.runtime.sampler import DDIMSampler, NoiseSource, SamplerConfig
 
 # observe(step_index, t, x_t [B,C,H,W], context_or_None, eps_guided) — used by eval to compare engines
@@ -87,6 +87,9 @@ def sample_latents(engine, facts, class_embedding, labels: np.ndarray, indices: 
             observe(i, int(t), x, ctx, eps)
         x, _ = sampler.step(eps, int(t), x, cfg.eta, noise.draw() if cfg.eta > 0 else None, residual_std=residual,
                             vsc_direction=cfg.vsc_direction)
+    if not np.isfinite(x).all():  # the engines check their inputs; this is the last step's output
+        raise NonFiniteError(f"sampling diverged: {int(x.size - np.count_nonzero(np.isfinite(x)))} of {x.size} "
+                             "latent values are NaN or infinite after the last step")
     return x
 
 

@@ -11,19 +11,41 @@ from pathlib import Path
 
 import numpy as np
 
-from ptqd.errors import MissingDependencyError
+from ptqd.errors import EngineInputError, MissingDependencyError, NonFiniteError
 
 
 class Runner:
-    """Base runner: ``__call__`` checks inputs and calls ``infer`` (override that)."""
+    """Base runner: ``__call__`` checks inputs and calls ``infer`` (override that).
+
+    Checked before any inference: x is [B,C,H,W] and t is [B]; dimensions the engine fixes
+    (``input_shapes``: name -> dims, None where dynamic) match; every value is finite. A quantized
+    engine would turn NaN or Inf into plausible finite numbers (they saturate at the int8 limits),
+    so a broken input is refused here rather than hidden in the output."""
 
     name = "runner"
+    input_shapes: dict[str, tuple] | None = None
 
     def __call__(self, x: np.ndarray, t: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
+        x, t = np.ascontiguousarray(x, np.float32), np.ascontiguousarray(t, np.float32)
         if x.ndim != 4 or t.shape != (x.shape[0],):
-            raise ValueError(f"expected x [B,C,H,W] and t [B], got {x.shape} and {t.shape}")
-        return self.infer(np.ascontiguousarray(x, np.float32), np.ascontiguousarray(t, np.float32),
-                          None if context is None else np.ascontiguousarray(context, np.float32))
+            raise EngineInputError(f"expected x [B,C,H,W] and t [B], got {x.shape} and {t.shape}")
+        context = None if context is None else np.ascontiguousarray(context, np.float32)
+        for name, a in (("x", x), ("t", t), ("context", context)):
+            if a is None:
+                continue
+            want = (self.input_shapes or {}).get(name)
+            if want is not None and (a.ndim != len(want) or any(w is not None and w != d
+                                                                 for w, d in zip(want[1:], a.shape[1:]))):
+                dims = ",".join("B" if i == 0 or w is None else str(w) for i, w in enumerate(want))
+                raise EngineInputError(f"the {self.name} engine takes {name} [{dims}], got {list(a.shape)}: the "
+                                       "inputs do not fit this engine (do the bundle's model facts match it?)")
+            if not np.isfinite(a).all():
+                bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+                at = f" at t = {float(t[0]):g}" if t.size and np.isfinite(t[0]) else ""
+                raise NonFiniteError(f"the {self.name} engine was given {bad} NaN/Inf value(s) of {a.size} in its "
+                                     f"input {name}{at}: refusing to run it (the sampling diverged, or the inputs "
+                                     "are broken)")
+        return self.infer(x, t, context)
 
     def infer(self, x, t, context):  # pragma: no cover - interface
         raise NotImplementedError
@@ -71,6 +93,8 @@ class OrtRunner(Runner):
         self.path = Path(path)
         self.session = ort_session(path, threads, allow_spinning)
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.input_shapes = {i.name: tuple(d if isinstance(d, int) else None for d in i.shape)
+                             for i in self.session.get_inputs()}
 
     def infer(self, x, t, context):
         return self.session.run(["eps"], unet_feeds(self.input_names, x, t, context, self.path.name))[0]
@@ -83,7 +107,11 @@ class OrtDecoder:
         self.session = ort_session(path, threads)
 
     def __call__(self, z: np.ndarray) -> np.ndarray:
-        return self.session.run(["image"], {"z": np.ascontiguousarray(z, np.float32)})[0]
+        z = np.ascontiguousarray(z, np.float32)
+        if not np.isfinite(z).all():
+            raise NonFiniteError(f"the decoder was given {int(z.size - np.count_nonzero(np.isfinite(z)))} NaN/Inf "
+                                 f"latent value(s) of {z.size}: refusing to decode them (the sampling diverged)")
+        return self.session.run(["image"], {"z": z})[0]
 
 
 class BucketedRunner(Runner):

@@ -27,17 +27,25 @@ class SamplerConfig:
 
     def validate(self, num_train_timesteps: int) -> None:
         from ptqd.errors import UserError
+        from ptqd.validate import integer, real
 
-        if not 1 <= self.steps <= num_train_timesteps:
-            raise UserError(f"--steps must be between 1 and {num_train_timesteps}, got {self.steps}")
-        if not 0.0 <= self.eta <= 1.0:
-            raise UserError(f"--eta must be in [0, 1] (0 = DDIM, 1 = DDPM-like), got {self.eta}")
-        if self.guidance < 0:
-            raise UserError(f"--guidance must be >= 0, got {self.guidance}")
         if self.spacing not in ("compvis", "leading"):
             raise UserError(f"spacing must be 'compvis' or 'leading', got {self.spacing!r}")
+        integer("--steps", self.steps, 1, max_steps(num_train_timesteps, self.spacing))
+        real("--eta", self.eta)
+        if not 0.0 <= self.eta <= 1.0:
+            raise UserError(f"--eta must be in [0, 1] (0 = DDIM, 1 = DDPM-like), got {self.eta}")
+        real("--guidance", self.guidance)
+        if self.guidance < 0:
+            raise UserError(f"--guidance must be >= 0, got {self.guidance}")
         if self.vsc_direction not in ("sigma", "sigma_prime"):
             raise UserError(f"vsc_direction must be 'sigma' or 'sigma_prime', got {self.vsc_direction!r}")
+
+
+def max_steps(num_train_timesteps: int, spacing: str = "compvis") -> int:
+    """The most DDIM steps a T-step schedule has: T, or T - 1 with CompVis' offset of 1 (its last
+    timestep 1 + (n-1)·(T // n) must stay below T)."""
+    return num_train_timesteps - (1 if spacing == "compvis" else 0)
 
 
 class DDIMSampler:
@@ -69,8 +77,9 @@ class DDIMSampler:
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         T = self.num_train_timesteps
-        if not 1 <= num_inference_steps <= T:
-            raise ValueError(f"num_inference_steps must be in [1, {T}], got {num_inference_steps}")
+        most = max_steps(T, self.spacing)
+        if not 1 <= num_inference_steps <= most:
+            raise ValueError(f"num_inference_steps must be in [1, {most}], got {num_inference_steps}")
         self.step_ratio = T // num_inference_steps
         offset = 1 if self.spacing == "compvis" else 0
         ts = np.arange(num_inference_steps) * self.step_ratio + offset
@@ -129,6 +138,9 @@ class NoiseSource:
     so the same seed pairs samples across engines and batchings."""
 
     def __init__(self, seed: int, indices: np.ndarray, shape: tuple[int, ...]):
+        from ptqd.validate import integer
+
+        integer("--seed", seed, 0)
         self.shape = shape
         self.rngs = [np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, int(i)]))) for i in indices]
 
