@@ -600,13 +600,23 @@ def _peer_int8(b: Bundle, out_qdq: Path, rows: list[dict]) -> None:
 
     attention = [r["name"] for r in rows if r["kind"] == "attention"]
     logging.disable(logging.WARNING)  # quantize_static's advice to pre-process goes to the root logger
-    try:
-        quantize_static(str(b.path(UNET_ONNX)), str(out_qdq), Reader(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, op_types_to_quantize=["Conv", "MatMul", "Gemm"],
-                        nodes_to_exclude=attention)
-    finally:
-        logging.disable(logging.NOTSET)
+    import shutil
+    import tempfile
+
+    src = b.path(UNET_ONNX)
+    with tempfile.TemporaryDirectory(prefix="ptqd-peer-") as tmp:
+        ext = src.with_name(src.name + ".data")
+        if ext.exists():  # onnx.load refuses hard-linked external data (the staging copy): use a private copy
+            shutil.copy(src, Path(tmp) / src.name)
+            shutil.copy(ext, Path(tmp) / ext.name)
+            src = Path(tmp) / src.name
+        try:
+            quantize_static(str(src), str(out_qdq), Reader(), quant_format=QuantFormat.QDQ,
+                            per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+                            nodes_to_exclude=attention, use_external_data_format=ext.exists())
+        finally:
+            logging.disable(logging.NOTSET)
 
 
 def validation_inputs(bundle_or_feeds, count: int = len(VALIDATION_TIMESTEPS), per_step: int = 2) -> list[dict]:

@@ -201,7 +201,7 @@ def _fake_correction_fit(monkeypatch):
             "holdout": {"explained_variance": 0.0, "mse_uncorrected": 1.0, "mse_corrected": 1.0},
             "holdout_gated": {"mse_corrected": 1.0}}
     monkeypatch.setattr(api, "_load_source", lambda b: type("Loaded", (), {"unet": Model()})())
-    monkeypatch.setattr(compiler, "_fake_quant_runners", lambda b, loaded, precisions: {})
+    monkeypatch.setattr(compiler, "_fake_quant_runners", lambda *a, **k: {})
     monkeypatch.setattr(corr, "collect", lambda *a, **k: (None, None, {"w8a8": None}))
     monkeypatch.setattr(corr, "fit_precision", lambda *a, **k: {"steps": [dict(step)]})
 

@@ -201,11 +201,10 @@ def hessians(loaded, layers: list[dict], feeds: list[tuple], device, rows: int =
         def pre(_m, args):
             cols = patch_rows(torch, mod, args[0].detach(), positions, gen)
             slot = acc.get(row["name"])
-            h = cols.T @ cols
             if slot is None:
-                acc[row["name"]] = [h, cols.shape[0]]
+                acc[row["name"]] = [cols.T @ cols, cols.shape[0]]
             else:
-                slot[0] += h
+                slot[0].addmm_(cols.T, cols)  # in place: no second K x K matrix
                 slot[1] += cols.shape[0]
             if row["name"] == last:
                 raise _GroupDone
@@ -225,7 +224,7 @@ def hessians(loaded, layers: list[dict], feeds: list[tuple], device, rows: int =
     finally:
         for h in handles:
             h.remove()
-    return {name: h / max(n, 1) for name, (h, n) in acc.items()}
+    return {name: h.div_(max(n, 1)) for name, (h, n) in acc.items()}
 
 
 def groups_by_memory(rows: list[dict], budget_bytes: int) -> list[list[dict]]:

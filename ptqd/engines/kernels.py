@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ptqd.engines.onnx_io import load_model
+
 FLOAT_KERNEL_RTOL = 1e-6
 
 
@@ -35,12 +37,11 @@ def check_kernels(engine_path: str | Path, layers, feeds: dict) -> dict:
     """Run the engine once on ``feeds`` with every integer kernel's inputs and outputs exposed; recompute
     each kernel (torch, float64 exact integers). Returns {"kernels", "mismatched": [...], "constants_ok",
     "constant_mismatches": [...], "passed"}."""
-    import onnx
     import onnxruntime as ort
     import torch
     from onnx import helper, numpy_helper
 
-    model = onnx.load(str(engine_path))
+    model = load_model(engine_path)
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     kernels = [n for n in model.graph.node if n.op_type in ("QLinearConv", "MatMulIntegerToFloat")]
     need = sorted({x for n in kernels for x in [*n.input, *n.output] if x and x not in inits})

@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from ptqd.engines.onnx_io import load_model
+
 from ptqd.errors import UserError
 
 TARGETS = ("tensorrt",)
@@ -168,13 +170,12 @@ def _default_opset(model) -> int | None:
 
 
 def _load(path_or_model):
-    import onnx
 
     if isinstance(path_or_model, (str, os.PathLike)):
         p = Path(path_or_model)
         if not p.is_file():
             raise UserError(f"{p}: no such ONNX file")
-        return onnx.load(str(p), load_external_data=True)
+        return load_model(p)
     return path_or_model
 
 

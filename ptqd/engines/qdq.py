@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ptqd.engines.onnx_io import load_model
+
 
 def _safe(name: str) -> str:
     return name.strip("/").replace("/", "_").replace(".", "_")
@@ -26,7 +28,7 @@ def write_qdq(fp_onnx: Path, layers, out_path: Path) -> dict:
     import onnx
     from onnx import helper, numpy_helper
 
-    model = onnx.load(str(fp_onnx))
+    model = load_model(fp_onnx)
     g = model.graph
     nodes = {n.name: n for n in g.node}
     inits = {i.name: i for i in g.initializer}

@@ -56,6 +56,8 @@ from typing import Any
 
 import numpy as np
 
+from ptqd.engines.onnx_io import load_model
+
 from ptqd.errors import MissingDependencyError, UserError
 from ptqd.runtime.runners import Runner  # the runner interface (numpy only)
 
@@ -305,7 +307,7 @@ def write_qdq_tensorrt(fp_onnx: str | os.PathLike, layers: Sequence, out_path: s
 
     opts = options or TrtOptions()
     opts.validate()
-    model = onnx.load(str(fp_onnx))
+    model = load_model(fp_onnx)
     src_opset = _default_opset(model)
     if src_opset < TRT_OPSET:
         model = version_converter.convert_version(model, TRT_OPSET)

@@ -6,6 +6,9 @@ rare 1-LSB flips where a requantized conv output lands on a rounding tie (float 
 differs); a trained network carries those along, an untrained random one amplifies them chaotically.
 """
 
+import os
+import platform
+
 import numpy as np
 import onnx
 import pytest
@@ -32,7 +35,14 @@ def test_engines_match_fake_quant_and_run_on_integer_kernels(built):
     assert set(recs) == {"w8a8", "w4a8", "w4a4", "ort-int8"}
     for p in ("w8a8", "w4a8", "w4a4"):
         v = recs[p]["validation_vs_fake_quant"]
-        assert v["passed"] and v["median_rel_l2"] <= api.ENGINE_TOLERANCE["median_rel_l2"], (p, v)
+        assert v["passed"] and v["kernels"]["passed"] and v["kernels"]["kernels"] == 66, (p, v)
+        # end to end: exact on most inputs; a tie flip cascading on others leaves the engine as far
+        # from FP32 as its fake-quant model
+        rel = sorted(r["rel_l2"] for r in v["per_timestep"])
+        assert rel[len(rel) // 4] <= api.ENGINE_TOLERANCE["median_rel_l2"], (p, rel)
+        if not v["verdict"].startswith("exact"):
+            c = v["cascade"]
+            assert c["engine_vs_fp32_median"] <= api.CASCADE_SLACK * c["fake_quant_vs_fp32_median"]
         assert recs[p]["integer_mac_share"] >= 0.85, recs[p]
         assert recs[p]["integer_kernel_ops"].get("QLinearConv", 0) > 0
     b = Bundle.open(d)
@@ -76,45 +86,40 @@ def test_perturbed_qdq_scale_is_caught(built, tmp_path):
     bad = api.validate_engine(OrtRunner(tmp_path / "bad.onnx"), ref, inputs)
     assert good["passed"] and not bad["passed"]
     assert bad["median_rel_l2"] > 10 * api.ENGINE_TOLERANCE["median_rel_l2"]
+    # the layer-local check names the constant that differs from the calibration
+    from ptqd.engines.kernels import check_kernels
+
+    assert check_kernels(b.path("engines/onnxruntime/w8a8.onnx"), layers, inputs[0])["passed"]
+    kb = check_kernels(tmp_path / "bad.onnx", layers, inputs[0])
+    assert not kb["passed"] and not kb["mismatched"]
+    assert [m["constant"] for m in kb["constant_mismatches"]] == [target.name]
 
 
-def test_tensorrt_backend_without_tensorrt(built):
-    from ptqd.errors import MissingDependencyError
+def test_kernel_check_catches_a_kernel_that_saturates(built, tmp_path):
+    """Full-range ±127 int8 weights: ONNX Runtime's u8×s8 AVX2 kernels add pairs of products in 16 bits
+    and saturate (the reason for the ±63 grid). Where this CPU has such kernels the check must see it;
+    elsewhere (VNNI, ARM) the same engine is exact and passes."""
+    import onnx
+    from onnx import numpy_helper
 
-    try:
-        import tensorrt  # noqa: F401
-        pytest.skip("TensorRT is installed here")
-    except ImportError:
-        pass
-    with pytest.raises(MissingDependencyError, match="pip install"):
-        api.build(built[0], backend="tensorrt", progress=False)
+    from ptqd.calib.calibrate import load_params
+    from ptqd.engines.kernels import check_kernels
+    from ptqd.engines.onnxruntime import build_engine
 
-
-def test_timestep_buckets_build_one_engine_each_and_switch_by_t(tmp_path):
-    from ptqd.runtime.runners import BucketedRunner
-
-    d = tmp_path / "demo.bundle"
-    api.export("demo", d, progress=False, validate=False)
-    rec = api.calibrate(d, samples=4, steps=6, buckets=2, progress=False)
-    assert [bk["steps"] for bk in rec["buckets"]] == [[0, 1, 2], [3, 4, 5]]
-    assert rec["buckets"][0]["t_range"] == [499, 831] and rec["buckets"][1]["t_range"] == [1, 333]
+    d, _ = built
     b = Bundle.open(d)
-    assert b.has("calib/w8a8.b0.json") and b.has("calib/w8a8.b1.npz") and not b.has("calib/w8a8.json")
-    lo = b.read_json("calib/w8a8.b1.json")["layers"]
-    hi = b.read_json("calib/w8a8.b0.json")["layers"]
-    assert any(a["act_in"] != c["act_in"] for a, c in zip(lo, hi)), "buckets should differ in activation ranges"
-    recs = api.build(d, precisions=("w8a8",), progress=False)
-    assert [e["engine"] for e in recs["w8a8"]["buckets"]] == ["engines/onnxruntime/w8a8.b0.onnx",
-                                                            "engines/onnxruntime/w8a8.b1.onnx"]
-    assert all(e["validation_vs_fake_quant"]["passed"] for e in recs["w8a8"]["buckets"])
-    runner = api.open_engine(Bundle.open(d), "w8a8")
-    assert isinstance(runner, BucketedRunner)
-    assert runner.pick(900.0) is runner.pick(600.0) is not runner.pick(100.0)
-    imgs, _ = api.sample(d, num=2, steps=6, precision="w8a8", progress=False)
-    assert imgs.shape == (2, 32, 32, 1)
-    # recalibrating replaces the calibration whole and drops the engines built from the old one
-    api.calibrate(d, samples=4, steps=6, buckets=1, progress=False)
-    b = Bundle.open(d)
-    assert not any(".b0." in f or ".b1." in f for f in b.files) and b.stage("build") is None
-    with pytest.raises(UserError, match="no w8a8 engine"):
-        api.open_engine(b, "w8a8")
+    model = onnx.load(str(b.path("engines/onnxruntime/w8a8.qdq.onnx")))
+    for init in model.graph.initializer:
+        a = numpy_helper.to_array(init)
+        if a.dtype == np.int8 and a.ndim == 4 and np.abs(a).max() == 63:  # 8-bit conv weights: stretch to ±127
+            init.CopyFrom(numpy_helper.from_array((np.sign(a) * 127).astype(np.int8), init.name))
+    onnx.save(model, str(tmp_path / "wide.qdq.onnx"))
+    build_engine(tmp_path / "wide.qdq.onnx", tmp_path / "wide.onnx")
+    layers = load_params(b.read_json("calib/w8a8.json"), np.load(b.path("calib/w8a8.npz")))
+    res = check_kernels(tmp_path / "wide.onnx", layers, api.validation_inputs(b)[-1])
+    assert res["kernels"] > 0
+    saturated = [m for m in res["mismatched"] if m["op"] == "QLinearConv"]
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if platform.machine() not in ("x86_64", "AMD64") or "vnni" in flags or "avx2" not in flags:
+        pytest.skip("no AVX2-without-VNNI u8s8 kernel here: the saturation this test looks for cannot happen")
+    assert saturated, "±127 weights on AVX2 without VNNI must saturate somewhere; the kernel check saw nothing"
