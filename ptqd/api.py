@@ -516,7 +516,8 @@ def calibrate(bundle, samples: int | None = None, steps: int | None = None, eta:
         seconds["observe"] = round(time.perf_counter() - t0, 1)
         t1 = time.perf_counter()
         bar.set_postfix_str(f"H + {cfg.rounding} weights, layer groups of <= {pre.hessian_mb} MB")
-        weights = quantize_weights(loaded, selected, rec, cfg, dev, budget_bytes=pre.hessian_mb << 20, progress=bar)
+        weights = quantize_weights(loaded, selected, rec, cfg, dev, feeds_items=pre.hessian_items,
+                                   budget_bytes=pre.hessian_mb << 20, progress=bar)
         seconds["weights"] = round(time.perf_counter() - t1, 1)
         t1 = time.perf_counter()
         feeds = rec.feeds

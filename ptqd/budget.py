@@ -32,6 +32,7 @@ class Budget:
     calib_batch: int = 32  # trajectories per chunk while observing (memory of the activations)
     correct_batch: int = 32
     hessian_mb: int = 2048  # float32 H matrices held at once (one group of layers)
+    hessian_items: int = 64  # batch items of each recorded call replayed for H (all of them up to 64)
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -41,7 +42,7 @@ PRESETS = {
     "thorough": Budget("thorough", 64, 20, 128, 32, 128),
     "default": Budget("default", 32, 20, 64, 16, 64),
     "quick": Budget("quick", 8, 20, 8, 2, 4, calib_batch=8, correct_batch=8),
-    "minimal": Budget("minimal", 4, 10, 4, 1, 1, calib_batch=4, correct_batch=4),
+    "minimal": Budget("minimal", 4, 10, 4, 1, 1, calib_batch=4, correct_batch=4, hessian_items=4),
 }
 BUDGETS = ("auto", *PRESETS)
 AUTO_GMAC = ((1.0, "default"), (30.0, "quick"))  # MACs per forward below -> preset; above the last: minimal
