@@ -102,3 +102,23 @@ def compiled(tmp_path_factory):
     log = []
     res = api.compile("demo", out, progress=False, log=log.append, **SMALL_COMPILE)
     return out, res, log
+
+
+def make_bundle(path, payload=b"v1"):
+    """A minimal bundle with one binary file, one JSON file and one stage record (bundle tests)."""
+    from ptqd.bundle import Bundle
+
+    with Bundle.transaction(path, create=True) as w:
+        w.write_bytes("a/data.bin", payload)
+        w.write_json("info.json", {"x": 1})
+        w.set_stage("test", {"n": 1})
+    return Bundle.open(path)
+
+
+def edit_manifest(path, fn):
+    """Apply ``fn`` to a bundle's manifest dict in place, bypassing the store (to test damaged manifests)."""
+    from ptqd.bundle import MANIFEST
+
+    m = json.loads((Path(path) / MANIFEST).read_text())
+    fn(m)
+    (Path(path) / MANIFEST).write_text(json.dumps(m))

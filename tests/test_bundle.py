@@ -1,6 +1,5 @@
 """The bundle contract: checksums, containment, versioning, atomic updates."""
 
-import json
 import os
 
 import pytest
@@ -9,18 +8,8 @@ from ptqd.bundle import MANIFEST, Bundle, check_relpath
 from ptqd.errors import BundleError
 
 
-def _make(path, payload=b"v1"):
-    with Bundle.transaction(path, create=True) as w:
-        w.write_bytes("a/data.bin", payload)
-        w.write_json("info.json", {"x": 1})
-        w.set_stage("test", {"n": 1})
-    return Bundle.open(path)
-
-
-def _edit_manifest(path, fn):
-    m = json.loads((path / MANIFEST).read_text())
-    fn(m)
-    (path / MANIFEST).write_text(json.dumps(m))
+from tests.conftest import edit_manifest as _edit_manifest  # noqa: E402
+from tests.conftest import make_bundle as _make  # noqa: E402
 
 
 def test_roundtrip_and_checksums(tmp_path):

@@ -27,18 +27,8 @@ from ptqd.runtime.runners import Runner
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-def _make(path, payload=b"v1"):
-    with Bundle.transaction(path, create=True) as w:
-        w.write_bytes("a/data.bin", payload)
-        w.write_json("info.json", {"x": 1})
-        w.set_stage("test", {"n": 1})
-    return Bundle.open(path)
-
-
-def _edit_manifest(path, fn):
-    m = json.loads((Path(path) / MANIFEST).read_text())
-    fn(m)
-    (Path(path) / MANIFEST).write_text(json.dumps(m))
+from tests.conftest import edit_manifest as _edit_manifest  # noqa: E402
+from tests.conftest import make_bundle as _make  # noqa: E402
 
 
 def _run(argv) -> tuple[int, str, str]:
