@@ -1,9 +1,11 @@
-"""One error hierarchy for ptqd.
+"""One error hierarchy for ptqd, split three ways by what the CLI does with it:
 
-``UserError`` (and subclasses) mean the input was wrong: the CLI prints the message on
-one line and exits 1, with no traceback (``--debug`` shows it). Anything else escaping
-the CLI is a bug in ptqd: it is shown with its traceback, a line asking for a report,
-and exit code 2.
+* ``UserError`` (and subclasses): the input was wrong. One line, exit 1, no traceback (``--debug``
+  shows it).
+* ``ValidationError`` (and ``ExportError``): a check of ptqd's own output failed (an export vs torch,
+  an engine vs its fake-quant model). One line naming the check, exit 1: the bundle was left as it was.
+* ``InternalError``, and anything else escaping the CLI: a bug in ptqd. Its traceback, a line asking
+  for a report, exit 2.
 
 Messages say what was expected, what came, and how to fix it.
 """
@@ -27,8 +29,24 @@ class BundleError(UserError):
     """A bundle on disk is missing, damaged, tampered with, or from an unknown version."""
 
 
-class ExportError(PtqdError):
-    """The exported graph does not compute what the source model computes."""
+class ValidationError(PtqdError):
+    """A check of what ptqd made failed; ``check`` names it (e.g. "engine vs fake-quant model")."""
+
+    def __init__(self, check: str, detail: str):
+        self.check = check
+        super().__init__(f"validation failed ({check}): {detail}")
+
+
+class ExportError(ValidationError):
+    """The exported graph does not compute what the source model computes (or could not be made)."""
+
+    def __init__(self, detail: str, check: str = "export vs torch"):
+        super().__init__(check, detail)
+
+
+class InternalError(PtqdError):
+    """ptqd broke one of its own invariants (e.g. its TensorRT graph writer made a graph its linter
+    rejects): a bug, reported with its traceback and exit code 2."""
 
 
 class MissingDependencyError(UserError):

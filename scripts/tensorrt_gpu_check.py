@@ -102,7 +102,7 @@ def _run(args) -> int:
     from ptqd import api
     from ptqd.bundle import Bundle
     from ptqd.calib.calibrate import PRECISIONS, load_params
-    from ptqd.engines.lint import lint_qdq
+    from ptqd.engines.tensorrt.lint import lint_qdq
     from ptqd.engines.tensorrt import (
         TrtEngineSet,
         TrtOptions,
@@ -113,7 +113,7 @@ def _run(args) -> int:
         profile_shapes,
         write_qdq_tensorrt,
     )
-    from ptqd.runtime.runners import ort_session
+    from ptqd.engines.onnxruntime import ort_session
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

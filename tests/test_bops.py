@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ptqd.bops import bops, layer_bits
+from ptqd.calib.bops import bops, layer_bits
 
 TABLE = Path(__file__).parent / "data" / "cin256_layers.json.gz"
 

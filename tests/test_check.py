@@ -15,7 +15,7 @@ def gated(compiled, tmp_path_factory):
     """A copy of the compiled bundle with a fresh baseline (small: 8 samples, 10 steps)."""
     out = tmp_path_factory.mktemp("chk") / "demo.bundle"
     shutil.copytree(compiled[0], out)
-    from ptqd.check import check
+    from ptqd.tools.check import check
 
     check(out, update=True, num=8, steps=10)
     return out
@@ -50,7 +50,7 @@ def test_check_fails_when_an_engine_is_swapped_for_a_worse_one(gated, tmp_path, 
 
 def test_check_fails_when_the_baseline_is_tightened(gated, tmp_path, capsys):
     base = tmp_path / "tight.json"
-    from ptqd.check import check
+    from ptqd.tools.check import check
 
     check(gated, baseline=base, update=True, num=8, steps=10)
     assert main(["check", str(gated), "--baseline", str(base)]) == 0
@@ -67,7 +67,7 @@ def test_check_without_baseline_or_with_tampered_arrays_is_a_clear_error(compile
     assert main(["check", str(compiled[0])]) == 1
     assert "--update" in capsys.readouterr().err
     base = tmp_path / "b.json"
-    from ptqd.check import check
+    from ptqd.tools.check import check
 
     check(gated, baseline=base, update=True, num=4, steps=10)
     base.with_suffix(".npz").write_bytes(b"not the arrays")
@@ -76,7 +76,7 @@ def test_check_without_baseline_or_with_tampered_arrays_is_a_clear_error(compile
 
 
 def test_bench_reports_every_engine_peers_and_runtime_overhead(compiled):
-    from ptqd.bench import bench
+    from ptqd.tools.bench import bench
 
     res = bench(compiled[0], runs=10, warmup=1, large_batch=8, e2e_images=2, steps=4, memory=False)
     eng = res["engines"]
@@ -98,7 +98,7 @@ def test_bench_reports_every_engine_peers_and_runtime_overhead(compiled):
 
 
 def test_bench_measures_peak_memory_in_a_fresh_process(compiled):
-    from ptqd.bench import peak_rss_mb
+    from ptqd.tools.bench import peak_rss_mb
 
     base = peak_rss_mb(compiled[0], [])
     one = peak_rss_mb(compiled[0], ["w8a8"])
@@ -107,7 +107,7 @@ def test_bench_measures_peak_memory_in_a_fresh_process(compiled):
 
 
 def test_report_writes_grids_plots_and_index(compiled, tmp_path):
-    from ptqd.report import report
+    from ptqd.tools.report import report
 
     out = tmp_path / "r.bundle"
     shutil.copytree(compiled[0], out)

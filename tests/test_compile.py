@@ -88,7 +88,7 @@ def test_interrupted_correct_leaves_the_bundle_intact_and_compile_resumes(compil
 
 
 def test_plan_sampling_switches_engines_per_step(compiled):
-    from ptqd.compiler import step_engines
+    from ptqd.runtime.loader import step_engines
     from ptqd.runtime.correction import StepEngines
     from ptqd.runtime.pipeline import sample_latents
 
@@ -97,7 +97,7 @@ def test_plan_sampling_switches_engines_per_step(compiled):
     pl = [s["precision"] for s in b.read_json("calib/plan.json")["steps"]]
     eng, label = step_engines(b, "auto", "on")
     assert isinstance(eng, StepEngines) and label == "plan+ptqd"
-    cfg = api._sampler_config(b.facts, 10, 1.0, 3.0)
+    cfg = api.sampler_config(b.facts, 10, 1.0, 3.0)
     table = np.load(b.path(api.CLASS_EMBEDDING))
     lat = sample_latents(eng, b.facts, table, np.array([1, 2]), np.arange(2), 0, cfg)
     assert np.isfinite(lat).all()
@@ -128,7 +128,7 @@ def test_sample_plan_file_and_errors(compiled, tmp_path, capsys):
 
 
 def test_correction_on_needs_a_fitted_correction(tiny_cin_bundle):
-    from ptqd.compiler import step_engines
+    from ptqd.runtime.loader import step_engines
 
     b = Bundle.open(tiny_cin_bundle)
     with pytest.raises(UserError, match="not calibrated"):

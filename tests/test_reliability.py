@@ -23,7 +23,7 @@ from ptqd import api
 from ptqd.bundle import MANIFEST, Bundle
 from ptqd.cli import main
 from ptqd.errors import BundleError, NonFiniteError, UserError
-from ptqd.runtime.runners import Runner
+from ptqd.engines.runner import Runner
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def test_2_a_reader_overtaken_by_a_commit_is_told_so_not_that_the_file_is_damage
 # ---- 3. an interrupted `ptqd correct` keeps a valid plan ------------------------------------------
 def _fake_correction_fit(monkeypatch):
     import ptqd.calib.correction as corr
-    from ptqd import compiler
+    import ptqd.stages.correct as correct_stage
 
     class Model:
         def eval(self):
@@ -190,8 +190,8 @@ def _fake_correction_fit(monkeypatch):
     step = {"t": 1, "k": 0.0, "bias": [0.0, 0.0, 0.0], "sigma_q": 0.1, "gate": "none", "raw": {"k_raw": 0.0},
             "holdout": {"explained_variance": 0.0, "mse_uncorrected": 1.0, "mse_corrected": 1.0},
             "holdout_gated": {"mse_corrected": 1.0}}
-    monkeypatch.setattr(api, "_load_source", lambda b: type("Loaded", (), {"unet": Model()})())
-    monkeypatch.setattr(compiler, "_fake_quant_runners", lambda *a, **k: {})
+    monkeypatch.setattr(correct_stage, "load_source", lambda b: type("Loaded", (), {"unet": Model()})())
+    monkeypatch.setattr(correct_stage, "fake_quant_runners", lambda *a, **k: {})
     monkeypatch.setattr(corr, "collect", lambda *a, **k: (None, None, {"w8a8": None}))
     monkeypatch.setattr(corr, "fit_precision", lambda *a, **k: {"steps": [dict(step)]})
 
@@ -214,7 +214,8 @@ def test_3_interrupted_correct_keeps_the_plan(cin, monkeypatch):
     assert b.read_json("calib/correction.json")["config"]["samples"] == 4  # the new correction landed
     rc, _, err = _run(["sample", cin, "--plan", "auto", "--num", "1", "--steps", "2"])
     assert rc == 0, err
-    from ptqd.compiler import CORRECTION_JSON, digest
+    from ptqd.bundle.layout import CORRECTION_JSON
+    from ptqd.stages.common import digest
 
     assert b.stage("plan")["inputs"] != digest(b, (CORRECTION_JSON, api.BUILD_JSON))  # compile will redo it
 
@@ -291,7 +292,7 @@ def test_6_quantized_engine_refuses_nan_and_inf_inputs(tiny_cin_bundle, tmp_path
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from ptqd.runtime.runners import OrtRunner
+    from ptqd.engines.onnxruntime import OrtRunner
 
     logging.disable(logging.WARNING)
     try:

@@ -27,8 +27,9 @@ import numpy as np
 
 from ptqd.calib.quant import ActQuant, act_params, choose_act_range
 from ptqd.errors import UserError
+from ptqd.precision import CALIBRATED
 
-PRECISIONS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}
+PRECISIONS = {p.value: (p.w_bits, p.a_bits) for p in CALIBRATED}  # name -> (weight bits, activation bits)
 DEFAULT_KEEP_FP = (r"skip_connection$", r"\.op$", r"nin_shortcut$")
 
 

@@ -119,7 +119,7 @@ def record_trajectories(loaded, layers: list[dict], labels: np.ndarray, seeds, c
 
     from ptqd.runtime.pipeline import sample_latents
     from ptqd.runtime.sampler import DDIMSampler
-    from ptqd.runtime.torch_runner import TorchRunner
+    from ptqd.engines.torch_ref import TorchRunner
 
     unet = loaded.unet.unet
     rng = np.random.RandomState(0)
@@ -189,7 +189,7 @@ def hessians(loaded, layers: list[dict], feeds: list[tuple], device, rows: int =
 
     positions = max(1, -(-rows // max(len(feeds), 1)))
 
-    from ptqd.runtime.torch_runner import TorchRunner
+    from ptqd.engines.torch_ref import TorchRunner
 
     unet = loaded.unet.unet
     gen = torch.Generator().manual_seed(seed)

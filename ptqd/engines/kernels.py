@@ -24,13 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from ptqd.engines.onnx_io import load_model
+from ptqd.engines.qdq import node_key
 
 FLOAT_KERNEL_RTOL = 1e-6
-
-
-def _safe(name: str) -> str:
-    """The QDQ writer's tensor-name prefix for a layer-table node name."""
-    return name.strip("/").replace("/", "_").replace(".", "_")
 
 
 def check_kernels(engine_path: str | Path, layers, feeds: dict) -> dict:
@@ -91,7 +87,7 @@ def check_kernels(engine_path: str | Path, layers, feeds: dict) -> dict:
             mismatched.append({"node": n.name, "op": n.op_type, "elements": bad, "of": int(got.size)})
     constant_mismatches = []
     for lq in layers:
-        base = _safe(lq.name)
+        base = node_key(lq.name)
         checks = {f"{base}_x_scale": np.float32(lq.act_in.scale), f"{base}_x_zp": np.uint8(lq.act_in.zero_point)}
         for key, want in checks.items():
             if key in inits and not np.array_equal(inits[key], np.asarray(want, inits[key].dtype)):

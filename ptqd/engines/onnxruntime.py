@@ -1,4 +1,5 @@
-"""ONNX Runtime backend: build an engine (the optimized QDQ model ORT saves) and describe it.
+"""ONNX Runtime backend: build an engine (the optimized QDQ model ORT saves), describe it, run it
+(``OrtRunner``, ``OrtDecoder``), and ONNX Runtime's own ``quantize_static`` as the peer users would pick.
 
 The engine is saved at ``ORT_ENABLE_EXTENDED``: QDQ fusions (QLinearConv, MatMulIntegerToFloat,
 ...) are applied, but not the NCHWc layout transforms of ``ORT_ENABLE_ALL``, which are specific
@@ -8,7 +9,14 @@ to the build machine's instruction set; ORT applies those again when the engine 
 from __future__ import annotations
 
 import collections
+import os
 from pathlib import Path
+
+import numpy as np
+
+from ptqd.engines.qdq import node_key
+from ptqd.engines.runner import Runner, unet_feeds
+from ptqd.errors import MissingDependencyError, NonFiniteError
 
 INTEGER_OPS = ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger", "ConvInteger", "QGemm",
                "DynamicQuantizeMatMul")
@@ -33,7 +41,6 @@ def describe_engine(engine_path: Path, layer_rows: list[dict]) -> dict:
     import onnx
     import onnxruntime as ort
 
-    from ptqd.engines.qdq import _safe
 
     g = onnx.load(str(engine_path), load_external_data=False).graph
     ops = collections.Counter(n.op_type for n in g.node)
@@ -43,7 +50,7 @@ def describe_engine(engine_path: Path, layer_rows: list[dict]) -> dict:
     for r in layer_rows:
         if r["kind"] not in ("conv", "linear"):
             continue
-        names = {f"{_safe(r['name'])}_w_int8"}
+        names = {f"{node_key(r['name'])}_w_int8"}
         if r.get("weight"):
             names |= {f"{r['weight']}_quantized", f"{r['weight']}_quantized_transposed"}
         if names & int_inputs:
@@ -60,3 +67,88 @@ def describe_engine(engine_path: Path, layer_rows: list[dict]) -> dict:
         "integer_layers": len(int_layers),
         "size_bytes": engine_path.stat().st_size,
     }
+
+
+def ort_session(path: str | os.PathLike, threads: int | None = None, allow_spinning: bool = True):
+    """An ONNX Runtime CPU session. ``allow_spinning=False`` when several sessions take turns
+    (engine switching): an idle session's spinning threads otherwise steal a core (MEASURED.md)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:  # pragma: no cover - onnxruntime is a dependency
+        raise MissingDependencyError("onnxruntime is not installed: pip install onnxruntime") from None
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    if not allow_spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+class OrtRunner(Runner):
+    name = "onnxruntime"
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, allow_spinning: bool = True):
+        self.path = Path(path)
+        self.session = ort_session(path, threads, allow_spinning)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.input_shapes = {i.name: tuple(d if isinstance(d, int) else None for d in i.shape)
+                             for i in self.session.get_inputs()}
+
+    def infer(self, x, t, context):
+        return self.session.run(["eps"], unet_feeds(self.input_names, x, t, context, self.path.name))[0]
+
+
+class OrtDecoder:
+    """First-stage decoder engine: latent z -> image in [-1, 1]."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        self.session = ort_session(path, threads)
+
+    def __call__(self, z: np.ndarray) -> np.ndarray:
+        z = np.ascontiguousarray(z, np.float32)
+        if not np.isfinite(z).all():
+            raise NonFiniteError(f"the decoder was given {int(z.size - np.count_nonzero(np.isfinite(z)))} NaN/Inf "
+                                 f"latent value(s) of {z.size}: refusing to decode them (the sampling diverged)")
+        return self.session.run(["image"], {"z": z})[0]
+
+
+def quantize_static_peer(fp_onnx: Path, out_qdq: Path, feeds: dict, exclude_nodes: list[str],
+                         chunk: int = 64) -> None:
+    """ONNX Runtime's own ``quantize_static`` on the same calibration inputs (``feeds``: x, t[, context]):
+    the tool users would pick instead. QDQ, U8 activations (MinMax), S8 per-channel weights, reduce_range,
+    Conv/MatMul/Gemm only; ``exclude_nodes`` (the attention matmuls) stay float (MEASURED.md)."""
+    import logging
+    import shutil
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    n = len(feeds["t"])
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.i = 0
+
+        def get_next(self):
+            if self.i >= n:
+                return None
+            sl = slice(self.i, self.i + chunk)
+            self.i += chunk
+            return {k: feeds[k][sl] for k in ("x", "t", "context") if k in feeds}
+
+    logging.disable(logging.WARNING)  # quantize_static's advice to pre-process goes to the root logger
+    src = Path(fp_onnx)
+    with tempfile.TemporaryDirectory(prefix="ptqd-peer-") as tmp:
+        ext = src.with_name(src.name + ".data")
+        if ext.exists():  # onnx.load refuses hard-linked external data (the staging copy): use a private copy
+            shutil.copy(src, Path(tmp) / src.name)
+            shutil.copy(ext, Path(tmp) / ext.name)
+            src = Path(tmp) / src.name
+        try:
+            quantize_static(str(src), str(out_qdq), Reader(), quant_format=QuantFormat.QDQ,
+                            per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+                            nodes_to_exclude=exclude_nodes, use_external_data_format=ext.exists())
+        finally:
+            logging.disable(logging.NOTSET)

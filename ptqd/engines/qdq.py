@@ -19,7 +19,8 @@ import numpy as np
 from ptqd.engines.onnx_io import load_model
 
 
-def _safe(name: str) -> str:
+def node_key(name: str) -> str:
+    """The tensor-name prefix the QDQ writers give a layer-table node name (``/a/b.c`` -> ``a_b_c``)."""
     return name.strip("/").replace("/", "_").replace(".", "_")
 
 
@@ -42,7 +43,7 @@ def write_qdq(fp_onnx: Path, layers, out_path: Path) -> dict:
         node = nodes.get(lq.name)
         if node is None:
             raise ValueError(f"node {lq.name!r} from the calibration is not in {fp_onnx.name}: re-run calibrate")
-        base = _safe(lq.name)
+        base = node_key(lq.name)
         pre, post = [], []
         # activation input
         x = node.input[0]

@@ -97,7 +97,8 @@ def export_unet(loaded, path: Path, cfg: ExportConfig = ExportConfig(), batch: i
     try:
         return _export(loaded.unet, args, names, ["eps"], path, cfg)
     except Exception as e:  # torch's exporter errors are long; keep the first line, chain the cause
-        raise ExportError(f"ONNX export of the UNet failed: {str(e).strip().splitlines()[0][:300]}") from e
+        raise ExportError(f"ONNX export of the UNet failed: {str(e).strip().splitlines()[0][:300]}",
+                          check="ONNX export") from e
 
 
 def export_first_stage(loaded, path: Path, cfg: ExportConfig = ExportConfig()) -> list[Path]:
@@ -106,4 +107,5 @@ def export_first_stage(loaded, path: Path, cfg: ExportConfig = ExportConfig()) -
     try:
         return _export(loaded.first_stage, (z,), ["z"], ["image"], path, cfg)
     except Exception as e:
-        raise ExportError(f"ONNX export of the first-stage decoder failed: {str(e).strip().splitlines()[0][:300]}") from e
+        raise ExportError(f"ONNX export of the first-stage decoder failed: {str(e).strip().splitlines()[0][:300]}",
+                          check="ONNX export") from e

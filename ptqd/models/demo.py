@@ -92,7 +92,7 @@ def _encoder(torch):
     """CompVis-style Encoder (f = 4) producing mean and log-variance of the latent."""
     from torch import nn
 
-    from ptqd.models.first_stage import ResnetBlock, _norm
+    from ptqd.models.first_stage import ResnetBlock, vae_norm
 
     class Down(nn.Module):
         def __init__(self, c):
@@ -117,7 +117,7 @@ def _encoder(torch):
             self.down = nn.Sequential(*blocks)
             self.mid = nn.Module()
             self.mid.block_1 = ResnetBlock(cin, cin)
-            self.norm_out = _norm(cin)
+            self.norm_out = vae_norm(cin)
             self.conv_out = nn.Conv2d(cin, 2 * dd["z_channels"], 3, padding=1)
 
         def forward(self, x):

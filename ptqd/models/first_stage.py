@@ -104,15 +104,15 @@ class DecoderConfig:
         return 2 ** (len(self.ch_mult) - 1)
 
 
-def _norm(c: int) -> nn.GroupNorm:
+def vae_norm(c: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, c, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
     def __init__(self, cin: int, cout: int):
         super().__init__()
-        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2, self.conv2 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.norm1, self.conv1 = vae_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = vae_norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
         self.dropout = nn.Dropout(0.0)
         if cin != cout:
             self.nin_shortcut = nn.Conv2d(cin, cout, 1)
@@ -127,7 +127,7 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     def __init__(self, c: int):
         super().__init__()
-        self.norm = _norm(c)
+        self.norm = vae_norm(c)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
 
     def forward(self, x):
@@ -175,7 +175,7 @@ class Decoder(nn.Module):
                 up.upsample = _Upsample(block_in)
                 res *= 2
             self.up.insert(0, up)
-        self.norm_out = _norm(block_in)
+        self.norm_out = vae_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, cfg.out_ch, 3, padding=1)
         self.tanh_out = cfg.tanh_out
 

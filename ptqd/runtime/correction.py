@@ -126,6 +126,10 @@ class StepEngines:
         self.switches = 0
         self._last: str | None = None
 
+    def reset_switches(self) -> None:
+        """Start counting engine switches afresh (one sampling run's worth)."""
+        self.switches, self._last = 0, None
+
     def at(self, t: float):
         """(runner, StepCorrection or None) for timestep t."""
         p = self.plan.at(t)

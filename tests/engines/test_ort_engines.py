@@ -69,8 +69,9 @@ def test_perturbed_qdq_scale_is_caught(built, tmp_path):
     from ptqd.calib.calibrate import load_params
     from ptqd.calib.fakequant import fake_quant_model
     from ptqd.engines.onnxruntime import build_engine
-    from ptqd.runtime.runners import OrtRunner
-    from ptqd.runtime.torch_runner import TorchRunner
+    from ptqd.engines.onnxruntime import OrtRunner
+    from ptqd.engines.torch_ref import TorchRunner
+    from ptqd.stages.common import load_source
 
     d, _ = built
     b = Bundle.open(d)
@@ -80,8 +81,8 @@ def test_perturbed_qdq_scale_is_caught(built, tmp_path):
     onnx.save(model, str(tmp_path / "bad.qdq.onnx"))
     build_engine(tmp_path / "bad.qdq.onnx", tmp_path / "bad.onnx")
     layers = load_params(b.read_json("calib/w8a8.json"), np.load(b.path("calib/w8a8.npz")))
-    ref = TorchRunner(fake_quant_model(api._load_source(b).unet, layers))
-    inputs = api.validation_inputs(b)
+    ref = TorchRunner(fake_quant_model(load_source(b).unet, layers))
+    inputs = api.validation_inputs(dict(np.load(b.path("calib/feeds.npz"))))
     good = api.validate_engine(OrtRunner(b.path("engines/onnxruntime/w8a8.onnx")), ref, inputs)
     bad = api.validate_engine(OrtRunner(tmp_path / "bad.onnx"), ref, inputs)
     assert good["passed"] and not bad["passed"]
@@ -116,7 +117,7 @@ def test_kernel_check_catches_a_kernel_that_saturates(built, tmp_path):
     onnx.save(model, str(tmp_path / "wide.qdq.onnx"))
     build_engine(tmp_path / "wide.qdq.onnx", tmp_path / "wide.onnx")
     layers = load_params(b.read_json("calib/w8a8.json"), np.load(b.path("calib/w8a8.npz")))
-    res = check_kernels(tmp_path / "wide.onnx", layers, api.validation_inputs(b)[-1])
+    res = check_kernels(tmp_path / "wide.onnx", layers, api.validation_inputs(dict(np.load(b.path("calib/feeds.npz"))))[-1])
     assert res["kernels"] > 0
     saturated = [m for m in res["mismatched"] if m["op"] == "QLinearConv"]
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""

@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ptqd import api
 from ptqd.bundle import Bundle
 from ptqd.calib.calibrate import PRECISIONS, load_params
-from ptqd.engines.lint import RULES, Finding, format_findings, lint_bundle, lint_qdq
+from ptqd.engines.tensorrt.lint import RULES, Finding, format_findings, lint_bundle, lint_qdq
 from ptqd.engines.tensorrt import (
     INSTALL_HINT,
     TrtOptions,
@@ -249,11 +249,11 @@ def test_activation_quantizer_is_symmetric_and_recorded(demo, graphs):
     model = onnx.load(str(path))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     lq = _layers(Bundle.open(demo), "w8a8")[5]
-    from ptqd.engines.qdq import _safe
+    from ptqd.engines.qdq import node_key
 
     lo, hi = lq.act_in.range
     assert lq.act_in.zero_point != 0  # the calibrated quantizer is asymmetric...
-    base = _safe(lq.name)
+    base = node_key(lq.name)
     assert inits[f"{base}_x_zp"] == 0 and inits[f"{base}_x_zp"].dtype == np.int8  # ...the TensorRT one is not
     assert inits[f"{base}_x_scale"] == np.float16(max(-lo, hi) / 127)
     # weights: the calibrated integers and scales, unchanged
@@ -281,13 +281,13 @@ def test_int4_matmul_weights_are_the_calibrated_ones(demo, graphs):
     path, rec = graphs["w4a8"]
     model = onnx.load(str(path))
     inits = {i.name: i for i in model.graph.initializer}
-    from ptqd.engines.qdq import _safe
+    from ptqd.engines.qdq import node_key
 
     layers = [lq for lq in _layers(Bundle.open(demo), "w4a8") if lq.op == "MatMul" and lq.w_bits == 4]
     assert layers and rec["int4_weight_only_layers"] == len(layers)
     assert "not quantized" in rec["int4"]
     for lq in layers:
-        base = _safe(lq.name)
+        base = node_key(lq.name)
         w = inits[f"{base}_w_int4"]
         assert w.data_type == TensorProto.INT4
         np.testing.assert_array_equal(numpy_helper.to_array(w).astype(np.int8), lq.w_int.T)
@@ -322,7 +322,7 @@ def test_fp16_graph_keeps_io_and_time_embedding_fp32(graphs):
 def test_trt_graphs_compute_the_model_in_onnxruntime(demo, graphs):
     """The TensorRT graphs are ONNX: ONNX Runtime (CPU) runs them. The FP16 graph matches FP32 to
     fp16 noise; the quantized ones stay close to FP32 (a sanity bound, not a quality claim)."""
-    from ptqd.runtime.runners import ort_session
+    from ptqd.engines.onnxruntime import ort_session
 
     b = Bundle.open(demo)
     rng = np.random.RandomState(0)
@@ -422,7 +422,7 @@ def test_layer_precisions_from_the_engine_inspector():
 
 # ---- heavy imports stay lazy; missing TensorRT is one clear line --------------------------------
 def test_backend_modules_import_light():
-    code = ("import sys, ptqd.engines.tensorrt, ptqd.engines.lint; "
+    code = ("import sys, ptqd.engines.tensorrt, ptqd.engines.tensorrt.lint; "
             "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
     mods = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
     assert not mods & {"tensorrt", "polygraphy", "onnxruntime", "torch", "onnx", "cuda"}, mods
@@ -467,7 +467,7 @@ def test_cli_build_without_tensorrt_exits_1_with_one_line(demo, capsys):
 def test_engines_build_run_and_share_device_memory(demo, graphs, tmp_path):
     pytest.importorskip("tensorrt")
     from ptqd.engines.tensorrt import TrtEngineSet, build_engine
-    from ptqd.runtime.runners import ort_session
+    from ptqd.engines.onnxruntime import ort_session
 
     opts = TrtOptions(opt_batch=2, max_batch=2)  # profile max 4: a batch of 6 runs in two chunks
     spec = build_spec(opts, profile_shapes(graph_inputs(graphs["w8a8"][0]), opts), tmp_path / "timing.cache")

@@ -5,7 +5,7 @@ import pytest
 
 from ptqd import api
 from ptqd.errors import UserError
-from ptqd.evaluate import evaluate_runners, frechet_distance, psnr
+from ptqd.tools.metrics import evaluate_runners, frechet_distance, psnr
 from ptqd.runtime import OrtDecoder, OrtRunner, SamplerConfig, sample_latents
 
 
@@ -40,7 +40,7 @@ def test_sample_bad_input(tiny_cin_bundle, tmp_path):
 def test_ort_trajectory_matches_torch(tiny_cin_ckpt, tiny_cin_bundle, eta):
     from ptqd.bundle import Bundle
     from ptqd.models import load_model
-    from ptqd.runtime.torch_runner import TorchRunner
+    from ptqd.engines.torch_ref import TorchRunner
 
     loaded = load_model(tiny_cin_ckpt)
     b = Bundle.open(tiny_cin_bundle)

@@ -1,27 +1,24 @@
-"""The TensorRT backend's stages: TensorRT-conformant QDQ graphs per precision, linted on the CPU,
-built into serialized plans through polygraphy, validated against ONNX Runtime on the same graph;
-the engine set of a plan shares one device-memory allocation. :func:`ptqd.api.build` dispatches
-here for ``backend="tensorrt"``; TensorRT itself is imported only when a build or run starts."""
+"""``ptqd build --backend tensorrt``: TensorRT-conformant QDQ graphs per precision, linted on the CPU,
+built into serialized plans through polygraphy, validated against ONNX Runtime on the same graph; and
+``ptqd lint``, the same graphs checked against TensorRT's rules without a GPU. TensorRT itself is
+imported only when a build starts."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from ptqd.api import (
-    OUR_PRECISIONS,
-    UNET_ONNX,
-    _progress,
-    bucket_suffix,
-    validate_engine,
-    validation_inputs,
-)
-from ptqd.bundle import Bundle, writes_bundle
-from ptqd.errors import UserError
+import numpy as np
 
-TRT_DIR = "engines/tensorrt"
-TRT_BUILD_JSON = f"{TRT_DIR}/build.json"
-TRT_PRECISIONS = ("fp16",) + OUR_PRECISIONS  # fp16: the unquantized baseline engine
+from ptqd.bundle import Bundle, layout, writes_bundle
+from ptqd.engines.compare import validate_engine, validation_inputs
+from ptqd.errors import InternalError, UserError, ValidationError
+from ptqd.precision import TENSORRT_BUILDABLE, Precision
+from ptqd.progress import progress_bar
+from ptqd.stages.common import calib_layers
+
+TRT_PRECISIONS = tuple(p.value for p in TENSORRT_BUILDABLE)  # fp16: the unquantized baseline engine
+TRT_DIR = layout.TRT_DIR
 # TensorRT engine (GPU, FP16 kernels) vs ONNX Runtime running the same QDQ graph on the CPU, rel-L2
 # of ε per timestep, by activation bits (16: the fp16 engine). Provisional until confirmed on GPUs
 # (scripts/tensorrt_gpu_check.py prints the measured errors): FP16 rounding alone moves the ONNX
@@ -32,9 +29,6 @@ TRT_TOLERANCE = {16: (5e-3, 1e-2), 8: (3e-2, 6e-2), 4: (1.5e-1, 2.5e-1)}  # (med
 def _tensorrt_graphs(b: Bundle, precisions, path_for, options) -> list[tuple]:
     """Write the TensorRT QDQ graph of each precision (each timestep bucket) from the calibration.
     ``path_for(file name) -> Path``. Returns [(precision, suffix, bucket, path, writer record)]."""
-    import numpy as np
-
-    from ptqd.calib.calibrate import load_params
     from ptqd.engines.tensorrt import write_qdq_tensorrt
 
     bad = [p for p in precisions if p not in TRT_PRECISIONS]
@@ -46,22 +40,21 @@ def _tensorrt_graphs(b: Bundle, precisions, path_for, options) -> list[tuple]:
     out = []
     for p in precisions:
         for k, bucket in enumerate([None] if p == "fp16" else buckets):
-            sfx = "" if p == "fp16" else bucket_suffix(k, len(buckets))
-            layers = [] if p == "fp16" else load_params(b.read_json(f"calib/{p}{sfx}.json"),
-                                                        np.load(b.path(f"calib/{p}{sfx}.npz")))
+            sfx = "" if p == "fp16" else layout.bucket_suffix(k, len(buckets))
+            layers = [] if p == "fp16" else calib_layers(b, p, k, len(buckets))
             path = path_for(f"{p}{sfx}.qdq.onnx")
-            out.append((p, sfx, bucket, path, write_qdq_tensorrt(b.path(UNET_ONNX), layers, path, options)))
+            out.append((p, sfx, bucket, path, write_qdq_tensorrt(b.path(layout.UNET_ONNX), layers, path, options)))
     return out
 
 
 @writes_bundle()
-def build_tensorrt(bundle, precisions=TRT_PRECISIONS, validate: bool = True, progress: bool | None = None,
+def build_tensorrt(bundle, precisions=None, validate: bool = True, progress: bool | None = None,
                     options=None) -> dict:
     """One TensorRT plan per precision (and timestep bucket) from TensorRT-conformant QDQ graphs:
     each graph is linted on the CPU before it is built, each engine validated against ONNX Runtime
     running the same graph. The timing cache lives in the bundle and is reused by every build."""
 
-    from ptqd.engines.lint import lint_qdq
+    from ptqd.engines.tensorrt.lint import lint_qdq
     from ptqd.engines.tensorrt import (
         TIMING_CACHE,
         TrtEngineSet,
@@ -73,18 +66,18 @@ def build_tensorrt(bundle, precisions=TRT_PRECISIONS, validate: bool = True, pro
         profile_shapes,
         require_tensorrt,
     )
-    from ptqd.errors import ExportError
-    from ptqd.runtime.runners import OrtRunner
+    from ptqd.engines.onnxruntime import OrtRunner
 
     require_tensorrt()  # before any work: one line saying what to install
+    precisions = TRT_PRECISIONS if precisions is None else tuple(precisions)
     options = options or TrtOptions()
     options.validate()
     b = Bundle.open(bundle)
-    old = b.read_json(TRT_BUILD_JSON) if b.has(TRT_BUILD_JSON) else {}
+    old = layout.built(b, "tensorrt")
     cache_rel = f"{TRT_DIR}/{TIMING_CACHE}"
     cache_bytes = b.read_bytes(cache_rel) if b.has(cache_rel) else b""
     records: dict[str, Any] = {}
-    with _progress(len(precisions), "build tensorrt", progress) as bar, Bundle.transaction(b.root) as w:
+    with progress_bar(len(precisions), "build tensorrt", progress) as bar, Bundle.transaction(b.root) as w:
         cache = w.file(cache_rel)
         cache.write_bytes(cache_bytes)  # polygraphy reads it, then merges the new timings into it
         spec = None
@@ -97,7 +90,7 @@ def build_tensorrt(bundle, precisions=TRT_PRECISIONS, validate: bool = True, pro
                                                               options):
                 findings = lint_qdq(qdq)
                 if findings:  # the writer's job is to make conformant graphs: a ptqd bug
-                    raise ExportError(f"{qdq.name} breaks {len(findings)} TensorRT rule(s), first: {findings[0]}")
+                    raise InternalError(f"{qdq.name} breaks {len(findings)} TensorRT rule(s), first: {findings[0]}")
                 if spec is None:
                     spec = build_spec(options, profile_shapes(graph_inputs(qdq), options), cache)
                 plan = w.file(f"{TRT_DIR}/{p}{sfx}.plan")
@@ -108,16 +101,16 @@ def build_tensorrt(bundle, precisions=TRT_PRECISIONS, validate: bool = True, pro
                          "size_bytes": desc["size_bytes"], "device_memory_bytes": desc["device_memory_bytes"],
                          "layer_precisions": desc["layer_precisions"]}
                 if validate:
-                    bits = 16 if p == "fp16" else int(p[3])
+                    bits = Precision(p).a_bits
                     with TrtEngineSet({p: plan}) as engines:
-                        val = validate_engine(engines.runner(p), OrtRunner(qdq), validation_inputs(b), act_bits=bits)
+                        val = validate_engine(engines.runner(p), OrtRunner(qdq), validation_inputs(dict(np.load(b.path(layout.CALIB_FEEDS)))), act_bits=bits)
                     med, worst = TRT_TOLERANCE[bits]
                     val.update(reference="onnxruntime on the same QDQ graph",
                                tolerance={"median_rel_l2": med, "worst_rel_l2": worst},
                                passed=val["median_rel_l2"] <= med and val["worst_rel_l2"] <= worst)
                     entry["validation_vs_onnxruntime"] = val
                     if not val["passed"]:
-                        raise ExportError(f"{p}{sfx} TensorRT engine does not match ONNX Runtime on its own graph: "
+                        raise ValidationError("TensorRT engine vs ONNX Runtime", f"{p}{sfx} TensorRT engine does not match ONNX Runtime on its own graph: "
                                           f"rel-L2 median {val['median_rel_l2']:.3g}, worst {val['worst_rel_l2']:.3g} "
                                           f"(tolerance {med:g} / {worst:g})")
                 if not rec["buckets"]:
@@ -130,42 +123,10 @@ def build_tensorrt(bundle, precisions=TRT_PRECISIONS, validate: bool = True, pro
             records[p] = rec
             bar.update()
         merged = {**old, **records}
-        w.write_json(TRT_BUILD_JSON, merged)
+        w.write_json(layout.TRT_BUILD_JSON, merged)
         w.set_stage("build_tensorrt", {"backend": "tensorrt", "precisions": sorted(merged),
                                        "tensorrt": next(iter(records.values()))["tensorrt"] if records else None})
     return records
-
-
-def open_tensorrt(b: Bundle, precisions, cuda_graphs: bool = False):
-    """One TrtEngineSet over the given precisions' engines (every timestep bucket), sharing one
-    device-memory allocation: what a step-aware plan switches between. Engines are named
-    ``<precision><suffix>`` (``w4a8``, or ``w4a8.b0``, ``w4a8.b1`` with buckets)."""
-    from ptqd.engines.tensorrt import TrtEngineSet
-
-    built = b.read_json(TRT_BUILD_JSON) if b.has(TRT_BUILD_JSON) else {}
-    missing = [p for p in precisions if p not in built]
-    if missing:
-        raise UserError(f"{b.root} has no tensorrt engine for {', '.join(missing)}; build it with `ptqd build "
-                        f"{b.root} --backend tensorrt --precisions {','.join(missing)}` (available: "
-                        f"{', '.join(sorted(built)) or 'none'})")
-    plans = {}
-    for p in precisions:
-        entries = built[p]["buckets"]
-        for k, e in enumerate(entries):
-            plans[f"{p}{bucket_suffix(k, len(entries))}"] = b.path(e["engine"])
-    return TrtEngineSet(plans, cuda_graphs=cuda_graphs)
-
-
-def open_tensorrt_runner(b: Bundle, precision: str):
-    """A runner for one precision on TensorRT (bucketed when the calibration has buckets)."""
-    from ptqd.runtime.runners import BucketedRunner
-
-    engines = open_tensorrt(b, [precision])
-    entries = b.read_json(TRT_BUILD_JSON)[precision]["buckets"]
-    if len(entries) == 1:
-        return engines.runner(precision)
-    return BucketedRunner([(tuple(e["t_range"]), engines.runner(f"{precision}{bucket_suffix(k, len(entries))}"))
-                           for k, e in enumerate(entries)])
 
 
 def lint(bundle, target: str = "tensorrt") -> dict[str, list]:
@@ -176,7 +137,7 @@ def lint(bundle, target: str = "tensorrt") -> dict[str, list]:
     Returns {graph name: [Finding]} (empty lists: conformant)."""
     import tempfile
 
-    from ptqd.engines.lint import TARGETS, lint_bundle, lint_qdq
+    from ptqd.engines.tensorrt.lint import TARGETS, lint_bundle, lint_qdq
     from ptqd.engines.tensorrt import TrtOptions
 
     if target not in TARGETS:

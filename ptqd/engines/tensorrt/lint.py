@@ -46,7 +46,6 @@ from typing import Any
 import numpy as np
 
 from ptqd.engines.onnx_io import load_model
-
 from ptqd.errors import UserError
 
 TARGETS = ("tensorrt",)

@@ -1,17 +1,14 @@
-"""Engine runners: one small interface, ``runner(x, t, context) -> eps`` (numpy in, numpy out).
+"""The runner interface: ``runner(x, t, context) -> eps`` (numpy in, numpy out), shared by every backend.
 
-The runtime imports numpy and the chosen backend only; backends are imported when a runner
-is created, never at ``import ptqd.runtime``.
+A runner checks its inputs in ``__call__`` and then calls ``infer`` (what a backend overrides), like
+polygraphy's ``infer`` / ``infer_impl``. Importing this module needs numpy only.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 
-from ptqd.errors import EngineInputError, MissingDependencyError, NonFiniteError
+from ptqd.errors import EngineInputError, NonFiniteError
 
 
 class Runner:
@@ -60,22 +57,6 @@ class Runner:
         self.close()
 
 
-def ort_session(path: str | os.PathLike, threads: int | None = None, allow_spinning: bool = True):
-    """An ONNX Runtime CPU session. ``allow_spinning=False`` when several sessions take turns
-    (engine switching): an idle session's spinning threads otherwise steal a core (MEASURED.md)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:  # pragma: no cover - onnxruntime is a dependency
-        raise MissingDependencyError("onnxruntime is not installed: pip install onnxruntime") from None
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    if not allow_spinning:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def unet_feeds(input_names, x, t, context, what: str) -> dict[str, np.ndarray]:
     """The UNet's feeds by input name; ``context`` only where the graph takes one."""
     feeds = {"x": x, "t": t}
@@ -84,34 +65,6 @@ def unet_feeds(input_names, x, t, context, what: str) -> dict[str, np.ndarray]:
             raise ValueError(f"{what} needs a context input")
         feeds["context"] = context
     return feeds
-
-
-class OrtRunner(Runner):
-    name = "onnxruntime"
-
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, allow_spinning: bool = True):
-        self.path = Path(path)
-        self.session = ort_session(path, threads, allow_spinning)
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.input_shapes = {i.name: tuple(d if isinstance(d, int) else None for d in i.shape)
-                             for i in self.session.get_inputs()}
-
-    def infer(self, x, t, context):
-        return self.session.run(["eps"], unet_feeds(self.input_names, x, t, context, self.path.name))[0]
-
-
-class OrtDecoder:
-    """First-stage decoder engine: latent z -> image in [-1, 1]."""
-
-    def __init__(self, path: str | os.PathLike, threads: int | None = None):
-        self.session = ort_session(path, threads)
-
-    def __call__(self, z: np.ndarray) -> np.ndarray:
-        z = np.ascontiguousarray(z, np.float32)
-        if not np.isfinite(z).all():
-            raise NonFiniteError(f"the decoder was given {int(z.size - np.count_nonzero(np.isfinite(z)))} NaN/Inf "
-                                 f"latent value(s) of {z.size}: refusing to decode them (the sampling diverged)")
-        return self.session.run(["image"], {"z": z})[0]
 
 
 class BucketedRunner(Runner):

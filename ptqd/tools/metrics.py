@@ -24,10 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from ptqd.engines.onnxruntime import ort_session
+from ptqd.errors import UserError
 from ptqd.runtime.pipeline import predict
-
-DEMO_FEATURES = "eval/features.onnx"
-DEMO_REAL = "eval/real_images.npz"
 
 
 def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
@@ -60,13 +59,9 @@ class FeatureModel:
     """ONNX model: ``image`` float32 [N, C, H, W] in [-1, 1] -> ``features`` [N, F] (+ ``logits``)."""
 
     def __init__(self, path: Path):
-        from ptqd.runtime.runners import ort_session
-
         self.session = ort_session(path)
         self.outputs = [o.name for o in self.session.get_outputs()]
         if "features" not in self.outputs:
-            from ptqd.errors import UserError
-
             raise UserError(f"{path} has no output named 'features' (outputs: {', '.join(self.outputs)})")
 
     def __call__(self, images_u8: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray | None]:

@@ -10,6 +10,10 @@ import time
 
 import numpy as np
 
+from ptqd.bundle import Bundle, layout
+from ptqd.facts import seeded_unet_inputs
+from ptqd.runtime.loader import default_labels, open_decoder, open_engine, sampler_config, step_engines
+
 
 def round_robin(calls: dict, runs: int = 20, warmup: int = 3) -> dict[str, list[float]]:
     """``calls``: name -> zero-argument callable. Returns name -> seconds per run (after warm-up)."""
@@ -27,8 +31,6 @@ def unet_latency(b, precisions, batch: int = 2, runs: int = 20, warmup: int = 3,
                  runners: dict | None = None) -> dict[str, dict[str, float]]:
     """UNet forward latency (ms, median and min) per precision at ``batch`` (2 = one CFG-guided sample),
     with the median ratio to FP32. Spinning is off for every engine alike (several sessions take turns)."""
-    from ptqd.api import open_engine
-    from ptqd.facts import seeded_unet_inputs
 
     names = ["fp32"] + [p for p in precisions if p != "fp32"]
     runners = dict(runners or {})
@@ -65,10 +67,10 @@ def peak_rss_mb(bundle, precisions: list[str], batch: int = 2) -> float:
     import subprocess
     import sys
 
-    code = ("import json,resource,sys;import numpy as np;import onnxruntime;from ptqd import api;"
+    code = ("import json,resource,sys;import numpy as np;import onnxruntime;from ptqd.runtime.loader import open_engine;"
             "from ptqd.bundle import Bundle;from ptqd.facts import seeded_unet_inputs;"
             "b=Bundle.open(sys.argv[1]);ps=json.loads(sys.argv[2]);"
-            "rs=[api.open_engine(b,p,allow_spinning=False) for p in ps];"
+            "rs=[open_engine(b,p,allow_spinning=False) for p in ps];"
             "f=seeded_unet_inputs(b.facts,int(sys.argv[3]),501.0,0);"
             "[r(f['x'],f['t'],f.get('context')) for r in rs];"
             "import pathlib;st=pathlib.Path('/proc/self/status');"
@@ -87,21 +89,17 @@ def bench(bundle, precisions=None, runs: int = 10, warmup: int = 3, large_batch:
     runtime's own overhead. Every timing shares one process and runs round-robin (see module doc)."""
     import os
 
-    from ptqd.api import BUILD_JSON, CLASS_EMBEDDING, FIRST_STAGE_ONNX, UNET_LAYERS, UNET_ONNX, _load_source, \
-        _sampler_config, default_labels, open_engine
-    from ptqd.bundle import Bundle
-    from ptqd.compiler import PLAN_JSON, plan_bops, precision_bops, step_engines
     from ptqd.errors import PtqdError
-    from ptqd.facts import seeded_unet_inputs
     from ptqd.runtime.correction import StepEngines
     from ptqd.runtime.pipeline import decode, sample_latents
-    from ptqd.runtime.runners import OrtDecoder
+    from ptqd.stages.common import load_source
+    from ptqd.stages.plan import plan_bops, precision_bops
 
     b = Bundle.open(bundle)
     facts = b.facts
-    built = b.read_json(BUILD_JSON) if b.has(BUILD_JSON) else {}
+    built = layout.built(b)
     precisions = list(precisions) if precisions else sorted(built, key=lambda p: (p != "ort-int8", p))
-    table = b.read_json(UNET_LAYERS) if b.has(UNET_LAYERS) else None
+    table = b.read_json(layout.UNET_LAYERS) if b.has(layout.UNET_LAYERS) else None
     macs = table["macs_per_forward"] if table else None
     cfg_batch = 2 if facts.conditioning.kind == "class" and guidance != 1.0 else 1
     engines: dict = {}
@@ -112,16 +110,16 @@ def bench(bundle, precisions=None, runs: int = 10, warmup: int = 3, large_batch:
         engines[p] = open_engine(b, p, threads, allow_spinning=False)
         load_s[p] = time.perf_counter() - t0
         if p == "fp32":
-            sizes[p] = os.path.getsize(b.path(UNET_ONNX))
+            sizes[p] = os.path.getsize(b.path(layout.UNET_ONNX))
         else:
             sizes[p] = sum(e["size_bytes"] for e in built[p].get("buckets", [])) or built[p]["size_bytes"]
     notes = []
     if torch_peer:
         try:
-            from ptqd.runtime.torch_runner import TorchRunner
+            from ptqd.engines.torch_ref import TorchRunner
 
             t0 = time.perf_counter()
-            engines["torch-fp32"] = TorchRunner(_load_source(b).unet)
+            engines["torch-fp32"] = TorchRunner(load_source(b).unet)
             load_s["torch-fp32"] = time.perf_counter() - t0
             sizes["torch-fp32"] = None
         except (PtqdError, ImportError) as e:
@@ -156,12 +154,12 @@ def bench(bundle, precisions=None, runs: int = 10, warmup: int = 3, large_batch:
         rows["_process_baseline_mb"] = base
     # end to end: sampling time per image, and the runtime's share (sampler arithmetic, guidance,
     # correction, engine switching: everything that is not an engine call or the decoder)
-    decoder = OrtDecoder(b.path(FIRST_STAGE_ONNX), threads) if b.has(FIRST_STAGE_ONNX) else None
-    cls = np.load(b.path(CLASS_EMBEDDING)) if b.has(CLASS_EMBEDDING) else None
-    scfg = _sampler_config(facts, steps, 0.0, guidance)
+    decoder = open_decoder(b, threads)
+    cls = layout.class_embedding(b)
+    scfg = sampler_config(facts, steps, 0.0, guidance)
     labels = default_labels(facts, None, e2e_images)
     idx = np.arange(e2e_images)
-    specs = ["fp32"] + [p for p in precisions if p != "ort-int8"] + (["auto"] if b.has(PLAN_JSON) else []) + \
+    specs = ["fp32"] + [p for p in precisions if p != "ort-int8"] + (["auto"] if b.has(layout.PLAN_JSON) else []) + \
         (["ort-int8"] if "ort-int8" in precisions else [])
     e2e: dict = {}
     for spec in specs:
@@ -183,7 +181,7 @@ def bench(bundle, precisions=None, runs: int = 10, warmup: int = 3, large_batch:
             for t_ in inner:
                 t_.seconds, t_.calls = 0.0, 0
             if isinstance(eng, StepEngines):
-                eng.switches, eng._last = 0, None  # count one run's switches
+                eng.reset_switches()  # count one run's switches
             t0 = time.perf_counter()
             lat = sample_latents(eng, facts, cls, labels, idx, 0, scfg)
             t_sample = time.perf_counter() - t0
@@ -205,7 +203,7 @@ def bench(bundle, precisions=None, runs: int = 10, warmup: int = 3, large_batch:
            "macs_per_forward": macs, "engines": rows, "sampling": e2e, "steps": steps, "e2e_images": e2e_images,
            "e2e_runs": e2e_runs,
            "notes": notes}
-    if memory and b.has(PLAN_JSON):
-        plan_precs = sorted({s["precision"] for s in b.read_json(PLAN_JSON)["steps"]})
+    if memory and b.has(layout.PLAN_JSON):
+        plan_precs = sorted({s["precision"] for s in b.read_json(layout.PLAN_JSON)["steps"]})
         out["plan_resident"] = {"precisions": plan_precs, "peak_rss_mb": peak_rss_mb(b.root, plan_precs, cfg_batch)}
     return out

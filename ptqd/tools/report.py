@@ -17,7 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from ptqd.bundle import writes_bundle
+from ptqd.bundle import Bundle, layout, writes_bundle
+from ptqd.runtime.loader import default_labels, open_decoder, sampler_config, step_engines
+from ptqd.runtime.pipeline import decode, grid, sample_latents
+from ptqd.tools.bench import bench
+from ptqd.tools.evaluate import evaluate
 
 
 def _png(fig) -> bytes:
@@ -33,15 +37,10 @@ def side_by_side(b, specs: list[str], num: int = 10, seed: int = 0, steps: int =
     """One row per spec, the same seeds and classes in every column (PNG bytes, row labels)."""
     from PIL import Image, ImageDraw
 
-    from ptqd.api import CLASS_EMBEDDING, FIRST_STAGE_ONNX, _sampler_config, default_labels
-    from ptqd.compiler import step_engines
-    from ptqd.runtime.pipeline import decode, grid, sample_latents
-    from ptqd.runtime.runners import OrtDecoder
-
     facts = b.facts
-    table = np.load(b.path(CLASS_EMBEDDING)) if b.has(CLASS_EMBEDDING) else None
-    decoder = OrtDecoder(b.path(FIRST_STAGE_ONNX))
-    cfg = _sampler_config(facts, steps, 0.0, 3.0)
+    table = layout.class_embedding(b)
+    decoder = open_decoder(b)
+    cfg = sampler_config(facts, steps, 0.0, 3.0)
     labels = default_labels(facts, None, num)
     rows, names, cache = [], [], {}
     for spec in specs:
@@ -120,29 +119,23 @@ def plan_plot(plan: dict) -> bytes:
 def report(bundle, num: int = 10, run_eval: bool = False, eval_num: int = 200, run_bench: bool = False,
            progress: bool | None = None) -> dict[str, Any]:
     """Regenerate reports/ (see the module doc). Returns {"files": [...], ...}."""
-    from ptqd import api
-    from ptqd.bundle import Bundle
-    from ptqd.compiler import CORRECTION_JSON, PLAN_JSON
-
     b = Bundle.open(bundle)
-    built = b.read_json(api.BUILD_JSON) if b.has(api.BUILD_JSON) else {}
-    specs = ["fp32"] + sorted(built, key=lambda p: (p != "ort-int8", p)) + (["auto"] if b.has(PLAN_JSON) else [])
+    built = layout.built(b)
+    specs = ["fp32"] + sorted(built, key=lambda p: (p != "ort-int8", p)) + (["auto"] if b.has(layout.PLAN_JSON) else [])
     if run_eval:
-        api.evaluate(b.root, precisions=specs[1:], num=eval_num, progress=progress)
+        evaluate(b.root, precisions=specs[1:], num=eval_num, progress=progress)
     bench_json = None
     if run_bench:
-        from ptqd.bench import bench
-
         bench_json = bench(b.root, memory=True)
     b = Bundle.open(bundle)
     files: dict[str, bytes] = {}
     labels: list[str] = []
-    if b.has(api.FIRST_STAGE_ONNX):
+    if b.has(layout.FIRST_STAGE_ONNX):
         files["reports/samples_side_by_side.png"], labels = side_by_side(b, specs, num)
-    if b.has(CORRECTION_JSON):
-        files["reports/correction.png"] = correction_plot(b.read_json(CORRECTION_JSON))
-    if b.has(PLAN_JSON):
-        files["reports/plan.png"] = plan_plot(b.read_json(PLAN_JSON))
+    if b.has(layout.CORRECTION_JSON):
+        files["reports/correction.png"] = correction_plot(b.read_json(layout.CORRECTION_JSON))
+    if b.has(layout.PLAN_JSON):
+        files["reports/plan.png"] = plan_plot(b.read_json(layout.PLAN_JSON))
     if bench_json is not None:
         files["reports/bench.json"] = json.dumps(bench_json, indent=2).encode()
     index = ["# ptqd report", "", f"bundle: `{b.root.name}`", ""]

@@ -33,37 +33,31 @@ from xml.sax.saxutils import quoteattr
 
 import numpy as np
 
-from ptqd.bundle import writes_bundle
+from ptqd.bundle import Bundle, layout, writes_bundle
 from ptqd.errors import UserError
+from ptqd.facts import seeded_unet_inputs
+from ptqd.precision import act_bits
+from ptqd.runtime.loader import default_labels, open_decoder, sampler_config, step_engines
+from ptqd.runtime.pipeline import decode, sample_latents
+from ptqd.tools.metrics import FeatureModel, class_accuracy, frechet_distance, psnr
 
 CHECK_T = (951, 501, 51)
 TOLERANCE = {"eps_drift_a8": 2e-2, "eps_drift_a4": 1e-1, "sample_psnr_vs_baseline": 30.0, "psnr_vs_fp_drop": 0.5,
              "fd_rel": 0.05, "fd_abs": 1.0, "class_acc_drop": 0.05}
-DEFAULT_BASELINE = "reports/check_baseline.json"
-
-
-def _act_bits(spec: str) -> int:
-    return 4 if spec.endswith("a4") or spec == "auto" else 8
+DEFAULT_BASELINE = layout.CHECK_BASELINE
 
 
 def measure(b, num: int = 64, steps: int = 20, seed: int = 0, guidance: float = 3.0) -> dict[str, Any]:
     """Values and arrays for every engine spec of the bundle: {spec: {"values": {...}, "arrays": {...}}}."""
-    from ptqd.api import BUILD_JSON, CLASS_EMBEDDING, FIRST_STAGE_ONNX, _sampler_config, default_labels
-    from ptqd.compiler import PLAN_JSON, step_engines
-    from ptqd.evaluate import DEMO_FEATURES, DEMO_REAL, FeatureModel, class_accuracy, frechet_distance, psnr
-    from ptqd.facts import seeded_unet_inputs
-    from ptqd.runtime.pipeline import decode, sample_latents
-    from ptqd.runtime.runners import OrtDecoder
-
     facts = b.facts
-    built = b.read_json(BUILD_JSON) if b.has(BUILD_JSON) else {}
-    specs = ["fp32"] + sorted(built) + (["auto"] if b.has(PLAN_JSON) else [])
-    table = np.load(b.path(CLASS_EMBEDDING)) if b.has(CLASS_EMBEDDING) else None
-    decoder = OrtDecoder(b.path(FIRST_STAGE_ONNX)) if b.has(FIRST_STAGE_ONNX) else None
-    cfg = _sampler_config(facts, steps, 0.0, guidance)
+    built = layout.built(b)
+    specs = ["fp32"] + sorted(built) + (["auto"] if b.has(layout.PLAN_JSON) else [])
+    table = layout.class_embedding(b)
+    decoder = open_decoder(b)
+    cfg = sampler_config(facts, steps, 0.0, guidance)
     labels = default_labels(facts, None, num)
-    fmodel = FeatureModel(b.path(DEMO_FEATURES)) if b.has(DEMO_FEATURES) and decoder is not None else None
-    real = fmodel(np.load(b.path(DEMO_REAL))["held_out_images"])[0] if fmodel and b.has(DEMO_REAL) else None
+    fmodel = FeatureModel(b.path(layout.DEMO_FEATURES)) if b.has(layout.DEMO_FEATURES) and decoder is not None else None
+    real = fmodel(np.load(b.path(layout.DEMO_REAL))["held_out_images"])[0] if fmodel and b.has(layout.DEMO_REAL) else None
     cache: dict = {}
     out: dict[str, Any] = {}
     fp_images = None
@@ -119,10 +113,9 @@ def compare(now: dict, base: dict, base_arrays) -> list[dict]:
         eps_keys = sorted(k for k in rec.get("arrays", []) if k.startswith("eps_"))
         if eps_keys:
             drift = max(_rel_l2(arrays[k], base_arrays[f"{spec}/{k}"]) for k in eps_keys)
-            lim = tol["eps_drift_a4"] if _act_bits(spec) == 4 else tol["eps_drift_a8"]
+            lim = tol["eps_drift_a4"] if act_bits(spec) == 4 else tol["eps_drift_a8"]
             row(spec, "eps drift (rel-L2)", 0.0, drift, f"<= {lim:g}", drift <= lim)
         if "samples" in rec.get("arrays", []):
-            from ptqd.evaluate import psnr
 
             ref = base_arrays[f"{spec}/samples"]
             if ref.dtype == np.uint8 and arrays["samples"].shape == ref.shape:
@@ -159,7 +152,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
 def write_baseline(b, now: dict, path: Path | None, config: dict) -> Path:
     """Write JSON + NPZ (to ``path``, or into the bundle's reports/ through a transaction)."""
     from ptqd import __version__
-    from ptqd.bundle import Bundle
 
     buf = io.BytesIO()
     np.savez_compressed(buf, **{f"{s}/{k}": v for s, r in now.items() for k, v in r["arrays"].items()})
@@ -229,7 +221,6 @@ def format_rows(rows: list[dict]) -> str:
 def check(bundle, baseline: str | os.PathLike | None = None, update: bool = False,
           junit: str | os.PathLike | None = None, num: int = 64, steps: int = 20) -> dict[str, Any]:
     """Run the gate. Returns {"passed", "rows", "baseline"}; with ``update`` writes the baseline instead."""
-    from ptqd.bundle import Bundle
 
     t0 = time.perf_counter()
     b = Bundle.open(bundle)

@@ -1,10 +1,10 @@
-"""A torch runner for reference (imports torch; never imported by ``ptqd.runtime`` itself)."""
+"""The torch reference runner (the source or fake-quant model; imports torch when one is made)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from ptqd.runtime.runners import Runner
+from ptqd.engines.runner import Runner
 
 
 class TorchRunner(Runner):

@@ -27,29 +27,22 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import fcntl
-import functools
 import hashlib
-import inspect
 import json
 import math
 import os
 import re
 import shutil
-import sys
-import threading
 import uuid
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 from ptqd import __version__
+from ptqd.bundle.lock import OLD_MARK, STAGING_MARK, real_root, recover, recover_if_idle, bundle_lock
 from ptqd.errors import BundleError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-_STAGING = ".staging-"
-_OLD = ".old-"
-_SUFFIX = re.compile(r"[0-9a-f]+")  # what follows the marker: uuid4().hex[:8]
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 MAX_FILE_SIZE = 1 << 50  # 1 PiB: larger sizes in a manifest are damage, not data
 
@@ -85,149 +78,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def real_root(path: str | os.PathLike) -> Path:
-    """The directory a bundle path names, symlinks resolved: what writers lock and replace."""
-    return Path(os.path.realpath(os.fspath(path)))
-
-
-def _siblings(root: Path, marker: str) -> list[Path]:
-    """``root``'s own leftovers ``.<name><marker><hex>``, oldest first. Names are compared literally:
-    a bundle called ``g?`` or ``exp[1]`` matches nothing of ``g1``'s."""
-    prefix = f".{root.name}{marker}"
-    try:
-        names = os.listdir(root.parent)
-    except OSError:
-        return []
-    found = []
-    for n in names:
-        if n.startswith(prefix) and _SUFFIX.fullmatch(n[len(prefix):]):
-            p = root.parent / n
-            try:
-                found.append((p.lstat().st_mtime, p))
-            except FileNotFoundError:  # removed meanwhile
-                continue
-    return [p for _, p in sorted(found)]
-
-
-# Writer locks this process holds: lock path -> [owning thread, depth]. flock locks belong to an open
-# file description, so a second open() in the same thread would wait for itself; a thread that holds a
-# bundle's lock re-enters it instead (a stage calls transaction, compile calls every stage).
-_HELD: dict[str, list[int]] = {}
-_HELD_GUARD = threading.Lock()
-
-
-@contextlib.contextmanager
-def _lock(root: Path, blocking: bool, make_parent: bool = False) -> Iterator[bool]:
-    """An advisory lock beside the bundle (``.<name>.lock``): one writer at a time, and recovery
-    never touches a directory that a live writer is using. Yields whether the lock was taken.
-
-    Re-entrant within a thread for ``blocking=True``; ``blocking=False`` asks "is no writer running?",
-    which is False inside this thread's own writer."""
-    key = os.fspath(root.parent / f".{root.name}.lock")
-    me = threading.get_ident()
-    with _HELD_GUARD:
-        held = _HELD.get(key)
-        mine = held is not None and held[0] == me
-        if mine and blocking:
-            held[1] += 1
-    if mine:
-        if not blocking:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            with _HELD_GUARD:
-                _HELD[key][1] -= 1
-        return
-    try:
-        if make_parent:
-            root.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    except OSError as e:
-        if not blocking:  # a reader on a read-only place: nothing can be repaired there anyway
-            yield False
-            return
-        raise BundleError(f"cannot write the bundle {root}: {key}: {e.strerror or e}") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not blocking:
-                yield False
-                return
-            print(f"ptqd: waiting for another ptqd writer to finish with {root} ...", file=sys.stderr)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        with _HELD_GUARD:
-            _HELD[key] = [me, 1]
-        try:
-            yield True
-        finally:
-            with _HELD_GUARD:
-                del _HELD[key]
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def writer_lock(path: str | os.PathLike, create: bool = False) -> Iterator[Path]:
-    """Hold the writer lock of the bundle at ``path`` (resolved); yields the real bundle root.
-    ``create``: the bundle may be new, so its parent folder is made. Otherwise, when there is no bundle
-    at ``path`` (nor a backup to put back), there is nothing to protect: no lock is taken, the stage
-    then fails to open it, and no folder or lock file is left behind."""
-    root = real_root(path)
-    if not create and not root.is_dir() and not _siblings(root, _OLD):
-        # no bundle to protect (nor one to put back): the stage says so, and leaves no lock file behind
-        yield root
-        return
-    with _lock(root, blocking=True, make_parent=create):
-        yield root
-
-
-def writes_bundle(arg: str = "bundle", when: str | None = None, create: bool = False):
-    """Decorator for a stage: hold the bundle's writer lock from the stage's first read of the bundle
-    to its commit. A second writer waits, then reads what the first committed, so neither update is
-    lost. ``arg`` names the parameter that holds the bundle path; with ``when``, the lock is only taken
-    if that parameter is true (e.g. ``write_report``); ``create`` for stages that may make the bundle."""
-
-    def deco(fn):
-        sig = inspect.signature(fn)
-
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            bound = sig.bind(*args, **kwargs)
-            bound.apply_defaults()
-            if when is not None and not bound.arguments[when]:
-                return fn(*args, **kwargs)
-            target = bound.arguments[arg]
-            with writer_lock(target.root if isinstance(target, Bundle) else target, create=create):
-                return fn(*args, **kwargs)
-
-        return wrapper
-
-    return deco
-
-
-def _recover(root: Path) -> None:
-    """Repair what an interrupted swap or stage left beside ``root``. Call with the lock held."""
-    olds = [p for p in _siblings(root, _OLD) if p.is_dir() and not p.is_symlink()]
-    if not root.exists() and not root.is_symlink() and olds:
-        os.rename(olds[-1], root)  # the swap died between its two renames: put the previous bundle back
-        olds = olds[:-1]
-    for leftover in olds + _siblings(root, _STAGING):
-        if leftover.is_dir() and not leftover.is_symlink():
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _recover_if_idle(root: Path) -> None:
-    if not root.parent.exists() or not (_siblings(root, _OLD) or _siblings(root, _STAGING)):
-        return
-    with _lock(root, blocking=False) as taken:
-        if taken:  # no writer is running: what is left over is from a dead one
-            _recover(root)
 
 
 def _is_num(v: Any) -> bool:
@@ -292,7 +142,7 @@ class Bundle:
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Bundle":
         root = Path(path)
-        _recover_if_idle(real_root(root))
+        recover_if_idle(real_root(root))
         mpath = root / MANIFEST
         if root.exists() and not root.is_dir():
             raise BundleError(f"{root} is a file, not a bundle (a bundle is a directory with a {MANIFEST}, made by "
@@ -428,8 +278,8 @@ class Bundle:
         success). Otherwise the bundle must exist and unchanged files carry over.
         """
         root = real_root(path)  # a symlinked bundle: update the real directory, keep the link
-        with _lock(root, blocking=True, make_parent=True):
-            _recover(root)
+        with bundle_lock(root, blocking=True, make_parent=True):
+            recover(root)
             if root.exists() and not root.is_dir():
                 raise BundleError(f"{root} exists and is not a directory")
             if root.exists() and not create and not (root / MANIFEST).exists():
@@ -438,7 +288,7 @@ class Bundle:
                 raise BundleError(f"{root} exists, is not empty and is not a ptqd bundle; choose another --out")
             previous = None if create or not root.exists() else cls.open(root)
             listed = set(previous.files) if previous is not None else _listed_leniently(root) if create else None
-            staging = root.parent / f".{root.name}{_STAGING}{uuid.uuid4().hex[:8]}"
+            staging = root.parent / f".{root.name}{STAGING_MARK}{uuid.uuid4().hex[:8]}"
             staging.mkdir()
             try:
                 writer = BundleWriter(root, staging, previous)
@@ -574,7 +424,7 @@ class BundleWriter:
         self.manifest["producer"] = {"name": "ptqd", "version": __version__}
         self.manifest["updated"] = _now()
         _write_atomic(self.staging / MANIFEST, (json.dumps(self.manifest, indent=2) + "\n").encode())
-        old = self.root.parent / f".{self.root.name}{_OLD}{uuid.uuid4().hex[:8]}"
+        old = self.root.parent / f".{self.root.name}{OLD_MARK}{uuid.uuid4().hex[:8]}"
         if self.root.exists():
             os.rename(self.root, old)
         os.rename(self.staging, self.root)

@@ -1,0 +1,277 @@
+"""The CLI's argument parser: one sub-command per verb, and ``--help`` that teaches."""
+
+from __future__ import annotations
+
+import argparse
+
+from ptqd import __version__
+from ptqd.cli.commands import (
+    cmd_bench,
+    cmd_build,
+    cmd_calibrate,
+    cmd_check,
+    cmd_compile,
+    cmd_correct,
+    cmd_demo,
+    cmd_eval,
+    cmd_export,
+    cmd_inspect,
+    cmd_lint,
+    cmd_plan,
+    cmd_report,
+    cmd_sample,
+    cmd_train_demo,
+)
+
+
+class UsageError(Exception):
+    """A wrong flag or argument: one line, exit 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a wrong flag on one line (exit 1, like every user error), not a usage block."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+EPILOG = """\
+pipeline:  export -> calibrate -> build -> correct (+ plan) -> sample / eval   (one bundle directory)
+           ptqd compile runs the first four, resumably; ptqd check gates engine regressions in CI
+
+examples:
+  ptqd export models/ldm/cin256-v2/model.ckpt --config configs/latent-diffusion/cin256-v2.yaml --out cin.bundle
+  ptqd export path/to/diffusers-ldm --out ldm.bundle
+  ptqd inspect cin.bundle
+  ptqd calibrate cin.bundle && ptqd build cin.bundle --precisions w8a8,w4a8,w4a4,ort-int8
+  ptqd sample cin.bundle --classes 88,207 --num 16 --out samples.png
+  ptqd compile demo --out d.bundle && ptqd sample d.bundle --plan auto --out plan.png
+  ptqd eval demo-out/demo.bundle --precisions fp32,w4a8,auto --num 500
+  ptqd eval demo-out/demo.bundle --ablation
+"""
+
+
+def _sampling_args(p, num: int) -> None:
+    p.add_argument("--num", type=int, default=num, help=f"number of samples in total (default {num})")
+    p.add_argument("--classes", help="comma-separated class labels, cycled over the samples (default: all classes)")
+    p.add_argument("--seed", type=int, default=0, help="sample i's noise depends only on (seed, i): samples are "
+                                                       "paired across engines (default 0)")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20: t = 951, 901, ..., 1)")
+    p.add_argument("--eta", type=float, default=0.0, help="0 = deterministic DDIM, 1 = DDPM-like (default 0)")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
+
+
+def _effort_args(p, device: bool = True) -> None:
+    from ptqd.budget import BUDGETS
+
+    p.add_argument("--preset", choices=BUDGETS, default="auto",
+                   help="compute preset: trajectories for calibrate, correct and plan (default auto: by the "
+                        "model's MACs per forward; minimal | quick | default | thorough, see ptqd/budget.py)")
+    if device:
+        p.add_argument("--device", default="auto",
+                       help="torch device of the calibration and correction work: auto (cuda when torch sees a GPU, "
+                            "else cpu), cpu, cuda or cuda:N")
+
+
+def _plan_args(p) -> None:
+    p.add_argument("--criterion", choices=("sensitivity", "snr"), default="sensitivity",
+                   help="plan rule: measured per-step sensitivity under a BOPs budget (default), or PTQD's SNR rule")
+    p.add_argument("--budget", type=float, default=0.9,
+                   help="sensitivity: mean BOPs per step at most this multiple of w4a8's (default 0.9)")
+    p.add_argument("--margin", type=float, default=1.0,
+                   help="snr: a step may use precision p when SNR_Q(p) >= margin x SNR_F (default 1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="ptqd", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Compile a latent diffusion UNet into post-training-quantized engines (PTQD).")
+    p.add_argument("--version", action="version", version=f"ptqd {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    cp = sub.add_parser("compile", help="export -> calibrate -> build -> correct -> plan, resumable",
+                        description="The whole pipeline into one bundle. A finished stage whose inputs are unchanged "
+                                    "is reused, so a rerun after an interruption continues where it stopped.")
+    cp.add_argument("model", help="demo, a diffusers directory or a CompVis .ckpt/.safetensors")
+    cp.add_argument("--out", required=True, help="bundle directory")
+    cp.add_argument("--config", help="CompVis YAML config")
+    cp.add_argument("--precisions", default="w8a8,w4a8,w4a4,ort-int8")
+    cp.add_argument("--samples", type=int, default=None, help="calibration trajectories (default: the preset's)")
+    cp.add_argument("--steps", type=int, default=None, help="DDIM steps of the calibrated schedule (default: the "
+                                                            "preset's, 20 up to quick)")
+    cp.add_argument("--guidance", type=float, default=3.0, help="CFG scale of calibration and correction (default 3)")
+    _plan_args(cp)
+    _effort_args(cp)
+    cp.add_argument("--force", action="store_true", help="rerun every stage")
+    cp.set_defaults(func=cmd_compile)
+
+    e = sub.add_parser("export", help="UNet -> validated FP32 ONNX bundle with a layer table",
+                       description="Export a UNet (and its first-stage decoder) to a new bundle. The ONNX graph is "
+                                   "checked against torch at several timesteps; the bundle is only written if it "
+                                   "matches.")
+    e.add_argument("model", help="a diffusers directory (pipeline or bare unet) or a CompVis .ckpt/.safetensors")
+    e.add_argument("--out", required=True, help="bundle directory to create (replaced atomically if it exists)")
+    e.add_argument("--config", help="CompVis YAML config (default: <checkpoint>.yaml or config.yaml beside it)")
+    e.add_argument("--schedule", help="noise schedule KIND:BETA_START:BETA_END:T when the model has none "
+                                      "(e.g. scaled_linear:0.0015:0.0195:1000)")
+    e.add_argument("--no-first-stage", action="store_true", help="do not export the first-stage decoder")
+    e.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs torch check (not advised)")
+    e.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18: fast GroupNorm on ORT)")
+    e.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
+                   help="torch exporter (default torchscript: fast, module-scoped node names)")
+    e.set_defaults(func=cmd_export)
+
+    i = sub.add_parser("inspect", help="model facts, MACs, layers and files of a bundle",
+                       description="Print what a bundle holds; verifies every file's checksum.")
+    i.add_argument("bundle")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.set_defaults(func=cmd_inspect)
+
+    c = sub.add_parser("calibrate", help="observe activations over the denoising steps; quantize per precision",
+                       description="Run the FP model along real sampler trajectories (classes x seeds, every step, "
+                                   "CFG-doubled batch), choose activation ranges and round weights for w8a8, w4a8 "
+                                   "and w4a4. Needs the source model the bundle was exported from.")
+    c.add_argument("bundle")
+    c.add_argument("--samples", type=int, default=None,
+                   help="calibration trajectories (labels cycle the classes; default: the preset's, 32 for the demo)")
+    c.add_argument("--steps", type=int, default=None, help="DDIM steps of the calibrated schedule (default: the "
+                                                           "preset's, 20 up to quick)")
+    c.add_argument("--eta", type=float, default=0.0, help="sampler eta of the calibration trajectories (default 0)")
+    c.add_argument("--guidance", type=float, default=3.0, help="CFG scale of the calibration trajectories (default 3)")
+    c.add_argument("--method", choices=("mse", "minmax", "percentile"), default="mse",
+                   help="activation range choice (default mse: clipping search)")
+    c.add_argument("--rounding", choices=("nearest", "gptq"), default="gptq", help="weight rounding (default gptq)")
+    c.add_argument("--buckets", type=int, default=1, help="timestep buckets, each with its own activation scales and engine (default 1)")
+    _effort_args(c)
+    c.set_defaults(func=cmd_calibrate)
+
+    bl = sub.add_parser("build", help="one engine per precision, validated against the fake-quant model",
+                        description="Write a QDQ graph per precision and build its engine; each is checked against "
+                                    "the fake-quant torch model. ort-int8 is ONNX Runtime's own quantize_static on "
+                                    "the same calibration inputs, for comparison.")
+    bl.add_argument("bundle")
+    bl.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
+    bl.add_argument("--precisions", default=None,
+                    help="comma-separated (default: w8a8,w4a8,w4a4,ort-int8 on onnxruntime; fp16,w8a8,w4a8,w4a4 on "
+                         "tensorrt)")
+    bl.add_argument("--no-validate", action="store_true", help="skip the check against the fake-quant model")
+    bl.set_defaults(func=cmd_build)
+
+    lt = sub.add_parser("lint", help="check each precision's QDQ graph against a backend's rules (CPU only)",
+                        description="Check the QDQ graph of every precision against the target backend's rules "
+                                    "(TensorRT: symmetric int8, constant positive scales, per-channel weight axes, "
+                                    "INT4 only as block-quantized MatMul weights, Q/DQ where TensorRT fuses them, "
+                                    "opset). Lints the built graphs, or the ones the calibration would build. "
+                                    "Exits 1 when a rule is broken.")
+    lt.add_argument("bundle")
+    lt.add_argument("--target", choices=("tensorrt",), default="tensorrt")
+    lt.add_argument("--json", action="store_true", help="machine-readable output")
+    lt.set_defaults(func=cmd_lint)
+
+    s = sub.add_parser("sample", help="sample images with one engine",
+                       description="Sample with the FP32 graph or one engine; writes a PNG grid or an NPZ "
+                                   "(images uint8 NxHxWxC, labels).")
+    s.add_argument("bundle")
+    _sampling_args(s, 16)
+    s.add_argument("--plan", "--precision", dest="plan", default="fp32",
+                   help="fp32, an engine (w8a8, w4a8, w4a4, ort-int8), auto (the bundle's step-aware mixed-precision "
+                        "plan) or a plan FILE.json (default fp32)")
+    s.add_argument("--correction", choices=("auto", "on", "off"), default="auto",
+                   help="PTQD's noise correction and, with --eta > 0, variance schedule calibration (default auto: "
+                        "on where fitted)")
+    s.add_argument("--out", help="FILE.png (grid) or FILE.npz (arrays)")
+    s.add_argument("--batch", type=int, default=64, help="samples per engine call (default 64)")
+    s.set_defaults(func=cmd_sample)
+
+    v = sub.add_parser("eval", help="quality vs FP on the same seeds: FD, class accuracy, PSNR, eps MSE",
+                       description="Evaluate precisions against FP32 on the same seeds and classes. FD uses the "
+                                   "bundle's feature model (the demo ships one) or --features.")
+    v.add_argument("bundle")
+    _sampling_args(v, 500)
+    v.add_argument("--precisions", default="fp32", help="comma-separated engines, e.g. fp32,ort-int8,w8a8,w4a8,w4a4; "
+                                                        "FP32 is always the first row")
+    v.add_argument("--features", help="ONNX model image [N,C,H,W] in [-1,1] -> 'features' (+ 'logits') for FD")
+    v.add_argument("--correction", choices=("auto", "on", "off"), default="auto",
+                   help="apply PTQD's correction to every quantized row (default auto: on where fitted)")
+    v.add_argument("--ablation", action="store_true",
+                   help="PTQD ablation for --precisions (default w4a8,w4a4,auto): uncorrected, + correlated "
+                        "correction, + bias at eta 0; uncorrected, + k + bias, + VSC at eta 1")
+    v.add_argument("--json", action="store_true", help="machine-readable output")
+    v.set_defaults(func=cmd_eval)
+
+    co = sub.add_parser("correct", help="fit PTQD's noise correction and the mixed-precision plan",
+                        description="Run the FP and each precision's fake-quant model on the same x_t along FP "
+                                    "trajectories; fit k_t, bias_t[c] and sigma_q,t per step (calib/correction.json), "
+                                    "then the step-aware plan (calib/plan.json).")
+    co.add_argument("bundle")
+    co.add_argument("--samples", type=int, default=None, help="trajectories (default: the preset's, 64 for the demo)")
+    co.add_argument("--holdout", type=int, default=None,
+                    help="of those, held out to measure the fit (default: the preset's, 16 for the demo)")
+    co.add_argument("--seed", type=int, default=1, help="trajectory seed (default 1; calibration uses 0)")
+    _plan_args(co)
+    _effort_args(co)
+    co.set_defaults(func=cmd_correct)
+
+    pl = sub.add_parser("plan", help="recompute the step-aware mixed-precision plan",
+                        description="sensitivity (default): measure how much each step's precision moves the final "
+                                    "samples away from FP's, then pick the plan with the least damage whose mean BOPs "
+                                    "stay under --budget x the reference's. snr (PTQD's rule): per step the cheapest "
+                                    "precision whose corrected quantization SNR clears --margin x the sample's SNR "
+                                    "abar/(1-abar).")
+    pl.add_argument("bundle")
+    _plan_args(pl)
+    pl.add_argument("--reference", default="w4a8", help="sensitivity: the precision the budget is relative to "
+                                                         "(default w4a8)")
+    _effort_args(pl, device=False)
+    pl.set_defaults(func=cmd_plan)
+
+
+    d = sub.add_parser("demo", help="the demo model end to end (README's main command)",
+                       description="Export (or reuse) the demo bundle, sample a grid of digits, print the quality "
+                                   "table.")
+    d.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
+    _sampling_args(d, 500)
+    d.set_defaults(func=cmd_demo)
+
+    be = sub.add_parser("bench", help="latency, throughput, memory and size per engine; end-to-end sampling",
+                        description="Time every engine and the peers (PyTorch eager FP32, ONNX Runtime FP32, ONNX "
+                                    "Runtime quantize_static INT8) in one process, round-robin, medians after "
+                                    "warm-up; ratios against ONNX Runtime FP32. Writes reports/bench.json.")
+    be.add_argument("bundle")
+    be.add_argument("--precisions", help="engines to time (default: every built engine)")
+    be.add_argument("--runs", type=int, default=20, help="timed runs per engine and batch (default 20, min 10)")
+    be.add_argument("--large-batch", type=int, default=32, help="batch for throughput (default 32)")
+    be.add_argument("--threads", type=int, help="intra-op threads (default: ONNX Runtime's, one per core)")
+    be.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager peer")
+    be.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement (a process per engine)")
+    be.add_argument("--json", action="store_true")
+    be.set_defaults(func=cmd_bench)
+
+    ck = sub.add_parser("check", help="regression gate for CI: engines vs a stored baseline",
+                        description="Recompute seeded engine outputs and end-to-end samples; compare with the "
+                                    "baseline (eps drift, sample drift, PSNR vs FP, FD, class accuracy). Exits 1 on "
+                                    "a regression. Tolerances: see `python -c 'import ptqd.tools.check; "
+                                    "help(ptqd.tools.check)'`.")
+    ck.add_argument("bundle")
+    ck.add_argument("--baseline", help="baseline JSON (NPZ beside it); default BUNDLE/reports/check_baseline.json")
+    ck.add_argument("--update", action="store_true", help="write a new baseline from the current engines")
+    ck.add_argument("--junit", help="also write JUnit XML here")
+    ck.add_argument("--num", type=int, default=64, help="end-to-end samples when writing a baseline (default 64)")
+    ck.set_defaults(func=cmd_check)
+
+    rp = sub.add_parser("report", help="regenerate reports/: sample grids, correction and plan plots, index",
+                        description="Side-by-side samples (FP, each engine, the plan; same seeds), plots of k_t, "
+                                    "bias, sigma_q and the plan with its SNR curves, and an index.md.")
+    rp.add_argument("bundle")
+    rp.add_argument("--eval", action="store_true", help="rerun the quality evaluation first (--num samples)")
+    rp.add_argument("--num", type=int, default=200)
+    rp.add_argument("--bench", action="store_true", help="rerun the benchmark first")
+    rp.set_defaults(func=cmd_report)
+
+    t = sub.add_parser("train-demo", help="retrain the demo model and digit classifier (~20 min on 2 cores)")
+    t.add_argument("--out", help="directory for the weights (default: the shipped ones, in place)")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_train_demo)
+    p.commands = tuple(sub.choices)  # for error messages that point at `ptqd COMMAND --help`
+    return p

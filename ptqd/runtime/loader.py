@@ -1,0 +1,159 @@
+"""Loading what a bundle holds for sampling: engine runners (ONNX Runtime or TensorRT, one per timestep
+bucket), the decoder, the class embedding, and a plan's engines with PTQD's correction (numpy only)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ptqd.bundle import layout
+from ptqd.errors import UserError
+from ptqd.precision import CALIBRATED_NAMES
+from ptqd.runtime.correction import CORRECTION_PARTS, CorrectionTable, Plan, StepEngines
+from ptqd.runtime.sampler import SamplerConfig
+
+CORRECTION_MODES = ("auto", "on", "off")
+
+
+def sampler_config(facts, steps: int, eta: float, guidance: float) -> SamplerConfig:
+    """The sampler's settings, validated for the model (guidance 1 for unconditional models)."""
+    cfg = SamplerConfig(steps=steps, eta=eta, guidance=guidance)
+    cfg.validate(facts.schedule.num_train_timesteps)
+    if facts.conditioning.kind == "none" and guidance != 1.0:
+        cfg = SamplerConfig(steps=steps, eta=eta, guidance=1.0)
+    return cfg
+
+
+def default_labels(facts, classes, num: int) -> np.ndarray:
+    """``num`` labels cycling through ``classes`` (default: every class but the null class)."""
+    cond = facts.conditioning
+    if cond.kind == "none":
+        if classes:
+            raise UserError("the model is unconditional: drop --classes")
+        return np.zeros(num, dtype=np.int64)
+    if not classes:
+        classes = [c for c in range(cond.num_classes) if c != cond.null_class]
+    bad = [c for c in classes if not 0 <= c < cond.num_classes]
+    if bad:
+        raise UserError(f"--classes {bad} out of range: the model has classes 0..{cond.num_classes - 1}")
+    return np.array([classes[i % len(classes)] for i in range(num)], dtype=np.int64)
+
+
+def open_engine(b, precision: str = "fp32", threads: int | None = None, allow_spinning: bool = True,
+                backend: str = "onnxruntime"):
+    """A runner for ``precision``: the exported graph for fp32, else the built engine (one per
+    timestep bucket when the calibration has several). ``backend="tensorrt"``: the TensorRT plan."""
+    from ptqd.engines.onnxruntime import OrtRunner
+    from ptqd.engines.runner import BucketedRunner
+
+    if str(backend) == "tensorrt":
+        return open_tensorrt_runner(b, precision)
+    if precision == "fp32":
+        return OrtRunner(b.path(layout.UNET_ONNX), threads, allow_spinning)
+    built = layout.built(b)
+    if precision not in built:
+        raise UserError(f"{b.root} has no {precision} engine; build it with `ptqd build {b.root} --precisions "
+                        f"{precision}` (available: {', '.join(['fp32'] + sorted(built))})")
+    entries = built[precision].get("buckets") or [{"engine": layout.ort_engine(precision)[1]}]
+    if len(entries) == 1:
+        return OrtRunner(b.path(entries[0]["engine"]), threads, allow_spinning)
+    # engines take turns: no spinning threads (MEASURED.md)
+    return BucketedRunner([(tuple(e["t_range"]), OrtRunner(b.path(e["engine"]), threads, allow_spinning=False))
+                           for e in entries])
+
+
+def open_tensorrt(b, precisions, cuda_graphs: bool = False):
+    """One TrtEngineSet over the given precisions' engines (every timestep bucket), sharing one
+    device-memory allocation: what a step-aware plan switches between. Engines are named
+    ``<precision><suffix>`` (``w4a8``, or ``w4a8.b0``, ``w4a8.b1`` with buckets)."""
+    from ptqd.engines.tensorrt import TrtEngineSet
+
+    built = layout.built(b, "tensorrt")
+    missing = [p for p in precisions if p not in built]
+    if missing:
+        raise UserError(f"{b.root} has no tensorrt engine for {', '.join(missing)}; build it with `ptqd build "
+                        f"{b.root} --backend tensorrt --precisions {','.join(missing)}` (available: "
+                        f"{', '.join(sorted(built)) or 'none'})")
+    plans = {}
+    for p in precisions:
+        entries = built[p]["buckets"]
+        for k, e in enumerate(entries):
+            plans[f"{p}{layout.bucket_suffix(k, len(entries))}"] = b.path(e["engine"])
+    return TrtEngineSet(plans, cuda_graphs=cuda_graphs)
+
+
+def open_tensorrt_runner(b, precision: str):
+    """A runner for one precision on TensorRT (bucketed when the calibration has buckets)."""
+    from ptqd.engines.runner import BucketedRunner
+
+    engines = open_tensorrt(b, [precision])
+    entries = layout.built(b, "tensorrt")[precision]["buckets"]
+    if len(entries) == 1:
+        return engines.runner(precision)
+    return BucketedRunner([(tuple(e["t_range"]), engines.runner(f"{precision}{layout.bucket_suffix(k, len(entries))}"))
+                           for k, e in enumerate(entries)])
+
+
+def open_decoder(b, threads: int | None = None):
+    """The first-stage decoder's runner, or None when the bundle has none (samples stay latents)."""
+    from ptqd.engines.onnxruntime import OrtDecoder
+
+    return OrtDecoder(b.path(layout.FIRST_STAGE_ONNX), threads) if b.has(layout.FIRST_STAGE_ONNX) else None
+
+
+def load_plan(b, spec: str) -> Plan:
+    """A plan spec as a Plan: ``auto`` (calib/plan.json), a plan FILE.json, or one precision for every step."""
+    if spec == "auto":
+        if not b.has(layout.PLAN_JSON):
+            raise UserError(f"{b.root} has no plan: run `ptqd compile` or `ptqd correct {b.root}` first")
+        return Plan.from_json(b.read_json(layout.PLAN_JSON))
+    if spec.endswith(".json"):
+        try:
+            return Plan.from_json(json.loads(Path(spec).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"--plan {spec}: not a plan file ({e}); expected {{\"steps\": [{{\"t\": 951, "
+                            f"\"precision\": \"w4a4\"}}, ...]}}") from None
+    return Plan.fixed(spec)
+
+
+def correction_parts(correction: str | tuple) -> tuple[str, ...]:
+    if correction in ("auto", "on"):
+        return CORRECTION_PARTS
+    if correction == "off":
+        return ()
+    return tuple(correction)
+
+
+def step_engines(b, spec: str = "fp32", correction: str | tuple = "auto", threads: int | None = None,
+                 cache: dict | None = None):
+    """The runtime for a plan spec: ``auto`` (calib/plan.json), a precision, or a plan FILE.
+
+    ``correction``: "auto" (on where fitted), "on" (error when not fitted), "off", or a tuple of parts
+    ("k", "bias", "vsc"). Returns (engine for sample_latents, label). FP32 without correction is a
+    plain runner."""
+    pl = load_plan(b, spec)
+    use = correction_parts(correction)
+    tables = {}
+    needs = [p for p in pl.precisions if p in CALIBRATED_NAMES]
+    if use and needs:
+        if not b.has(layout.CORRECTION_JSON):
+            if correction == "on" or isinstance(correction, tuple):
+                raise UserError(f"{b.root} has no fitted correction: run `ptqd correct {b.root}` (or "
+                                "--correction off)")
+        else:
+            fitted = b.read_json(layout.CORRECTION_JSON)["precisions"]
+            tables = {p: CorrectionTable.from_json(fitted[p]) for p in needs if p in fitted}
+    cache = {} if cache is None else cache  # precision -> runner, shared by the rows of an eval
+    runners = {}
+    for p in pl.precisions:
+        if p not in cache:
+            cache[p] = open_engine(b, p, threads, allow_spinning=False)
+        runners[p] = cache[p]
+    if not tables and len(pl.precisions) == 1:
+        return runners[pl.precisions[0]], pl.precisions[0]
+    label = "plan" if spec == "auto" else Path(spec).stem if spec.endswith(".json") else spec
+    if tables and use:
+        label += "+" + "+".join(use) if isinstance(correction, tuple) else "+ptqd"
+    return StepEngines(runners, pl, tables, use), label

@@ -1,0 +1,113 @@
+"""``ptqd build``: one engine per precision (and timestep bucket) from the calibration, each validated
+against its fake-quant model, plus ONNX Runtime's own quantizer as the peer. ``--backend tensorrt``
+goes to :mod:`ptqd.stages.build_tensorrt`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from ptqd.bundle import Bundle, layout, writes_bundle
+from ptqd.engines.compare import validate_quantized, validation_inputs
+from ptqd.errors import UserError, ValidationError
+from ptqd.precision import CALIBRATED, ORT_BUILDABLE, PEER, Backend, Precision
+from ptqd.progress import progress_bar
+from ptqd.stages.common import calib_layers, digest, load_source, require_calibrated
+
+
+def numerics(p: Precision) -> str:
+    """What an ONNX Runtime engine of precision ``p`` computes, in words (recorded in build.json)."""
+    if p == PEER:
+        return ("ONNX Runtime quantize_static: QDQ, U8 activations (MinMax), S8 per-channel weights, reduce_range; "
+                "attention matmuls float")
+    return (f"w{p.w_bits}a{p.a_bits} numerics on int8 kernels (QLinearConv, MatMulIntegerToFloat)"
+            + (": weights on the 4-bit grid" if p.w_bits == 4 else
+               ": 8-bit weights on the reduce-range grid ±63 (exact on AVX2 u8s8)")
+            + (", activations clipped to the 4-bit grid" if p.a_bits == 4 else "")
+            + "; conv outputs requantized to 8 bits; first/last layers 8-bit; skip and "
+              "downsample convs, embedding Gemms and attention matmuls float")
+
+
+def validate_built(b: Bundle, eng_path, loaded, layers, inputs: list[dict], act_bits: int) -> dict:
+    """The engine at ``eng_path`` vs its fake-quant model end to end, and every integer kernel on its
+    own inputs (see :func:`ptqd.engines.compare.validate_quantized`)."""
+    from ptqd.calib.fakequant import fake_quant_model
+    from ptqd.engines.kernels import check_kernels
+    from ptqd.engines.onnxruntime import OrtRunner
+    from ptqd.engines.torch_ref import TorchRunner
+
+    ref = TorchRunner(fake_quant_model(loaded.unet, layers))
+    kernels = check_kernels(eng_path, layers, inputs[len(inputs) // 2])
+    return validate_quantized(OrtRunner(eng_path), ref, lambda: OrtRunner(b.path(layout.UNET_ONNX)), kernels,
+                              inputs, act_bits)
+
+
+@writes_bundle()
+def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool = True,
+          progress: bool | None = None) -> dict:
+    """One engine per precision from the calibration; validated against the fake-quant model."""
+    from ptqd.engines.onnxruntime import build_engine, describe_engine, quantize_static_peer
+    from ptqd.engines.qdq import write_qdq
+
+    if Backend.parse(backend) == Backend.TENSORRT:
+        from ptqd.stages.build_tensorrt import build_tensorrt
+
+        return build_tensorrt(bundle, None if precisions is None else tuple(precisions), validate, progress)
+    precisions = ORT_BUILDABLE if precisions is None else tuple(precisions)
+    bad = [p for p in precisions if p not in [str(q) for q in ORT_BUILDABLE]]
+    if bad:
+        raise UserError(f"unknown precision(s) {bad}; choose from {', '.join(map(str, ORT_BUILDABLE))}")
+    precisions = tuple(Precision(p) for p in precisions)
+    b = Bundle.open(bundle)
+    require_calibrated(b)
+    rows = layout.layer_rows(b)
+    loaded = load_source(b) if validate and any(p != PEER for p in precisions) else None
+    feeds = dict(np.load(b.path(layout.CALIB_FEEDS))) if validate or PEER in precisions else None
+    val_inputs = validation_inputs(feeds) if validate else None
+    records: dict[str, Any] = {}
+    calib_buckets = layout.calib_buckets(b)
+    old = layout.built(b)
+    with progress_bar(len(precisions), "build", progress) as bar, Bundle.transaction(b.root) as w:
+        for p in precisions:
+            t0 = time.perf_counter()
+            bar.set_postfix_str(p.value)
+            for rel in w.listed(f"{layout.ORT_DIR}/{p.value}."):
+                w.remove(rel)  # a rebuild replaces every bucket's engine of this precision
+            rec: dict[str, Any] = {"numerics": numerics(p)}
+            buckets = calib_buckets if p in CALIBRATED else [None]
+            rec["buckets"] = []
+            for k, bucket in enumerate(buckets):
+                qdq_rel, eng_rel = layout.ort_engine(p.value, k, len(buckets))
+                qdq_path, eng_path = w.file(qdq_rel), w.file(eng_rel)
+                layers = None
+                if p == PEER:
+                    attention = [r["name"] for r in rows if r["kind"] == "attention"]
+                    quantize_static_peer(b.path(layout.UNET_ONNX), qdq_path, feeds, attention)
+                else:
+                    layers = calib_layers(b, p.value, k, len(buckets))
+                    write_qdq(b.path(layout.UNET_ONNX), layers, qdq_path)
+                build_engine(qdq_path, eng_path)
+                desc = describe_engine(eng_path, rows)
+                if k == 0:
+                    rec.update(desc)
+                entry = {"t_range": bucket["t_range"] if bucket else None,
+                         "engine": eng_path.relative_to(w.staging).as_posix(), "size_bytes": desc["size_bytes"]}
+                if validate and layers is not None:
+                    val = validate_built(b, eng_path, loaded, layers, val_inputs, p.a_bits)
+                    entry["validation_vs_fake_quant"] = val
+                    if k == 0:
+                        rec["validation_vs_fake_quant"] = val
+                    if not val["passed"]:
+                        raise ValidationError("engine vs fake-quant model",
+                                              f"{p.value}{layout.bucket_suffix(k, len(buckets))}: {val['failure']}")
+                rec["buckets"].append(entry)
+            rec["build_seconds"] = round(time.perf_counter() - t0, 1)
+            records[p.value] = rec
+            bar.update()
+        merged = {**old, **records}
+        w.write_json(layout.BUILD_JSON, merged)
+        w.set_stage("build", {"backend": "onnxruntime", "precisions": sorted(merged),
+                              "inputs": digest(b, layout.BUILD_INPUTS)})
+    return records

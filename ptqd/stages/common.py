@@ -1,0 +1,90 @@
+"""What several stages share: the source model behind a bundle, input digests for reuse, and the
+calibrated layers of a precision."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ptqd.bundle import Bundle, layout, sha256_file
+from ptqd.errors import UserError
+
+
+def source_digest(model) -> str | None:
+    """sha256 of the weights file the bundle was exported from (so `demo` can tell a stale bundle)."""
+    if str(model) == "demo":
+        from ptqd.models.demo import demo_dir
+
+        return sha256_file(demo_dir() / "demo_ldm.safetensors")
+    p = Path(model)
+    return sha256_file(p) if p.is_file() else None
+
+
+def load_source(b: Bundle):
+    """The torch model the bundle was exported from (the calibrator needs it); checked by sha256."""
+    from ptqd.models import load_model
+
+    rec = b.stage("export") or {}
+    src = rec.get("source")
+    if src is None:
+        raise UserError(f"{b.root} has no export record; export the model first")
+    if src != "demo" and not Path(src).exists():
+        raise UserError(f"calibration needs the source model {src} (gone since export); export again from where it is")
+    if rec.get("source_sha256") and source_digest(src) != rec["source_sha256"]:
+        raise UserError(f"{src} changed since it was exported to {b.root}; export again")
+    loaded = load_model(src, with_first_stage=False)
+    facts = b.facts
+    for name in ("latent_shape", "conditioning", "schedule"):  # what the UNet's inputs and the sampler use
+        if getattr(loaded.facts, name) != getattr(facts, name):
+            raise UserError(f"{b.root}: the manifest's model {name} ({getattr(facts, name)}) is not the source "
+                            f"model's ({getattr(loaded.facts, name)}); the manifest was edited or damaged: export "
+                            "again")
+    return loaded
+
+
+def digest(b: Bundle, prefixes: tuple[str, ...]) -> dict[str, str]:
+    """sha256 of the bundle files a stage consumed (what makes a finished stage reusable)."""
+    return {rel: rec["sha256"] for rel, rec in sorted(b.files.items()) if rel.startswith(prefixes)}
+
+
+def reusable(b: Bundle, stage: str, inputs: tuple[str, ...], **config) -> bool:
+    """A finished stage is reused when its record's inputs (sha256) and settings are unchanged."""
+    rec = b.stage(stage)
+    if not rec or rec.get("inputs") != digest(b, inputs):
+        return False
+    return all(rec.get(k) == v if k != "config" else all(rec["config"].get(ck) == cv for ck, cv in v.items())
+               for k, v in config.items())
+
+
+def require_calibrated(b: Bundle) -> dict:
+    cal = b.stage("calibrate")
+    if cal is None:
+        raise UserError(f"{b.root} is not calibrated: run `ptqd calibrate {b.root}` first")
+    return cal
+
+
+def calib_layers(b: Bundle, precision: str, k: int = 0, buckets: int = 1):
+    """The quantized layers (``LayerQuant``) of one precision and timestep bucket."""
+    from ptqd.calib.calibrate import load_params
+
+    meta, arrays = layout.calib_params(precision, k, buckets)
+    return load_params(b.read_json(meta), np.load(b.path(arrays)))
+
+
+def fake_quant_runners(b: Bundle, loaded, precisions, device=None) -> dict:
+    """precision -> (step index -> torch runner of that step's timestep bucket)."""
+    from ptqd.calib.fakequant import fake_quant_model
+    from ptqd.engines.torch_ref import TorchRunner
+
+    buckets = b.stage("calibrate").get("buckets") or [{"steps": None}]
+    out = {}
+    for p in precisions:
+        runners, step_to_bucket = [], {}
+        for k, bk in enumerate(buckets):
+            layers = calib_layers(b, p, k, len(buckets))
+            runners.append(TorchRunner(fake_quant_model(loaded.unet, layers), device))
+            for s in bk.get("steps") or []:
+                step_to_bucket[s] = k
+        out[p] = (lambda rs, m: (lambda i: rs[m.get(i, 0)]))(runners, step_to_bucket)
+    return out

@@ -1,0 +1,94 @@
+"""``ptqd compile``: export -> calibrate -> build -> correct -> plan into one bundle, resumably."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ptqd.bundle import Bundle, layout, writes_bundle
+from ptqd.precision import CALIBRATED_NAMES
+from ptqd.stages.build import build
+from ptqd.stages.calibrate import calibrate
+from ptqd.stages.common import reusable, source_digest
+from ptqd.stages.correct import correct
+from ptqd.stages.export import export
+from ptqd.stages.plan import bops_table, plan
+
+
+@writes_bundle("out", create=True)
+def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int | None = None, steps: int | None = None,
+            guidance: float = 3.0, correction_samples: int | None = None, holdout: int | None = None,
+            margin: float = 1.0, criterion: str = "sensitivity", budget: float = 0.9, force: bool = False,
+            device: str = "auto", preset: str = "auto", progress: bool | None = None, log=print) -> dict[str, Any]:
+    """export -> calibrate -> build -> correct -> plan, into one bundle. Resumable: a stage whose
+    inputs (the sha256 of the files it reads) and settings are unchanged is reused, so a rerun after an
+    interruption, or with a new --margin, redoes only what changed. ``force`` reruns everything.
+
+    ``preset`` sets the trajectories of calibrate, correct and plan by model size (``ptqd.budget``);
+    explicit ``samples``/``steps``/``correction_samples``/``holdout`` override it. Each stage's time
+    and peak resident memory are printed and recorded in the manifest (stage "compile")."""
+    import time
+
+    from ptqd.budget import preset_for
+    from ptqd.calib.device import resolve_device
+    from ptqd.errors import BundleError
+    from ptqd.resources import peak_rss_mb, reset_peak
+    from ptqd.validate import real
+
+    real("--margin", margin, 0, lo_open=True)  # the plan's options, checked before the stages before it run
+    real("--budget", budget, 0, lo_open=True)
+    resolve_device(device)  # refuse a missing GPU before any work
+    preset_for(preset)  # and an unknown preset
+    out = Path(out)
+    done: dict[str, Any] = {}
+    costs: dict[str, Any] = {}
+
+    def stage(name: str, reuse: bool, fn):
+        t0 = time.perf_counter()
+        if reuse and not force:
+            done[name] = "reused"
+            costs[name] = {"reused": True}
+            log(f"[{len(done)}/5] {name}: reused (inputs unchanged)")
+            return
+        reset_peak()
+        fn()
+        done[name] = round(time.perf_counter() - t0, 1)
+        peak = peak_rss_mb()
+        costs[name] = {"seconds": done[name], "peak_rss_mb": peak}
+        log(f"[{len(done)}/5] {name}: done in {done[name]:.0f} s" + (f", peak RSS {peak / 1024:.2f} GB" if peak else ""))
+
+    try:
+        b = Bundle.open(out)
+        rec = b.stage("export") or {}
+        fresh = rec.get("source") == str(model) and rec.get("source_sha256") == source_digest(model) \
+            and rec.get("source_sha256") is not None
+    except BundleError:
+        fresh = False
+    stage("export", fresh, lambda: export(model, out, config=config, progress=progress))
+    b = Bundle.open(out)
+    pre = preset_for(preset, b.read_json(layout.UNET_LAYERS))
+    samples = pre.calib_samples if samples is None else samples
+    steps = pre.steps if steps is None else steps
+    correction_samples = pre.correct_samples if correction_samples is None else correction_samples
+    holdout = pre.holdout if holdout is None else holdout
+    ccfg = {"samples": samples, "steps": steps, "guidance": guidance}
+    stage("calibrate", reusable(b, "calibrate", (layout.UNET_ONNX, layout.UNET_LAYERS), config=ccfg),
+          lambda: calibrate(out, samples=samples, steps=steps, guidance=guidance, device=device, preset=preset,
+                                progress=progress))
+    b = Bundle.open(out)
+    built = set((b.stage("build") or {}).get("precisions", []))
+    stage("build", reusable(b, "build", layout.BUILD_INPUTS) and set(precisions) <= built,
+          lambda: build(out, precisions=tuple(precisions), progress=progress))
+    b = Bundle.open(out)
+    stage("correct", reusable(b, "correct", layout.CALIB_FILES, config={"samples": correction_samples, "holdout": holdout}),
+          lambda: correct(out, samples=correction_samples, holdout=holdout, device=device, preset=preset,
+                          progress=progress))
+    b = Bundle.open(out)
+    stage("plan", reusable(b, "plan", layout.PLAN_INPUTS, margin=margin,
+                            criterion=criterion, budget=budget),
+          lambda: plan(out, margin=margin, criterion=criterion, budget=budget, preset=preset))
+    with Bundle.transaction(out) as w:
+        w.set_stage("compile", {"preset": pre.name, "device": device, "stages": costs})
+    b = Bundle.open(out)
+    return {"bundle": str(out), "stages": done, "costs": costs, "preset": pre.name,
+            "plan": (b.stage("plan") or {}).get("plan"), "bops": bops_table(b)}

@@ -1,0 +1,79 @@
+"""``ptqd correct``: fit PTQD's correction (k_t, bias_t[c], σ_q,t) for every calibrated precision."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ptqd.bundle import Bundle, layout, writes_bundle
+from ptqd.errors import UserError
+from ptqd.progress import progress_bar
+from ptqd.runtime.loader import default_labels, sampler_config
+from ptqd.stages.common import digest, fake_quant_runners, load_source, require_calibrated
+
+
+@writes_bundle()
+def correct(bundle, samples: int | None = None, holdout: int | None = None, seed: int = 1,
+            batch: int | None = None, device: str = "auto", preset: str = "auto",
+            progress: bool | None = None) -> dict[str, Any]:
+    """Fit PTQD's correction (k_t, bias_t[c], σ_q,t) for every calibrated precision; write
+    calib/correction.json. Runs the source FP model and each precision's fake-quant model on the
+    same x_t along FP trajectories of the calibrated schedule (steps, guidance), seeds distinct from
+    the calibration's; the last ``holdout`` samples only measure the fit. ``samples``, ``holdout`` and
+    ``batch`` default to the compute ``preset`` (``ptqd.budget``); the torch models run on ``device``."""
+    import time
+
+    import numpy as np
+
+    from ptqd.budget import preset_for
+    from ptqd.calib.device import describe, resolve_device
+
+    from ptqd.calib.correction import collect, fit_precision
+    from ptqd.engines.torch_ref import TorchRunner
+
+    b = Bundle.open(bundle)
+    cal = require_calibrated(b)
+    pre = preset_for(preset, b.read_json(layout.UNET_LAYERS))
+    samples = pre.correct_samples if samples is None else samples
+    holdout = pre.holdout if holdout is None else holdout
+    batch = pre.correct_batch if batch is None else batch
+    if samples < 2 or not 1 <= holdout < samples:
+        raise UserError(f"--samples must be >= 2 and --holdout in [1, samples - 1], got {samples} and {holdout}")
+    c = cal["config"]
+    facts = b.facts
+    scfg = sampler_config(facts, c["steps"], c["eta"], c["guidance"])
+    precisions = layout.calibrated_precisions(b)
+    dev = resolve_device(device)
+    t0 = time.perf_counter()
+    loaded = load_source(b)
+    table = layout.class_embedding(b)
+    labels = default_labels(facts, None, samples)
+    quant = fake_quant_runners(b, loaded, precisions, dev)
+    with progress_bar(samples * scfg.steps, "correct", progress) as bar:
+        bar.set_postfix_str(f"FP vs {', '.join(precisions)} on the same x_t")
+        ts, eps, delta = collect(TorchRunner(loaded.unet, dev), quant, facts, table, labels, seed, scfg,
+                                 batch=batch, progress=bar)
+    fits = {p: fit_precision(eps, delta[p], ts, holdout) for p in precisions}
+    summary = {}
+    for p, f in fits.items():
+        h = [s["holdout"] for s in f["steps"]]
+        summary[p] = {"explained_variance_holdout": float(np.mean([x["explained_variance"] for x in h])),
+                      "eps_mse_uncorrected_holdout": float(np.mean([x["mse_uncorrected"] for x in h])),
+                      "eps_mse_corrected_holdout": float(np.mean([x["mse_corrected"] for x in h])),
+                      "eps_mse_gated_holdout": float(np.mean([s["holdout_gated"]["mse_corrected"]
+                                                              for s in f["steps"]])),
+                      "k_raw_range": [min(s["raw"]["k_raw"] for s in f["steps"]),
+                                      max(s["raw"]["k_raw"] for s in f["steps"])],
+                      "gates": {g: sum(s["gate"] == g for s in f["steps"]) for g in ("none", "k", "bias", "k+bias")},
+                      "sigma_q_range": [min(s["sigma_q"] for s in f["steps"]), max(s["sigma_q"] for s in f["steps"])]}
+    record = {"config": {"samples": samples, "holdout": holdout, "seed": seed, "steps": scfg.steps,
+                         "eta": scfg.eta, "guidance": scfg.guidance, "spacing": scfg.spacing,
+                         "model": "fake-quant torch model of each precision (engines match it; see build.json)"},
+              "summary": summary, "precisions": fits, "seconds": round(time.perf_counter() - t0, 1),
+              "device": describe(dev), "preset": pre.name}
+    with Bundle.transaction(b.root) as w:
+        # The previous plan stays until `plan` replaces it: still a valid plan (its engines are built),
+        # and its record's inputs no longer match correction.json, so compile recomputes it.
+        w.write_json(layout.CORRECTION_JSON, record)
+        w.set_stage("correct", {"config": record["config"], "inputs": digest(b, layout.CALIB_FILES),
+                                "summary": summary, "seconds": record["seconds"]})
+    return record

@@ -1,0 +1,109 @@
+"""``ptqd export``: a model source -> a new bundle with the FP32 UNet ONNX, its layer table and the decoder,
+each validated against torch. The bundle at ``out`` is replaced only if every step succeeds."""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+from ptqd.bundle import Bundle, layout, writes_bundle
+from ptqd.errors import UserError
+from ptqd.facts import NoiseSchedule
+from ptqd.progress import progress_bar
+from ptqd.stages.common import source_digest
+
+
+def parse_schedule(spec: str) -> NoiseSchedule:
+    """``KIND:BETA_START:BETA_END:T`` (e.g. ``scaled_linear:0.0015:0.0195:1000``) -> NoiseSchedule."""
+    try:
+        kind, start, end, T = spec.split(":")
+        return NoiseSchedule(kind, int(T), float(start), float(end))
+    except ValueError as e:
+        raise UserError(f"--schedule {spec!r}: expected KIND:BETA_START:BETA_END:T with KIND linear or "
+                        f"scaled_linear, e.g. scaled_linear:0.0015:0.0195:1000 ({e})") from None
+
+
+@writes_bundle("out", create=True)
+def export(model: str | os.PathLike, out: str | os.PathLike, config: str | os.PathLike | dict | None = None,
+           schedule: NoiseSchedule | None = None, first_stage: bool = True, validate: bool = True,
+           opset: int = 18, exporter: str = "torchscript", progress: bool | None = None) -> dict[str, Any]:
+    """Export ``model`` to a new bundle at ``out``: FP32 UNet ONNX + layer table (+ decoder).
+
+    The bundle at ``out`` is replaced only if every step, validation included, succeeds.
+    Returns the export record written to the manifest.
+    """
+    import numpy as np
+
+    from ptqd.exporter import ExportConfig, export_first_stage, export_unet, validate_first_stage, validate_unet
+    from ptqd.exporter.layers import build_layer_table
+    from ptqd.facts import seeded_unet_inputs
+    from ptqd.models import load_model
+
+    ecfg = ExportConfig(opset=opset, exporter=exporter)
+    try:
+        ecfg.validate()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    steps = 3 + int(validate) + 2 * int(first_stage)
+    with progress_bar(steps, "export", progress) as bar:
+        bar.set_postfix_str("loading model")
+        loaded = load_model(model, config=config, schedule=schedule, with_first_stage=first_stage)
+        bar.update()
+        record: dict[str, Any] = {"source": str(model), "source_sha256": source_digest(model), "opset": opset,
+                                  "exporter": exporter, "inputs": ["x", "t"]}
+        with Bundle.transaction(out, create=True) as w:
+            bar.set_postfix_str("exporting UNet")
+            path = w.file(layout.UNET_ONNX)
+            for extra in export_unet(loaded, path, ecfg)[1:]:
+                w.declare(extra.name)
+            bar.update()
+            if loaded.class_embedding is not None:
+                buf = io.BytesIO()
+                np.save(buf, loaded.class_embedding.astype(np.float32))
+                w.write_bytes(layout.CLASS_EMBEDDING, buf.getvalue())
+                record["inputs"].append("context")
+            reports: dict[str, Any] = {}
+            if validate:
+                bar.set_postfix_str("validating UNet vs torch")
+                reports["unet"] = validate_unet(loaded, path, class_rows=loaded.class_embedding)
+                bar.update()
+            bar.set_postfix_str("layer table")
+            feeds = seeded_unet_inputs(loaded.facts, 1, 500.0, 0)
+            w.write_json(layout.UNET_LAYERS, build_layer_table(path, feeds))
+            bar.update()
+            if first_stage and loaded.first_stage is not None:
+                bar.set_postfix_str("exporting decoder")
+                fpath = w.file(layout.FIRST_STAGE_ONNX)
+                for extra in export_first_stage(loaded, fpath, ecfg)[1:]:
+                    w.declare(extra.name)
+                bar.update()
+                if validate:
+                    bar.set_postfix_str("validating decoder")
+                    reports["first_stage"] = validate_first_stage(loaded, fpath)
+                bar.update()
+            elif first_stage:
+                bar.update(2)
+            record["first_stage"] = first_stage and loaded.first_stage is not None
+            record["validation"] = {k: {"worst_abs_error": v["worst_abs_error"], "passed": v["passed"]}
+                                    for k, v in reports.items()}
+            if reports:
+                w.write_json(layout.EXPORT_REPORT, reports)
+            if loaded.facts.family == "demo":
+                write_demo_eval_assets(w)
+            w.set_model(loaded.facts.to_json())
+            w.set_stage("export", record)
+        bar.set_postfix_str("done")
+    return record
+
+
+def write_demo_eval_assets(w) -> None:
+    """The demo's evaluator travels in its bundle: digit classifier (features) and the real digits."""
+    from ptqd.models.demo import demo_dir, digits
+    from ptqd.runtime.pipeline import to_uint8
+
+    w.write_bytes(layout.DEMO_FEATURES, (demo_dir() / "digit_classifier.onnx").read_bytes())
+    xtr, ytr, xte, yte = digits()
+    w.write_bytes(layout.DEMO_REAL, layout.npz_bytes({"train_images": to_uint8(xtr), "train_labels": ytr,
+                                                      "held_out_images": to_uint8(xte), "held_out_labels": yte},
+                                                     compressed=True))

@@ -1,0 +1,161 @@
+"""``ptqd plan``: the step-aware mixed-precision plan (PTQD's SNR rule, or measured damage under a BOPs
+budget), and the BOPs of precisions and plans."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ptqd.calib.bops import bops, layer_bits
+from ptqd.bundle import Bundle, layout, writes_bundle
+from ptqd.errors import UserError
+from ptqd.precision import CALIBRATED_NAMES, PEER
+from ptqd.runtime.loader import default_labels, load_plan, open_engine, sampler_config
+from ptqd.stages.common import digest, require_calibrated
+
+
+def precision_bops(b: Bundle, precision: str, rows: list[dict] | None = None) -> float:
+    """BOPs per forward of one precision: the calibrated layers when there are, else the default selection."""
+    rows = rows if rows is not None else layout.layer_rows(b)
+    calibrated = layout.calib_layer_meta(b, precision) if precision in CALIBRATED_NAMES else None
+    return bops(rows, layer_bits(rows, precision, calibrated))
+
+
+def bops_table(b: Bundle) -> dict[str, Any]:
+    """BOPs per forward for FP32 and each precision (built or not), and for the plan summed over its steps."""
+
+    if not b.has(layout.UNET_LAYERS):
+        return {}
+    rows = layout.layer_rows(b)
+    fp = precision_bops(b, "fp32", rows)
+    out: dict[str, Any] = {"fp32": fp, "precisions": {}}
+    for p in CALIBRATED_NAMES + (PEER.value,):
+        v = precision_bops(b, p, rows)
+        out["precisions"][p] = {"bops": v, "saving_vs_fp32": fp / v,
+                                "source": "calibrated layers" if p in CALIBRATED_NAMES and layout.calib_layer_meta(b, p) else
+                                ("quantize_static: every conv/linear" if p == "ort-int8" else "default layer selection")}
+    if b.has(layout.PLAN_JSON):
+        plan = b.read_json(layout.PLAN_JSON)
+        per = {p: precision_bops(b, p, rows) for p in {s["precision"] for s in plan["steps"]}}
+        total = sum(per[s["precision"]] for s in plan["steps"])
+        n = len(plan["steps"])
+        out["plan"] = {"bops_per_sample": total, "steps": n, "mean_bops_per_forward": total / n,
+                       "saving_vs_fp32": fp * n / total,
+                       "precisions": {p: sum(s["precision"] == p for s in plan["steps"]) for p in sorted(per)}}
+    return out
+
+
+def plan_bops(b: Bundle, spec: str, steps: int, spacing: str = "compvis") -> float:
+    """Mean BOPs per forward of a precision or plan over the sampler's steps."""
+    from ptqd.runtime.sampler import DDIMSampler
+
+    if spec != "auto" and not spec.endswith(".json"):
+        return precision_bops(b, spec)
+    pl = load_plan(b, spec)
+    sampler = DDIMSampler(b.facts.schedule.alphas_cumprod, spacing)
+    sampler.set_timesteps(steps)
+    cost = {p: precision_bops(b, p) for p in pl.precisions}
+    return sum(cost[pl.at(float(t))] for t in sampler.timesteps) / steps
+
+
+def measure_damage(b: Bundle, candidates, reference: str, samples: int = 64, seed: int = 2) -> dict[str, Any]:
+    """For every step i and precision p: how much the final latents move away from FP's when step i
+    alone runs p instead of ``reference`` (mean squared difference, same noise), with the PTQD
+    correction on. Runs the built ONNX Runtime engines on the calibrated schedule.
+
+    The steps before i are the reference's own, so each variant resumes from the reference
+    trajectory's x at step i: S(S+1)/2 engine steps per precision instead of S²."""
+    import numpy as np
+
+    from ptqd.runtime.correction import CorrectionTable, Plan, StepEngines
+    from ptqd.runtime.pipeline import sample_latents
+    from ptqd.runtime.sampler import DDIMSampler
+
+    c = require_calibrated(b)["config"]
+    facts = b.facts
+    cfg = sampler_config(facts, c["steps"], 0.0, c["guidance"])
+    sampler = DDIMSampler(facts.schedule.alphas_cumprod, cfg.spacing)
+    sampler.set_timesteps(cfg.steps)
+    ts = [int(t) for t in sampler.timesteps]
+    table = layout.class_embedding(b)
+    labels, idx = default_labels(facts, None, samples), np.arange(samples)
+    fitted = b.read_json(layout.CORRECTION_JSON)["precisions"]
+    tables = {p: CorrectionTable.from_json(fitted[p]) for p in candidates if p in fitted}
+    runners = {p: open_engine(b, p, allow_spinning=False) for p in ["fp32", *candidates]}
+    fp = sample_latents(runners["fp32"], facts, table, labels, idx, seed, cfg)
+    states: list[np.ndarray] = []  # the reference trajectory's x before each step
+
+    def keep(i, t, x, ctx, eps):
+        states.append(x.copy())
+
+    ref = StepEngines(runners, Plan(ts, [reference] * len(ts)), tables)
+    base = float(np.mean((sample_latents(ref, facts, table, labels, idx, seed, cfg, observe=keep) - fp) ** 2))
+    damage = {}
+    for p in candidates:
+        if p == reference:
+            continue
+        damage[p] = []
+        for i in range(len(ts)):
+            eng = StepEngines(runners, Plan(ts, [p if j == i else reference for j in range(len(ts))]), tables)
+            x0 = sample_latents(eng, facts, table, labels, idx, seed, cfg, start=(i, states[i]))
+            damage[p].append(float(np.mean((x0 - fp) ** 2)) - base)
+    for r in runners.values():
+        r.close()
+    return {"reference_error": base, "damage": damage, "samples": samples, "seed": seed}
+
+
+@writes_bundle()
+def plan(bundle, margin: float = 1.0, precisions=None, criterion: str = "sensitivity", budget: float = 0.9,
+         reference: str = "w4a8", samples: int | None = None, preset: str = "auto") -> dict[str, Any]:
+    """Step-aware mixed precision from the fitted correction: write calib/plan.json (with the curves).
+
+    ``criterion``: "snr" (PTQD: cheapest precision whose corrected SNR_Q clears margin·SNR_F) or
+    "sensitivity" (default: measured damage of each step's precision on the final samples, cheapest
+    plan set under ``budget`` × the BOPs of ``reference``; see ``budget_plan``)."""
+    from ptqd.calib.correction import budget_plan, make_plan
+
+    b = Bundle.open(bundle)
+    if not b.has(layout.CORRECTION_JSON):
+        raise UserError(f"{b.root} has no fitted correction: run `ptqd correct {b.root}` first")
+    from ptqd.validate import real
+
+    real("--margin", margin, 0, lo_open=True)
+    real("--budget", budget, 0, lo_open=True)
+    if criterion not in ("snr", "sensitivity"):
+        raise UserError(f"--criterion must be snr or sensitivity, got {criterion!r}")
+    if not 0 < budget:
+        raise UserError(f"--budget must be > 0 (a multiple of the reference's BOPs), got {budget}")
+    corr = b.read_json(layout.CORRECTION_JSON)["precisions"]
+    built = layout.built(b)
+    cands = [p for p in (precisions or corr) if p in corr and p in built]
+    if not cands:
+        raise UserError(f"no precision has both a fitted correction and a built engine in {b.root}: "
+                        f"run `ptqd build {b.root}`")
+    cost = {p: precision_bops(b, p) for p in cands}
+    rec = make_plan({p: corr[p] for p in cands}, cost, b.facts.schedule.alphas_cumprod, margin)
+    if criterion == "sensitivity":
+        if reference not in cands:
+            raise UserError(f"--reference {reference} has no engine and correction; choose from {', '.join(cands)}")
+        from ptqd.budget import preset_for
+
+        if samples is None:
+            samples = preset_for(preset, b.read_json(layout.UNET_LAYERS)).plan_samples
+        meas = measure_damage(b, cands, reference, samples)
+        try:
+            chosen = budget_plan(meas["damage"], cost, reference, budget)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        for i, s in enumerate(rec["steps"]):
+            s["precision"] = chosen[i]
+            s["damage"] = {p: d[i] for p, d in meas["damage"].items()}
+        rec["criterion"] = (f"measured: each step's damage to the final samples (latent MSE vs FP when that step "
+                            f"alone leaves {reference}), cheapest damage per BOP first, mean BOPs <= {budget:g} x "
+                            f"{reference}")
+        rec.update({"budget": budget, "reference": reference, "reference_error": meas["reference_error"],
+                    "measurement": {k: meas[k] for k in ("samples", "seed")}})
+    rec["criterion_name"] = criterion
+    with Bundle.transaction(b.root) as w:
+        w.write_json(layout.PLAN_JSON, rec)
+        w.set_stage("plan", {"margin": margin, "criterion": criterion, "budget": budget, "reference": reference,
+                             "precisions": cands, "inputs": digest(b, layout.PLAN_INPUTS),
+                             "plan": [s["precision"] for s in rec["steps"]]})
+    return rec

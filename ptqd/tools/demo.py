@@ -1,0 +1,52 @@
+"""``ptqd demo``: the built-in demo model end to end (compile, a grid sampled with the plan, and the table
+of every engine against FP); ``ptqd train-demo`` retrains its shipped weights."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ptqd.bundle import Bundle, layout
+from ptqd.precision import ORT_BUILDABLE
+from ptqd.runtime.generate import sample
+from ptqd.stages.compile import compile as compile_model
+from ptqd.tools.bench import unet_latency
+from ptqd.tools.evaluate import evaluate
+
+DEMO_PRECISIONS = tuple(p.value for p in ORT_BUILDABLE)
+DEMO_ROWS = (("ort-int8", "off"), ("w8a8", "off"), ("w8a8", "on"), ("w4a8", "off"), ("w4a8", "on"),
+             ("w4a4", "off"), ("w4a4", "on"), ("auto", "on"))
+
+
+def demo(out: str | os.PathLike = "demo-out", num: int = 500, seed: int = 0, steps: int = 20, eta: float = 0.0,
+         guidance: float = 3.0, progress: bool | None = None, log=print) -> dict[str, Any]:
+    """The demo end to end: compile the demo model (reusing finished stages), sample a grid with the
+    mixed-precision plan, and evaluate every engine and the plan against FP on the same seeds."""
+
+    out = Path(out)
+    bundle = out / "demo.bundle"
+    comp = compile_model("demo", bundle, precisions=DEMO_PRECISIONS, progress=progress, log=log)
+    grid_path = out / "samples.png"
+    sample(bundle, classes=list(range(10)), num=40, seed=seed, steps=steps, eta=eta, guidance=guidance,
+           out=grid_path, precision="auto", progress=progress)
+    report = evaluate(bundle, rows=list(DEMO_ROWS), num=num, seed=seed, steps=steps, eta=eta, guidance=guidance,
+                      progress=progress)
+    b = Bundle.open(bundle)
+    lat = unet_latency(b, DEMO_PRECISIONS, batch=2 if b.facts.conditioning.kind == "class" else 1)
+    plan_steps = b.read_json(layout.PLAN_JSON)["steps"]
+    for row in report["rows"]:
+        p = row["precision"].split("+")[0]
+        if p in lat:
+            row["unet_ms"] = lat[p]["median_ms"]
+        elif p == "plan":  # the plan's engines, weighted by the steps each runs
+            row["unet_ms"] = sum(lat[s["precision"]]["median_ms"] for s in plan_steps) / len(plan_steps)
+    return {"bundle": str(bundle), "stages": comp["stages"], "plan": comp["plan"], "grid": str(grid_path),
+            "eval": report, "latency": lat}
+
+
+def train_demo(out: str | os.PathLike | None = None, seed: int = 0, progress: bool | None = None) -> dict[str, Any]:
+    """Retrain the demo model and classifier (about 20 minutes on 2 cores); default: over the shipped weights."""
+    from ptqd.models.demo import demo_dir, train_demo as train
+
+    return train(Path(out) if out else demo_dir(), seed=seed, progress=progress)
