@@ -9,7 +9,7 @@ import pytest
 
 from ptqd.calib.bops import bops, layer_bits
 
-TABLE = Path(__file__).parent / "data" / "cin256_layers.json.gz"
+TABLE = Path(__file__).parent.parent / "data" / "cin256_layers.json.gz"
 
 
 def rows():
