@@ -443,6 +443,25 @@ def test_7_a_bug_exits_2_with_its_traceback_and_asks_for_a_report(cin, monkeypat
     assert rc == 2 and "Traceback" in err
 
 
+def test_error_split_validation_is_one_line_naming_the_check_internal_is_a_bug(cin, monkeypatch):
+    """ValidationError: one line naming the check, exit 1. InternalError (ptqd broke its own invariant,
+    e.g. a TensorRT graph its linter rejects): the traceback and a report request, exit 2."""
+    from ptqd.errors import InternalError, ValidationError
+
+    def failed(*a, **k):
+        raise ValidationError("engine vs fake-quant model", "w8a8: 3 of 40 integer kernels differ")
+
+    monkeypatch.setattr(api, "inspect", failed)
+    _one_line_error(_run(["inspect", cin]), "validation failed (engine vs fake-quant model): w8a8")
+
+    def broken(*a, **k):
+        raise InternalError("w8a8.qdq.onnx breaks 1 TensorRT rule(s)")
+
+    monkeypatch.setattr(api, "inspect", broken)
+    rc, _, err = _run(["inspect", cin])
+    assert rc == 2 and "Traceback" in err and "InternalError" in err and "bug in ptqd" in err
+
+
 # ---- 8. minor ---------------------------------------------------------------------------------------
 def test_8_absurd_file_size_is_refused(cin):
     _edit_manifest(cin, lambda m: m["files"]["unet.onnx"].update(size=10 ** 15))
