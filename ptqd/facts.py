@@ -114,18 +114,31 @@ class Conditioning:
 
     ``class``: a class label is embedded (table ``[num_classes, context_dim]``) and fed as a
     one-token cross-attention context; ``null_class`` is the unconditional class used by
-    classifier-free guidance. ``none``: unconditional.
+    classifier-free guidance. ``text``: a prompt is tokenized (``context_tokens`` ids) and encoded
+    by a text encoder into the context ``[context_tokens, context_dim]``; a bundle keeps its
+    calibration prompts encoded as a table ``[num_classes, context_tokens, context_dim]`` whose row
+    ``null_class`` (0) is the negative prompt "", so labels index prompts as they index classes
+    (``num_classes`` is None on a loaded model, before the prompts are chosen). ``none``: unconditional.
     """
 
-    kind: str = "none"  # "none" | "class"
+    kind: str = "none"  # "none" | "class" | "text"
     num_classes: int | None = None
     null_class: int | None = None
     context_dim: int | None = None
     context_tokens: int = 1
 
     def __post_init__(self):
-        if self.kind not in ("none", "class"):
+        if self.kind not in ("none", "class", "text"):
             raise ValueError(f"unknown conditioning kind {self.kind!r}")
+        if self.kind == "text":
+            if self.context_dim is None:
+                raise ValueError("text conditioning needs context_dim")
+            _count("context_dim", self.context_dim)
+            _count("context_tokens", self.context_tokens)
+            if self.num_classes is not None:
+                _count("num_classes", self.num_classes, 2, 1 << 24)
+                if self.null_class != 0:
+                    raise ValueError(f"text conditioning: the negative prompt is row 0, got null_class {self.null_class!r}")
         if self.kind == "class":
             if self.num_classes is None or self.context_dim is None:
                 raise ValueError("class conditioning needs num_classes and context_dim")
@@ -135,6 +148,22 @@ class Conditioning:
             if not _is_int(self.null_class) or not 0 <= self.null_class < self.num_classes:
                 raise ValueError(f"null_class must be a class index in [0, {self.num_classes - 1}], "
                                  f"got {self.null_class!r}")
+
+    @property
+    def guided(self) -> bool:
+        """Whether the model has an unconditional context for classifier-free guidance."""
+        return self.kind != "none"
+
+    def with_prompts(self, count: int) -> "Conditioning":
+        """Text conditioning bound to a table of ``count`` prompts plus the negative prompt (row 0)."""
+        return Conditioning(kind="text", num_classes=count + 1, null_class=0, context_dim=self.context_dim,
+                            context_tokens=self.context_tokens)
+
+    def same_model(self, other: "Conditioning") -> bool:
+        """Whether two conditionings describe the same network inputs (text: whatever prompts they bind)."""
+        if self.kind == other.kind == "text":
+            return (self.context_dim, self.context_tokens) == (other.context_dim, other.context_tokens)
+        return self == other
 
 
 @dataclass(frozen=True)

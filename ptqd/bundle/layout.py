@@ -5,6 +5,9 @@ manifest.json                       schema, model facts, files (sha256), stage r
 unet.onnx(.data), unet.layers.json  FP32 export + layer table
 first_stage.onnx                    decoder (when the model has one)
 cond/class_embedding.npy            class-conditional models: the embedding table
+cond/prompt_embeddings.npy          text-conditioned models: the calibration prompts encoded, row 0 = ""
+cond/prompts.json                   ... and the prompts themselves
+text_encoder.onnx, text/            text-conditioned models: the text encoder and its tokenizer
 calib/feeds.npz                     the calibration's own UNet inputs (validation, peers)
 calib/<precision>[.b<k>].json|npz   quantization parameters (per timestep bucket k when there are several)
 calib/calibration.json              the calibration record
@@ -29,6 +32,11 @@ UNET_ONNX = "unet.onnx"
 UNET_LAYERS = "unet.layers.json"
 FIRST_STAGE_ONNX = "first_stage.onnx"
 CLASS_EMBEDDING = "cond/class_embedding.npy"
+PROMPT_TABLE = "cond/prompt_embeddings.npy"
+PROMPTS_JSON = "cond/prompts.json"
+TEXT_ENCODER_ONNX = "text_encoder.onnx"
+TOKENIZER_JSON = "text/tokenizer.json"
+TOKENIZER_CONFIG = "text/tokenizer_config.json"
 EXPORT_REPORT = "reports/export_validation.json"
 CALIB_FEEDS = "calib/feeds.npz"
 CALIBRATION_JSON = "calib/calibration.json"
@@ -80,8 +88,13 @@ def read_json_or(b, rel: str, default: Any) -> Any:
 
 
 def class_embedding(b) -> np.ndarray | None:
-    """The class-embedding table of a class-conditional model ([classes, D]), else None."""
-    return np.load(b.path(CLASS_EMBEDDING)) if b.has(CLASS_EMBEDDING) else None
+    """The conditioning table that labels index: a class-conditional model's class embeddings
+    ([classes, D]), or a text-conditioned model's encoded prompts ([1 + prompts, tokens, D], row 0 the
+    negative prompt); None for an unconditional model."""
+    for rel in (CLASS_EMBEDDING, PROMPT_TABLE):
+        if b.has(rel):
+            return np.load(b.path(rel))
+    return None
 
 
 def layer_rows(b) -> list[dict]:

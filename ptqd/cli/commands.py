@@ -27,7 +27,7 @@ def cmd_export(args) -> int:
     schedule = api.parse_schedule(args.schedule) if args.schedule else None
     rec = api.export(args.model, args.out, config=args.config, schedule=schedule,
                      first_stage=not args.no_first_stage, validate=not args.no_validate, opset=args.opset,
-                     exporter=args.exporter)
+                     exporter=args.exporter, prompts=args.prompts)
     val = rec.get("validation", {})
     checks = ", ".join(f"{k} max|onnx-torch| {v['worst_abs_error']:.2e}" for k, v in val.items()) or "validation off"
     print(f"exported {args.model} -> {args.out} ({checks})")
@@ -127,9 +127,16 @@ def print_eval(report: dict) -> None:
 def cmd_sample(args) -> int:
     from ptqd import api
 
-    images, labels = api.sample(args.bundle, classes=_classes(args.classes), num=args.num, seed=args.seed,
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        from ptqd.runtime.text import read_prompts
+
+        prompts += read_prompts(args.prompts)
+    num = args.num if args.num is not None else (len(prompts) if prompts else 16)
+    images, labels = api.sample(args.bundle, classes=_classes(args.classes), num=num, seed=args.seed,
                                 steps=args.steps, eta=args.eta, guidance=args.guidance, out=args.out,
-                                precision=args.plan, batch=args.batch, correction=args.correction)
+                                precision=args.plan, batch=args.batch, correction=args.correction,
+                                prompts=prompts or None, negative_prompt=args.negative_prompt)
     print(f"{len(images)} samples ({args.plan}, correction {args.correction}) -> "
           f"{args.out or '(not written: pass --out FILE.png|.npz)'}")
     return 0
@@ -195,7 +202,8 @@ def cmd_compile(args) -> int:
     precisions = tuple(p for p in args.precisions.split(",") if p)
     res = api.compile(args.model, args.out, config=args.config, precisions=precisions, samples=args.samples,
                       steps=args.steps, guidance=args.guidance, margin=args.margin, criterion=args.criterion,
-                      budget=args.budget, force=args.force, device=args.device, preset=args.preset)
+                      budget=args.budget, force=args.force, device=args.device, preset=args.preset,
+                      prompts=args.prompts)
     bo = res["bops"]
     print(f"bundle  {res['bundle']}")
     print(f"plan    {' '.join(res['plan'])}")

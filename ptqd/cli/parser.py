@@ -51,8 +51,9 @@ examples:
 """
 
 
-def _sampling_args(p, num: int) -> None:
-    p.add_argument("--num", type=int, default=num, help=f"number of samples in total (default {num})")
+def _sampling_args(p, num: int | None) -> None:
+    what = f"default {num}" if num is not None else "default 16, or one per --prompt"
+    p.add_argument("--num", type=int, default=num, help=f"number of samples in total ({what})")
     p.add_argument("--classes", help="comma-separated class labels, cycled over the samples (default: all classes)")
     p.add_argument("--seed", type=int, default=0, help="sample i's noise depends only on (seed, i): samples are "
                                                        "paired across engines (default 0)")
@@ -103,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--guidance", type=float, default=3.0, help="CFG scale of calibration and correction (default 3)")
     _plan_args(cp)
     _effort_args(cp)
+    cp.add_argument("--prompts", help="text-to-image models: calibration prompts, one a line (default: a built-in "
+                                      "list of 8)")
     cp.add_argument("--force", action="store_true", help="rerun every stage")
     cp.set_defaults(func=cmd_compile)
 
@@ -120,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18: fast GroupNorm on ORT)")
     e.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
                    help="torch exporter (default torchscript: fast, module-scoped node names)")
+    e.add_argument("--prompts", help="text-to-image models: calibration prompts, one a line (default: a built-in "
+                                      "list of 8)")
     e.set_defaults(func=cmd_export)
 
     i = sub.add_parser("inspect", help="model facts, MACs, layers and files of a bundle",
@@ -173,7 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Sample with the FP32 graph or one engine; writes a PNG grid or an NPZ "
                                    "(images uint8 NxHxWxC, labels).")
     s.add_argument("bundle")
-    _sampling_args(s, 16)
+    _sampling_args(s, None)
+    s.add_argument("--prompt", action="append", help="text-to-image bundles: a prompt (repeat for several; --num "
+                                                     "images cycle through them)")
+    s.add_argument("--prompts", help="text-to-image bundles: a file of prompts, one a line")
+    s.add_argument("--negative-prompt", default="", help="what guidance steers away from (default \"\")")
     s.add_argument("--plan", "--precision", dest="plan", default="fp32",
                    help="fp32, an engine (w8a8, w4a8, w4a4, ort-int8), auto (the bundle's step-aware mixed-precision "
                         "plan) or a plan FILE.json (default fp32)")

@@ -26,6 +26,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ptqd.errors import ExportError
@@ -108,4 +109,16 @@ def export_first_stage(loaded, path: Path, cfg: ExportConfig = ExportConfig()) -
         return _export(loaded.first_stage, (z,), ["z"], ["image"], path, cfg)
     except Exception as e:
         raise ExportError(f"ONNX export of the first-stage decoder failed: {str(e).strip().splitlines()[0][:300]}",
+                          check="ONNX export") from e
+
+
+def export_text_encoder(loaded, path: Path, cfg: ExportConfig = ExportConfig(), batch: int = 2) -> list[Path]:
+    """The text encoder: ``input_ids`` int64 [B, tokens] -> ``context`` float32 [B, tokens, D] (dynamic batch)."""
+    tokens = loaded.facts.conditioning.context_tokens
+    vocab = int(loaded.text_encoder.model.config.vocab_size)
+    ids = torch.from_numpy(np.random.RandomState(2).randint(0, vocab, (batch, tokens)).astype(np.int64))
+    try:
+        return _export(loaded.text_encoder, (ids,), ["input_ids"], ["context"], path, cfg)
+    except Exception as e:
+        raise ExportError(f"ONNX export of the text encoder failed: {str(e).strip().splitlines()[0][:300]}",
                           check="ONNX export") from e

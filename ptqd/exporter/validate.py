@@ -47,7 +47,8 @@ def validate_unet(loaded, onnx_path: Path, cfg: ValidationConfig = ValidationCon
         feeds = seeded_unet_inputs(loaded.facts, cfg.batch, t, cfg.seed + i)
         if "context" in feeds and class_rows is not None:
             idx = np.random.RandomState(cfg.seed + i).randint(0, len(class_rows), cfg.batch)
-            feeds["context"] = class_rows[idx][:, None, :].astype(np.float32)
+            ctx = class_rows[idx]  # class embeddings [B, D], or encoded prompts [B, tokens, D]
+            feeds["context"] = (ctx[:, None, :] if ctx.ndim == 2 else ctx).astype(np.float32)
         with torch.no_grad():
             ref = loaded.unet(*(torch.from_numpy(v) for v in feeds.values())).numpy()
         got = sess.run(["eps"], feeds)[0]
@@ -75,3 +76,20 @@ def validate_first_stage(loaded, onnx_path: Path, cfg: ValidationConfig = Valida
     if not np.isfinite(got).all() or err > bound:
         raise ExportError(f"exported first-stage decoder does not match torch: max |onnx - torch| = {err:.3g} > {bound:.3g}")
     return {"what": "first_stage", "batch": cfg.batch, "worst_abs_error": err, "bound": bound, "passed": True}
+
+
+def validate_text_encoder(loaded, onnx_path: Path, prompts: list[str], cfg: ValidationConfig = ValidationConfig()
+                          ) -> dict[str, Any]:
+    """The exported text encoder vs torch on the pipeline's own token ids of ``prompts``."""
+    from ptqd.models.text import token_ids
+
+    sess = _session(onnx_path)
+    ids = token_ids(loaded.tokenizer, prompts)
+    with torch.no_grad():
+        ref = loaded.text_encoder(torch.from_numpy(ids)).numpy()
+    got = sess.run(["context"], {"input_ids": ids})[0]
+    err = float(np.abs(got - ref).max())
+    bound = cfg.atol + cfg.rtol * float(np.abs(ref).max())
+    if not np.isfinite(got).all() or err > bound:
+        raise ExportError(f"exported text encoder does not match torch: max |onnx - torch| = {err:.3g} > {bound:.3g}")
+    return {"what": "text_encoder", "prompts": len(prompts), "worst_abs_error": err, "bound": bound, "passed": True}

@@ -4,7 +4,13 @@ Accepted layouts (nothing is downloaded; ``local_files_only`` always):
 
 * a pipeline directory: ``unet/`` (+ ``scheduler/scheduler_config.json``, optional
   ``vqvae/`` or ``vae/``, optional ``class_embedding.safetensors``);
-* a bare UNet directory (``config.json`` + weights), with the schedule passed explicitly.
+* a bare UNet directory (``config.json`` + weights), with the schedule passed explicitly;
+* a Stable Diffusion 1.x/2.x pipeline directory (``model_index.json``; ``unet/``, ``text_encoder/``
+  (CLIPTextModel), ``tokenizer/``, ``vae/``, ``scheduler/``): a text-conditioned LDM (``ptqd.models.text``).
+  Its scheduler config must map onto ptqd's DDIM sampler (CompVis spacing: ``timestep_spacing="leading"``,
+  ``steps_offset=1``, ``set_alpha_to_one=False``, no sample clipping, as every Stable Diffusion 1.x/2.x
+  config has); whatever scheduler class it names, ptqd samples with DDIM on its noise schedule.
+  v-prediction (2.x at 768) and SDXL (two text encoders, pooled embeddings, added time ids) are refused.
 
 ``UNet2DModel`` is an unconditional LDM. ``UNet2DConditionModel`` is a class-conditional
 LDM whose class embedding is fed as a one-token cross-attention context: the table lives
@@ -55,6 +61,28 @@ def _schedule(cfg: dict) -> NoiseSchedule:
                          float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 2e-2)))
 
 
+def check_text_pipeline(root: Path, scfg: dict) -> None:
+    """Refuse, in one line each, what ptqd's text-to-image path cannot reproduce."""
+    index = _read_json(root / "model_index.json") if (root / "model_index.json").exists() else {}
+    name = str(index.get("_class_name", ""))
+    if "XL" in name or (root / "text_encoder_2").exists():
+        raise ModelLoadError(f"{root.name}: {name or 'this pipeline'} is SDXL-like (two text encoders, pooled "
+                             "embeddings, added time ids), which ptqd does not support yet; Stable Diffusion 1.x/2.x "
+                             "pipelines are")
+    if scfg.get("prediction_type", "epsilon") == "v_prediction":
+        raise ModelLoadError(f"{root.name}: prediction_type 'v_prediction' (Stable Diffusion 2.x at 768) is not "
+                             "supported yet; ptqd's correction and sampler work on epsilon-prediction models "
+                             "(e.g. Stable Diffusion 1.x, 2.x-base)")
+    spacing, offset = scfg.get("timestep_spacing", "leading"), int(scfg.get("steps_offset", 0))
+    if spacing != "leading" or offset != 1 or scfg.get("set_alpha_to_one", False) or scfg.get("clip_sample", False) \
+            or scfg.get("thresholding", False):
+        raise ModelLoadError(
+            f"{root.name}: the scheduler config (timestep_spacing={spacing!r}, steps_offset={offset}, "
+            f"set_alpha_to_one={scfg.get('set_alpha_to_one', False)}, clip_sample={scfg.get('clip_sample', False)}) "
+            "does not map onto ptqd's DDIM sampler, which uses CompVis spacing (leading, steps_offset=1, "
+            "set_alpha_to_one=False, no clipping) as Stable Diffusion 1.x/2.x configs do")
+
+
 def is_diffusers_dir(path: Path) -> bool:
     return path.is_dir() and ((path / "unet" / "config.json").exists() or (path / "config.json").exists())
 
@@ -75,6 +103,9 @@ def load_diffusers(path: str | Path, schedule: NoiseSchedule | None = None, with
 
     sched_file = root / "scheduler" / "scheduler_config.json"
     prediction = "epsilon"
+    text = cls_name == "UNet2DConditionModel" and (root / "text_encoder" / "config.json").exists()
+    if text:
+        check_text_pipeline(root, _read_json(sched_file) if sched_file.exists() else {})
     if schedule is None:
         if not sched_file.exists():
             raise UserError(
@@ -94,7 +125,26 @@ def load_diffusers(path: str | Path, schedule: NoiseSchedule | None = None, with
     unet.requires_grad_(False)
 
     class_embedding = None
-    if cls_name == "UNet2DConditionModel":
+    text_encoder = tokenizer = None
+    if text:
+        from ptqd.models.text import load_text_encoder, load_tokenizer
+
+        if unet.config.class_embed_type is not None or unet.config.num_class_embeds is not None \
+                or unet.config.addition_embed_type is not None:
+            raise ModelLoadError(f"{root.name}: a UNet with class or added embeddings (e.g. SDXL's added time ids) is "
+                                 "not supported; Stable Diffusion 1.x/2.x UNets are")
+        text_encoder = load_text_encoder(root / "text_encoder")
+        tokenizer = load_tokenizer(root / "tokenizer")
+        dim = unet.config.cross_attention_dim
+        if text_encoder.model.config.hidden_size != dim:
+            raise ModelLoadError(f"{root.name}: the text encoder's hidden size {text_encoder.model.config.hidden_size} "
+                                 f"is not the UNet's cross_attention_dim {dim}")
+        try:
+            cond = Conditioning(kind="text", context_dim=dim, context_tokens=int(tokenizer.model_max_length))
+        except (ValueError, TypeError) as e:
+            raise ModelLoadError(f"{root.name}: {e}") from None
+        call = lambda m, x, t, c: m(x, t, encoder_hidden_states=c, return_dict=False)[0]  # noqa: E731
+    elif cls_name == "UNet2DConditionModel":
         if unet.config.class_embed_type is not None or unet.config.num_class_embeds is not None:
             raise ModelLoadError("UNet2DConditionModel with class_embed_type/num_class_embeds (label added to the "
                                  "time embedding) is not supported; ptqd expects the class fed as cross-attention context")
@@ -144,8 +194,9 @@ def load_diffusers(path: str | Path, schedule: NoiseSchedule | None = None, with
                            image_shape=image_shape, source=root.name)
     except (ValueError, TypeError) as e:
         raise ModelLoadError(f"{root}: the model's facts are not valid ({e})") from None
-    eps = EpsModel(unet, call, has_context=cond.kind == "class").eval()
-    return LoadedModel(unet=eps, facts=facts, class_embedding=class_embedding, first_stage=first_stage)
+    eps = EpsModel(unet, call, has_context=cond.kind != "none").eval()
+    return LoadedModel(unet=eps, facts=facts, class_embedding=class_embedding, first_stage=first_stage,
+                       text_encoder=text_encoder, tokenizer=tokenizer)
 
 
 class DiffusersDecoder(torch.nn.Module):

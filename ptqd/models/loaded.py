@@ -34,15 +34,19 @@ class EpsModel(nn.Module):
 class LoadedModel:
     unet: EpsModel
     facts: ModelFacts
-    class_embedding: np.ndarray | None = None  # [num_classes, context_dim] float32
+    # what labels index: [num_classes, context_dim] class embeddings, or (text models, once a bundle binds
+    # its prompts) [1 + prompts, tokens, context_dim] encoded prompts, row 0 the negative prompt
+    class_embedding: np.ndarray | None = None
     first_stage: nn.Module | None = None  # latent -> image in [-1, 1]
+    text_encoder: nn.Module | None = None  # text models: input_ids [B, tokens] int64 -> context [B, tokens, D]
+    tokenizer: object | None = None  # text models: the pipeline's tokenizer (transformers), for export
 
     def context_for(self, labels) -> torch.Tensor | None:
-        """The cross-attention context [B, 1, D] for class labels (None when unconditional)."""
+        """The cross-attention context [B, L, D] for labels (None when unconditional)."""
         if self.class_embedding is None:
             return None
-        table = torch.from_numpy(self.class_embedding)
-        return table[torch.as_tensor(labels, dtype=torch.long)][:, None, :]
+        rows = torch.from_numpy(self.class_embedding)[torch.as_tensor(labels, dtype=torch.long)]
+        return rows[:, None, :] if rows.ndim == 2 else rows
 
 
 def safe_load_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -17,8 +17,11 @@ from ptqd.validate import output_file, sampling_counts
 
 def sample(bundle, classes=None, num: int = 16, seed: int = 0, steps: int = 20, eta: float = 0.0,
            guidance: float = 3.0, out: str | os.PathLike | None = None, precision: str = "fp32",
-           batch: int = 64, progress: bool | None = None, correction: str = "auto"):
-    """Sample ``num`` images (labels cycle through ``classes``). Returns (images uint8 NHWC, labels).
+           batch: int = 64, progress: bool | None = None, correction: str = "auto",
+           prompts: list[str] | None = None, negative_prompt: str = ""):
+    """Sample ``num`` images (labels cycle through ``classes``, or, for a text-to-image bundle, through
+    ``prompts``, guided away from ``negative_prompt``). Returns (images uint8 NHWC, labels: class or
+    prompt index). A text-to-image bundle without ``prompts`` samples its calibration prompts.
 
     ``precision``: ``fp32``, an engine (``w8a8``, ...), ``auto`` (the bundle's mixed-precision plan) or
     a plan FILE.json. ``correction``: PTQD's correction and VSC, ``auto`` (on where fitted), ``on``, ``off``.
@@ -38,7 +41,10 @@ def sample(bundle, classes=None, num: int = 16, seed: int = 0, steps: int = 20, 
     cfg = sampler_config(facts, steps, eta, guidance)
     sampling_counts(num=num, sample_shape=facts.image_shape if decoder is not None else facts.latent_shape,
                     itemsize=1 if decoder is not None else 4)
-    labels = default_labels(facts, list(classes) if classes else None, num)
+    if prompts is not None or facts.conditioning.kind == "text":
+        table, labels = prompt_table(b, prompts, negative_prompt, classes, num)
+    else:
+        labels = default_labels(facts, list(classes) if classes else None, num)
     if decoder is None and out is not None and Path(out).suffix == ".png":
         raise UserError(f"{b.root} has no first-stage decoder, so samples stay latents: write .npz instead")
     runner, _label = step_engines(b, precision, correction)
@@ -51,11 +57,35 @@ def sample(bundle, classes=None, num: int = 16, seed: int = 0, steps: int = 20, 
             bar.update(len(idx))
     images = np.concatenate(chunks)
     if out is not None:
-        write_samples(Path(out), images, labels, cols=grid_cols(facts, classes, num))
+        write_samples(Path(out), images, labels, cols=grid_cols(facts, classes or prompts, num))
     return images, labels
 
 
+def prompt_table(b, prompts, negative_prompt: str, classes, num: int):
+    """(context table, labels) of a text-to-image bundle: the prompts encoded (row 0 the negative prompt)
+    and labels cycling through them; without prompts, the bundle's calibration prompts."""
+    if b.facts.conditioning.kind != "text":
+        raise UserError(f"--prompt: {b.root} is not a text-to-image bundle (its conditioning is "
+                        f"{b.facts.conditioning.kind}); use --classes for class-conditional models")
+    if classes:
+        raise UserError("--classes: a text-to-image bundle is conditioned on prompts: use --prompt")
+    if prompts is not None:
+        prompts = list(prompts)
+        if not prompts:
+            raise UserError("--prompt: give at least one prompt")
+        from ptqd.runtime.text import PromptEncoder
+
+        table = PromptEncoder(b).table(prompts, negative_prompt)
+    else:
+        table = layout.class_embedding(b)
+        if negative_prompt:
+            raise UserError("--negative-prompt needs --prompt (the bundle's calibration prompts use \"\")")
+    return table, 1 + np.arange(num) % (len(table) - 1)
+
+
 def grid_cols(facts, classes, num: int) -> int:
+    if facts.conditioning.kind == "text" and classes:
+        return min(num, len(classes))
     if facts.conditioning.kind == "class":
         return min(num, len(classes) if classes else facts.conditioning.num_classes - 1)
     return min(num, 8)

@@ -25,19 +25,29 @@ class GuidedContext:
     guidance: float
 
 
+def context_rows(table: np.ndarray, idx) -> np.ndarray:
+    """Rows ``idx`` of a conditioning table as UNet contexts [B, L, D]: class embeddings ([n, D]) are one
+    token each; encoded prompts ([n, tokens, D]) are already token sequences."""
+    r = table[idx]
+    return (r[:, None, :] if r.ndim == 2 else r).astype(np.float32)
+
+
 def contexts(facts, class_embedding: np.ndarray | None, labels: np.ndarray, guidance: float) -> GuidedContext:
+    """The context rows of ``labels`` in ``class_embedding``: class embeddings [classes, D] (one token each), or
+    encoded prompts [1 + prompts, tokens, D] (text models; row ``null_class`` = 0 is the negative prompt)."""
     cond = facts.conditioning
     if cond.kind == "none":
         if guidance != 1.0:
-            raise UserError("the model is unconditional: classifier-free guidance needs a class-conditional model "
+            raise UserError("the model is unconditional: classifier-free guidance needs a conditioned model "
                             "(use --guidance 1)")
         return GuidedContext(None, None, 1.0)
     labels = np.asarray(labels, dtype=np.int64)
-    if labels.min() < 0 or labels.max() >= cond.num_classes:
-        raise UserError(f"class labels must be in [0, {cond.num_classes - 1}], got {sorted(set(labels.tolist()))}")
-    rows = class_embedding[labels][:, None, :]
-    null = class_embedding[np.full(len(labels), cond.null_class)][:, None, :] if guidance != 1.0 else None
-    return GuidedContext(rows.astype(np.float32), None if null is None else null.astype(np.float32), guidance)
+    n = len(class_embedding)
+    if labels.min() < 0 or labels.max() >= n:
+        what = "prompt indices" if cond.kind == "text" else "class labels"
+        raise UserError(f"{what} must be in [0, {n - 1}], got {sorted(set(labels.tolist()))}")
+    null = context_rows(class_embedding, np.full(len(labels), cond.null_class)) if guidance != 1.0 else None
+    return GuidedContext(context_rows(class_embedding, labels), null, guidance)
 
 
 def guided_eps(runner, x: np.ndarray, t: int, ctx: GuidedContext) -> np.ndarray:

@@ -36,10 +36,13 @@ def load_source(b: Bundle):
     loaded = load_model(src, with_first_stage=False)
     facts = b.facts
     for name in ("latent_shape", "conditioning", "schedule"):  # what the UNet's inputs and the sampler use
-        if getattr(loaded.facts, name) != getattr(facts, name):
+        mine, theirs = getattr(loaded.facts, name), getattr(facts, name)
+        if not (mine.same_model(theirs) if name == "conditioning" else mine == theirs):
             raise UserError(f"{b.root}: the manifest's model {name} ({getattr(facts, name)}) is not the source "
                             f"model's ({getattr(loaded.facts, name)}); the manifest was edited or damaged: export "
                             "again")
+    if facts.conditioning.kind == "text":  # the prompts the bundle was exported with, encoded
+        loaded.facts, loaded.class_embedding = facts, layout.class_embedding(b)
     return loaded
 
 

@@ -19,7 +19,8 @@ from ptqd.stages.plan import bops_table, plan
 def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int | None = None, steps: int | None = None,
             guidance: float = 3.0, correction_samples: int | None = None, holdout: int | None = None,
             margin: float = 1.0, criterion: str = "sensitivity", budget: float = 0.9, force: bool = False,
-            device: str = "auto", preset: str = "auto", progress: bool | None = None, log=print) -> dict[str, Any]:
+            device: str = "auto", preset: str = "auto", progress: bool | None = None, log=print,
+            prompts=None) -> dict[str, Any]:
     """export -> calibrate -> build -> correct -> plan, into one bundle. Resumable: a stage whose
     inputs (the sha256 of the files it reads) and settings are unchanged is reused, so a rerun after an
     interruption, or with a new --margin, redoes only what changed. ``force`` reruns everything.
@@ -64,7 +65,12 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
             and rec.get("source_sha256") is not None
     except BundleError:
         fresh = False
-    stage("export", fresh, lambda: export(model, out, config=config, progress=progress))
+    if prompts is not None:  # text-to-image: new calibration prompts mean a new export (their encoded table)
+        from ptqd.runtime.text import read_prompts
+
+        prompts = read_prompts(prompts) if isinstance(prompts, (str, Path)) else list(prompts)
+        fresh = fresh and rec.get("prompts") == prompts
+    stage("export", fresh, lambda: export(model, out, config=config, progress=progress, prompts=prompts))
     b = Bundle.open(out)
     pre = preset_for(preset, b.read_json(layout.UNET_LAYERS))
     samples = pre.calib_samples if samples is None else samples

@@ -27,8 +27,13 @@ def parse_schedule(spec: str) -> NoiseSchedule:
 @writes_bundle("out", create=True)
 def export(model: str | os.PathLike, out: str | os.PathLike, config: str | os.PathLike | dict | None = None,
            schedule: NoiseSchedule | None = None, first_stage: bool = True, validate: bool = True,
-           opset: int = 18, exporter: str = "torchscript", progress: bool | None = None) -> dict[str, Any]:
+           opset: int = 18, exporter: str = "torchscript", progress: bool | None = None,
+           prompts: list[str] | str | os.PathLike | None = None) -> dict[str, Any]:
     """Export ``model`` to a new bundle at ``out``: FP32 UNet ONNX + layer table (+ decoder).
+
+    Text-to-image pipelines also get the text encoder (ONNX), the tokenizer (a ``tokenizers`` file) and
+    the calibration ``prompts`` (a list or a file, one a line; default ``ptqd.models.text.DEFAULT_PROMPTS``)
+    encoded as the table later stages index like classes, row 0 the negative prompt "".
 
     The bundle at ``out`` is replaced only if every step, validation included, succeeds.
     Returns the export record written to the manifest.
@@ -52,7 +57,14 @@ def export(model: str | os.PathLike, out: str | os.PathLike, config: str | os.Pa
         bar.update()
         record: dict[str, Any] = {"source": str(model), "source_sha256": source_digest(model), "opset": opset,
                                   "exporter": exporter, "inputs": ["x", "t"]}
+        prompt_list = bind_prompts(loaded, prompts)
+        if prompt_list is not None:
+            record["prompts"] = prompt_list
+        elif prompts is not None:
+            raise UserError(f"--prompts: {model} is not a text-to-image model (its conditioning is "
+                            f"{loaded.facts.conditioning.kind}); drop --prompts")
         with Bundle.transaction(out, create=True) as w:
+            reports: dict[str, Any] = {}
             bar.set_postfix_str("exporting UNet")
             path = w.file(layout.UNET_ONNX)
             for extra in export_unet(loaded, path, ecfg)[1:]:
@@ -61,9 +73,12 @@ def export(model: str | os.PathLike, out: str | os.PathLike, config: str | os.Pa
             if loaded.class_embedding is not None:
                 buf = io.BytesIO()
                 np.save(buf, loaded.class_embedding.astype(np.float32))
-                w.write_bytes(layout.CLASS_EMBEDDING, buf.getvalue())
+                w.write_bytes(layout.PROMPT_TABLE if prompt_list is not None else layout.CLASS_EMBEDDING,
+                              buf.getvalue())
                 record["inputs"].append("context")
-            reports: dict[str, Any] = {}
+            if prompt_list is not None:
+                bar.set_postfix_str("exporting the text encoder")
+                reports.update(write_text_side(w, loaded, prompt_list, ecfg, validate))
             if validate:
                 bar.set_postfix_str("validating UNet vs torch")
                 reports["unet"] = validate_unet(loaded, path, class_rows=loaded.class_embedding)
@@ -107,3 +122,43 @@ def write_demo_eval_assets(w) -> None:
     w.write_bytes(layout.DEMO_REAL, layout.npz_bytes({"train_images": to_uint8(xtr), "train_labels": ytr,
                                                       "held_out_images": to_uint8(xte), "held_out_labels": yte},
                                                      compressed=True))
+
+
+def bind_prompts(loaded, prompts) -> list[str] | None:
+    """Text models: encode the calibration prompts into ``loaded.class_embedding`` (row 0: "") and bind
+    the facts to them. Returns the prompt list (None for models without text conditioning)."""
+    import dataclasses
+
+    from ptqd.models.text import DEFAULT_PROMPTS, encode_prompts
+    from ptqd.runtime.text import read_prompts
+
+    cond = loaded.facts.conditioning
+    if cond.kind != "text":
+        return None
+    if prompts is None:
+        prompt_list = list(DEFAULT_PROMPTS)
+    elif isinstance(prompts, (str, os.PathLike)):
+        prompt_list = read_prompts(prompts)
+    else:
+        prompt_list = [str(p) for p in prompts]
+    if not prompt_list:
+        raise UserError("--prompts: give at least one calibration prompt")
+    loaded.class_embedding = encode_prompts(loaded, [""] + prompt_list)
+    loaded.facts = dataclasses.replace(loaded.facts, conditioning=cond.with_prompts(len(prompt_list)))
+    return prompt_list
+
+
+def write_text_side(w, loaded, prompt_list: list[str], ecfg, validate: bool) -> dict[str, Any]:
+    """The text encoder (validated vs torch), the tokenizer for the runtime, and the prompts."""
+    from ptqd.exporter import export_text_encoder, validate_text_encoder
+    from ptqd.models.text import tokenizer_files
+
+    path = w.file(layout.TEXT_ENCODER_ONNX)
+    for extra in export_text_encoder(loaded, path, ecfg)[1:]:
+        w.declare(extra.name)
+    text, settings = tokenizer_files(loaded.tokenizer)
+    w.write_bytes(layout.TOKENIZER_JSON, text.encode())
+    w.write_json(layout.TOKENIZER_CONFIG, settings)
+    w.write_json(layout.PROMPTS_JSON, {"negative": "", "prompts": prompt_list})
+    return {"text_encoder": validate_text_encoder(loaded, path, [""] + prompt_list)} if validate else {}
+

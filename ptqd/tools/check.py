@@ -38,7 +38,7 @@ from ptqd.errors import UserError
 from ptqd.facts import seeded_unet_inputs
 from ptqd.precision import act_bits
 from ptqd.runtime.loader import default_labels, open_decoder, sampler_config, step_engines
-from ptqd.runtime.pipeline import decode, sample_latents
+from ptqd.runtime.pipeline import context_rows, decode, sample_latents
 from ptqd.tools.metrics import FeatureModel, class_accuracy, frechet_distance, psnr
 
 CHECK_T = (951, 501, 51)
@@ -69,7 +69,7 @@ def measure(b, num: int = 64, steps: int = 20, seed: int = 0, guidance: float = 
             for i, t in enumerate(CHECK_T):
                 f = seeded_unet_inputs(facts, 2, float(t), 100 + i)
                 if "context" in f and table is not None:
-                    f["context"] = table[np.arange(2) % len(table)][:, None, :].astype(np.float32)
+                    f["context"] = context_rows(table, np.arange(2) % len(table))
                 arrays[f"eps_t{t}"] = runner(f["x"], f["t"], f.get("context"))
         lat = sample_latents(eng, facts, table, labels, np.arange(num), seed, cfg)
         imgs = decode(decoder, lat, facts.scale_factor) if decoder is not None else lat

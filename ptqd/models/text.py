@@ -1,0 +1,90 @@
+"""Text conditioning of Stable Diffusion-family pipelines: the CLIP text encoder and its tokenizer (torch and
+transformers; the runtime's torch-free side is :mod:`ptqd.runtime.text`).
+
+The tokenizer travels in the bundle as a ``tokenizers`` file (``tokenizer.json``) plus the settings the
+pipeline applies on every call (pad to ``max_length`` with the pad token, truncate keeping BOS/EOS), so the
+runtime reproduces the pipeline's ids with the ``tokenizers`` library alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ptqd.errors import MissingDependencyError, ModelLoadError
+
+# The calibration prompts when none are given (`--prompts FILE`): varied subjects, styles and lengths.
+DEFAULT_PROMPTS = (
+    "a photograph of an astronaut riding a horse",
+    "a red cat sitting on a wooden table, studio lighting",
+    "an oil painting of a lighthouse in a storm",
+    "a bowl of fruit, still life, high detail",
+    "a watercolor landscape with mountains and a lake at sunrise",
+    "portrait of an old man with a beard, black and white photo",
+    "a futuristic city skyline at night, neon lights",
+    "a small dog running on the beach",
+)
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise MissingDependencyError("text-to-image pipelines need transformers: pip install transformers") from None
+    return transformers
+
+
+class TextEncoder(torch.nn.Module):
+    """The exported signature: ``forward(input_ids [B, tokens] int64) -> context [B, tokens, D]`` (the last
+    hidden state, what Stable Diffusion 1.x/2.x feed the UNet)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids, return_dict=False)[0]
+
+
+def load_text_encoder(directory: Path) -> TextEncoder:
+    transformers = _transformers()
+    try:
+        model = transformers.CLIPTextModel.from_pretrained(directory, local_files_only=True).eval()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"transformers could not load the text encoder {directory}: "
+                             f"{str(e).splitlines()[0][:300]}") from None
+    model.requires_grad_(False)
+    return TextEncoder(model).eval()
+
+
+def load_tokenizer(directory: Path):
+    transformers = _transformers()
+    try:
+        return transformers.CLIPTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, RuntimeError, TypeError) as e:
+        raise ModelLoadError(f"transformers could not load the tokenizer {directory}: "
+                             f"{str(e).splitlines()[0][:300]}") from None
+
+
+def tokenizer_files(tokenizer) -> tuple[str, dict]:
+    """(tokenizer.json text, settings) for the runtime: what ``tokenizers`` needs to give the pipeline's ids."""
+    config = {"max_length": int(tokenizer.model_max_length), "pad_token": str(tokenizer.pad_token),
+              "pad_id": int(tokenizer.pad_token_id), "bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id}
+    return tokenizer.backend_tokenizer.to_str(), config
+
+
+def token_ids(tokenizer, prompts: list[str]) -> np.ndarray:
+    """The pipeline's own ids: padded to max_length, truncated ([N, max_length] int64)."""
+    enc = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="np")
+    return enc["input_ids"].astype(np.int64)
+
+
+@torch.no_grad()
+def encode_prompts(loaded, prompts: list[str], batch: int = 16) -> np.ndarray:
+    """The context of each prompt ([N, tokens, D] float32), with the torch text encoder."""
+    ids = token_ids(loaded.tokenizer, prompts)
+    out = [loaded.text_encoder(torch.from_numpy(ids[i:i + batch])).float().numpy() for i in range(0, len(ids), batch)]
+    return np.concatenate(out).astype(np.float32)

@@ -1,0 +1,100 @@
+"""A tiny Stable Diffusion 1.x-architecture pipeline with seeded random weights, saved with diffusers'
+``save_pretrained``: CLIP text encoder and tokenizer (a small byte-level BPE vocabulary written here),
+UNet2DConditionModel, AutoencoderKL, DDIM scheduler with Stable Diffusion's config. Nothing is downloaded.
+
+    python -c "from ptqd.models.tiny_sd import write_tiny_sd_pipeline as w; w('tiny-sd')"
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ptqd.models.tiny import seeded_state_dict
+
+# Merges of the tiny BPE vocabulary (CLIP's format: a space between the two parts, "</w>" ends a word).
+TINY_MERGES = ("t h", "th e</w>", "c a", "ca t</w>", "d o", "do g</w>", "o n</w>", "i n</w>", "r e", "re d</w>",
+               "a n", "an d</w>", "o f</w>", "p h", "o t", "ph ot", "phot o</w>")
+
+
+def byte_symbols() -> list[str]:
+    """The 256 byte-level symbols of GPT-2/CLIP BPE, in their order."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_tiny_vocabulary(directory: Path) -> dict[str, int]:
+    """vocab.json + merges.txt of a tiny CLIP tokenizer (every byte, alone and word-final, a few merges)."""
+    chars = byte_symbols()
+    vocab = {c: i for i, c in enumerate(chars)}
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    for m in TINY_MERGES:
+        vocab.setdefault(m.replace(" ", ""), len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(TINY_MERGES) + "\n")
+    return vocab
+
+
+def _seed(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Seeded weights for every float tensor (integer buffers such as position ids stay as they are)."""
+    own = module.state_dict()
+    seeded = seeded_state_dict(module, seed)
+    module.load_state_dict({k: seeded[k] if v.is_floating_point() else v for k, v in own.items()})
+    return module.eval()
+
+
+def write_tiny_sd_pipeline(out: str | Path, seed: int = 0, latent_size: int = 8, context_dim: int = 32) -> Path:
+    """Write the pipeline to ``out``; the UNet's output conv is rescaled to unit-std ε (see
+    ``ptqd.models.tiny.unit_eps_state_dict``), so DDIM trajectories stay where a trained model's do."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out = Path(out)
+    tok_dir = out / ".tiny-vocabulary"
+    vocab = write_tiny_vocabulary(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
+    eos = vocab["<|endoftext|>"]
+    text_encoder = _seed(CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=context_dim, intermediate_size=2 * context_dim, num_attention_heads=4,
+        num_hidden_layers=2, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos,
+        pad_token_id=eos)), seed)
+    unet = _seed(diffusers.UNet2DConditionModel(
+        sample_size=latent_size, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=context_dim, attention_head_dim=8, norm_num_groups=32), seed + 1)
+    vae = _seed(diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), latent_channels=4,
+        sample_size=2 * latent_size, norm_num_groups=32), seed + 2)
+    with torch.no_grad():  # unit-std ε on N(0, 1) latents at t = 500 with a prompt's context
+        ids = torch.from_numpy(tokenizer(["a red cat"], padding="max_length", max_length=77,
+                                         return_tensors="np")["input_ids"].astype(np.int64))
+        ctx = text_encoder(input_ids=ids)[0]
+        x = torch.from_numpy(np.random.RandomState(seed + 3).standard_normal((1, 4, latent_size, latent_size))
+                             .astype(np.float32))
+        std = float(unet(x, torch.tensor([500.0]), encoder_hidden_states=ctx).sample.std())
+        unet.conv_out.weight /= std
+        unet.conv_out.bias /= std
+    scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                        clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    pipe.save_pretrained(out)
+    for f in tok_dir.iterdir():
+        f.unlink()
+    tok_dir.rmdir()
+    return out

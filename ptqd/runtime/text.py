@@ -1,0 +1,61 @@
+"""Prompts -> cross-attention contexts without torch: the bundle's ``tokenizers`` file gives the pipeline's
+token ids (padded to ``max_length`` with its pad token, truncated keeping BOS and EOS), and the exported
+text encoder runs on ONNX Runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ptqd.bundle import layout
+from ptqd.errors import MissingDependencyError, UserError
+
+
+class PromptEncoder:
+    """``encode(prompts) -> [N, tokens, D]`` for a text-to-image bundle."""
+
+    def __init__(self, b, threads: int | None = None):
+        if not (b.has(layout.TEXT_ENCODER_ONNX) and b.has(layout.TOKENIZER_JSON)):
+            raise UserError(f"{b.root} is not a text-to-image bundle (no text encoder): sample it without --prompt")
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise MissingDependencyError("prompts need the tokenizers library: pip install tokenizers") from None
+        from ptqd.engines.onnxruntime import ort_session
+
+        settings = b.read_json(layout.TOKENIZER_CONFIG)
+        self.max_length = int(settings["max_length"])
+        self.tokenizer = Tokenizer.from_str(b.read_bytes(layout.TOKENIZER_JSON).decode())
+        self.tokenizer.enable_truncation(max_length=self.max_length)
+        self.tokenizer.enable_padding(length=self.max_length, pad_id=int(settings["pad_id"]),
+                                      pad_token=str(settings["pad_token"]))
+        self.session = ort_session(b.path(layout.TEXT_ENCODER_ONNX), threads)
+
+    def token_ids(self, prompts: list[str]) -> np.ndarray:
+        """[N, max_length] int64, as the pipeline's own tokenizer gives them."""
+        bad = [p for p in prompts if not isinstance(p, str)]
+        if bad:
+            raise UserError(f"prompts must be text, got {bad[:3]}")
+        return np.array([e.ids for e in self.tokenizer.encode_batch(list(prompts))], dtype=np.int64)
+
+    def encode(self, prompts: list[str], batch: int = 16) -> np.ndarray:
+        ids = self.token_ids(prompts)
+        out = [self.session.run(["context"], {"input_ids": ids[i:i + batch]})[0] for i in range(0, len(ids), batch)]
+        return np.concatenate(out).astype(np.float32)
+
+    def table(self, prompts: list[str], negative_prompt: str = "") -> np.ndarray:
+        """The table sampling indexes: row 0 the negative prompt, rows 1.. the prompts ([1 + N, tokens, D])."""
+        return self.encode([negative_prompt, *prompts])
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt a line; blank lines and lines starting with # are skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--prompts {path}: cannot read it ({e})") from None
+    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise UserError(f"--prompts {path}: no prompts in it (one prompt a line)")
+    return prompts
