@@ -233,7 +233,8 @@ def cmd_compile(args) -> int:
     precisions = tuple(p for p in args.precisions.split(",") if p)
     res = api.compile(args.model, args.out, config=args.config, precisions=precisions, samples=args.samples,
                       steps=args.steps, guidance=args.guidance, margin=args.margin, criterion=args.criterion,
-                      budget=args.budget, force=args.force, device=args.device, preset=args.preset)
+                      budget=args.budget, force=args.force, device=args.device, preset=args.preset,
+                      recipe=args.recipe)
     bo = res["bops"]
     print(f"bundle  {res['bundle']}")
     print(f"plan    {' '.join(res['plan'])}")
@@ -248,7 +249,7 @@ def cmd_calibrate(args) -> int:
 
     rec = api.calibrate(args.bundle, samples=args.samples, steps=args.steps, eta=args.eta, guidance=args.guidance,
                         method=args.method, rounding=args.rounding, buckets=args.buckets, device=args.device,
-                        preset=args.preset)
+                        preset=args.preset, recipe=args.recipe)
     sec = rec["seconds"]
     print(f"calibrated {rec['layers']} layers on {rec['calibration_inputs']} UNet inputs on {rec['device']}, "
           f"preset {rec['preset']} ({sec['total']:.0f} s: observe {sec['observe']:.0f}, H + weights "
@@ -455,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--guidance", type=float, default=3.0, help="CFG scale of calibration and correction (default 3)")
     _plan_args(cp)
     _effort_args(cp)
+    cp.add_argument("--recipe", choices=("default", "ptqd-paper"), default=None,
+                    help="calibration recipe: ptqd-paper = per-tensor weights, nearest rounding, min-max ranges")
     cp.add_argument("--force", action="store_true", help="rerun every stage")
     cp.set_defaults(func=cmd_compile)
 
@@ -494,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method", choices=("mse", "minmax", "percentile"), default="mse",
                    help="activation range choice (default mse: clipping search)")
     c.add_argument("--rounding", choices=("nearest", "gptq"), default="gptq", help="weight rounding (default gptq)")
+    c.add_argument("--recipe", choices=("default", "ptqd-paper"), default=None,
+                   help="replaces --method/--rounding: ptqd-paper = per-tensor weights, nearest rounding, min-max")
     c.add_argument("--buckets", type=int, default=1, help="timestep buckets, each with its own activation scales and engine (default 1)")
     _effort_args(c)
     c.set_defaults(func=cmd_calibrate)
@@ -529,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plan", "--precision", dest="plan", default="fp32",
                    help="fp32, an engine (w8a8, w4a8, w4a4, ort-int8), auto (the bundle's step-aware mixed-precision "
                         "plan) or a plan FILE.json (default fp32)")
-    s.add_argument("--correction", choices=("auto", "on", "off"), default="auto",
+    s.add_argument("--correction", choices=("auto", "on", "conditional", "off"), default="auto",
                    help="PTQD's noise correction and, with --eta > 0, variance schedule calibration (default auto: "
                         "on where fitted)")
     s.add_argument("--out", help="FILE.png (grid) or FILE.npz (arrays)")
@@ -544,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--precisions", default="fp32", help="comma-separated engines, e.g. fp32,ort-int8,w8a8,w4a8,w4a4; "
                                                         "FP32 is always the first row")
     v.add_argument("--features", help="ONNX model image [N,C,H,W] in [-1,1] -> 'features' (+ 'logits') for FD")
-    v.add_argument("--correction", choices=("auto", "on", "off"), default="auto",
+    v.add_argument("--correction", choices=("auto", "on", "conditional", "off"), default="auto",
                    help="apply PTQD's correction to every quantized row (default auto: on where fitted)")
     v.add_argument("--ablation", action="store_true",
                    help="PTQD ablation for --precisions (default w4a8,w4a4,auto): uncorrected, + correlated "

@@ -89,7 +89,8 @@ def _fake_quant_runners(b: Bundle, loaded, precisions, device=None) -> dict:
 @writes_bundle()
 def correct(bundle, samples: int | None = None, holdout: int | None = None, seed: int = 1,
             batch: int | None = None, device: str = "auto", preset: str = "auto",
-            progress: bool | None = None) -> dict[str, Any]:
+            progress: bool | None = None, gate: bool = True, gate_samples: int | None = None,
+            gate_seed: int = 101, gate_ranges: int = 4) -> dict[str, Any]:
     """Fit PTQD's correction (k_t, bias_t[c], σ_q,t) for every calibrated precision; write
     calib/correction.json. Runs the source FP model and each precision's fake-quant model on the
     same x_t along FP trajectories of the calibrated schedule (steps, guidance), seeds distinct from
@@ -133,6 +134,25 @@ def correct(bundle, samples: int | None = None, holdout: int | None = None, seed
         ts, eps, delta = collect(TorchRunner(loaded.unet, dev), quant, facts, table, labels, seed, scfg,
                                  batch=batch, progress=bar)
     fits = {p: fit_precision(eps, delta[p], ts, holdout) for p in precisions}
+    from ptqd.calib.correction import fit_conditional
+
+    for p in precisions:  # the conditional correction (--correction conditional), same data
+        fits[p]["conditional"] = fit_conditional(eps, delta[p], ts, holdout)
+    if gate:  # what --correction auto applies: decided on final samples of held-out seeds (calib/gate.py)
+        from ptqd.api import open_engine
+        from ptqd.calib.gate import gate_engine
+        from ptqd.runtime.correction import CorrectionTable
+
+        built = b.read_json("engines/onnxruntime/build.json") if b.has("engines/onnxruntime/build.json") else {}
+        gl = default_labels(facts, None, gate_samples or 2 * max(pre.plan_samples, 1))
+        fp_eng = open_engine(b, "fp32", allow_spinning=False) if any(p in built for p in precisions) else None
+        for p in [p for p in precisions if p in built]:
+            eng = open_engine(b, p, allow_spinning=False)
+            fits[p]["gate"] = gate_engine(eng, fp_eng, CorrectionTable.from_json(fits[p]), facts, table, gl,
+                                          gate_seed, scfg, ranges=gate_ranges, batch=batch)
+            eng.close()
+        if fp_eng is not None:
+            fp_eng.close()
     summary = {}
     for p, f in fits.items():
         h = [s["holdout"] for s in f["steps"]]
@@ -144,8 +164,13 @@ def correct(bundle, samples: int | None = None, holdout: int | None = None, seed
                       "k_raw_range": [min(s["raw"]["k_raw"] for s in f["steps"]),
                                       max(s["raw"]["k_raw"] for s in f["steps"])],
                       "gates": {g: sum(s["gate"] == g for s in f["steps"]) for g in ("none", "k", "bias", "k+bias")},
-                      "sigma_q_range": [min(s["sigma_q"] for s in f["steps"]), max(s["sigma_q"] for s in f["steps"])]}
+                      "sigma_q_range": [min(s["sigma_q"] for s in f["steps"]), max(s["sigma_q"] for s in f["steps"])],
+                      "eps_mse_conditional_holdout": float(np.mean([s["holdout"]["mse_corrected"]
+                                                                    for s in f["conditional"]["steps"]])),
+                      "applied": [("+".join(s["parts"]) or "none") for s in f["gate"]["steps"]]
+                      if "gate" in f else "no gate (engine not built): nothing applied under --correction auto"}
     record = {"config": {"samples": samples, "holdout": holdout, "seed": seed, "steps": scfg.steps,
+                         "gate": {"samples": gate_samples or 2 * max(pre.plan_samples, 1), "seed": gate_seed, "ranges": gate_ranges} if gate else None,
                          "eta": scfg.eta, "guidance": scfg.guidance, "spacing": scfg.spacing,
                          "model": "fake-quant torch model of each precision (engines match it; see build.json)"},
               "summary": summary, "precisions": fits, "seconds": round(time.perf_counter() - t0, 1),
@@ -169,7 +194,7 @@ def measure_damage(b: Bundle, candidates, reference: str, samples: int = 64, see
     import numpy as np
 
     from ptqd.api import CLASS_EMBEDDING, _sampler_config, default_labels, open_engine
-    from ptqd.runtime.correction import CorrectionTable, Plan, StepEngines
+    from ptqd.runtime.correction import CORRECTION_PARTS, CorrectionTable, Plan, StepEngines
     from ptqd.runtime.pipeline import sample_latents
     from ptqd.runtime.sampler import DDIMSampler
 
@@ -182,7 +207,7 @@ def measure_damage(b: Bundle, candidates, reference: str, samples: int = 64, see
     table = np.load(b.path(CLASS_EMBEDDING)) if b.has(CLASS_EMBEDDING) else None
     labels, idx = default_labels(facts, None, samples), np.arange(samples)
     fitted = b.read_json(CORRECTION_JSON)["precisions"]
-    tables = {p: CorrectionTable.from_json(fitted[p]) for p in candidates if p in fitted}
+    tables = {p: CorrectionTable.from_json(fitted[p], applied=True) for p in candidates if p in fitted}
     runners = {p: open_engine(b, p, allow_spinning=False) for p in ["fp32", *candidates]}
     fp = sample_latents(runners["fp32"], facts, table, labels, idx, seed, cfg)
     states: list[np.ndarray] = []  # the reference trajectory's x before each step
@@ -190,7 +215,7 @@ def measure_damage(b: Bundle, candidates, reference: str, samples: int = 64, see
     def keep(i, t, x, ctx, eps):
         states.append(x.copy())
 
-    ref = StepEngines(runners, Plan(ts, [reference] * len(ts)), tables)
+    ref = StepEngines(runners, Plan(ts, [reference] * len(ts)), tables, CORRECTION_PARTS)
     base = float(np.mean((sample_latents(ref, facts, table, labels, idx, seed, cfg, observe=keep) - fp) ** 2))
     damage = {}
     for p in candidates:
@@ -198,7 +223,8 @@ def measure_damage(b: Bundle, candidates, reference: str, samples: int = 64, see
             continue
         damage[p] = []
         for i in range(len(ts)):
-            eng = StepEngines(runners, Plan(ts, [p if j == i else reference for j in range(len(ts))]), tables)
+            eng = StepEngines(runners, Plan(ts, [p if j == i else reference for j in range(len(ts))]), tables,
+                              CORRECTION_PARTS)
             x0 = sample_latents(eng, facts, table, labels, idx, seed, cfg, start=(i, states[i]))
             damage[p].append(float(np.mean((x0 - fp) ** 2)) - base)
     for r in runners.values():
@@ -289,22 +315,26 @@ def step_engines(b: Bundle, spec: str = "fp32", correction: str | tuple = "auto"
                             f"\"precision\": \"w4a4\"}}, ...]}}") from None
     else:
         pl = Plan.fixed(spec)
-    if correction in ("auto", "on"):
-        use = CORRECTION_PARTS
-    elif correction == "off":
-        use = ()
-    else:
+    from ptqd.runtime.correction import CONDITIONAL_PARTS, PTQD_PARTS
+
+    use = {"auto": CORRECTION_PARTS, "on": PTQD_PARTS, "conditional": CONDITIONAL_PARTS, "off": ()}.get(correction)
+    if use is None:
+        if isinstance(correction, str):
+            raise UserError(f"--correction must be auto, on, conditional or off, got {correction!r}")
         use = tuple(correction)
     tables = {}
     needs = [p for p in pl.precisions if p in CALIBRATED]
     if use and needs:
         if not b.has(CORRECTION_JSON):
-            if correction == "on" or isinstance(correction, tuple):
+            if correction != "auto":
                 raise UserError(f"{b.root} has no fitted correction: run `ptqd correct {b.root}` (or "
                                 "--correction off)")
         else:
             fitted = b.read_json(CORRECTION_JSON)["precisions"]
-            tables = {p: CorrectionTable.from_json(fitted[p]) for p in needs if p in fitted}
+            tables = {p: CorrectionTable.from_json(fitted[p], applied=correction == "auto") for p in needs
+                      if p in fitted}
+            if "cond" in use and correction != "auto" and any(t.a is None for t in tables.values()):
+                raise UserError(f"{b.root} has no conditional correction fit: rerun `ptqd correct {b.root}`")
     cache = {} if cache is None else cache  # precision -> runner, shared by the rows of an eval
     runners = {}
     for p in pl.precisions:
@@ -315,7 +345,8 @@ def step_engines(b: Bundle, spec: str = "fp32", correction: str | tuple = "auto"
         return runners[pl.precisions[0]], pl.precisions[0]
     label = "plan" if spec == "auto" else Path(spec).stem if spec.endswith(".json") else spec
     if tables and use:
-        label += "+" + "+".join(use) if isinstance(correction, tuple) else "+ptqd"
+        label += "+" + "+".join(use) if isinstance(correction, tuple) else \
+            {"auto": "+ptqd", "on": "+ptqd-raw", "conditional": "+cond"}[correction]
     return StepEngines(runners, pl, tables, use), label
 
 
@@ -351,7 +382,8 @@ def _reusable(b: Bundle, stage: str, inputs: tuple[str, ...], **config) -> bool:
 def compile(model, out, config=None, precisions=CALIBRATED, samples: int | None = None, steps: int | None = None,
             guidance: float = 3.0, correction_samples: int | None = None, holdout: int | None = None,
             margin: float = 1.0, criterion: str = "sensitivity", budget: float = 0.9, force: bool = False,
-            device: str = "auto", preset: str = "auto", progress: bool | None = None, log=print) -> dict[str, Any]:
+            device: str = "auto", preset: str = "auto", progress: bool | None = None, log=print,
+            recipe: str | None = None) -> dict[str, Any]:
     """export -> calibrate -> build -> correct -> plan, into one bundle. Resumable: a stage whose
     inputs (the sha256 of the files it reads) and settings are unchanged is reused, so a rerun after an
     interruption, or with a new --margin, redoes only what changed. ``force`` reruns everything.
@@ -405,9 +437,13 @@ def compile(model, out, config=None, precisions=CALIBRATED, samples: int | None 
     correction_samples = pre.correct_samples if correction_samples is None else correction_samples
     holdout = pre.holdout if holdout is None else holdout
     ccfg = {"samples": samples, "steps": steps, "guidance": guidance}
+    if recipe is not None:
+        from ptqd.calib.calibrate import recipe as recipe_options
+
+        ccfg.update(recipe_options(recipe))
     stage("calibrate", _reusable(b, "calibrate", (api.UNET_ONNX, api.UNET_LAYERS), config=ccfg),
           lambda: api.calibrate(out, samples=samples, steps=steps, guidance=guidance, device=device, preset=preset,
-                                progress=progress))
+                                progress=progress, recipe=recipe))
     b = Bundle.open(out)
     built = set((b.stage("build") or {}).get("precisions", []))
     stage("build", _reusable(b, "build", BUILD_INPUTS) and set(precisions) <= built,
