@@ -95,7 +95,11 @@ def correct(bundle, samples: int | None = None, holdout: int | None = None, seed
     calib/correction.json. Runs the source FP model and each precision's fake-quant model on the
     same x_t along FP trajectories of the calibrated schedule (steps, guidance), seeds distinct from
     the calibration's; the last ``holdout`` samples only measure the fit. ``samples``, ``holdout`` and
-    ``batch`` default to the compute ``preset`` (``ptqd.budget``); the torch models run on ``device``."""
+    ``batch`` default to the compute ``preset`` (``ptqd.budget``); the torch models run on ``device``.
+
+    Also fits the conditional correction, and, with ``gate`` and the engines built, decides what
+    ``--correction auto`` applies from final samples of ``gate_samples`` (default 2 x ``samples``)
+    held-out trajectories of seed ``gate_seed`` at η 0 and 1 (``calib.gate``)."""
     import time
 
     import numpy as np
@@ -144,7 +148,7 @@ def correct(bundle, samples: int | None = None, holdout: int | None = None, seed
         from ptqd.runtime.correction import CorrectionTable
 
         built = b.read_json("engines/onnxruntime/build.json") if b.has("engines/onnxruntime/build.json") else {}
-        gl = default_labels(facts, None, gate_samples or 2 * max(pre.plan_samples, 1))
+        gl = default_labels(facts, None, gate_samples or 2 * samples)
         fp_eng = open_engine(b, "fp32", allow_spinning=False) if any(p in built for p in precisions) else None
         for p in [p for p in precisions if p in built]:
             eng = open_engine(b, p, allow_spinning=False)
@@ -166,11 +170,12 @@ def correct(bundle, samples: int | None = None, holdout: int | None = None, seed
                       "gates": {g: sum(s["gate"] == g for s in f["steps"]) for g in ("none", "k", "bias", "k+bias")},
                       "sigma_q_range": [min(s["sigma_q"] for s in f["steps"]), max(s["sigma_q"] for s in f["steps"])],
                       "eps_mse_conditional_holdout": float(np.mean([s["holdout"]["mse_corrected"]
-                                                                    for s in f["conditional"]["steps"]])),
+                                                                    for s in f["conditional"]["steps"]]))
+                      if f["conditional"]["steps"] else None,
                       "applied": [("+".join(s["parts"]) or "none") for s in f["gate"]["steps"]]
                       if "gate" in f else "no gate (engine not built): nothing applied under --correction auto"}
     record = {"config": {"samples": samples, "holdout": holdout, "seed": seed, "steps": scfg.steps,
-                         "gate": {"samples": gate_samples or 2 * max(pre.plan_samples, 1), "seed": gate_seed, "ranges": gate_ranges} if gate else None,
+                         "gate": {"samples": gate_samples or 2 * samples, "seed": gate_seed, "ranges": gate_ranges} if gate else None,
                          "eta": scfg.eta, "guidance": scfg.guidance, "spacing": scfg.spacing,
                          "model": "fake-quant torch model of each precision (engines match it; see build.json)"},
               "summary": summary, "precisions": fits, "seconds": round(time.perf_counter() - t0, 1),
