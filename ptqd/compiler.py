@@ -409,6 +409,9 @@ def compile(model, out, config=None, precisions=CALIBRATED, samples: int | None 
     real("--budget", budget, 0, lo_open=True)
     resolve_device(device)  # refuse a missing GPU before any work
     preset_for(preset)  # and an unknown preset
+    from ptqd.calib.calibrate import recipe as recipe_options
+
+    recipe_options(recipe or "default")  # and an unknown recipe
     out = Path(out)
     done: dict[str, Any] = {}
     costs: dict[str, Any] = {}
@@ -441,11 +444,7 @@ def compile(model, out, config=None, precisions=CALIBRATED, samples: int | None 
     steps = pre.steps if steps is None else steps
     correction_samples = pre.correct_samples if correction_samples is None else correction_samples
     holdout = pre.holdout if holdout is None else holdout
-    ccfg = {"samples": samples, "steps": steps, "guidance": guidance}
-    if recipe is not None:
-        from ptqd.calib.calibrate import recipe as recipe_options
-
-        ccfg.update(recipe_options(recipe))
+    ccfg = {"samples": samples, "steps": steps, "guidance": guidance, **recipe_options(recipe or "default")}
     stage("calibrate", _reusable(b, "calibrate", (api.UNET_ONNX, api.UNET_LAYERS), config=ccfg),
           lambda: api.calibrate(out, samples=samples, steps=steps, guidance=guidance, device=device, preset=preset,
                                 progress=progress, recipe=recipe))
