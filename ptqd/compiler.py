@@ -288,12 +288,44 @@ def plan(bundle, margin: float = 1.0, precisions=None, criterion: str = "sensiti
         rec.update({"budget": budget, "reference": reference, "reference_error": meas["reference_error"],
                     "measurement": {k: meas[k] for k in ("samples", "seed")}})
     rec["criterion_name"] = criterion
+    rec["correction_gate"] = _gate_plan(b, rec)
     with Bundle.transaction(b.root) as w:
         w.write_json(PLAN_JSON, rec)
         w.set_stage("plan", {"margin": margin, "criterion": criterion, "budget": budget, "reference": reference,
                              "precisions": cands, "inputs": digest(b, (CORRECTION_JSON, "engines/onnxruntime/build.json")),
                              "plan": [s["precision"] for s in rec["steps"]]})
     return rec
+
+
+def _gate_plan(b: Bundle, rec: dict) -> dict:
+    """Does the plan with each precision's gated correction beat the plan uncorrected on the gate's
+    held-out samples (``calib.gate.gate_plan``)? If not, ``--plan auto --correction auto`` runs it
+    uncorrected."""
+    import numpy as np
+
+    from ptqd.api import CLASS_EMBEDDING, _sampler_config, default_labels, open_engine
+    from ptqd.calib.gate import gate_plan
+    from ptqd.runtime.correction import CORRECTION_PARTS, CorrectionTable, Plan, StepEngines
+
+    corr = b.read_json(CORRECTION_JSON)
+    g = corr.get("config", {}).get("gate")
+    pl = Plan.from_json(rec)
+    fitted = corr["precisions"]
+    tables = {p: CorrectionTable.from_json(fitted[p], applied=True) for p in pl.precisions if p in fitted}
+    used = any(tables[p].parts[list(tables[p].t).index(t)] for t, p in zip(pl.t, pl.precision)
+               if p in tables and t in tables[p].t)
+    if not g or not used:
+        return {"helps": bool(used), "note": "no gate record" if not g else "the gated parts never run in this plan"}
+    c = b.stage("calibrate")["config"]
+    cfg = _sampler_config(b.facts, c["steps"], 0.0, c["guidance"])
+    emb = np.load(b.path(CLASS_EMBEDDING)) if b.has(CLASS_EMBEDDING) else None
+    runners = {p: open_engine(b, p, allow_spinning=False) for p in ["fp32", *pl.precisions]}
+    try:
+        return gate_plan(StepEngines(runners, pl, tables, CORRECTION_PARTS), StepEngines(runners, pl, {}, ()),
+                         runners["fp32"], b.facts, emb, default_labels(b.facts, None, g["samples"]), g["seed"], cfg)
+    finally:
+        for r in runners.values():
+            r.close()
 
 
 def step_engines(b: Bundle, spec: str = "fp32", correction: str | tuple = "auto", threads: int | None = None,
@@ -338,6 +370,10 @@ def step_engines(b: Bundle, spec: str = "fp32", correction: str | tuple = "auto"
             fitted = b.read_json(CORRECTION_JSON)["precisions"]
             tables = {p: CorrectionTable.from_json(fitted[p], applied=correction == "auto") for p in needs
                       if p in fitted}
+            if spec == "auto" and correction == "auto" and \
+                    not b.read_json(PLAN_JSON).get("correction_gate", {}).get("helps", True):
+                for t in tables.values():  # the plan's gate: corrected was not better than uncorrected
+                    t.parts = [()] * len(t.t)
             if "cond" in use and correction != "auto" and any(t.a is None for t in tables.values()):
                 raise UserError(f"{b.root} has no conditional correction fit: rerun `ptqd correct {b.root}`")
     cache = {} if cache is None else cache  # precision -> runner, shared by the rows of an eval
