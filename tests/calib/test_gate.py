@@ -170,3 +170,22 @@ def test_runtime_correction_stays_torch_free():
             "ptqd.calib.gate, ptqd.calib.correction; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_plan_check_says_whether_the_corrected_plan_beats_the_uncorrected_one():
+    from ptqd.calib.gate import gate_plan
+    from ptqd.runtime.sampler import SamplerConfig
+
+    def fp(x, t, ctx):
+        return (0.5 * x).astype(np.float32)
+
+    def close(x, t, ctx):
+        return (0.5 * x + 0.01).astype(np.float32)
+
+    def far(x, t, ctx):
+        return (0.5 * x + 0.2).astype(np.float32)
+
+    cfg = SamplerConfig(steps=4, guidance=1.0)
+    args = (fp, _facts(), None, np.zeros(16, int), 101, cfg)
+    assert gate_plan(close, far, *args)["helps"]
+    assert not gate_plan(far, close, *args)["helps"]
