@@ -175,40 +175,32 @@ def gate_engine(runner, fp_runner, table, facts, class_embedding, labels, seed: 
     if table.a is None:
         candidates = tuple(c for c in candidates if "cond" not in c)
 
-    def run(engine, eta, start, observe):
+    def run(engine, eta, start=None, observe=None):
+        """Final latents in batches; ``observe(i, x)`` gets the whole set's latents before step i."""
         c = dataclasses.replace(cfg, eta=eta)
-        out = []
+        out, seen = [], {}
         for s0 in range(0, len(labels), batch):
             idx = np.arange(s0, min(len(labels), s0 + batch))
             st = None if start is None else (start[0], start[1][idx])
-            ob = None
-            if observe is not None:
-                got: dict = {}
-                ob = (lambda g: (lambda i, t, x, ctx, e: g.setdefault(i, x.copy())))(got)
-            out.append(sample_latents(engine, facts, class_embedding, labels[idx], idx, seed, c, observe=ob, start=st))
-            if observe is not None:
-                for i, x in got.items():
-                    observe.parts.setdefault(i, []).append(x)
+
+            def keep(i, t, x, ctx, e):
+                seen.setdefault(i, []).append(x.copy())
+
+            out.append(sample_latents(engine, facts, class_embedding, labels[idx], idx, seed, c,
+                                      observe=keep if observe is not None else None, start=st))
         if observe is not None:
-            for i, xs in observe.parts.items():
+            for i, xs in seen.items():
                 observe(i, np.concatenate(xs))
         return np.concatenate(out)
-
-    class _Obs:
-        def __init__(self, fn):
-            self.fn, self.parts = fn, {}
-
-        def __call__(self, i, x):
-            self.fn(i, x)
 
     def sample(config, eta, start, observe):
         parts = {t: p for t, p in zip(ts, config)}
         table.parts = [parts.get(int(t), ()) for t in table.t]
         eng = StepEngines({"q": runner}, Plan.fixed("q"), {"q": table}, use=("k", "bias", "vsc", "cond"))
-        return run(eng, eta, start, _Obs(observe))
+        return run(eng, eta, start, observe)
 
     def reference(eta):
-        return run(fp_runner, eta, None, None)
+        return run(fp_runner, eta)
 
     fn = ResumedError(sample, reference, [r[0] for r in rs])
     try:
