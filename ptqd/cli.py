@@ -536,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "plan) or a plan FILE.json (default fp32)")
     s.add_argument("--correction", choices=("auto", "on", "conditional", "off"), default="auto",
                    help="PTQD's noise correction and, with --eta > 0, variance schedule calibration (default auto: "
-                        "on where fitted)")
+                        "the parts the end-to-end gate kept; on: the raw fit; conditional: E[error | eps_q] removed)")
     s.add_argument("--out", help="FILE.png (grid) or FILE.npz (arrays)")
     s.add_argument("--batch", type=int, default=64, help="samples per engine call (default 64)")
     s.set_defaults(func=cmd_sample)
@@ -550,7 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "FP32 is always the first row")
     v.add_argument("--features", help="ONNX model image [N,C,H,W] in [-1,1] -> 'features' (+ 'logits') for FD")
     v.add_argument("--correction", choices=("auto", "on", "conditional", "off"), default="auto",
-                   help="apply PTQD's correction to every quantized row (default auto: on where fitted)")
+                   help="apply PTQD's correction to every quantized row (default auto: the parts the end-to-end "
+                        "gate kept)")
     v.add_argument("--ablation", action="store_true",
                    help="PTQD ablation for --precisions (default w4a8,w4a4,auto): uncorrected, + correlated "
                         "correction, + bias at eta 0; uncorrected, + k + bias, + VSC at eta 1")

@@ -175,7 +175,8 @@ def correct(bundle, samples: int | None = None, holdout: int | None = None, seed
                       "applied": [("+".join(s["parts"]) or "none") for s in f["gate"]["steps"]]
                       if "gate" in f else "no gate (engine not built): nothing applied under --correction auto"}
     record = {"config": {"samples": samples, "holdout": holdout, "seed": seed, "steps": scfg.steps,
-                         "gate": {"samples": gate_samples or 2 * samples, "seed": gate_seed, "ranges": gate_ranges} if gate else None,
+                         "gate": {"samples": gate_samples or 2 * samples, "seed": gate_seed, "ranges": gate_ranges}
+                         if gate else None,
                          "eta": scfg.eta, "guidance": scfg.guidance, "spacing": scfg.spacing,
                          "model": "fake-quant torch model of each precision (engines match it; see build.json)"},
               "summary": summary, "precisions": fits, "seconds": round(time.perf_counter() - t0, 1),

@@ -30,7 +30,8 @@ costs the steps from r to the end, not a full run: on the demo (20 steps, 4 rang
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from itertools import pairwise
 
 import numpy as np
 
@@ -49,10 +50,10 @@ def step_ranges(steps: int, ranges: int) -> list[tuple[int, int]]:
     """``ranges`` contiguous [start, stop) step ranges of (nearly) equal length."""
     ranges = max(1, min(int(ranges), steps))
     cuts = np.linspace(0, steps, ranges + 1).round().astype(int)
-    return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    return [(int(a), int(b)) for a, b in pairwise(cuts) if b > a]
 
 
-def compare(error, new, old, etas, z: float = None) -> dict:
+def compare(error, new, old, etas, z: float | None = None) -> dict:
     """Paired comparison of two configs: ``delta`` = mean over samples of the per-sample error
     difference new − old averaged over ``etas``, its standard error, the mean per η, and ``helps``:
     delta < −z·se and no η with a positive mean."""
@@ -117,7 +118,7 @@ def gate(error: ErrorFn, steps: int, ranges: list[tuple[int, int]],
         parts = list(off)
     return {"parts": [tuple(p) for p in parts], "ranges": evidence, "vsc": vsc_rows, "final": check,
             "reference_error": {f"eta{eta:g}": float(err(off, eta).mean()) for eta in etas},
-            "samples": int(len(err(off, etas[0]))), "z": z}
+            "samples": len(err(off, etas[0])), "z": z}
 
 
 class ResumedError:
@@ -240,5 +241,5 @@ def gate_plan(engines_on, engines_off, fp_runner, facts, class_embedding, labels
         return d.reshape(len(d), -1).mean(1)
 
     rec = compare(error, "on", "off", etas, z)
-    rec.update({"samples": int(len(labels)), "seed": seed, "etas": list(etas)})
+    rec.update({"samples": len(labels), "seed": seed, "etas": list(etas)})
     return rec

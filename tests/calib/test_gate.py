@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from ptqd.calib.correction import conditional_error, fit_conditional, fit_conditional_step, fit_precision
+from ptqd.calib.correction import conditional_error, fit_conditional, fit_conditional_step
 from ptqd.calib.gate import ResumedError, gate, gate_engine, step_ranges
 from ptqd.facts import NoiseSchedule
 from ptqd.runtime.correction import CorrectionTable, Plan, StepCorrection, StepEngines
@@ -155,7 +155,7 @@ def test_paper_recipe_gives_per_tensor_weight_scales():
     w = np.random.RandomState(0).randn(6, 20).astype(np.float32) * np.arange(1, 7)[:, None]
     r = recipe("ptqd-paper")
     assert r == {"method": "minmax", "rounding": "nearest", "weights": "tensor"}
-    q, s, _ = round_layer(w, None, [4], r["method"], r["rounding"], torch.device("cpu"), r["weights"])[4]
+    _, s, _ = round_layer(w, None, [4], r["method"], r["rounding"], torch.device("cpu"), r["weights"])[4]
     assert np.all(s == s[0]) and s[0] == pytest.approx(np.abs(w).max() / 7)
     _, sc, _ = round_layer(w, None, [4], "minmax", "nearest", torch.device("cpu"))[4]
     assert len(set(sc.tolist())) == 6  # the default stays per channel
