@@ -194,6 +194,7 @@ def _fake_correction_fit(monkeypatch):
     monkeypatch.setattr(correct_stage, "fake_quant_runners", lambda *a, **k: {})
     monkeypatch.setattr(corr, "collect", lambda *a, **k: (None, None, {"w8a8": None}))
     monkeypatch.setattr(corr, "fit_precision", lambda *a, **k: {"steps": [dict(step)]})
+    monkeypatch.setattr(corr, "fit_conditional", lambda *a, **k: {"steps": []})
 
 
 def test_3_interrupted_correct_keeps_the_plan(cin, monkeypatch):

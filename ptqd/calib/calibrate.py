@@ -43,6 +43,7 @@ class CalibConfig:
     method: str = "mse"  # activation range: mse | minmax | percentile
     rounding: str = "gptq"  # weights: nearest | gptq
     buckets: int = 1
+    weights: str = "channel"  # weight scales: channel (per output channel) | tensor (one per layer)
     batch: int = 32  # trajectories observed at once (activation memory)
     reduce_range: bool = True  # 8-bit weights on ±63 (exact on AVX2 u8s8 kernels); 4-bit weights unaffected
     keep_fp: tuple[str, ...] = DEFAULT_KEEP_FP
@@ -53,6 +54,8 @@ class CalibConfig:
             raise UserError(f"--method must be mse, minmax or percentile, got {self.method!r}")
         if self.rounding not in ("nearest", "gptq"):
             raise UserError(f"--rounding must be nearest or gptq, got {self.rounding!r}")
+        if self.weights not in ("channel", "tensor"):
+            raise UserError(f"weight scales must be per channel or per tensor, got {self.weights!r}")
         if self.samples < 1 or self.seeds < 1 or self.batch < 1:
             raise UserError("--samples must be >= 1")
         if not 1 <= self.steps <= 1000:
@@ -62,6 +65,22 @@ class CalibConfig:
         bad = [p for p in self.precisions if p not in PRECISIONS]
         if bad:
             raise UserError(f"unknown precision(s) {bad}; ptqd calibrates {', '.join(PRECISIONS)}")
+
+
+RECIPES = {
+    # ptqd's own: MSE ranges, GPTQ, per-channel weights (the best measured; MEASURED.md)
+    "default": {"method": "mse", "rounding": "gptq", "weights": "channel"},
+    # close to the PTQD paper's base quantizer: per-tensor weights, nearest rounding, min-max ranges.
+    # Its quantization error is correlated with eps, the condition PTQD's k_t correction relies on.
+    "ptqd-paper": {"method": "minmax", "rounding": "nearest", "weights": "tensor"},
+}
+
+
+def recipe(name: str) -> dict:
+    """The calibration options of a named recipe (--recipe); UserError for an unknown name."""
+    if name not in RECIPES:
+        raise UserError(f"--recipe must be one of {', '.join(RECIPES)}, got {name!r}")
+    return dict(RECIPES[name])
 
 
 def select_layers(rows: list[dict], keep_fp=DEFAULT_KEEP_FP) -> list[dict]:
@@ -116,7 +135,8 @@ def quantize_weights(loaded, selected: list[dict], rec, cfg: CalibConfig, device
         for r in group:
             w2d, _ = _weight2d(unet.get_submodule(r["module"]))
             h = H.pop(r["name"], None)
-            for gb, res in round_layer(w2d, h, grids[r["name"]], cfg.method, cfg.rounding, device).items():
+            for gb, res in round_layer(w2d, h, grids[r["name"]], cfg.method, cfg.rounding, device,
+                                         cfg.weights).items():
                 out[(gb, r["name"])] = res
             del h
             if progress is not None:
@@ -125,7 +145,8 @@ def quantize_weights(loaded, selected: list[dict], rec, cfg: CalibConfig, device
     for r in selected:  # never ran along the trajectories (no inputs seen): nearest rounding, no error report
         if r["name"] not in rank:
             w2d, _ = _weight2d(unet.get_submodule(r["module"]))
-            for gb, res in round_layer(w2d, None, grids[r["name"]], cfg.method, "nearest", device).items():
+            for gb, res in round_layer(w2d, None, grids[r["name"]], cfg.method, "nearest", device,
+                                         cfg.weights).items():
                 out[(gb, r["name"])] = res
     return out
 

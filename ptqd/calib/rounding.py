@@ -141,7 +141,15 @@ def gptq(w, H, scales, qmax, damp: float = 0.01, block: int = 128):
     return Q
 
 
-def round_layer(w2d: np.ndarray, H, grids: list[int], method: str, rounding: str, device) -> dict:
+def per_tensor_scales(w, qmax: int, method: str = "mse"):
+    """One symmetric scale for the whole tensor, repeated per output channel [C] (per-channel
+    storage with equal scales: the engines' per-channel path, per-tensor numerics)."""
+    s = weight_scales(w.reshape(1, -1), qmax, method)
+    return s.expand(w.shape[0]).contiguous()
+
+
+def round_layer(w2d: np.ndarray, H, grids: list[int], method: str, rounding: str, device,
+                weights: str = "channel") -> dict:
     """{grid bits: (integer weights [C, K] int8, scales [C] float32, {"nearest": err, "gptq": err})} for one
     layer on each weight grid in ``grids``.
 
@@ -152,7 +160,8 @@ def round_layer(w2d: np.ndarray, H, grids: list[int], method: str, rounding: str
 
     w = torch.from_numpy(np.ascontiguousarray(w2d, np.float32)).to(device)
     qmaxes = [2 ** (g - 1) - 1 for g in grids]
-    scales = [weight_scales(w, qm, "minmax" if method == "minmax" else "mse") for qm in qmaxes]
+    scale_fn = per_tensor_scales if weights == "tensor" else weight_scales
+    scales = [scale_fn(w, qm, "minmax" if method == "minmax" else "mse") for qm in qmaxes]
     near = [quantize_nearest(w, s, qm) for s, qm in zip(scales, qmaxes)]
     errors: list[dict] = [{} for _ in grids]
     chosen = list(near)

@@ -203,7 +203,7 @@ def cmd_compile(args) -> int:
     res = api.compile(args.model, args.out, config=args.config, precisions=precisions, samples=args.samples,
                       steps=args.steps, guidance=args.guidance, margin=args.margin, criterion=args.criterion,
                       budget=args.budget, force=args.force, device=args.device, preset=args.preset,
-                      prompts=args.prompts)
+                      prompts=args.prompts, recipe=args.recipe)
     bo = res["bops"]
     print(f"bundle  {res['bundle']}")
     print(f"plan    {' '.join(res['plan'])}")
@@ -218,7 +218,7 @@ def cmd_calibrate(args) -> int:
 
     rec = api.calibrate(args.bundle, samples=args.samples, steps=args.steps, eta=args.eta, guidance=args.guidance,
                         method=args.method, rounding=args.rounding, buckets=args.buckets, device=args.device,
-                        preset=args.preset)
+                        preset=args.preset, recipe=args.recipe)
     sec = rec["seconds"]
     print(f"calibrated {rec['layers']} layers on {rec['calibration_inputs']} UNet inputs on {rec['device']}, "
           f"preset {rec['preset']} ({sec['total']:.0f} s: observe {sec['observe']:.0f}, H + weights "

@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     _effort_args(cp)
     cp.add_argument("--prompts", help="text-to-image models: calibration prompts, one a line (default: a built-in "
                                       "list of 8)")
+    cp.add_argument("--recipe", choices=("default", "ptqd-paper"), default=None,
+                    help="calibration recipe: ptqd-paper = per-tensor weights, nearest rounding, min-max ranges")
     cp.add_argument("--force", action="store_true", help="rerun every stage")
     cp.set_defaults(func=cmd_compile)
 
@@ -147,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method", choices=("mse", "minmax", "percentile"), default="mse",
                    help="activation range choice (default mse: clipping search)")
     c.add_argument("--rounding", choices=("nearest", "gptq"), default="gptq", help="weight rounding (default gptq)")
+    c.add_argument("--recipe", choices=("default", "ptqd-paper"), default=None,
+                   help="replaces --method/--rounding: ptqd-paper = per-tensor weights, nearest rounding, min-max")
     c.add_argument("--buckets", type=int, default=1, help="timestep buckets, each with its own activation scales and engine (default 1)")
     _effort_args(c)
     c.set_defaults(func=cmd_calibrate)
@@ -186,9 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plan", "--precision", dest="plan", default="fp32",
                    help="fp32, an engine (w8a8, w4a8, w4a4, ort-int8), auto (the bundle's step-aware mixed-precision "
                         "plan) or a plan FILE.json (default fp32)")
-    s.add_argument("--correction", choices=("auto", "on", "off"), default="auto",
+    s.add_argument("--correction", choices=("auto", "on", "conditional", "off"), default="auto",
                    help="PTQD's noise correction and, with --eta > 0, variance schedule calibration (default auto: "
-                        "on where fitted)")
+                        "the parts the end-to-end gate kept; on: the raw fit; conditional: E[error | eps_q] removed)")
     s.add_argument("--out", help="FILE.png (grid) or FILE.npz (arrays)")
     s.add_argument("--batch", type=int, default=64, help="samples per engine call (default 64)")
     s.set_defaults(func=cmd_sample)
@@ -201,8 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--precisions", default="fp32", help="comma-separated engines, e.g. fp32,ort-int8,w8a8,w4a8,w4a4; "
                                                         "FP32 is always the first row")
     v.add_argument("--features", help="ONNX model image [N,C,H,W] in [-1,1] -> 'features' (+ 'logits') for FD")
-    v.add_argument("--correction", choices=("auto", "on", "off"), default="auto",
-                   help="apply PTQD's correction to every quantized row (default auto: on where fitted)")
+    v.add_argument("--correction", choices=("auto", "on", "conditional", "off"), default="auto",
+                   help="apply PTQD's correction to every quantized row (default auto: the parts the end-to-end "
+                        "gate kept)")
     v.add_argument("--ablation", action="store_true",
                    help="PTQD ablation for --precisions (default w4a8,w4a4,auto): uncorrected, + correlated "
                         "correction, + bias at eta 0; uncorrected, + k + bias, + VSC at eta 1")

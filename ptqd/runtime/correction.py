@@ -16,6 +16,16 @@ step index (they describe the engine at that noise level), so they are interpola
 in t between calibrated timesteps and held constant beyond the calibrated range. A plan is
 likewise a precision per t: a timestep between calibrated ones takes the precision of the
 nearest calibrated timestep (the higher precision on a tie).
+
+Which coefficients and parts (``StepEngines.use``; ``CorrectionTable.from_json(rec, applied=...)``):
+
+  raw fit      ``--correction on`` (k, bias, VSC) and explicit parts: the fit as it came out
+  conditional  part ``cond``: per channel ε̂ = ε_q − a_c·ε_q − b_c, the conditional mean of the
+               error given ε_q removed (``calib.correction.fit_conditional``); replaces k and bias,
+               its residual std σ_c,t is what VSC counts
+  applied      ``--correction auto``: only the parts the end-to-end gate kept at each step
+               (``calib.gate``; ``gate.steps[i].parts`` in correction.json), nothing where there is
+               no gate record
 """
 
 from __future__ import annotations
@@ -25,7 +35,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-CORRECTION_PARTS = ("k", "bias", "vsc")
+CORRECTION_PARTS = ("k", "bias", "vsc", "cond")
+PTQD_PARTS = ("k", "bias", "vsc")  # --correction on
+CONDITIONAL_PARTS = ("cond", "vsc")  # --correction conditional
 
 
 @dataclass(frozen=True)
@@ -33,16 +45,25 @@ class StepCorrection:
     k: float
     bias: np.ndarray  # [C]
     sigma_q: float
+    a: np.ndarray | None = None  # [C] conditional slope on eps_q (None: not fitted)
+    b: np.ndarray | None = None  # [C] conditional intercept
+    sigma_c: float = 0.0  # residual std under the conditional correction
+    parts: tuple[str, ...] | None = None  # the gate's parts at this step (None: no restriction)
 
-    def apply(self, eps_q: np.ndarray, use_k: bool = True, use_bias: bool = True) -> np.ndarray:
+    def apply(self, eps_q: np.ndarray, use_k: bool = True, use_bias: bool = True, use_cond: bool = False) -> np.ndarray:
         e = eps_q
+        if use_cond and self.a is not None:
+            shape = (1, -1) + (1,) * (eps_q.ndim - 2)
+            return (e - self.a.reshape(shape).astype(np.float32) * e - self.b.reshape(shape).astype(np.float32))
         if use_bias:
             e = e - self.bias.reshape((1, -1) + (1,) * (eps_q.ndim - 2)).astype(np.float32)
         if use_k:
             e = e / np.float32(1.0 + self.k)
         return e
 
-    def residual_std(self, use_k: bool = True) -> float:
+    def residual_std(self, use_k: bool = True, use_cond: bool = False) -> float:
+        if use_cond and self.a is not None:
+            return self.sigma_c
         return self.sigma_q / (1.0 + self.k) if use_k else self.sigma_q
 
 
@@ -54,19 +75,49 @@ class CorrectionTable:
     k: np.ndarray  # [S]
     bias: np.ndarray  # [S, C]
     sigma_q: np.ndarray  # [S]
+    a: np.ndarray | None = None  # [S, C] conditional correction, when fitted
+    b: np.ndarray | None = None  # [S, C]
+    sigma_c: np.ndarray | None = None  # [S]
+    parts: list[tuple[str, ...]] | None = None  # [S] the gate's parts per step; None: no restriction
 
     @classmethod
-    def from_json(cls, rec: dict) -> "CorrectionTable":
+    def from_json(cls, rec: dict, applied: bool = False) -> "CorrectionTable":
+        """One precision's record of correction.json. The raw fit (``steps[i].raw`` when present: the
+        per-step held-out ε gate's choice stays in ``k``/``bias`` as a record only), the conditional
+        fit when there is one, and with ``applied`` the gate's parts per step (none without a gate)."""
         steps = sorted(rec["steps"], key=lambda s: s["t"])
-        return cls(np.array([s["t"] for s in steps], np.float64), np.array([s["k"] for s in steps], np.float64),
-                   np.array([s["bias"] for s in steps], np.float64), np.array([s["sigma_q"] for s in steps], np.float64))
+        raw = [s.get("raw", s) for s in steps]
+        tab = cls(np.array([s["t"] for s in steps], np.float64), np.array([r["k"] for r in raw], np.float64),
+                  np.array([r["bias"] for r in raw], np.float64), np.array([r["sigma_q"] for r in raw], np.float64))
+        cond = rec.get("conditional")
+        if cond:
+            cs = {int(c["t"]): c for c in cond["steps"]}
+            if set(cs) == {int(t) for t in tab.t}:
+                rows = [cs[int(t)] for t in tab.t]
+                tab.a = np.array([c["a"] for c in rows], np.float64)
+                tab.b = np.array([c["b"] for c in rows], np.float64)
+                tab.sigma_c = np.array([c["sigma_q"] for c in rows], np.float64)
+        if applied:
+            gs = {int(g["t"]): tuple(g["parts"]) for g in (rec.get("gate") or {}).get("steps", [])}
+            tab.parts = [gs.get(int(t), ()) for t in tab.t]
+        return tab
 
     def at(self, t: float) -> StepCorrection:
-        """Coefficients at t: exact at calibrated timesteps, linear in t between, held beyond."""
+        """Coefficients at t: exact at calibrated timesteps, linear in t between, held beyond; the
+        gate's parts of the nearest calibrated timestep."""
         k = float(np.interp(t, self.t, self.k))
         sq = float(np.interp(t, self.t, self.sigma_q))
         bias = np.array([np.interp(t, self.t, self.bias[:, c]) for c in range(self.bias.shape[1])])
-        return StepCorrection(k, bias, sq)
+        a = b = None
+        sc = 0.0
+        if self.a is not None:
+            a = np.array([np.interp(t, self.t, self.a[:, c]) for c in range(self.a.shape[1])])
+            b = np.array([np.interp(t, self.t, self.b[:, c]) for c in range(self.b.shape[1])])
+            sc = float(np.interp(t, self.t, self.sigma_c))
+        parts = None
+        if self.parts is not None:
+            parts = self.parts[int(np.argmin(np.abs(self.t - t)))]
+        return StepCorrection(k, bias, sq, a, b, sc, parts)
 
 
 @dataclass
@@ -115,7 +166,7 @@ class StepEngines:
     is a dictionary lookup, never a reload) and, optionally, its PTQD correction."""
 
     def __init__(self, runners: dict, plan: Plan, corrections: dict[str, CorrectionTable] | None = None,
-                 use: tuple[str, ...] = CORRECTION_PARTS):
+                 use: tuple[str, ...] = PTQD_PARTS):
         missing = [p for p in plan.precisions if p not in runners]
         if missing:
             raise ValueError(f"plan needs engines {missing}; loaded: {sorted(runners)}")
@@ -140,13 +191,21 @@ class StepEngines:
         corr = table.at(t) if table is not None and self.use else None
         return self.runners[p], corr
 
-    def correct(self, eps_q: np.ndarray, corr: StepCorrection | None) -> np.ndarray:
+    def parts(self, corr: StepCorrection | None) -> tuple[str, ...]:
+        """The parts applied at a step: ``use``, restricted to the gate's choice where the table has one."""
         if corr is None:
+            return ()
+        return tuple(u for u in self.use if corr.parts is None or u in corr.parts)
+
+    def correct(self, eps_q: np.ndarray, corr: StepCorrection | None) -> np.ndarray:
+        use = self.parts(corr)
+        if not use:
             return eps_q
-        return corr.apply(eps_q, use_k="k" in self.use, use_bias="bias" in self.use)
+        return corr.apply(eps_q, use_k="k" in use, use_bias="bias" in use, use_cond="cond" in use)
 
     def residual_std(self, corr: StepCorrection | None) -> float:
-        return corr.residual_std("k" in self.use) if corr is not None and "vsc" in self.use else 0.0
+        use = self.parts(corr)
+        return corr.residual_std("k" in use, "cond" in use) if "vsc" in use else 0.0
 
     def close(self) -> None:
         for r in self.runners.values():

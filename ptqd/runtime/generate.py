@@ -24,13 +24,14 @@ def sample(bundle, classes=None, num: int = 16, seed: int = 0, steps: int = 20, 
     prompt index). A text-to-image bundle without ``prompts`` samples its calibration prompts.
 
     ``precision``: ``fp32``, an engine (``w8a8``, ...), ``auto`` (the bundle's mixed-precision plan) or
-    a plan FILE.json. ``correction``: PTQD's correction and VSC, ``auto`` (on where fitted), ``on``, ``off``.
+    a plan FILE.json. ``correction``: ``auto`` (what the end-to-end gate kept), ``on`` (PTQD's raw fit and
+    VSC), ``conditional``, ``off``.
     ``out``: ``FILE.png`` writes a grid, ``FILE.npz`` writes ``images`` and ``labels``. Sample i's noise
     depends only on (seed, i): the same seed pairs samples across engines.
     """
     sampling_counts(num=num, batch=batch, seed=seed)  # every option is checked before any work
     if correction not in CORRECTION_MODES:
-        raise UserError(f"--correction must be auto, on or off, got {correction!r}")
+        raise UserError(f"--correction must be auto, on, conditional or off, got {correction!r}")
     if out is not None and Path(out).suffix not in (".png", ".npz"):
         raise UserError(f"--out {out}: expected a .png (grid) or .npz (arrays) file")
     if out is not None:

@@ -11,10 +11,13 @@ import numpy as np
 from ptqd.bundle import layout
 from ptqd.errors import UserError
 from ptqd.precision import CALIBRATED_NAMES
-from ptqd.runtime.correction import CORRECTION_PARTS, CorrectionTable, Plan, StepEngines
+from ptqd.runtime.correction import CONDITIONAL_PARTS, CORRECTION_PARTS, PTQD_PARTS, CorrectionTable, Plan, StepEngines
 from ptqd.runtime.sampler import SamplerConfig
 
-CORRECTION_MODES = ("auto", "on", "off")
+# auto: what the end-to-end gate kept (calib/gate.py); on: PTQD's raw fit and VSC; conditional: E[Δ | ε_q]
+CORRECTION_MODES = ("auto", "on", "conditional", "off")
+MODE_PARTS = {"auto": CORRECTION_PARTS, "on": PTQD_PARTS, "conditional": CONDITIONAL_PARTS, "off": ()}
+MODE_LABELS = {"auto": "+ptqd", "on": "+ptqd-raw", "conditional": "+cond"}
 
 
 def sampler_config(facts, steps: int, eta: float, guidance: float) -> SamplerConfig:
@@ -119,10 +122,11 @@ def load_plan(b, spec: str) -> Plan:
 
 
 def correction_parts(correction: str | tuple) -> tuple[str, ...]:
-    if correction in ("auto", "on"):
-        return CORRECTION_PARTS
-    if correction == "off":
-        return ()
+    """The parts a ``--correction`` mode (or an explicit tuple of parts) may apply."""
+    if isinstance(correction, str):
+        if correction not in MODE_PARTS:
+            raise UserError(f"--correction must be {', '.join(CORRECTION_MODES[:-1])} or off, got {correction!r}")
+        return MODE_PARTS[correction]
     return tuple(correction)
 
 
@@ -130,21 +134,29 @@ def step_engines(b, spec: str = "fp32", correction: str | tuple = "auto", thread
                  cache: dict | None = None):
     """The runtime for a plan spec: ``auto`` (calib/plan.json), a precision, or a plan FILE.
 
-    ``correction``: "auto" (on where fitted), "on" (error when not fitted), "off", or a tuple of parts
-    ("k", "bias", "vsc"). Returns (engine for sample_latents, label). FP32 without correction is a
-    plain runner."""
+    ``correction``: "auto" (the parts the end-to-end gate kept; nothing where it kept none or nothing was
+    fitted), "on" (PTQD's raw fit), "conditional", "off", or a tuple of parts ("k", "bias", "vsc", "cond");
+    every mode but auto and off needs a fit. Returns (engine for sample_latents, label). FP32 without
+    correction is a plain runner."""
     pl = load_plan(b, spec)
     use = correction_parts(correction)
     tables = {}
     needs = [p for p in pl.precisions if p in CALIBRATED_NAMES]
     if use and needs:
         if not b.has(layout.CORRECTION_JSON):
-            if correction == "on" or isinstance(correction, tuple):
+            if correction != "auto":
                 raise UserError(f"{b.root} has no fitted correction: run `ptqd correct {b.root}` (or "
                                 "--correction off)")
         else:
             fitted = b.read_json(layout.CORRECTION_JSON)["precisions"]
-            tables = {p: CorrectionTable.from_json(fitted[p]) for p in needs if p in fitted}
+            tables = {p: CorrectionTable.from_json(fitted[p], applied=correction == "auto") for p in needs
+                      if p in fitted}
+            if spec == "auto" and correction == "auto" and \
+                    not b.read_json(layout.PLAN_JSON).get("correction_gate", {}).get("helps", True):
+                for t in tables.values():  # the plan's gate: corrected was not better than uncorrected
+                    t.parts = [()] * len(t.t)
+            if "cond" in use and correction != "auto" and any(t.a is None for t in tables.values()):
+                raise UserError(f"{b.root} has no conditional correction fit: rerun `ptqd correct {b.root}`")
     cache = {} if cache is None else cache  # precision -> runner, shared by the rows of an eval
     runners = {}
     for p in pl.precisions:
@@ -155,5 +167,5 @@ def step_engines(b, spec: str = "fp32", correction: str | tuple = "auto", thread
         return runners[pl.precisions[0]], pl.precisions[0]
     label = "plan" if spec == "auto" else Path(spec).stem if spec.endswith(".json") else spec
     if tables and use:
-        label += "+" + "+".join(use) if isinstance(correction, tuple) else "+ptqd"
+        label += "+" + "+".join(use) if isinstance(correction, tuple) else MODE_LABELS[correction]
     return StepEngines(runners, pl, tables, use), label

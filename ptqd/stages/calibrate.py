@@ -14,8 +14,12 @@ from ptqd.stages.common import digest, load_source
 @writes_bundle()
 def calibrate(bundle, samples: int | None = None, steps: int | None = None, eta: float = 0.0,
               guidance: float = 3.0, method: str = "mse", rounding: str = "gptq", buckets: int = 1,
-              device: str = "auto", preset: str = "auto", progress: bool | None = None) -> dict:
+              device: str = "auto", preset: str = "auto", progress: bool | None = None,
+              recipe: str | None = None) -> dict:
     """Observe activations along FP trajectories; write quantization parameters per precision.
+
+    ``recipe`` (``calib.calibrate.RECIPES``, e.g. "ptqd-paper") replaces ``method`` and ``rounding``
+    and sets the weight scales' granularity.
 
     ``samples``/``steps`` default to the compute ``preset`` for the model's size (see ``ptqd.budget``).
     Memory is bounded: statistics for every layer, but second moments (H) only for one group of
@@ -43,6 +47,12 @@ def calibrate(bundle, samples: int | None = None, steps: int | None = None, eta:
     cfg = CalibConfig(samples=pre.calib_samples if samples is None else samples,
                       steps=pre.steps if steps is None else steps, eta=eta, guidance=guidance, method=method,
                       rounding=rounding, buckets=buckets, batch=pre.calib_batch)
+    if recipe is not None:
+        import dataclasses
+
+        from ptqd.calib.calibrate import recipe as recipe_options
+
+        cfg = dataclasses.replace(cfg, **recipe_options(recipe))
     cfg.validate()
     dev = resolve_device(device)
     facts = b.facts

@@ -20,7 +20,7 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
             guidance: float = 3.0, correction_samples: int | None = None, holdout: int | None = None,
             margin: float = 1.0, criterion: str = "sensitivity", budget: float = 0.9, force: bool = False,
             device: str = "auto", preset: str = "auto", progress: bool | None = None, log=print,
-            prompts=None) -> dict[str, Any]:
+            prompts=None, recipe: str | None = None) -> dict[str, Any]:
     """export -> calibrate -> build -> correct -> plan, into one bundle. Resumable: a stage whose
     inputs (the sha256 of the files it reads) and settings are unchanged is reused, so a rerun after an
     interruption, or with a new --margin, redoes only what changed. ``force`` reruns everything.
@@ -40,6 +40,9 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
     real("--budget", budget, 0, lo_open=True)
     resolve_device(device)  # refuse a missing GPU before any work
     preset_for(preset)  # and an unknown preset
+    from ptqd.calib.calibrate import recipe as recipe_options
+
+    recipe_options(recipe or "default")  # and an unknown recipe
     out = Path(out)
     done: dict[str, Any] = {}
     costs: dict[str, Any] = {}
@@ -77,10 +80,10 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
     steps = pre.steps if steps is None else steps
     correction_samples = pre.correct_samples if correction_samples is None else correction_samples
     holdout = pre.holdout if holdout is None else holdout
-    ccfg = {"samples": samples, "steps": steps, "guidance": guidance}
+    ccfg = {"samples": samples, "steps": steps, "guidance": guidance, **recipe_options(recipe or "default")}
     stage("calibrate", reusable(b, "calibrate", (layout.UNET_ONNX, layout.UNET_LAYERS), config=ccfg),
           lambda: calibrate(out, samples=samples, steps=steps, guidance=guidance, device=device, preset=preset,
-                                progress=progress))
+                                progress=progress, recipe=recipe))
     b = Bundle.open(out)
     built = set((b.stage("build") or {}).get("precisions", []))
     stage("build", reusable(b, "build", layout.BUILD_INPUTS) and set(precisions) <= built,

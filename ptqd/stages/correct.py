@@ -7,19 +7,25 @@ from typing import Any
 from ptqd.bundle import Bundle, layout, writes_bundle
 from ptqd.errors import UserError
 from ptqd.progress import progress_bar
-from ptqd.runtime.loader import default_labels, sampler_config
+from ptqd.runtime.correction import CorrectionTable
+from ptqd.runtime.loader import default_labels, open_engine, sampler_config
 from ptqd.stages.common import digest, fake_quant_runners, load_source, require_calibrated
 
 
 @writes_bundle()
 def correct(bundle, samples: int | None = None, holdout: int | None = None, seed: int = 1,
             batch: int | None = None, device: str = "auto", preset: str = "auto",
-            progress: bool | None = None) -> dict[str, Any]:
+            progress: bool | None = None, gate: bool = True, gate_samples: int | None = None,
+            gate_seed: int = 101, gate_ranges: int = 4) -> dict[str, Any]:
     """Fit PTQD's correction (k_t, bias_t[c], σ_q,t) for every calibrated precision; write
     calib/correction.json. Runs the source FP model and each precision's fake-quant model on the
     same x_t along FP trajectories of the calibrated schedule (steps, guidance), seeds distinct from
     the calibration's; the last ``holdout`` samples only measure the fit. ``samples``, ``holdout`` and
-    ``batch`` default to the compute ``preset`` (``ptqd.budget``); the torch models run on ``device``."""
+    ``batch`` default to the compute ``preset`` (``ptqd.budget``); the torch models run on ``device``.
+
+    Also fits the conditional correction, and, with ``gate`` and the engines built, decides what
+    ``--correction auto`` applies from final samples of ``gate_samples`` (default 2 x ``samples``)
+    held-out trajectories of seed ``gate_seed`` at η 0 and 1 (``calib.gate``)."""
     import time
 
     import numpy as np
@@ -27,7 +33,8 @@ def correct(bundle, samples: int | None = None, holdout: int | None = None, seed
     from ptqd.budget import preset_for
     from ptqd.calib.device import describe, resolve_device
 
-    from ptqd.calib.correction import collect, fit_precision
+    from ptqd.calib.correction import collect, fit_conditional, fit_precision
+    from ptqd.calib.gate import gate_engine
     from ptqd.engines.torch_ref import TorchRunner
 
     b = Bundle.open(bundle)
@@ -53,6 +60,19 @@ def correct(bundle, samples: int | None = None, holdout: int | None = None, seed
         ts, eps, delta = collect(TorchRunner(loaded.unet, dev), quant, facts, table, labels, seed, scfg,
                                  batch=batch, progress=bar)
     fits = {p: fit_precision(eps, delta[p], ts, holdout) for p in precisions}
+    for p in precisions:  # the conditional correction (--correction conditional), same data
+        fits[p]["conditional"] = fit_conditional(eps, delta[p], ts, holdout)
+    if gate:  # what --correction auto applies: decided on final samples of held-out seeds (calib/gate.py)
+        built = layout.built(b)
+        gl = default_labels(facts, None, gate_samples or 2 * samples)
+        fp_eng = open_engine(b, "fp32", allow_spinning=False) if any(p in built for p in precisions) else None
+        for p in [p for p in precisions if p in built]:
+            eng = open_engine(b, p, allow_spinning=False)
+            fits[p]["gate"] = gate_engine(eng, fp_eng, CorrectionTable.from_json(fits[p]), facts, table, gl,
+                                          gate_seed, scfg, ranges=gate_ranges, batch=batch)
+            eng.close()
+        if fp_eng is not None:
+            fp_eng.close()
     summary = {}
     for p, f in fits.items():
         h = [s["holdout"] for s in f["steps"]]
@@ -64,8 +84,15 @@ def correct(bundle, samples: int | None = None, holdout: int | None = None, seed
                       "k_raw_range": [min(s["raw"]["k_raw"] for s in f["steps"]),
                                       max(s["raw"]["k_raw"] for s in f["steps"])],
                       "gates": {g: sum(s["gate"] == g for s in f["steps"]) for g in ("none", "k", "bias", "k+bias")},
-                      "sigma_q_range": [min(s["sigma_q"] for s in f["steps"]), max(s["sigma_q"] for s in f["steps"])]}
+                      "sigma_q_range": [min(s["sigma_q"] for s in f["steps"]), max(s["sigma_q"] for s in f["steps"])],
+                      "eps_mse_conditional_holdout": float(np.mean([s["holdout"]["mse_corrected"]
+                                                                    for s in f["conditional"]["steps"]]))
+                      if f["conditional"]["steps"] else None,
+                      "applied": [("+".join(s["parts"]) or "none") for s in f["gate"]["steps"]]
+                      if "gate" in f else "no gate (engine not built): nothing applied under --correction auto"}
     record = {"config": {"samples": samples, "holdout": holdout, "seed": seed, "steps": scfg.steps,
+                         "gate": {"samples": gate_samples or 2 * samples, "seed": gate_seed, "ranges": gate_ranges}
+                         if gate else None,
                          "eta": scfg.eta, "guidance": scfg.guidance, "spacing": scfg.spacing,
                          "model": "fake-quant torch model of each precision (engines match it; see build.json)"},
               "summary": summary, "precisions": fits, "seconds": round(time.perf_counter() - t0, 1),

@@ -66,7 +66,7 @@ def measure_damage(b: Bundle, candidates, reference: str, samples: int = 64, see
     trajectory's x at step i: S(S+1)/2 engine steps per precision instead of S²."""
     import numpy as np
 
-    from ptqd.runtime.correction import CorrectionTable, Plan, StepEngines
+    from ptqd.runtime.correction import CORRECTION_PARTS, CorrectionTable, Plan, StepEngines
     from ptqd.runtime.pipeline import sample_latents
     from ptqd.runtime.sampler import DDIMSampler
 
@@ -79,7 +79,7 @@ def measure_damage(b: Bundle, candidates, reference: str, samples: int = 64, see
     table = layout.class_embedding(b)
     labels, idx = default_labels(facts, None, samples), np.arange(samples)
     fitted = b.read_json(layout.CORRECTION_JSON)["precisions"]
-    tables = {p: CorrectionTable.from_json(fitted[p]) for p in candidates if p in fitted}
+    tables = {p: CorrectionTable.from_json(fitted[p], applied=True) for p in candidates if p in fitted}
     runners = {p: open_engine(b, p, allow_spinning=False) for p in ["fp32", *candidates]}
     fp = sample_latents(runners["fp32"], facts, table, labels, idx, seed, cfg)
     states: list[np.ndarray] = []  # the reference trajectory's x before each step
@@ -87,7 +87,7 @@ def measure_damage(b: Bundle, candidates, reference: str, samples: int = 64, see
     def keep(i, t, x, ctx, eps):
         states.append(x.copy())
 
-    ref = StepEngines(runners, Plan(ts, [reference] * len(ts)), tables)
+    ref = StepEngines(runners, Plan(ts, [reference] * len(ts)), tables, CORRECTION_PARTS)
     base = float(np.mean((sample_latents(ref, facts, table, labels, idx, seed, cfg, observe=keep) - fp) ** 2))
     damage = {}
     for p in candidates:
@@ -95,7 +95,8 @@ def measure_damage(b: Bundle, candidates, reference: str, samples: int = 64, see
             continue
         damage[p] = []
         for i in range(len(ts)):
-            eng = StepEngines(runners, Plan(ts, [p if j == i else reference for j in range(len(ts))]), tables)
+            eng = StepEngines(runners, Plan(ts, [p if j == i else reference for j in range(len(ts))]), tables,
+                              CORRECTION_PARTS)
             x0 = sample_latents(eng, facts, table, labels, idx, seed, cfg, start=(i, states[i]))
             damage[p].append(float(np.mean((x0 - fp) ** 2)) - base)
     for r in runners.values():
@@ -153,9 +154,38 @@ def plan(bundle, margin: float = 1.0, precisions=None, criterion: str = "sensiti
         rec.update({"budget": budget, "reference": reference, "reference_error": meas["reference_error"],
                     "measurement": {k: meas[k] for k in ("samples", "seed")}})
     rec["criterion_name"] = criterion
+    rec["correction_gate"] = gate_plan_correction(b, rec)
     with Bundle.transaction(b.root) as w:
         w.write_json(layout.PLAN_JSON, rec)
         w.set_stage("plan", {"margin": margin, "criterion": criterion, "budget": budget, "reference": reference,
                              "precisions": cands, "inputs": digest(b, layout.PLAN_INPUTS),
                              "plan": [s["precision"] for s in rec["steps"]]})
     return rec
+
+
+def gate_plan_correction(b: Bundle, rec: dict) -> dict:
+    """Does the plan with each precision's gated correction beat the plan uncorrected on the gate's
+    held-out samples (``calib.gate.gate_plan``)? If not, ``--plan auto --correction auto`` runs it
+    uncorrected."""
+    from ptqd.calib.gate import gate_plan
+    from ptqd.runtime.correction import CORRECTION_PARTS, CorrectionTable, Plan, StepEngines
+
+    corr = b.read_json(layout.CORRECTION_JSON)
+    g = corr.get("config", {}).get("gate")
+    pl = Plan.from_json(rec)
+    fitted = corr["precisions"]
+    tables = {p: CorrectionTable.from_json(fitted[p], applied=True) for p in pl.precisions if p in fitted}
+    used = any(tables[p].parts[list(tables[p].t).index(t)] for t, p in zip(pl.t, pl.precision)
+               if p in tables and t in tables[p].t)
+    if not g or not used:
+        return {"helps": bool(used), "note": "no gate record" if not g else "the gated parts never run in this plan"}
+    c = require_calibrated(b)["config"]
+    cfg = sampler_config(b.facts, c["steps"], 0.0, c["guidance"])
+    runners = {p: open_engine(b, p, allow_spinning=False) for p in ["fp32", *pl.precisions]}
+    try:
+        return gate_plan(StepEngines(runners, pl, tables, CORRECTION_PARTS), StepEngines(runners, pl, {}, ()),
+                         runners["fp32"], b.facts, layout.class_embedding(b),
+                         default_labels(b.facts, None, g["samples"]), g["seed"], cfg)
+    finally:
+        for r in runners.values():
+            r.close()

@@ -26,6 +26,14 @@ def test_compile_runs_every_stage_and_writes_corrections_and_plan(compiled):
         assert s["k"] >= 0 and s["sigma_q"] > 0 and len(s["bias"]) == 3
         assert s["holdout_gated"]["mse_corrected"] <= s["holdout"]["mse_uncorrected"] * (1 + 1e-9)
     assert corr["config"]["holdout"] == 4 and corr["config"]["guidance"] == 3.0
+    # the end-to-end gate ran on every built precision, on its own seed, and its choice is what auto applies
+    assert corr["config"]["gate"] == {"samples": 24, "seed": 101, "ranges": 4}
+    for p, rec in corr["precisions"].items():
+        g = rec["gate"]
+        assert [s["t"] for s in g["steps"]] == [s["t"] for s in rec["steps"]] and g["samples"] == 24
+        assert all(set(s["parts"]) <= {"k", "bias", "vsc", "cond"} for s in g["steps"])
+        assert len(rec["conditional"]["steps"]) == 10 and len(rec["conditional"]["steps"][0]["a"]) == 3
+        assert corr["summary"][p]["applied"] == [("+".join(s["parts"]) or "none") for s in g["steps"]]
     plan = b.read_json("calib/plan.json")
     assert len(plan["steps"]) == 10 and set(res["plan"]) <= {"w8a8", "w4a8", "w4a4"}
     assert plan["criterion_name"] == "sensitivity" and plan["budget"] == 0.9
@@ -96,7 +104,7 @@ def test_plan_sampling_switches_engines_per_step(compiled):
     b = Bundle.open(out)
     pl = [s["precision"] for s in b.read_json("calib/plan.json")["steps"]]
     eng, label = step_engines(b, "auto", "on")
-    assert isinstance(eng, StepEngines) and label == "plan+ptqd"
+    assert isinstance(eng, StepEngines) and label == "plan+ptqd-raw"
     cfg = api.sampler_config(b.facts, 10, 1.0, 3.0)
     table = np.load(b.path(api.CLASS_EMBEDDING))
     lat = sample_latents(eng, b.facts, table, np.array([1, 2]), np.arange(2), 0, cfg)
@@ -105,6 +113,10 @@ def test_plan_sampling_switches_engines_per_step(compiled):
     # the same plan with every engine forced to one precision is a different sampler
     fixed, label = step_engines(b, "w4a4", "off")
     assert label == "w4a4" and not isinstance(fixed, StepEngines)
+    cond, label = step_engines(b, "w4a4", "conditional")
+    assert label == "w4a4+cond" and cond.use == ("cond", "vsc") and cond.corrections["w4a4"].a is not None
+    auto, label = step_engines(b, "w4a4", "auto")
+    assert label == "w4a4+ptqd" and auto.corrections["w4a4"].parts is not None
 
 
 def test_correction_changes_samples_only_where_it_was_kept(compiled):

@@ -1,0 +1,245 @@
+"""End-to-end gate of the noise correction: what the runtime applies, decided on final samples.
+
+The per-step fit (``calib.correction``) says how well k_t, bias_t[c] or the conditional model
+explain the ε error at each step, but a lower ε error at a step does not make the final sample
+closer to FP's (on the demo, k + bias lowered every step's held-out ε MSE and still moved w4a8's
+samples further from FP). So, as the measured plan decides bits, the gate decides the correction by
+its effect on the final latents, paired with FP's on the same noise, over held-out seeds that
+neither the fit nor an evaluation uses:
+
+  err(config, η) = per sample, mean over elements of (x_0(config) − x_0(FP))²   [N]
+
+where ``config`` gives the parts applied at each step (``()`` = uncorrected). Greedy over step
+ranges, in sampling order (early steps first: their choice sets the later steps' inputs):
+
+  1. for range r, with the ranges before it as decided and the ones after it uncorrected, try each
+     candidate (k, bias, k+bias, cond); the paired difference to the current config,
+     d = err(candidate) − err(current), averaged over η ∈ {0, 1} per sample, must be below zero
+     by ``z`` (default 3, see ``Z``) standard errors, and its mean must not be positive at any single η. The best such
+     candidate is kept; otherwise the range stays as it is.
+  2. VSC (η > 0 only): per range, adding "vsc" to the kept parts, same rule at η = 1.
+  3. The final config against the uncorrected one, same rule; if it fails, nothing is applied.
+
+A part that does not clearly help is not applied: "all off" is a valid, honest outcome. Every
+measured mean and standard error is returned as evidence (``correction.json``, ``gate``).
+
+A candidate for range r resumes from the cached latents at r's start (``ResumedError``), so it
+costs the steps from r to the end, not a full run: on the demo (20 steps, 4 ranges, 4 candidates,
+η ∈ {0, 1}, VSC pass, final check) about 500 sampler steps per precision, 25 full runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from itertools import pairwise
+
+import numpy as np
+
+# Standard errors a part must win by. About 25 comparisons per precision (5 candidates x 4 ranges, VSC
+# per range, the final check): at z = 3 each wrongly keeps a useless part with probability 0.00135
+# (one-sided, normal), about 3% for the whole gate; at z = 2 it was 0.023 each, and on the demo a
+# VSC range the gate kept at 2.1 SE made the plan's paired PSNR worse on the evaluation seeds.
+Z = 3.0
+DEFAULT_CANDIDATES: tuple[tuple[str, ...], ...] = (("k",), ("bias",), ("k", "bias"), ("cond",))
+
+Config = tuple[tuple[str, ...], ...]
+ErrorFn = Callable[[Config, float], np.ndarray]
+
+
+def step_ranges(steps: int, ranges: int) -> list[tuple[int, int]]:
+    """``ranges`` contiguous [start, stop) step ranges of (nearly) equal length."""
+    ranges = max(1, min(int(ranges), steps))
+    cuts = np.linspace(0, steps, ranges + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in pairwise(cuts) if b > a]
+
+
+def compare(error, new, old, etas, z: float | None = None) -> dict:
+    """Paired comparison of two configs: ``delta`` = mean over samples of the per-sample error
+    difference new − old averaged over ``etas``, its standard error, the mean per η, and ``helps``:
+    delta < −z·se and no η with a positive mean."""
+    z = Z if z is None else z
+    d = {eta: np.asarray(error(new, eta), np.float64) - np.asarray(error(old, eta), np.float64) for eta in etas}
+    comb = np.mean([d[eta] for eta in etas], axis=0)
+    n = len(comb)
+    se = float(comb.std(ddof=1) / np.sqrt(n)) if n > 1 else float("inf")
+    mean = float(comb.mean())
+    per_eta = {f"eta{eta:g}": float(d[eta].mean()) for eta in etas}
+    ok = mean < -z * se and all(v <= 0 for v in per_eta.values())
+    return {"delta": mean, "se": se, "delta_per_eta": per_eta, "helps": bool(ok)}
+
+
+def gate(error: ErrorFn, steps: int, ranges: list[tuple[int, int]],
+         candidates=DEFAULT_CANDIDATES, etas=(0.0, 1.0), z: float = Z, vsc: bool = True) -> dict:
+    """Decide the parts applied per step (see the module doc). ``error(config, eta)``: per-sample
+    paired error of the final samples. Returns {"parts": [tuple per step], "ranges": [...evidence],
+    "vsc": [...], "final": {...}, "reference_error": {eta: mean error uncorrected}}."""
+    cache: dict = {}
+
+    def err(cfg: Config, eta: float) -> np.ndarray:
+        key = (cfg, eta)
+        if key not in cache:
+            cache[key] = np.asarray(error(cfg, eta), np.float64)
+        return cache[key]
+
+    off: Config = tuple(() for _ in range(steps))
+    parts = list(off)
+
+    def with_range(r: tuple[int, int], cand) -> Config:
+        p = list(parts)
+        for i in range(*r):
+            p[i] = tuple(cand)
+        return tuple(p)
+
+    evidence = []
+    for r in ranges:
+        cur = tuple(parts)
+        rows = []
+        for cand in candidates:
+            rows.append({"parts": list(cand), **compare(err, with_range(r, cand), cur, etas, z)})
+        good = [x for x in rows if x["helps"]]
+        best = min(good, key=lambda x: x["delta"]) if good else None
+        if best is not None:
+            parts = list(with_range(r, best["parts"]))
+        evidence.append({"steps": list(r), "candidates": rows, "kept": best["parts"] if best else []})
+    vsc_rows = []
+    noisy = tuple(e for e in etas if e > 0)
+    if vsc and noisy:
+        for r in ranges:
+            cur = tuple(parts)
+            cand = tuple(dict.fromkeys(parts[r[0]] + ("vsc",)))
+            new = with_range(r, cand)
+            row = {"steps": list(r), "parts": list(cand), **compare(err, new, cur, noisy, z)}
+            if row["helps"]:
+                parts = list(new)
+            vsc_rows.append(row)
+    final = tuple(parts)
+    check = compare(err, final, off, etas, z) if final != off else {"helps": False, "delta": 0.0}
+    if final != off and not check["helps"]:
+        parts = list(off)
+    return {"parts": [tuple(p) for p in parts], "ranges": evidence, "vsc": vsc_rows, "final": check,
+            "reference_error": {f"eta{eta:g}": float(err(off, eta).mean()) for eta in etas},
+            "samples": len(err(off, etas[0])), "z": z}
+
+
+class ResumedError:
+    """``error(config, eta)`` for :func:`gate` from a sampler that can resume.
+
+    ``sample(config, eta, start, observe)`` -> final latents [N, ...]: run the sampler with
+    ``config[i]`` the parts at step i, from ``start=(i, x)`` (None: from x_T), calling
+    ``observe(i, x)`` with the latents before each step. ``reference(eta)`` -> FP's final latents.
+    The latents before each step in ``keep`` (the range starts) are cached per config prefix: they
+    depend only on the parts of the steps before, so a candidate for a later range resumes there."""
+
+    def __init__(self, sample, reference, keep):
+        self.sample, self.reference, self.keep = sample, reference, set(keep)
+        self.states: dict = {}
+        self.refs: dict = {}
+        self.steps_run = 0
+
+    def __call__(self, config: Config, eta: float) -> np.ndarray:
+        if eta not in self.refs:
+            self.refs[eta] = np.asarray(self.reference(eta), np.float64)
+        start, first = None, 0
+        for i in sorted(self.keep, reverse=True):
+            x = self.states.get((eta, config[:i]))
+            if x is not None:
+                start, first = (i, x), i
+                break
+
+        def observe(i, x):
+            if i in self.keep and i > first:
+                self.states.setdefault((eta, config[:i]), np.array(x, copy=True))
+
+        out = np.asarray(self.sample(config, eta, start, observe), np.float64)
+        self.steps_run += len(config) - first
+        d = (out - self.refs[eta]) ** 2
+        return d.reshape(len(d), -1).mean(1)
+
+
+def gate_engine(runner, fp_runner, table, facts, class_embedding, labels, seed: int, cfg, ranges: int = 4,
+                candidates=DEFAULT_CANDIDATES, etas=(0.0, 1.0), z: float = Z, batch: int = 64) -> dict:
+    """The gate for one engine (ONNX Runtime or any runner) and its fitted ``CorrectionTable``:
+    final latents of ``labels`` with noise seed ``seed`` (held out: neither the fit's nor an
+    evaluation's), on the sampler config ``cfg`` at each η. Returns :func:`gate`'s record plus
+    ``steps`` = [{"t", "parts"}] for correction.json."""
+    import dataclasses
+
+    from ptqd.runtime.correction import Plan, StepEngines
+    from ptqd.runtime.pipeline import sample_latents
+    from ptqd.runtime.sampler import DDIMSampler
+
+    sampler = DDIMSampler(facts.schedule.alphas_cumprod, cfg.spacing)
+    sampler.set_timesteps(cfg.steps)
+    ts = [int(t) for t in sampler.timesteps]
+    labels = np.asarray(labels)
+    rs = step_ranges(len(ts), ranges)
+    if table.a is None:
+        candidates = tuple(c for c in candidates if "cond" not in c)
+
+    def run(engine, eta, start=None, observe=None):
+        """Final latents in batches; ``observe(i, x)`` gets the whole set's latents before step i."""
+        c = dataclasses.replace(cfg, eta=eta)
+        out, seen = [], {}
+        for s0 in range(0, len(labels), batch):
+            idx = np.arange(s0, min(len(labels), s0 + batch))
+            st = None if start is None else (start[0], start[1][idx])
+
+            def keep(i, t, x, ctx, e):
+                seen.setdefault(i, []).append(x.copy())
+
+            out.append(sample_latents(engine, facts, class_embedding, labels[idx], idx, seed, c,
+                                      observe=keep if observe is not None else None, start=st))
+        if observe is not None:
+            for i, xs in seen.items():
+                observe(i, np.concatenate(xs))
+        return np.concatenate(out)
+
+    def sample(config, eta, start, observe):
+        parts = {t: p for t, p in zip(ts, config)}
+        table.parts = [parts.get(int(t), ()) for t in table.t]
+        eng = StepEngines({"q": runner}, Plan.fixed("q"), {"q": table}, use=("k", "bias", "vsc", "cond"))
+        return run(eng, eta, start, observe)
+
+    def reference(eta):
+        return run(fp_runner, eta)
+
+    fn = ResumedError(sample, reference, [r[0] for r in rs])
+    try:
+        rec = gate(fn, len(ts), rs, candidates, etas, z)
+    finally:
+        table.parts = None
+    rec["steps"] = [{"t": t, "parts": list(p)} for t, p in zip(ts, rec.pop("parts"))]
+    rec["engine_steps_run"] = fn.steps_run
+    rec["seed"] = seed
+    rec["etas"] = list(etas)
+    return rec
+
+
+def gate_plan(engines_on, engines_off, fp_runner, facts, class_embedding, labels, seed: int, cfg,
+              etas=(0.0, 1.0), z: float = Z, batch: int = 64) -> dict:
+    """The mixed-precision plan with each precision's gated correction (``engines_on``, a
+    ``StepEngines``) against the same plan uncorrected (``engines_off``), on final samples of the
+    gate's held-out seed: the gates were decided per precision, the plan mixes them. Returns
+    :func:`compare`'s record; ``helps`` False means the plan runs uncorrected under ``auto``."""
+    import dataclasses
+
+    from ptqd.runtime.pipeline import sample_latents
+
+    labels = np.asarray(labels)
+
+    def final(engine, eta):
+        c = dataclasses.replace(cfg, eta=eta)
+        return np.concatenate([sample_latents(engine, facts, class_embedding, labels[i:i + batch],
+                                              np.arange(i, min(len(labels), i + batch)), seed, c)
+                               for i in range(0, len(labels), batch)]).astype(np.float64)
+
+    refs = {eta: final(fp_runner, eta) for eta in etas}
+    engines = {"on": engines_on, "off": engines_off}
+
+    def error(name, eta):
+        d = (final(engines[name], eta) - refs[eta]) ** 2
+        return d.reshape(len(d), -1).mean(1)
+
+    rec = compare(error, "on", "off", etas, z)
+    rec.update({"samples": len(labels), "seed": seed, "etas": list(etas)})
+    return rec
