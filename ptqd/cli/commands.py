@@ -281,7 +281,8 @@ def cmd_demo(args) -> int:
     print(f"plan    {' '.join(res['plan'])}")
     print(f"grid    {res['grid']}  (4 samples of each digit 0-9, sampled with the plan)")
     print_eval(res["eval"])
-    print("rows: +ptqd = PTQD correction (k_t, bias_t; VSC when eta > 0); plan = step-aware mixed precision; "
+    print("rows: +ptqd = the parts of PTQD's correction (k_t, bias_t; VSC when eta > 0) that the end-to-end gate "
+          "kept (calib/correction.json); plan = step-aware mixed precision; "
           "UNet ms = one CFG-doubled forward (batch 2), median, the plan's weighted by its steps")
     return 0
 

@@ -15,8 +15,8 @@ from ptqd.tools.bench import unet_latency
 from ptqd.tools.evaluate import evaluate
 
 DEMO_PRECISIONS = tuple(p.value for p in ORT_BUILDABLE)
-DEMO_ROWS = (("ort-int8", "off"), ("w8a8", "off"), ("w8a8", "on"), ("w4a8", "off"), ("w4a8", "on"),
-             ("w4a4", "off"), ("w4a4", "on"), ("auto", "on"))
+DEMO_ROWS = (("ort-int8", "off"), ("w8a8", "off"), ("w8a8", "auto"), ("w4a8", "off"), ("w4a8", "auto"),
+             ("w4a4", "off"), ("w4a4", "auto"), ("auto", "auto"))
 
 
 def demo(out: str | os.PathLike = "demo-out", num: int = 500, seed: int = 0, steps: int = 20, eta: float = 0.0,
