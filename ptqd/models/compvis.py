@@ -167,6 +167,11 @@ def parse_config(cfg: dict):
         cond = Conditioning(kind="class", num_classes=n, null_class=n - 1, context_dim=dim, context_tokens=1)
     else:
         target = cond_cfg.get("target") if isinstance(cond_cfg, dict) else cond_cfg
+        if any(k in str(target) for k in ("CLIPEmbedder", "BERTEmbedder", "OpenCLIP", "Transformer")):
+            raise ModelLoadError(
+                f"text-conditioned CompVis checkpoints ({str(target).rsplit('.', 1)[-1]}) are not loaded directly: "
+                "convert the checkpoint to a diffusers pipeline (diffusers' "
+                "scripts/convert_original_stable_diffusion_to_diffusers.py) and give ptqd that directory")
         raise ModelLoadError(
             f"conditioning {key!r} with {target!r} is not supported; ptqd handles unconditional models and "
             "class-conditional models (crossattn + ClassEmbedder)"

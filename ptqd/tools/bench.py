@@ -101,7 +101,7 @@ def bench(bundle, precisions=None, runs: int = 10, warmup: int = 3, large_batch:
     precisions = list(precisions) if precisions else sorted(built, key=lambda p: (p != "ort-int8", p))
     table = b.read_json(layout.UNET_LAYERS) if b.has(layout.UNET_LAYERS) else None
     macs = table["macs_per_forward"] if table else None
-    cfg_batch = 2 if facts.conditioning.kind == "class" and guidance != 1.0 else 1
+    cfg_batch = 2 if facts.conditioning.guided and guidance != 1.0 else 1
     engines: dict = {}
     load_s: dict = {}
     sizes: dict = {}

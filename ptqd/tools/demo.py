@@ -33,7 +33,7 @@ def demo(out: str | os.PathLike = "demo-out", num: int = 500, seed: int = 0, ste
     report = evaluate(bundle, rows=list(DEMO_ROWS), num=num, seed=seed, steps=steps, eta=eta, guidance=guidance,
                       progress=progress)
     b = Bundle.open(bundle)
-    lat = unet_latency(b, DEMO_PRECISIONS, batch=2 if b.facts.conditioning.kind == "class" else 1)
+    lat = unet_latency(b, DEMO_PRECISIONS, batch=2 if b.facts.conditioning.guided else 1)
     plan_steps = b.read_json(layout.PLAN_JSON)["steps"]
     for row in report["rows"]:
         p = row["precision"].split("+")[0]

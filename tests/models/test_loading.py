@@ -144,3 +144,13 @@ def test_diffusers_without_class_table_or_schedule(tiny_diffusers_cond, tmp_path
         load_model(d)
     with pytest.raises(UserError, match="--schedule"):
         load_model(d / "unet")
+
+
+def test_text_conditioned_compvis_config_points_to_the_diffusers_route():
+    from ptqd.models.compvis import parse_config
+    from ptqd.models.tiny import tiny_cin_config
+
+    cfg = tiny_cin_config()
+    cfg["model"]["params"]["cond_stage_config"] = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
+    with pytest.raises(ModelLoadError, match="convert the checkpoint to a diffusers pipeline"):
+        parse_config(cfg)
