@@ -70,12 +70,17 @@ def validate_first_stage(loaded, onnx_path: Path, cfg: ValidationConfig = Valida
     z = np.random.RandomState(cfg.seed).standard_normal((cfg.batch, c, h, w)).astype(np.float32)
     with torch.no_grad():
         ref = loaded.first_stage(torch.from_numpy(z)).numpy()
-    got = sess.run(["image"], {"z": z})[0]
+    err, bound = matches(sess.run(["image"], {"z": z})[0], ref, cfg, "first-stage decoder")
+    return {"what": "first_stage", "batch": cfg.batch, "worst_abs_error": err, "bound": bound, "passed": True}
+
+
+def matches(got: np.ndarray, ref: np.ndarray, cfg: ValidationConfig, what: str) -> tuple[float, float]:
+    """(max |onnx - torch|, its bound atol + rtol·max|torch|); ExportError when beyond it or not finite."""
     err = float(np.abs(got - ref).max())
     bound = cfg.atol + cfg.rtol * float(np.abs(ref).max())
     if not np.isfinite(got).all() or err > bound:
-        raise ExportError(f"exported first-stage decoder does not match torch: max |onnx - torch| = {err:.3g} > {bound:.3g}")
-    return {"what": "first_stage", "batch": cfg.batch, "worst_abs_error": err, "bound": bound, "passed": True}
+        raise ExportError(f"exported {what} does not match torch: max |onnx - torch| = {err:.3g} > {bound:.3g}")
+    return err, bound
 
 
 def validate_text_encoder(loaded, onnx_path: Path, prompts: list[str], cfg: ValidationConfig = ValidationConfig()
@@ -87,9 +92,5 @@ def validate_text_encoder(loaded, onnx_path: Path, prompts: list[str], cfg: Vali
     ids = token_ids(loaded.tokenizer, prompts)
     with torch.no_grad():
         ref = loaded.text_encoder(torch.from_numpy(ids)).numpy()
-    got = sess.run(["context"], {"input_ids": ids})[0]
-    err = float(np.abs(got - ref).max())
-    bound = cfg.atol + cfg.rtol * float(np.abs(ref).max())
-    if not np.isfinite(got).all() or err > bound:
-        raise ExportError(f"exported text encoder does not match torch: max |onnx - torch| = {err:.3g} > {bound:.3g}")
+    err, bound = matches(sess.run(["context"], {"input_ids": ids})[0], ref, cfg, "text encoder")
     return {"what": "text_encoder", "prompts": len(prompts), "worst_abs_error": err, "bound": bound, "passed": True}
