@@ -169,7 +169,7 @@ def parse_config(cfg: dict):
         target = cond_cfg.get("target") if isinstance(cond_cfg, dict) else cond_cfg
         if any(k in str(target) for k in ("CLIPEmbedder", "BERTEmbedder", "OpenCLIP", "Transformer")):
             raise ModelLoadError(
-                f"text-conditioned CompVis checkpoints ({str(target).rsplit('.', 1)[-1]}) are not loaded directly: "
+                f"text-conditioned CompVis checkpoints ({str(target).rsplit('.', 1)[-1]}) are not supported directly: "
                 "convert the checkpoint to a diffusers pipeline (diffusers' "
                 "scripts/convert_original_stable_diffusion_to_diffusers.py) and give ptqd that directory")
         raise ModelLoadError(
