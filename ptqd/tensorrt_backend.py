@@ -49,6 +49,7 @@ def _tensorrt_graphs(b: Bundle, precisions, path_for, options) -> list[tuple]:
             sfx = "" if p == "fp16" else bucket_suffix(k, len(buckets))
             layers = [] if p == "fp16" else load_params(b.read_json(f"calib/{p}{sfx}.json"),
                                                         np.load(b.path(f"calib/{p}{sfx}.npz")))
+            layers = [lq for lq in layers if lq.op in ("Conv", "MatMul")]  # embedding Gemms: TensorRT keeps them fp32
             path = path_for(f"{p}{sfx}.qdq.onnx")
             out.append((p, sfx, bucket, path, write_qdq_tensorrt(b.path(UNET_ONNX), layers, path, options)))
     return out

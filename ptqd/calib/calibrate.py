@@ -1,10 +1,12 @@
 """Calibration: layer selection, activation ranges, weight rounding, per precision.
 
-Layer selection (PTQD's defaults): every Conv and every linear MatMul is quantized, except
-skip-connection 1x1 convs and downsample convs (stay FP) and the first and last layers (8 bits
-whatever the precision). Time/label-embedding Gemms (a few kMAC) and the attention matmuls
-(activation x activation) stay float, as in PTQD and TensorRT's recipes: quantizing softmax and
-elementwise ops costs more than it saves on CPUs (MEASURED.md).
+Layer selection: every Conv, every linear MatMul and every Gemm (time-embedding linears) is
+quantized. The first and last layers, and the layers PTQD kept float for its base quantizer (skip
+1x1 convs, downsample convs, embedding Gemms: ``W8_PATTERNS``, 6 % of cin256-v2's weights) are
+quantized with 8-bit weights and activations whatever the precision (role "w8"): cheap in size,
+and they keep the 4-bit engines' storage at 4-bit + 6 % x 8-bit. The attention matmuls
+(activation x activation) and softmax stay float: quantizing softmax and elementwise ops costs more
+than it saves on CPUs (MEASURED.md). ``keep_fp`` patterns still keep layers float.
 
 Numerics of a quantized layer (what the fake-quant model and the engines compute):
   input   per-tensor asymmetric, a bits (4-bit activations: uint8 storage clipped to [0, 15])
@@ -29,7 +31,10 @@ from ptqd.calib.quant import ActQuant, act_params, choose_act_range
 from ptqd.errors import UserError
 
 PRECISIONS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}
-DEFAULT_KEEP_FP = (r"skip_connection$", r"\.op$", r"nin_shortcut$")
+PTQD_KEEP_FP = (r"skip_connection$", r"\.op$", r"nin_shortcut$")  # PTQD's float layers (now role "w8")
+W8_PATTERNS = PTQD_KEEP_FP + (r"time_embed\.\d+$", r"emb_layers\.\d+$", r"label_emb")
+DEFAULT_KEEP_FP: tuple[str, ...] = ()
+EIGHT_BIT_ROLES = ("first", "last", "w8")  # 8-bit weights and activations in every precision
 
 
 @dataclass(frozen=True)
@@ -64,18 +69,23 @@ class CalibConfig:
 
 
 def select_layers(rows: list[dict], keep_fp=DEFAULT_KEEP_FP) -> list[dict]:
-    """Rows to quantize, each with ``role``: "first", "last" (8 bits) or "body". Others stay FP.
+    """Rows to quantize, each with ``role``: "first", "last", "w8" (8 bits whatever the precision) or
+    "body". Rows matching a ``keep_fp`` pattern stay FP.
 
     The last layer computes ε itself: its output is not requantized (no Q/DQ on the network output).
     """
-    cands = [r for r in rows if r["kind"] in ("conv", "linear") and r["op"] in ("Conv", "MatMul") and r["module"]]
+    cands = [r for r in rows if r["kind"] in ("conv", "linear") and r["op"] in ("Conv", "MatMul", "Gemm")
+             and r["module"]]
     convs = [r for r in cands if r["op"] == "Conv"]
     edge = {convs[0]["name"], convs[-1]["name"]} if convs else set()
     out = []
     for r in cands:
         if any(re.search(p, r["module"]) for p in keep_fp):
             continue
-        role = "body" if r["name"] not in edge else ("last" if r["name"] == convs[-1]["name"] else "first")
+        if r["name"] in edge:
+            role = "last" if r["name"] == convs[-1]["name"] else "first"
+        else:
+            role = "w8" if r["op"] == "Gemm" or any(re.search(p, r["module"]) for p in W8_PATTERNS) else "body"
         out.append(dict(r, role=role))
     return out
 
@@ -89,7 +99,7 @@ def _weight2d(mod) -> tuple[np.ndarray, np.ndarray | None]:
 def grid_bits(role: str, w_bits: int, reduce_range: bool) -> int:
     """The weight grid a layer really uses: first/last layers are 8-bit whatever the precision, and
     8-bit weights sit on ±63 (7 bits) with ``reduce_range``."""
-    wb = 8 if role in ("first", "last") else w_bits
+    wb = 8 if role in EIGHT_BIT_ROLES else w_bits
     return 7 if (reduce_range and wb == 8) else wb
 
 
@@ -182,7 +192,7 @@ def quantize_layers(loaded, selected: list[dict], obs: dict, cfg: CalibConfig, p
     out = []
     for r in selected:
         o = obs[r["name"]]
-        wb, ab = (8, 8) if r["role"] in ("first", "last") else (w_bits_p, a_bits_p)
+        wb, ab = (8, 8) if r["role"] in EIGHT_BIT_ROLES else (w_bits_p, a_bits_p)
         ins = [v for k, v in o.inputs.items() if steps is None or k in steps]
         if not ins:
             raise UserError(f"layer {r['module']} never ran along the calibration trajectories; it cannot be "
@@ -240,5 +250,5 @@ def load_params(meta: dict, arrays) -> list[LayerQuant]:
     return out
 
 
-__all__ = ["CalibConfig", "PRECISIONS", "select_layers", "quantize_layers", "save_params", "load_params",
+__all__ = ["CalibConfig", "PRECISIONS", "EIGHT_BIT_ROLES", "select_layers", "quantize_layers", "save_params", "load_params",
            "LayerQuant", "act_params"]

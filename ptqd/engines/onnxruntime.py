@@ -14,6 +14,9 @@ INTEGER_OPS = ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulIn
                "DynamicQuantizeMatMul")
 
 
+BUILD_DISABLED = ["MatMulAddFusion"]
+
+
 def build_engine(model_path: Path, engine_path: Path) -> None:
     import onnxruntime as ort
 
@@ -21,7 +24,30 @@ def build_engine(model_path: Path, engine_path: Path) -> None:
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     so.optimized_model_filepath = str(engine_path)
-    ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    # MatMulAddFusion would turn a quantized 2-D linear layer (MatMul + bias Add: the embedding Gemms, see
+    # ``qdq``) back into a Gemm on dequantized weights before the QDQ fusions see it: it must become
+    # MatMulIntegerToFloat like every other linear layer
+    ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"], disabled_optimizers=BUILD_DISABLED)
+
+
+def pack_4bit_weights(engine_path: Path, layers) -> dict:
+    """Rewrite a built engine with the int8 weights of its 4-bit layers stored two per byte (INT4
+    initializers, ``ptqd.runtime.packed``); the runners expand them when the engine is loaded.
+    Layers on 8-bit grids (first/last, role "w8") keep int8 weights. Returns what was packed."""
+    import onnx
+
+    from ptqd.engines.onnx_io import load_model
+    from ptqd.engines.qdq import _safe
+    from ptqd.runtime.packed import pack_initializers
+
+    model = load_model(engine_path)
+    present = {i.name for i in model.graph.initializer}
+    names = [f"{_safe(lq.name)}_w_int8" for lq in layers if lq.w_bits <= 4]
+    names = [n for n in names if n in present]
+    before = engine_path.stat().st_size
+    saved = pack_initializers(model, names)
+    onnx.save_model(model, str(engine_path))
+    return {"packed_int4_weights": len(names), "packed_bytes_saved": saved, "unpacked_size_bytes": before}
 
 
 def describe_engine(engine_path: Path, layer_rows: list[dict]) -> dict:

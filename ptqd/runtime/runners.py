@@ -73,6 +73,10 @@ def ort_session(path: str | os.PathLike, threads: int | None = None, allow_spinn
         so.intra_op_num_threads = threads
     if not allow_spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    from ptqd.runtime.packed import is_packed, load_session_bytes
+
+    if is_packed(path):  # 4-bit weights stored two per byte: expanded to int8 in memory
+        return ort.InferenceSession(load_session_bytes(path), so, providers=["CPUExecutionProvider"])
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
