@@ -493,6 +493,7 @@ def calibrate(bundle, samples: int | None = None, steps: int | None = None, eta:
         quantize_weights,
         save_params,
         select_layers,
+        with_inputs,
     )
     from ptqd.calib.device import describe, resolve_device
     from ptqd.calib.observe import record_trajectories
@@ -511,7 +512,7 @@ def calibrate(bundle, samples: int | None = None, steps: int | None = None, eta:
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     loaded = _load_source(b)
-    selected = select_layers(table["layers"], cfg.keep_fp)
+    selected = with_inputs(select_layers(table["layers"], cfg.keep_fp), b.path(UNET_ONNX))
     labels = default_labels(facts, None, cfg.samples)
     chunks = cfg.seeds * -(-cfg.samples // cfg.batch)
     with _progress(chunks + len(selected), "calibrate", progress) as bar:
@@ -776,8 +777,9 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
                                       if wb == "4" else
                                       ": 8-bit weights on the reduce-range grid ±63 (exact on AVX2 u8s8)")
                                    + (", activations clipped to the 4-bit grid" if ab == "4" else "")
-                                   + "; conv outputs requantized to 8 bits; first/last layers, skip and "
-                                     "downsample convs and embedding Gemms 8-bit; attention matmuls float"}
+                                   + "; conv outputs requantized to 8 bits; first/last layers and embedding "
+                                     "Gemms 8-bit; skip and downsample convs " + ("float" if p == "w8a8" else "8-bit")
+                                   + "; attention matmuls float"}
             buckets = calib_buckets if p != PEER else [None]
             rec["buckets"] = []
             for k, bucket in enumerate(buckets):

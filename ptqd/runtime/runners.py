@@ -75,9 +75,15 @@ def ort_session(path: str | os.PathLike, threads: int | None = None, allow_spinn
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     from ptqd.runtime.packed import is_packed, load_session_bytes
 
-    if is_packed(path):  # 4-bit weights stored two per byte: expanded to int8 in memory
-        return ort.InferenceSession(load_session_bytes(path), so, providers=["CPUExecutionProvider"])
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    # 4-bit weights stored two per byte: expanded to int8 in memory
+    src = load_session_bytes(path) if is_packed(path) else str(path)
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"], disabled_optimizers=LOAD_DISABLED)
+
+
+# QLinearConv stays NCHW (its kernel transposes internally) instead of NHWC with a Transpose node on each
+# side: every integer conv is followed by float NCHW ops here, so those Transposes never cancel (mid-size
+# cin256-v2, batch 1, 2 threads: w8a8 1.45x -> 1.51x ORT FP32, identical output; benchmarks/profile_ops.py)
+LOAD_DISABLED = ["NhwcTransformer"]
 
 
 def unet_feeds(input_names, x, t, context, what: str) -> dict[str, np.ndarray]:
