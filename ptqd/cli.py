@@ -317,7 +317,7 @@ def cmd_demo(args) -> int:
           "UNet ms = one CFG-doubled forward (batch 2), median, the plan's weighted by its steps; img/s = UNet "
           "throughput at the sampler's batch (100 images, CFG-doubled)")
     print("the demo UNet is tiny: speed at real sizes (47 M, 400.9 M parameters) is "
-          "`python benchmarks/speed_at_size.py --size mid|full` (README)")
+          "`python benchmarks/speed_at_size.py --size mid|full`")
     return 0
 
 
