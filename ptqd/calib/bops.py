@@ -24,12 +24,13 @@ def layer_bits(rows: list[dict], precision: str, calibrated: list[dict] | None =
         return {r["name"]: (8, 8) for r in rows if r["kind"] in COUNTED_KINDS}
     if calibrated is not None:
         return {m["name"]: (int(m["w_bits"]), int(m["a_bits"])) for m in calibrated}
-    from ptqd.calib.calibrate import PRECISIONS, select_layers
+    from ptqd.calib.calibrate import EIGHT_BIT_ROLES, PRECISIONS, quantized_in, select_layers
 
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}")
     wb, ab = PRECISIONS[precision]
-    return {r["name"]: (8, 8) if r["role"] in ("first", "last") else (wb, ab) for r in select_layers(rows)}
+    return {r["name"]: (8, 8) if r["role"] in EIGHT_BIT_ROLES else (wb, ab)
+            for r in quantized_in(select_layers(rows), precision)}
 
 
 def bops(rows: list[dict], bits: dict[str, tuple[int, int]], float_bits: int = 32) -> float:

@@ -1,10 +1,13 @@
 """Calibration: layer selection, activation ranges, weight rounding, per precision.
 
-Layer selection (PTQD's defaults): every Conv and every linear MatMul is quantized, except
-skip-connection 1x1 convs and downsample convs (stay FP) and the first and last layers (8 bits
-whatever the precision). Time/label-embedding Gemms (a few kMAC) and the attention matmuls
-(activation x activation) stay float, as in PTQD and TensorRT's recipes: quantizing softmax and
-elementwise ops costs more than it saves on CPUs (MEASURED.md).
+Layer selection: every Conv, every linear MatMul and every Gemm (time-embedding linears) is
+quantized. The first and last layers, and the layers PTQD kept float for its base quantizer (skip
+1x1 convs, downsample convs, embedding Gemms: ``W8_PATTERNS``, 6 % of cin256-v2's weights) are
+quantized with 8-bit weights and activations whatever the precision (role "w8"): cheap in size,
+and they keep the 4-bit engines' storage at 4-bit + 6 % x 8-bit. Exception: w8a8 keeps the skip
+and downsample convs float (``FLOAT_IN_W8A8``: measured, their requantized outputs cost it 2.3 dB). The attention matmuls
+(activation x activation) and softmax stay float: quantizing softmax and elementwise ops costs more
+than it saves on CPUs (MEASURED.md). ``keep_fp`` patterns still keep layers float.
 
 Numerics of a quantized layer (what the fake-quant model and the engines compute):
   input   per-tensor asymmetric, a bits (4-bit activations: uint8 storage clipped to [0, 15])
@@ -30,7 +33,10 @@ from ptqd.errors import UserError
 from ptqd.precision import CALIBRATED
 
 PRECISIONS = {p.value: (p.w_bits, p.a_bits) for p in CALIBRATED}  # name -> (weight bits, activation bits)
-DEFAULT_KEEP_FP = (r"skip_connection$", r"\.op$", r"nin_shortcut$")
+PTQD_KEEP_FP = (r"skip_connection$", r"\.op$", r"nin_shortcut$")  # PTQD's float layers (now role "w8")
+W8_PATTERNS = PTQD_KEEP_FP + (r"time_embed\.\d+$", r"emb_layers\.\d+$", r"label_emb")
+DEFAULT_KEEP_FP: tuple[str, ...] = ()
+EIGHT_BIT_ROLES = ("first", "last", "w8")  # 8-bit weights and activations in every precision
 
 
 @dataclass(frozen=True)
@@ -84,20 +90,50 @@ def recipe(name: str) -> dict:
 
 
 def select_layers(rows: list[dict], keep_fp=DEFAULT_KEEP_FP) -> list[dict]:
-    """Rows to quantize, each with ``role``: "first", "last" (8 bits) or "body". Others stay FP.
+    """Rows to quantize, each with ``role``: "first", "last", "w8" (8 bits whatever the precision) or
+    "body". Rows matching a ``keep_fp`` pattern stay FP.
 
     The last layer computes ε itself: its output is not requantized (no Q/DQ on the network output).
     """
-    cands = [r for r in rows if r["kind"] in ("conv", "linear") and r["op"] in ("Conv", "MatMul") and r["module"]]
+    cands = [r for r in rows if r["kind"] in ("conv", "linear") and r["op"] in ("Conv", "MatMul", "Gemm")
+             and r["module"]]
     convs = [r for r in cands if r["op"] == "Conv"]
     edge = {convs[0]["name"], convs[-1]["name"]} if convs else set()
     out = []
     for r in cands:
         if any(re.search(p, r["module"]) for p in keep_fp):
             continue
-        role = "body" if r["name"] not in edge else ("last" if r["name"] == convs[-1]["name"] else "first")
-        out.append(dict(r, role=role))
+        if r["name"] in edge:
+            role = "last" if r["name"] == convs[-1]["name"] else "first"
+        else:
+            role = "w8" if r["op"] == "Gemm" or any(re.search(p, r["module"]) for p in W8_PATTERNS) else "body"
+        row = dict(r, role=role)
+        if any(re.search(p, r["module"]) for p in PTQD_KEEP_FP):
+            row["float_in"] = FLOAT_IN_W8A8
+        out.append(row)
     return out
+
+
+# Skip and downsample convs stay float in w8a8: their requantized 8-bit outputs join the residual stream,
+# and quantizing them cost the demo's w8a8 2.3 dB paired PSNR (37.9 vs 40.3 dB, 500 samples). In the 4-bit
+# precisions they are 8-bit layers among 4-bit ones, and float weights would break the 4-bit storage.
+FLOAT_IN_W8A8 = ("w8a8",)
+
+
+def quantized_in(selected: list[dict], precision: str) -> list[dict]:
+    """The selected rows that ``precision`` quantizes (some stay float in some precisions: ``float_in``)."""
+    return [r for r in selected if precision not in r.get("float_in", ())]
+
+
+def with_inputs(selected: list[dict], onnx_path) -> list[dict]:
+    """The selected rows with ``x``: the graph tensor each layer quantizes (its node's first input). Layers
+    reading one tensor (a transformer block's q/k/v projections, every block's context k/v) then get one
+    activation quantizer, and the QDQ writer one QuantizeLinear for all of them."""
+    import onnx
+
+    first_input = {n.name: n.input[0] for n in onnx.load(str(onnx_path), load_external_data=False).graph.node
+                   if n.input}
+    return [dict(r, x=first_input.get(r["name"], r["name"])) for r in selected]
 
 
 def _weight2d(mod) -> tuple[np.ndarray, np.ndarray | None]:
@@ -109,7 +145,7 @@ def _weight2d(mod) -> tuple[np.ndarray, np.ndarray | None]:
 def grid_bits(role: str, w_bits: int, reduce_range: bool) -> int:
     """The weight grid a layer really uses: first/last layers are 8-bit whatever the precision, and
     8-bit weights sit on ±63 (7 bits) with ``reduce_range``."""
-    wb = 8 if role in ("first", "last") else w_bits
+    wb = 8 if role in EIGHT_BIT_ROLES else w_bits
     return 7 if (reduce_range and wb == 8) else wb
 
 
@@ -202,14 +238,14 @@ def quantize_layers(loaded, selected: list[dict], obs: dict, cfg: CalibConfig, p
     cache = {} if range_cache is None else range_cache
     sk = None if steps is None else tuple(steps)
     out = []
-    for r in selected:
+    for r in quantized_in(selected, precision):
         o = obs[r["name"]]
-        wb, ab = (8, 8) if r["role"] in ("first", "last") else (w_bits_p, a_bits_p)
+        wb, ab = (8, 8) if r["role"] in EIGHT_BIT_ROLES else (w_bits_p, a_bits_p)
         ins = [v for k, v in o.inputs.items() if steps is None or k in steps]
         if not ins:
             raise UserError(f"layer {r['module']} never ran along the calibration trajectories; it cannot be "
                             "calibrated (keep it in float with a keep-fp pattern)")
-        act_in = _act_range(ins, ab, cfg.method, cache, (r["name"], "in", ab, sk))
+        act_in = _act_range(ins, ab, cfg.method, cache, (r.get("x", r["name"]), "in", ab, sk))  # per tensor
         act_out = None
         if r["op"] == "Conv" and r["role"] != "last":
             outs = [v for k, v in o.outputs.items() if steps is None or k in steps]
@@ -262,5 +298,5 @@ def load_params(meta: dict, arrays) -> list[LayerQuant]:
     return out
 
 
-__all__ = ["CalibConfig", "PRECISIONS", "select_layers", "quantize_layers", "save_params", "load_params",
+__all__ = ["CalibConfig", "PRECISIONS", "EIGHT_BIT_ROLES", "select_layers", "quantized_in", "with_inputs", "quantize_layers", "save_params", "load_params",
            "LayerQuant", "act_params"]

@@ -110,14 +110,16 @@ def print_eval(report: dict) -> None:
     w = max(12, 2 + max(len(r["precision"]) for r in rows))
     lat = any("unet_ms" in r for r in rows)
     print(f"{'precision':<{w}}{'FD':>9}{'FD vs FP':>10}{'class acc':>11}{'PSNR vs FP':>12}{'eps MSE':>11}"
-          f"{'BOPs saving':>13}" + (f"{'UNet ms':>9}" if lat else f"{'seconds':>9}"))
+          f"{'BOPs saving':>13}" + (f"{'UNet ms':>9}" if lat else f"{'seconds':>9}")
+          + (f"{'img/s':>8}" if any("images_per_s" in r for r in rows) else ""))
     for r in rows:
         acc = None if r.get("class_acc") is None else 100 * r["class_acc"]
         print(f"{r['precision']:<{w}}{_fmt(r.get('fd'), 9, '.2f')}{_fmt(r.get('fd_vs_fp'), 10, '.2f')}"
               f"{_fmt(acc, 11, '.1f', '%')}"
               f"{_fmt(r.get('psnr_vs_fp'), 12, '.2f')}{_fmt(r.get('eps_mse_mean'), 11, '.2e')}"
               f"{_fmt(r.get('bops_saving'), 12, '.1f', 'x')}"
-              + (_fmt(r.get("unet_ms"), 9, ".2f") if lat else f"{r['seconds']:9.1f}"))
+              + (_fmt(r.get("unet_ms"), 9, ".2f") if lat else f"{r['seconds']:9.1f}")
+              + (_fmt(r.get("images_per_s"), 8, ".1f") if any("images_per_s" in r for r in rows) else ""))
     if ref:
         print(f"for scale: FD real vs real {ref['fd_real_half_vs_half']:.2f} (two halves of all digits), "
               f"{ref['fd_real_train_vs_held_out']:.2f} (train vs held-out at this sample count); "
@@ -283,7 +285,10 @@ def cmd_demo(args) -> int:
     print_eval(res["eval"])
     print("rows: +ptqd = the parts of PTQD's correction (k_t, bias_t; VSC when eta > 0) that the end-to-end gate "
           "kept (calib/correction.json); plan = step-aware mixed precision; "
-          "UNet ms = one CFG-doubled forward (batch 2), median, the plan's weighted by its steps")
+          "UNet ms = one CFG-doubled forward (batch 2), median, the plan's weighted by its steps; img/s = UNet "
+          "throughput at the sampler's batch (100 images, CFG-doubled)")
+    print("the demo UNet is tiny: speed at real sizes (47 M, 400.9 M parameters) is "
+          "`python benchmarks/speed_at_size.py --size mid|full`")
     return 0
 
 

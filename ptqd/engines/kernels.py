@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ptqd.engines.onnx_io import load_model
+from ptqd.engines.packed import expand_initializers
 from ptqd.engines.qdq import node_key
 
 FLOAT_KERNEL_RTOL = 1e-6
@@ -38,6 +39,7 @@ def check_kernels(engine_path: str | Path, layers, feeds: dict) -> dict:
     from onnx import helper, numpy_helper
 
     model = load_model(engine_path)
+    expand_initializers(model)  # packed 4-bit weights (ptqd.engines.packed): the int8 tensors the kernels read
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     kernels = [n for n in model.graph.node if n.op_type in ("QLinearConv", "MatMulIntegerToFloat")]
     need = sorted({x for n in kernels for x in [*n.input, *n.output] if x and x not in inits})

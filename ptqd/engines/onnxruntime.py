@@ -22,6 +22,9 @@ INTEGER_OPS = ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulIn
                "DynamicQuantizeMatMul")
 
 
+BUILD_DISABLED = ["MatMulAddFusion"]
+
+
 def build_engine(model_path: Path, engine_path: Path) -> None:
     import onnxruntime as ort
 
@@ -29,7 +32,29 @@ def build_engine(model_path: Path, engine_path: Path) -> None:
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     so.optimized_model_filepath = str(engine_path)
-    ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    # MatMulAddFusion would turn a quantized 2-D linear layer (MatMul + bias Add: the embedding Gemms, see
+    # ``qdq``) back into a Gemm on dequantized weights before the QDQ fusions see it: it must become
+    # MatMulIntegerToFloat like every other linear layer
+    ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"], disabled_optimizers=BUILD_DISABLED)
+
+
+def pack_4bit_weights(engine_path: Path, layers) -> dict:
+    """Rewrite a built engine with the int8 weights of its 4-bit layers stored two per byte (INT4
+    initializers, ``ptqd.engines.packed``); the runners expand them when the engine is loaded.
+    Layers on 8-bit grids (first/last, role "w8") keep int8 weights. Returns what was packed."""
+    import onnx
+
+    from ptqd.engines.onnx_io import load_model
+    from ptqd.engines.packed import pack_initializers
+
+    model = load_model(engine_path)
+    present = {i.name for i in model.graph.initializer}
+    names = [f"{node_key(lq.name)}_w_int8" for lq in layers if lq.w_bits <= 4]
+    names = [n for n in names if n in present]
+    before = engine_path.stat().st_size
+    saved = pack_initializers(model, names)
+    onnx.save_model(model, str(engine_path))
+    return {"packed_int4_weights": len(names), "packed_bytes_saved": saved, "unpacked_size_bytes": before}
 
 
 def describe_engine(engine_path: Path, layer_rows: list[dict]) -> dict:
@@ -82,7 +107,17 @@ def ort_session(path: str | os.PathLike, threads: int | None = None, allow_spinn
         so.intra_op_num_threads = threads
     if not allow_spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    from ptqd.engines.packed import is_packed, load_session_bytes
+
+    # 4-bit weights stored two per byte: expanded to int8 in memory
+    src = load_session_bytes(path) if is_packed(path) else str(path)
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"], disabled_optimizers=LOAD_DISABLED)
+
+
+# QLinearConv stays NCHW (its kernel transposes internally) instead of NHWC with a Transpose node on each
+# side: every integer conv is followed by float NCHW ops here, so those Transposes never cancel (mid-size
+# cin256-v2, batch 1, 2 threads: w8a8 1.45x -> 1.51x ORT FP32, identical output; benchmarks/profile_ops.py)
+LOAD_DISABLED = ["NhwcTransformer"]
 
 
 class OrtRunner(Runner):

@@ -24,6 +24,31 @@ def node_key(name: str) -> str:
     return name.strip("/").replace("/", "_").replace(".", "_")
 
 
+def _gemm_as_matmul(node, inits, base) -> list:
+    """Turn a Gemm (y = x·Wᵀ + b, transB = 1, alpha = beta = 1: torch's Linear on a 2-D input) into
+    MatMul(x, Wᵀ) + Add(b) in place, so that its QDQ form fuses into MatMulIntegerToFloat like every
+    other linear layer. Returns the Add node (to insert after it); the weight becomes [K, N]."""
+    from onnx import helper, numpy_helper
+
+    at = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if at.get("transA", 0) or at.get("alpha", 1.0) != 1.0 or at.get("beta", 1.0) != 1.0:
+        raise ValueError(f"{node.name}: only Gemm with transA = 0, alpha = beta = 1 can be quantized")
+    w = numpy_helper.to_array(inits[node.input[1]])
+    if not at.get("transB", 0):
+        w = w.T
+    node.input[1] = f"{base}_w_fp"  # [K, N]: only its shape is read (the int8 weight replaces it)
+    inits[node.input[1]] = numpy_helper.from_array(np.ascontiguousarray(w.T, np.float32), node.input[1])
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    del node.input[2:]
+    del node.attribute[:]
+    node.op_type = "MatMul"
+    if bias is None:
+        return []
+    y = node.output[0]
+    node.output[0] = f"{base}_mm"
+    return [helper.make_node("Add", [f"{base}_mm", bias], [y], name=f"{base}_Add_bias")]
+
+
 def write_qdq(fp_onnx: Path, layers, out_path: Path) -> dict:
     """Write the QDQ model; returns {"quantized_nodes": n}."""
     import onnx
@@ -33,35 +58,47 @@ def write_qdq(fp_onnx: Path, layers, out_path: Path) -> dict:
     g = model.graph
     nodes = {n.name: n for n in g.node}
     inits = {i.name: i for i in g.initializer}
-    new_inits, inserted_before, inserted_after = [], {}, {}
+    new_inits, inserted_before, inserted_after, shared_q = [], {}, {}, {}
 
     def const(name, arr):
         new_inits.append(numpy_helper.from_array(arr, name))
         return name
 
-    for lq in layers:
+    order = {n.name: i for i, n in enumerate(g.node)}  # graph order: a shared Q comes before its readers
+    for lq in sorted(layers, key=lambda lq: order.get(lq.name, -1)):
         node = nodes.get(lq.name)
         if node is None:
             raise ValueError(f"node {lq.name!r} from the calibration is not in {fp_onnx.name}: re-run calibrate")
         base = node_key(lq.name)
         pre, post = [], []
-        # activation input
+        if lq.op == "Gemm":
+            post += _gemm_as_matmul(node, inits, base)
+        # activation input: one QuantizeLinear per (tensor, quantizer), shared by the layers that read the
+        # same tensor on the same grid (a transformer block's q/k/v, every block's context k/v); each
+        # layer keeps its own DequantizeLinear (ONNX Runtime fuses one per integer kernel)
         x = node.input[0]
         a = lq.act_in
-        if a.bits < 8:
+        key = (x, float(np.float32(a.scale)), int(a.zero_point), a.bits, tuple(a.range) if a.bits < 8 else None)
+        sx = const(f"{base}_x_scale", np.array(a.scale, np.float32))
+        zx = const(f"{base}_x_zp", np.array(a.zero_point, np.uint8))
+        if key in shared_q:
+            pre.append(helper.make_node("DequantizeLinear", [shared_q[key], sx, zx], [f"{base}_xd"],
+                                        name=f"{base}_DequantizeLinear_x"))
+            x = None
+        elif a.bits < 8:
             lo, hi = a.range
             pre.append(helper.make_node("Clip", [x, const(f"{base}_clip_lo", np.array(lo, np.float32)),
                                                  const(f"{base}_clip_hi", np.array(hi, np.float32))],
                                         [f"{base}_xc"], name=f"{base}_Clip"))
             x = f"{base}_xc"
-        sx = const(f"{base}_x_scale", np.array(a.scale, np.float32))
-        zx = const(f"{base}_x_zp", np.array(a.zero_point, np.uint8))
-        pre.append(helper.make_node("QuantizeLinear", [x, sx, zx], [f"{base}_xq"], name=f"{base}_QuantizeLinear_x"))
-        pre.append(helper.make_node("DequantizeLinear", [f"{base}_xq", sx, zx], [f"{base}_xd"],
-                                    name=f"{base}_DequantizeLinear_x"))
+        if x is not None:
+            shared_q[key] = f"{base}_xq"
+            pre.append(helper.make_node("QuantizeLinear", [x, sx, zx], [f"{base}_xq"], name=f"{base}_QuantizeLinear_x"))
+            pre.append(helper.make_node("DequantizeLinear", [f"{base}_xq", sx, zx], [f"{base}_xd"],
+                                        name=f"{base}_DequantizeLinear_x"))
         node.input[0] = f"{base}_xd"
         # weight: torch layout [C_out, ...]; ONNX MatMul wants [K, N] with the output axis 1
-        w_int = lq.w_int if lq.op == "Conv" else lq.w_int.T.copy()
+        w_int = lq.w_int if lq.op == "Conv" else lq.w_int.T.copy()  # Gemm: already a MatMul here
         axis = 0 if lq.op == "Conv" else 1
         old_w = node.input[1]
         if old_w not in inits:

@@ -23,11 +23,11 @@ def numerics(p: Precision) -> str:
         return ("ONNX Runtime quantize_static: QDQ, U8 activations (MinMax), S8 per-channel weights, reduce_range; "
                 "attention matmuls float")
     return (f"w{p.w_bits}a{p.a_bits} numerics on int8 kernels (QLinearConv, MatMulIntegerToFloat)"
-            + (": weights on the 4-bit grid" if p.w_bits == 4 else
+            + (": weights on the 4-bit grid, stored two per byte (expanded at load)" if p.w_bits == 4 else
                ": 8-bit weights on the reduce-range grid ±63 (exact on AVX2 u8s8)")
             + (", activations clipped to the 4-bit grid" if p.a_bits == 4 else "")
-            + "; conv outputs requantized to 8 bits; first/last layers 8-bit; skip and "
-              "downsample convs, embedding Gemms and attention matmuls float")
+            + "; conv outputs requantized to 8 bits; first/last layers and embedding Gemms 8-bit; skip and "
+              "downsample convs " + ("float" if p == Precision.W8A8 else "8-bit") + "; attention matmuls float")
 
 
 def validate_built(b: Bundle, eng_path, loaded, layers, inputs: list[dict], act_bits: int) -> dict:
@@ -48,7 +48,7 @@ def validate_built(b: Bundle, eng_path, loaded, layers, inputs: list[dict], act_
 def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool = True,
           progress: bool | None = None) -> dict:
     """One engine per precision from the calibration; validated against the fake-quant model."""
-    from ptqd.engines.onnxruntime import build_engine, describe_engine, quantize_static_peer
+    from ptqd.engines.onnxruntime import build_engine, describe_engine, pack_4bit_weights, quantize_static_peer
     from ptqd.engines.qdq import write_qdq
 
     if Backend.parse(backend) == Backend.TENSORRT:
@@ -89,9 +89,10 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
                     layers = calib_layers(b, p.value, k, len(buckets))
                     write_qdq(b.path(layout.UNET_ONNX), layers, qdq_path)
                 build_engine(qdq_path, eng_path)
+                packed = pack_4bit_weights(eng_path, layers) if layers and p.w_bits == 4 else {}
                 desc = describe_engine(eng_path, rows)
                 if k == 0:
-                    rec.update(desc)
+                    rec.update(desc, **packed)
                 entry = {"t_range": bucket["t_range"] if bucket else None,
                          "engine": eng_path.relative_to(w.staging).as_posix(), "size_bytes": desc["size_bytes"]}
                 if validate and layers is not None:

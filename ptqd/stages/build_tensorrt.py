@@ -42,6 +42,7 @@ def _tensorrt_graphs(b: Bundle, precisions, path_for, options) -> list[tuple]:
         for k, bucket in enumerate([None] if p == "fp16" else buckets):
             sfx = "" if p == "fp16" else layout.bucket_suffix(k, len(buckets))
             layers = [] if p == "fp16" else calib_layers(b, p, k, len(buckets))
+            layers = [lq for lq in layers if lq.op in ("Conv", "MatMul")]  # embedding Gemms: TensorRT keeps them fp32
             path = path_for(f"{p}{sfx}.qdq.onnx")
             out.append((p, sfx, bucket, path, write_qdq_tensorrt(b.path(layout.UNET_ONNX), layers, path, options)))
     return out

@@ -36,6 +36,7 @@ def calibrate(bundle, samples: int | None = None, steps: int | None = None, eta:
         quantize_weights,
         save_params,
         select_layers,
+        with_inputs,
     )
     from ptqd.calib.device import describe, resolve_device
     from ptqd.calib.observe import record_trajectories
@@ -60,7 +61,7 @@ def calibrate(bundle, samples: int | None = None, steps: int | None = None, eta:
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     loaded = load_source(b)
-    selected = select_layers(table["layers"], cfg.keep_fp)
+    selected = with_inputs(select_layers(table["layers"], cfg.keep_fp), b.path(layout.UNET_ONNX))
     labels = default_labels(facts, None, cfg.samples)
     chunks = cfg.seeds * -(-cfg.samples // cfg.batch)
     with progress_bar(chunks + len(selected), "calibrate", progress) as bar:

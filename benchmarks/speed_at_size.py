@@ -1,0 +1,266 @@
+"""Engine speed, size, load time and memory where they are real: cin256-v2-family UNets at mid (47 M
+parameters, 32x32 latent) and full size (400.9 M, 64x64), ptqd's engines beside every CPU peer.
+
+    python benchmarks/speed_at_size.py --size mid  [--work DIR] [--runs 12] [--threads 2] [--batches 1,2]
+    python benchmarks/speed_at_size.py --size full [--work DIR] [--no-torch]
+
+Builds (or reuses, in ``DIR``) a seeded random-weight checkpoint, its bundle, a FAST calibration
+(``--rounding nearest``, ``--samples 1``, ``--steps 4``: speed does not depend on weight values; the
+quality of a compile is the demo's and scale.py's business) and the engines w8a8, w4a8, w4a4 and
+ort-int8 (ONNX Runtime's ``quantize_static``). Then, in ONE process, per batch size, interleaved
+rounds (each round runs every engine once), the median of ``--runs`` after ``--warmup``:
+
+  ort-fp32       the exported FP32 ONNX in a plain ONNX Runtime session (what a user gets)
+  w8a8 ...       ptqd's engines through the runtime's own runner (4-bit engines: packed weights)
+  ort-int8       ONNX Runtime quantize_static (QDQ, U8/S8 per channel, reduce_range)
+  torch-fp32     PyTorch eager (``--no-torch`` skips it)
+  ov-fp32        OpenVINO on the same FP32 ONNX, f32 inference precision (optional: pip install ptqd[peers])
+  ov-nncf-int8   NNCF quantize() (mixed preset, transformer model type) + OpenVINO    (optional, same)
+
+Every session runs ``--threads`` intra-op threads with spinning off (they take turns; MEASURED.md).
+Per engine: file size, load seconds, peak resident MiB of a fresh process that loads it and runs one
+forward. Prints a table and writes ``DIR/speed_<size>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+OURS = ("w8a8", "w4a8", "w4a4")
+PEER = "ort-int8"
+
+
+def prepare(work: Path, size: str, samples: int, steps: int, rounding: str, validate: bool, log=print) -> Path:
+    """Checkpoint -> bundle -> fast calibration -> engines, each step skipped when already done."""
+    from ptqd import api
+    from ptqd.bundle import Bundle
+    from ptqd.models.tiny import write_cin256_family
+
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = work / f"cin256_{size}.safetensors"
+    if not ckpt.exists():
+        write_cin256_family(ckpt, size)
+    out = work / f"{size}.bundle"
+    t0 = time.perf_counter()
+    if not (out / "manifest.json").exists():
+        api.export(str(ckpt), out, first_stage=False, progress=False)
+        log(f"export: {time.perf_counter() - t0:.0f} s")
+    b = Bundle.open(out)
+    cal = b.stage("calibrate")
+    want = {"samples": samples, "steps": steps, "rounding": rounding}
+    if cal is None or any(cal["config"].get(k) != v for k, v in want.items()):
+        t0 = time.perf_counter()
+        api.calibrate(out, samples=samples, steps=steps, rounding=rounding, progress=False)
+        log(f"calibrate (fast: {rounding} rounding, {samples} trajectory, {steps} steps): "
+            f"{time.perf_counter() - t0:.0f} s")
+        b = Bundle.open(out)
+    built = b.read_json(api.BUILD_JSON) if b.has(api.BUILD_JSON) else {}
+    if b.stage("build") is None or set(built) != set(OURS + (PEER,)) or \
+            b.stage("build").get("inputs") != _build_inputs(b):
+        t0 = time.perf_counter()
+        api.build(out, precisions=OURS + (PEER,), validate=validate, progress=False)
+        log(f"build: {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def _build_inputs(b):
+    from ptqd.bundle.layout import BUILD_INPUTS
+    from ptqd.stages.common import digest
+
+    return digest(b, BUILD_INPUTS)
+
+
+def peak_rss(bundle: Path, engine: str, batch: int) -> float | None:
+    """Peak resident MiB (VmHWM) of a fresh process that opens one engine and runs one forward."""
+    code = ("import sys,json;from ptqd import api;from ptqd.bundle import Bundle;from ptqd.facts import "
+            "seeded_unet_inputs;from ptqd.engines.onnxruntime import OrtRunner;b=Bundle.open(sys.argv[1]);p=sys.argv[2];"
+            "r=OrtRunner(b.path('unet.onnx'),2) if p=='ort-fp32' else api.open_engine(b,p,2);"
+            "f=seeded_unet_inputs(b.facts,int(sys.argv[3]),501.0,0);r(f['x'],f['t'],f.get('context'));"
+            "print([l for l in open('/proc/self/status').read().splitlines() if l.startswith('VmHWM')][0].split()[1])")
+    try:
+        out = subprocess.run([sys.executable, "-c", code, str(bundle), engine, str(batch)], capture_output=True,
+                             text=True, check=True)
+        return int(out.stdout.strip().splitlines()[-1]) / 1024
+    except (subprocess.CalledProcessError, OSError, ValueError, IndexError):
+        return None
+
+
+class OpenVinoRunner:
+    """An OpenVINO CPU model compiled per batch size (static shapes: OpenVINO's fastest path)."""
+
+    def __init__(self, model, threads: int, f32: bool):
+        import openvino as ov
+
+        self.core, self.model, self.compiled = ov.Core(), model, {}
+        self.config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        if f32:
+            self.config["INFERENCE_PRECISION_HINT"] = "f32"
+        self.inputs = [i.get_any_name() for i in model.inputs]
+
+    def compile_for(self, feeds: dict):
+        batch = feeds["x"].shape[0]
+        if batch not in self.compiled:
+            m = self.model.clone()
+            m.reshape({n: list(feeds[n].shape) for n in self.inputs})
+            self.compiled[batch] = self.core.compile_model(m, "CPU", self.config)
+        return self.compiled[batch]
+
+    def __call__(self, x, t, context=None):
+        feeds = {"x": x, "t": t, "context": context}
+        cm = self.compile_for(feeds)
+        return cm({n: feeds[n] for n in self.inputs})[cm.output(0)]
+
+
+def openvino_peers(bundle: Path, threads: int, calib_items: int, notes: list) -> dict:
+    """OpenVINO FP32 and NNCF + OpenVINO INT8 runners, or a note saying why not."""
+    out = {}
+    try:
+        import openvino as ov
+    except ImportError:
+        notes.append("OpenVINO peers skipped: openvino is not installed (pip install ptqd[peers])")
+        return out
+    core = ov.Core()
+    t0 = time.perf_counter()
+    fp = core.read_model(str(bundle / "unet.onnx"))
+    out["ov-fp32"] = (OpenVinoRunner(fp, threads, f32=True), time.perf_counter() - t0)
+    try:
+        import nncf
+    except ImportError:
+        notes.append("NNCF + OpenVINO INT8 peer skipped: nncf is not installed (pip install ptqd[peers])")
+        return out
+    data = np.load(bundle / "calib" / "feeds.npz")
+    names = [i.get_any_name() for i in fp.inputs]
+    idx = np.linspace(0, len(data["t"]) - 1, min(calib_items, len(data["t"]))).round().astype(int)
+    items = [{n: data[n][i:i + 1] for n in names} for i in idx]
+    t0 = time.perf_counter()
+    try:
+        q = nncf.quantize(fp, nncf.Dataset(items), preset=nncf.QuantizationPreset.MIXED,
+                          model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items))
+    except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+        notes.append(f"NNCF + OpenVINO INT8 peer failed: {type(e).__name__}: {str(e)[:200]}")
+        return out
+    out["ov-nncf-int8"] = (OpenVinoRunner(q, threads, f32=True), time.perf_counter() - t0)
+    notes.append(f"NNCF quantize() on {len(items)} calibration inputs took {out['ov-nncf-int8'][1]:.0f} s "
+                 "(its load time column)")
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=("small", "mid", "full"), default="mid")
+    ap.add_argument("--work", default="speed-bench")
+    ap.add_argument("--runs", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batches", default="1,2")
+    ap.add_argument("--samples", type=int, default=1, help="calibration trajectories (speed does not depend on them)")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--rounding", default="nearest")
+    ap.add_argument("--validate", action="store_true", help="validate the engines against fake quant while building")
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager peer")
+    ap.add_argument("--no-peers", action="store_true", help="skip the OpenVINO / NNCF peers")
+    ap.add_argument("--no-memory", action="store_true", help="skip the per-engine resident memory processes")
+    ap.add_argument("--calib-items", type=int, default=16, help="NNCF calibration inputs")
+    args = ap.parse_args(argv)
+
+    from ptqd import api
+    from ptqd.bundle import Bundle
+    from ptqd.facts import seeded_unet_inputs
+    from ptqd.engines.onnxruntime import OrtRunner
+
+    work = Path(args.work)
+    bundle = prepare(work, args.size, args.samples, args.steps, args.rounding, args.validate)
+    b = Bundle.open(bundle)
+    built = b.read_json(api.BUILD_JSON)
+    notes: list[str] = [f"engines from a fast calibration ({args.rounding} rounding, {args.samples} trajectory, "
+                        f"{args.steps} steps): speed and size do not depend on weight values"]
+    runners, load_s, sizes = {}, {}, {}
+    t0 = time.perf_counter()
+    runners["ort-fp32"] = OrtRunner(b.path(api.UNET_ONNX), args.threads, allow_spinning=False)
+    load_s["ort-fp32"] = time.perf_counter() - t0
+    sizes["ort-fp32"] = sum(p.stat().st_size for p in b.root.glob("unet.onnx*"))
+    for p in OURS + (PEER,):
+        t0 = time.perf_counter()
+        runners[p] = api.open_engine(b, p, args.threads, allow_spinning=False)
+        load_s[p] = time.perf_counter() - t0
+        sizes[p] = built[p]["size_bytes"]
+    if not args.no_torch:
+        from ptqd.stages.common import load_source
+        from ptqd.engines.torch_ref import TorchRunner
+
+        import torch
+
+        torch.set_num_threads(args.threads)
+        t0 = time.perf_counter()
+        runners["torch-fp32"] = TorchRunner(load_source(b).unet)
+        load_s["torch-fp32"] = time.perf_counter() - t0
+    if not args.no_peers:
+        for k, (r, s) in openvino_peers(b.root, args.threads, args.calib_items, notes).items():
+            runners[k], load_s[k], sizes[k] = r, s, None
+    names = list(runners)
+    result = {"size": args.size, "threads": args.threads, "runs": args.runs, "warmup": args.warmup,
+              "parameters": None, "batches": {}, "notes": notes, "machine": _machine()}
+    for batch in (int(x) for x in args.batches.split(",")):
+        f = seeded_unet_inputs(b.facts, batch, 501.0, 0)
+        call = (f["x"], f["t"], f.get("context"))
+        for k in list(runners):  # first call outside the timing (OpenVINO compiles per batch here)
+            try:
+                runners[k](*call)
+            except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+                if k in ("ort-fp32", PEER, *OURS):
+                    raise
+                notes.append(f"{k} skipped: {type(e).__name__}: {str(e)[:200]}")
+                del runners[k]
+        names = list(runners)
+        times = {k: [] for k in names}
+        for i in range(args.warmup + args.runs):
+            for k in names:
+                t0 = time.perf_counter()
+                runners[k](*call)
+                if i >= args.warmup:
+                    times[k].append(time.perf_counter() - t0)
+        med = {k: float(np.median(v)) for k, v in times.items()}
+        result["batches"][batch] = {k: {"median_ms": 1e3 * med[k], "min_ms": 1e3 * float(np.min(times[k])),
+                                        "vs_ort_fp32": med["ort-fp32"] / med[k],
+                                        "vs_ort_int8": med[PEER] / med[k]} for k in names}
+    names = [k for k in load_s if any(k in r for r in result["batches"].values())]
+    result["engines"] = {k: {"size_bytes": sizes.get(k), "size_vs_fp32": (sizes[k] / sizes["ort-fp32"]) if sizes.get(k)
+                             else None, "load_s": load_s[k]} for k in names}
+    if not args.no_memory:
+        for k in ["ort-fp32", *OURS, PEER]:
+            result["engines"][k]["peak_rss_mib"] = peak_rss(b.root, k, 1)
+    (work / f"speed_{args.size}.json").write_text(json.dumps(result, indent=2))
+    print(f"\ncin256-v2 family, {args.size}; {args.threads} threads, spinning off, interleaved rounds, median of "
+          f"{args.runs} after {args.warmup} warm-up ({result['machine']})")
+    head = "".join(f"{'batch ' + str(bt) + ' ms':>14}{'x fp32':>8}{'x int8':>8}" for bt in result["batches"])
+    print(f"{'engine':<14}{head}{'MB':>9}{'1/size':>8}{'load s':>8}{'RSS MiB':>9}")
+    for k in names:
+        cells = "".join(f"{r[k]['median_ms']:14.1f}{r[k]['vs_ort_fp32']:8.2f}{r[k]['vs_ort_int8']:8.2f}" if k in r
+                        else f"{'-':>14}{'-':>8}{'-':>8}" for r in result["batches"].values())
+        e = result["engines"][k]
+        size = f"{e['size_bytes'] / 1e6:9.1f}{1 / e['size_vs_fp32']:8.2f}" if e["size_bytes"] else f"{'-':>9}{'-':>8}"
+        rss = e.get("peak_rss_mib")
+        print(f"{k:<14}{cells}{size}{e['load_s']:8.2f}{(f'{rss:9.0f}' if rss else '-'.rjust(9))}")
+    for n in notes:
+        print(f"note: {n}")
+    return result
+
+
+def _machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               "?") if os.path.exists("/proc/cpuinfo") else "?"
+    import onnxruntime
+
+    return f"{cpu}, {os.cpu_count()} CPUs, onnxruntime {onnxruntime.__version__}"
+
+
+if __name__ == "__main__":
+    main()
