@@ -89,6 +89,9 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
                     layers = calib_layers(b, p.value, k, len(buckets))
                     write_qdq(b.path(layout.UNET_ONNX), layers, qdq_path)
                 build_engine(qdq_path, eng_path)
+                for rel in (qdq_rel, eng_rel):  # external data beside a graph over 2 GB (quantize_static's, say)
+                    if (w.staging / f"{rel}.data").is_file():
+                        w.declare(f"{rel}.data")
                 packed = pack_4bit_weights(eng_path, layers) if layers and p.w_bits == 4 else {}
                 desc = describe_engine(eng_path, rows)
                 if k == 0:
