@@ -89,6 +89,15 @@ def assess(fit: StepFit, eps: np.ndarray, delta: np.ndarray) -> dict:
     }
 
 
+def holdout_split(eps_steps, delta_steps, timesteps, holdout: int):
+    """Per step (t, ε, Δ, cut): the fit uses samples [:cut], the held-out check [cut:] (the last ``holdout``)."""
+    for t, e, d in zip(timesteps, eps_steps, delta_steps):
+        n = len(e)
+        if not 0 <= holdout < n:
+            raise ValueError(f"holdout must be in [0, {n - 1}] samples, got {holdout}")
+        yield t, e, d, n - holdout
+
+
 def fit_precision(eps_steps: list[np.ndarray], delta_steps: list[np.ndarray], timesteps, holdout: int,
                   gate: bool = True) -> dict:
     """Per step: fit on samples [:-holdout], assess on [-holdout:] (and on the fit samples).
@@ -98,11 +107,7 @@ def fit_precision(eps_steps: list[np.ndarray], delta_steps: list[np.ndarray], ti
     with ε, a noisy k or bias would otherwise add error. The raw fit stays in the record.
     Returns {"steps": [{"t", "k", "bias", "sigma_q", "gate", "raw": {...}, "fit", "holdout"}, ...]}."""
     rows = []
-    for t, e, d in zip(timesteps, eps_steps, delta_steps):
-        n = len(e)
-        if not 0 <= holdout < n:
-            raise ValueError(f"holdout must be in [0, {n - 1}] samples, got {holdout}")
-        cut = n - holdout
+    for t, e, d, cut in holdout_split(eps_steps, delta_steps, timesteps, holdout):
         f = fit_step(e[:cut], d[:cut])
         row = {"t": int(t), **f.to_json(), "gate": "k+bias", "raw": f.to_json(), "fit": assess(f, e[:cut], d[:cut])}
         if holdout:
@@ -250,11 +255,7 @@ def fit_conditional(eps_steps: list[np.ndarray], delta_steps: list[np.ndarray], 
     """Per step: fit the conditional correction on samples [:-holdout], measure the ε error on the rest.
     Returns {"steps": [{"t", "a": [C], "b": [C], "sigma_q", "holdout": {mse_uncorrected, mse_corrected}}]}."""
     rows = []
-    for t, e, d in zip(timesteps, eps_steps, delta_steps):
-        n = len(e)
-        if not 0 <= holdout < n:
-            raise ValueError(f"holdout must be in [0, {n - 1}] samples, got {holdout}")
-        cut = n - holdout
+    for t, e, d, cut in holdout_split(eps_steps, delta_steps, timesteps, holdout):
         row = {"t": int(t), **fit_conditional_step(e[:cut], d[:cut])}
         if holdout:
             after = conditional_error(row, e[cut:], d[cut:])
