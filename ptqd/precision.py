@@ -60,12 +60,6 @@ ORT_BUILDABLE: tuple[Precision, ...] = CALIBRATED + (PEER,)
 TENSORRT_BUILDABLE: tuple[Precision, ...] = (Precision.FP16,) + CALIBRATED
 
 
-def bits(name: str) -> tuple[int, int]:
-    """(weight bits, activation bits) of a precision name."""
-    p = Precision.parse(name)
-    return p.w_bits, p.a_bits
-
-
 def act_bits(name: str) -> int:
     """Activation bits of a precision, or of a plan (``auto``, a plan file): its lowest, 4, to be safe."""
     try:
