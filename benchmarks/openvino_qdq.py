@@ -8,14 +8,10 @@ model), beside ORT FP32, ptqd's ORT engine and OpenVINO FP32, one process, inter
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from speed_at_size import OpenVinoRunner  # noqa: E402
 
 
 def main(argv=None):
@@ -27,21 +23,18 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", default="1,2")
     args = ap.parse_args(argv)
-    import openvino as ov
-
     from ptqd import api
     from ptqd.bundle import Bundle
     from ptqd.facts import seeded_unet_inputs
     from ptqd.engines.onnxruntime import OrtRunner
+    from ptqd.engines.openvino import OvRunner
 
     b = Bundle.open(args.bundle)
-    core = ov.Core()
     runners = {"ort-fp32": OrtRunner(b.path(api.UNET_ONNX), args.threads, allow_spinning=False),
-               "ov-fp32": OpenVinoRunner(core.read_model(str(b.path(api.UNET_ONNX))), args.threads, f32=True)}
+               "ov-fp32": OvRunner(b.path(api.UNET_ONNX), args.threads)}
     for p in args.precisions.split(","):
         runners[p] = api.open_engine(b, p, args.threads, allow_spinning=False)
-        runners[f"ov-{p}-qdq"] = OpenVinoRunner(core.read_model(str(b.path(f"engines/onnxruntime/{p}.qdq.onnx"))),
-                                                args.threads, f32=True)
+        runners[f"ov-{p}-qdq"] = OvRunner(b.path(f"engines/onnxruntime/{p}.qdq.onnx"), args.threads)
     for batch in (int(x) for x in args.batches.split(",")):
         f = seeded_unet_inputs(b.facts, batch, 501.0, 0)
         call = (f["x"], f["t"], f.get("context"))

@@ -12,6 +12,8 @@ rounds (each round runs every engine once), the median of ``--runs`` after ``--w
 
   ort-fp32       the exported FP32 ONNX in a plain ONNX Runtime session (what a user gets)
   w8a8 ...       ptqd's engines through the runtime's own runner (4-bit engines: packed weights)
+  w8a8-openvino  the same engines on ptqd's OpenVINO backend (`ptqd build --backend openvino`: the same QDQ
+                 graph as OpenVINO IR, 4-bit weights as i4; where openvino is installed)
   ort-int8       ONNX Runtime quantize_static (QDQ, U8/S8 per channel, reduce_range)
   torch-fp32     PyTorch eager (``--no-torch`` skips it)
   ov-fp32        OpenVINO on the same FP32 ONNX, f32 inference precision (optional: pip install ptqd[peers])
@@ -36,10 +38,13 @@ import numpy as np
 
 OURS = ("w8a8", "w4a8", "w4a4")
 PEER = "ort-int8"
+OV = "-openvino"  # ptqd's engines on the OpenVINO backend: "w8a8-openvino"
 
 
-def prepare(work: Path, size: str, samples: int, steps: int, rounding: str, validate: bool, log=print) -> Path:
-    """Checkpoint -> bundle -> fast calibration -> engines, each step skipped when already done."""
+def prepare(work: Path, size: str, samples: int, steps: int, rounding: str, validate: bool, log=print,
+            openvino: bool = True) -> Path:
+    """Checkpoint -> bundle -> fast calibration -> engines (ONNX Runtime; OpenVINO too where it is installed),
+    each step skipped when already done."""
     from ptqd import api
     from ptqd.bundle import Bundle
     from ptqd.models.tiny import write_cin256_family
@@ -68,7 +73,20 @@ def prepare(work: Path, size: str, samples: int, steps: int, rounding: str, vali
         t0 = time.perf_counter()
         api.build(out, precisions=OURS + (PEER,), validate=validate, progress=False)
         log(f"build: {time.perf_counter() - t0:.0f} s")
+    if openvino and _has_openvino():
+        b = Bundle.open(out)
+        st = b.stage("build_openvino")
+        if st is None or set(st["precisions"]) != set(OURS) or st.get("inputs") != _build_inputs(b):
+            t0 = time.perf_counter()
+            api.build(out, backend="openvino", precisions=OURS, validate=validate, progress=False)
+            log(f"build --backend openvino: {time.perf_counter() - t0:.0f} s")
     return out
+
+
+def _has_openvino() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
 
 
 def _build_inputs(b):
@@ -80,9 +98,11 @@ def _build_inputs(b):
 
 def peak_rss(bundle: Path, engine: str, batch: int) -> float | None:
     """Peak resident MiB (VmHWM) of a fresh process that opens one engine and runs one forward."""
-    code = ("import sys,json;from ptqd import api;from ptqd.bundle import Bundle;from ptqd.facts import "
+    code = (f"OV={OV!r};import sys,json;from ptqd import api;from ptqd.bundle import Bundle;from ptqd.facts import "
             "seeded_unet_inputs;from ptqd.engines.onnxruntime import OrtRunner;b=Bundle.open(sys.argv[1]);p=sys.argv[2];"
-            "r=OrtRunner(b.path('unet.onnx'),2) if p=='ort-fp32' else api.open_engine(b,p,2);"
+            "ov=p.endswith(OV);p=p[:-len(OV)] if ov else p;"
+            "r=OrtRunner(b.path('unet.onnx'),2) if p=='ort-fp32' else api.open_engine(b,p,2,"
+            "backend='openvino' if ov else 'onnxruntime');"
             "f=seeded_unet_inputs(b.facts,int(sys.argv[3]),501.0,0);r(f['x'],f['t'],f.get('context'));"
             "print([l for l in open('/proc/self/status').read().splitlines() if l.startswith('VmHWM')][0].split()[1])")
     try:
@@ -91,66 +111,6 @@ def peak_rss(bundle: Path, engine: str, batch: int) -> float | None:
         return int(out.stdout.strip().splitlines()[-1]) / 1024
     except (subprocess.CalledProcessError, OSError, ValueError, IndexError):
         return None
-
-
-class OpenVinoRunner:
-    """An OpenVINO CPU model compiled per batch size (static shapes: OpenVINO's fastest path)."""
-
-    def __init__(self, model, threads: int, f32: bool):
-        import openvino as ov
-
-        self.core, self.model, self.compiled = ov.Core(), model, {}
-        self.config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
-        if f32:
-            self.config["INFERENCE_PRECISION_HINT"] = "f32"
-        self.inputs = [i.get_any_name() for i in model.inputs]
-
-    def compile_for(self, feeds: dict):
-        batch = feeds["x"].shape[0]
-        if batch not in self.compiled:
-            m = self.model.clone()
-            m.reshape({n: list(feeds[n].shape) for n in self.inputs})
-            self.compiled[batch] = self.core.compile_model(m, "CPU", self.config)
-        return self.compiled[batch]
-
-    def __call__(self, x, t, context=None):
-        feeds = {"x": x, "t": t, "context": context}
-        cm = self.compile_for(feeds)
-        return cm({n: feeds[n] for n in self.inputs})[cm.output(0)]
-
-
-def openvino_peers(bundle: Path, threads: int, calib_items: int, notes: list) -> dict:
-    """OpenVINO FP32 and NNCF + OpenVINO INT8 runners, or a note saying why not."""
-    out = {}
-    try:
-        import openvino as ov
-    except ImportError:
-        notes.append("OpenVINO peers skipped: openvino is not installed (pip install ptqd[peers])")
-        return out
-    core = ov.Core()
-    t0 = time.perf_counter()
-    fp = core.read_model(str(bundle / "unet.onnx"))
-    out["ov-fp32"] = (OpenVinoRunner(fp, threads, f32=True), time.perf_counter() - t0)
-    try:
-        import nncf
-    except ImportError:
-        notes.append("NNCF + OpenVINO INT8 peer skipped: nncf is not installed (pip install ptqd[peers])")
-        return out
-    data = np.load(bundle / "calib" / "feeds.npz")
-    names = [i.get_any_name() for i in fp.inputs]
-    idx = np.linspace(0, len(data["t"]) - 1, min(calib_items, len(data["t"]))).round().astype(int)
-    items = [{n: data[n][i:i + 1] for n in names} for i in idx]
-    t0 = time.perf_counter()
-    try:
-        q = nncf.quantize(fp, nncf.Dataset(items), preset=nncf.QuantizationPreset.MIXED,
-                          model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items))
-    except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
-        notes.append(f"NNCF + OpenVINO INT8 peer failed: {type(e).__name__}: {str(e)[:200]}")
-        return out
-    out["ov-nncf-int8"] = (OpenVinoRunner(q, threads, f32=True), time.perf_counter() - t0)
-    notes.append(f"NNCF quantize() on {len(items)} calibration inputs took {out['ov-nncf-int8'][1]:.0f} s "
-                 "(its load time column)")
-    return out
 
 
 def main(argv=None) -> dict:
@@ -167,6 +127,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--validate", action="store_true", help="validate the engines against fake quant while building")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager peer")
     ap.add_argument("--no-peers", action="store_true", help="skip the OpenVINO / NNCF peers")
+    ap.add_argument("--no-openvino", action="store_true", help="skip ptqd's own OpenVINO engines")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-engine resident memory processes")
     ap.add_argument("--calib-items", type=int, default=16, help="NNCF calibration inputs")
     args = ap.parse_args(argv)
@@ -177,7 +138,8 @@ def main(argv=None) -> dict:
     from ptqd.engines.onnxruntime import OrtRunner
 
     work = Path(args.work)
-    bundle = prepare(work, args.size, args.samples, args.steps, args.rounding, args.validate)
+    bundle = prepare(work, args.size, args.samples, args.steps, args.rounding, args.validate,
+                     openvino=not args.no_openvino)
     b = Bundle.open(bundle)
     built = b.read_json(api.BUILD_JSON)
     notes: list[str] = [f"engines from a fast calibration ({args.rounding} rounding, {args.samples} trajectory, "
@@ -192,6 +154,14 @@ def main(argv=None) -> dict:
         runners[p] = api.open_engine(b, p, args.threads, allow_spinning=False)
         load_s[p] = time.perf_counter() - t0
         sizes[p] = built[p]["size_bytes"]
+    ov_built = b.read_json("engines/openvino/build.json") if b.has("engines/openvino/build.json") else {}
+    for p in OURS if ov_built else ():
+        t0 = time.perf_counter()
+        runners[p + OV] = api.open_engine(b, p, args.threads, backend="openvino")
+        load_s[p + OV] = time.perf_counter() - t0  # compiling happens at the first call (per batch size)
+        sizes[p + OV] = ov_built[p]["size_bytes"]
+    if not ov_built:
+        notes.append("ptqd's OpenVINO engines skipped: openvino is not installed (pip install 'ptqd[openvino]')")
     if not args.no_torch:
         from ptqd.stages.common import load_source
         from ptqd.engines.torch_ref import TorchRunner
@@ -203,7 +173,9 @@ def main(argv=None) -> dict:
         runners["torch-fp32"] = TorchRunner(load_source(b).unet)
         load_s["torch-fp32"] = time.perf_counter() - t0
     if not args.no_peers:
-        for k, (r, s) in openvino_peers(b.root, args.threads, args.calib_items, notes).items():
+        from ptqd.tools.peers import openvino_peers
+
+        for k, (r, s) in openvino_peers(b, args.threads, args.calib_items, notes).items():
             runners[k], load_s[k], sizes[k] = r, s, None
     names = list(runners)
     result = {"size": args.size, "threads": args.threads, "runs": args.runs, "warmup": args.warmup,
@@ -235,20 +207,20 @@ def main(argv=None) -> dict:
     result["engines"] = {k: {"size_bytes": sizes.get(k), "size_vs_fp32": (sizes[k] / sizes["ort-fp32"]) if sizes.get(k)
                              else None, "load_s": load_s[k]} for k in names}
     if not args.no_memory:
-        for k in ["ort-fp32", *OURS, PEER]:
+        for k in ["ort-fp32", *OURS, PEER, *(p + OV for p in OURS if p + OV in result["engines"])]:
             result["engines"][k]["peak_rss_mib"] = peak_rss(b.root, k, 1)
     (work / f"speed_{args.size}.json").write_text(json.dumps(result, indent=2))
     print(f"\ncin256-v2 family, {args.size}; {args.threads} threads, spinning off, interleaved rounds, median of "
           f"{args.runs} after {args.warmup} warm-up ({result['machine']})")
     head = "".join(f"{'batch ' + str(bt) + ' ms':>14}{'x fp32':>8}{'x int8':>8}" for bt in result["batches"])
-    print(f"{'engine':<14}{head}{'MB':>9}{'1/size':>8}{'load s':>8}{'RSS MiB':>9}")
+    print(f"{'engine':<16}{head}{'MB':>9}{'1/size':>8}{'load s':>8}{'RSS MiB':>9}")
     for k in names:
         cells = "".join(f"{r[k]['median_ms']:14.1f}{r[k]['vs_ort_fp32']:8.2f}{r[k]['vs_ort_int8']:8.2f}" if k in r
                         else f"{'-':>14}{'-':>8}{'-':>8}" for r in result["batches"].values())
         e = result["engines"][k]
         size = f"{e['size_bytes'] / 1e6:9.1f}{1 / e['size_vs_fp32']:8.2f}" if e["size_bytes"] else f"{'-':>9}{'-':>8}"
         rss = e.get("peak_rss_mib")
-        print(f"{k:<14}{cells}{size}{e['load_s']:8.2f}{(f'{rss:9.0f}' if rss else '-'.rjust(9))}")
+        print(f"{k:<16}{cells}{size}{e['load_s']:8.2f}{(f'{rss:9.0f}' if rss else '-'.rjust(9))}")
     for n in notes:
         print(f"note: {n}")
     return result
@@ -259,7 +231,10 @@ def _machine() -> str:
                "?") if os.path.exists("/proc/cpuinfo") else "?"
     import onnxruntime
 
-    return f"{cpu}, {os.cpu_count()} CPUs, onnxruntime {onnxruntime.__version__}"
+    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")),
+                 []) if os.path.exists("/proc/cpuinfo") else []
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16") if f in flags]
+    return f"{cpu} ({' '.join(isa) or 'no AVX2'}), {os.cpu_count()} CPUs, onnxruntime {onnxruntime.__version__}"
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ CALIBRATED_NAMES: tuple[str, ...] = tuple(p.value for p in CALIBRATED)
 PEER = Precision.ORT_INT8
 ORT_BUILDABLE: tuple[Precision, ...] = CALIBRATED + (PEER,)
 TENSORRT_BUILDABLE: tuple[Precision, ...] = (Precision.FP16,) + CALIBRATED
+OPENVINO_BUILDABLE: tuple[Precision, ...] = CALIBRATED
 
 
 def act_bits(name: str) -> int:
@@ -71,6 +72,7 @@ def act_bits(name: str) -> int:
 class Backend(str, Enum):
     ONNXRUNTIME = "onnxruntime"
     TENSORRT = "tensorrt"
+    OPENVINO = "openvino"
 
     def __str__(self) -> str:
         return self.value

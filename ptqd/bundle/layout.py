@@ -46,6 +46,8 @@ ORT_DIR = "engines/onnxruntime"
 BUILD_JSON = f"{ORT_DIR}/build.json"
 TRT_DIR = "engines/tensorrt"
 TRT_BUILD_JSON = f"{TRT_DIR}/build.json"
+OV_DIR = "engines/openvino"
+OV_BUILD_JSON = f"{OV_DIR}/build.json"
 DEMO_FEATURES = "eval/features.onnx"
 DEMO_REAL = "eval/real_images.npz"
 BENCH_JSON = "reports/bench.json"
@@ -74,12 +76,18 @@ def ort_engine(precision: str, k: int = 0, buckets: int = 1) -> tuple[str, str]:
     return f"{stem}.qdq.onnx", f"{stem}.onnx"
 
 
+def ov_engine(precision: str, k: int = 0, buckets: int = 1) -> tuple[str, str]:
+    """(topology ``.xml.gz``, weights ``.bin``) of one OpenVINO engine (IR)."""
+    stem = f"{OV_DIR}/{precision}{bucket_suffix(k, buckets)}"
+    return f"{stem}.xml.gz", f"{stem}.bin"
+
+
 def report(name: str) -> str:
     return f"reports/{name}.json"
 
 
 def build_json(backend: str) -> str:
-    return TRT_BUILD_JSON if str(backend) == "tensorrt" else BUILD_JSON
+    return {"tensorrt": TRT_BUILD_JSON, "openvino": OV_BUILD_JSON}.get(str(backend), BUILD_JSON)
 
 
 # ---- typed readers ---------------------------------------------------------------------------------

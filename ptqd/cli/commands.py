@@ -138,7 +138,7 @@ def cmd_sample(args) -> int:
     images, labels = api.sample(args.bundle, classes=_classes(args.classes), num=num, seed=args.seed,
                                 steps=args.steps, eta=args.eta, guidance=args.guidance, out=args.out,
                                 precision=args.plan, batch=args.batch, correction=args.correction,
-                                prompts=prompts or None, negative_prompt=args.negative_prompt)
+                                prompts=prompts or None, negative_prompt=args.negative_prompt, backend=args.backend)
     print(f"{len(images)} samples ({args.plan}, correction {args.correction}) -> "
           f"{args.out or '(not written: pass --out FILE.png|.npz)'}")
     return 0
@@ -161,7 +161,7 @@ def cmd_eval(args) -> int:
     precisions = [p for p in (args.precisions or "fp32").split(",") if p]
     report = api.evaluate(args.bundle, precisions=precisions, num=args.num, seed=args.seed, steps=args.steps,
                           eta=args.eta, guidance=args.guidance, classes=_classes(args.classes),
-                          features=args.features, correction=args.correction)
+                          features=args.features, correction=args.correction, backend=args.backend)
     return _emit(args, report, print_eval)
 
 
@@ -239,6 +239,13 @@ def cmd_build(args) -> int:
     if args.backend == "tensorrt":
         print_trt_build(recs)
         return 0
+    if args.backend == "openvino":
+        print(f"{'engine':<10}{'size':>10}{'i4 constants':>14}{'vs fake-quant (median)':>24}  verdict")
+        for p, r in recs.items():
+            v = r.get("validation_vs_fake_quant")
+            print(f"{p:<10}{_human(r['size_bytes']):>10}{r['i4_constants']:>14}"
+                  f"{_fmt(v and v['median_rel_l2'], 24, '.2e')}  {(v or {}).get('verdict', 'not validated')}")
+        return 0
     print(f"{'engine':<10}{'int MACs':>9}{'size':>10}{'vs fake-quant (median)':>24}  kernels")
     for p, r in recs.items():
         v = r.get("validation_vs_fake_quant")
@@ -300,7 +307,7 @@ def print_bench(res: dict) -> None:
     print(f"UNet forward: median of >= {eng['fp32']['latency'][cols[0]]['runs']} runs after warm-up, engines "
           f"round-robin in one process; x = speed vs ONNX Runtime FP32 (> 1 is faster)")
     head = "".join(f"{'b' + c + ' ms':>10}{'x':>6}" for c in cols[:-1])
-    print(f"{'engine':<12}{head}{'b' + cols[-1] + ' img/s':>12}{'x':>6}{'GFLOP/s':>9}{'load s':>8}{'+MB':>7}"
+    print(f"{'engine':<15}{head}{'b' + cols[-1] + ' img/s':>12}{'x':>6}{'GFLOP/s':>9}{'load s':>8}{'+MB':>7}"
           f"{'size':>10}{'BOPs':>8}")
     for p in names:
         r = eng[p]
@@ -309,7 +316,7 @@ def print_bench(res: dict) -> None:
         big = lat[cols[-1]]
         mem = r.get("peak_rss_mb")
         extra = None if mem is None else mem - eng.get("_process_baseline_mb", 0)
-        print(f"{p:<12}{cells}{big['samples_per_s']:12.0f}{big['speedup_vs_ort_fp32']:6.2f}"
+        print(f"{p:<15}{cells}{big['samples_per_s']:12.0f}{big['speedup_vs_ort_fp32']:6.2f}"
               f"{_fmt(big['gflops'], 9, '.1f')}{r['load_s']:8.2f}{_fmt(extra, 7, '.0f')}"
               f"{(_human(r['size_bytes']) if r['size_bytes'] else '-'):>10}{_fmt(r.get('bops_saving'), 7, '.1f', 'x')}")
     if "_process_baseline_mb" in eng:
@@ -336,7 +343,7 @@ def cmd_bench(args) -> int:
 
     precisions = [p for p in args.precisions.split(",") if p] if args.precisions else None
     res = bench(args.bundle, precisions=precisions, runs=args.runs, threads=args.threads, large_batch=args.large_batch,
-                torch_peer=not args.no_torch, memory=not args.no_memory,
+                torch_peer=not args.no_torch, memory=not args.no_memory, peers=not args.no_peers,
                 progress=None if args.json else (lambda m: print(f"... {m}", file=sys.stderr)))
     with Bundle.transaction(args.bundle) as w:
         w.write_json(layout.BENCH_JSON, res)

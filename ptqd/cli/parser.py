@@ -51,6 +51,10 @@ examples:
 """
 
 
+RUNTIME_BACKEND_HELP = ("the engines' backend: onnxruntime (default) or openvino (engines from `ptqd build --backend "
+                        "openvino`; fp32 then runs on OpenVINO too)")
+
+
 def _sampling_args(p, num: int | None) -> None:
     what = f"default {num}" if num is not None else "default 16, or one per --prompt"
     p.add_argument("--num", type=int, default=num, help=f"number of samples in total ({what})")
@@ -160,10 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the fake-quant torch model. ort-int8 is ONNX Runtime's own quantize_static on "
                                     "the same calibration inputs, for comparison.")
     bl.add_argument("bundle")
-    bl.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
+    bl.add_argument("--backend", choices=("onnxruntime", "openvino", "tensorrt"), default="onnxruntime",
+                    help="onnxruntime (default; any CPU), openvino (Intel CPUs: the same QDQ graph as OpenVINO IR, "
+                         "4-bit weights stored as i4; pip install 'ptqd[openvino]'), tensorrt (NVIDIA GPUs)")
     bl.add_argument("--precisions", default=None,
-                    help="comma-separated (default: w8a8,w4a8,w4a4,ort-int8 on onnxruntime; fp16,w8a8,w4a8,w4a4 on "
-                         "tensorrt)")
+                    help="comma-separated (default: w8a8,w4a8,w4a4,ort-int8 on onnxruntime; w8a8,w4a8,w4a4 on "
+                         "openvino; fp16,w8a8,w4a8,w4a4 on tensorrt)")
     bl.add_argument("--no-validate", action="store_true", help="skip the check against the fake-quant model")
     bl.set_defaults(func=cmd_build)
 
@@ -193,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--correction", choices=("auto", "on", "conditional", "off"), default="auto",
                    help="PTQD's noise correction and, with --eta > 0, variance schedule calibration (default auto: "
                         "the parts the end-to-end gate kept; on: the raw fit; conditional: E[error | eps_q] removed)")
+    s.add_argument("--backend", choices=("onnxruntime", "openvino"), default="onnxruntime", help=RUNTIME_BACKEND_HELP)
     s.add_argument("--out", help="FILE.png (grid) or FILE.npz (arrays)")
     s.add_argument("--batch", type=int, default=64, help="samples per engine call (default 64)")
     s.set_defaults(func=cmd_sample)
@@ -211,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--ablation", action="store_true",
                    help="PTQD ablation for --precisions (default w4a8,w4a4,auto): uncorrected, + correlated "
                         "correction, + bias at eta 0; uncorrected, + k + bias, + VSC at eta 1")
+    v.add_argument("--backend", choices=("onnxruntime", "openvino"), default="onnxruntime",
+                   help=RUNTIME_BACKEND_HELP.replace("fp32 then runs on OpenVINO too", "the FP32 reference row stays "
+                                                     "ONNX Runtime"))
     v.add_argument("--json", action="store_true", help="machine-readable output")
     v.set_defaults(func=cmd_eval)
 
@@ -249,15 +259,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     be = sub.add_parser("bench", help="latency, throughput, memory and size per engine; end-to-end sampling",
-                        description="Time every engine and the peers (PyTorch eager FP32, ONNX Runtime FP32, ONNX "
-                                    "Runtime quantize_static INT8) in one process, round-robin, medians after "
-                                    "warm-up; ratios against ONNX Runtime FP32. Writes reports/bench.json.")
+                        description="Time every engine (ONNX Runtime, and OpenVINO where built with `ptqd build "
+                                    "--backend openvino`) and the peers (PyTorch eager FP32, ONNX Runtime FP32, ONNX "
+                                    "Runtime quantize_static INT8, and where installed OpenVINO FP32 and NNCF + "
+                                    "OpenVINO INT8) in one process, round-robin, medians after warm-up; ratios "
+                                    "against ONNX Runtime FP32. Writes reports/bench.json. Real sizes: "
+                                    "benchmarks/speed_at_size.py.")
     be.add_argument("bundle")
     be.add_argument("--precisions", help="engines to time (default: every built engine)")
     be.add_argument("--runs", type=int, default=20, help="timed runs per engine and batch (default 20, min 10)")
     be.add_argument("--large-batch", type=int, default=32, help="batch for throughput (default 32)")
     be.add_argument("--threads", type=int, help="intra-op threads (default: ONNX Runtime's, one per core)")
     be.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager peer")
+    be.add_argument("--no-peers", action="store_true",
+                    help="skip the OpenVINO FP32 and NNCF + OpenVINO INT8 peers (timed where installed: "
+                         "pip install 'ptqd[peers]')")
     be.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement (a process per engine)")
     be.add_argument("--json", action="store_true")
     be.set_defaults(func=cmd_bench)

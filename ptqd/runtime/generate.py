@@ -18,7 +18,7 @@ from ptqd.validate import output_file, sampling_counts
 def sample(bundle, classes=None, num: int = 16, seed: int = 0, steps: int = 20, eta: float = 0.0,
            guidance: float = 3.0, out: str | os.PathLike | None = None, precision: str = "fp32",
            batch: int = 64, progress: bool | None = None, correction: str = "auto",
-           prompts: list[str] | None = None, negative_prompt: str = ""):
+           prompts: list[str] | None = None, negative_prompt: str = "", backend: str = "onnxruntime"):
     """Sample ``num`` images (labels cycle through ``classes``, or, for a text-to-image bundle, through
     ``prompts``, guided away from ``negative_prompt``). Returns (images uint8 NHWC, labels: class or
     prompt index). A text-to-image bundle without ``prompts`` samples its calibration prompts.
@@ -48,7 +48,7 @@ def sample(bundle, classes=None, num: int = 16, seed: int = 0, steps: int = 20, 
         labels = default_labels(facts, list(classes) if classes else None, num)
     if decoder is None and out is not None and Path(out).suffix == ".png":
         raise UserError(f"{b.root} has no first-stage decoder, so samples stay latents: write .npz instead")
-    runner, _label = step_engines(b, precision, correction)
+    runner, _label = step_engines(b, precision, correction, backend=backend)
     chunks = []
     with progress_bar(num, f"sample {precision}", progress) as bar:
         for s0 in range(0, num, batch):

@@ -1,4 +1,4 @@
-"""Loading what a bundle holds for sampling: engine runners (ONNX Runtime or TensorRT, one per timestep
+"""Loading what a bundle holds for sampling: engine runners (ONNX Runtime, OpenVINO or TensorRT, one per timestep
 bucket), the decoder, the class embedding, and a plan's engines with PTQD's correction (numpy only)."""
 
 from __future__ import annotations
@@ -47,12 +47,15 @@ def default_labels(facts, classes, num: int) -> np.ndarray:
 def open_engine(b, precision: str = "fp32", threads: int | None = None, allow_spinning: bool = True,
                 backend: str = "onnxruntime"):
     """A runner for ``precision``: the exported graph for fp32, else the built engine (one per
-    timestep bucket when the calibration has several). ``backend="tensorrt"``: the TensorRT plan."""
+    timestep bucket when the calibration has several). ``backend="tensorrt"``: the TensorRT plan;
+    ``backend="openvino"``: the OpenVINO IR (fp32: the exported graph on OpenVINO)."""
     from ptqd.engines.onnxruntime import OrtRunner
     from ptqd.engines.runner import BucketedRunner
 
     if str(backend) == "tensorrt":
         return open_tensorrt_runner(b, precision)
+    if str(backend) == "openvino":
+        return open_openvino(b, precision, threads)
     if precision == "fp32":
         return OrtRunner(b.path(layout.UNET_ONNX), threads, allow_spinning)
     built = layout.built(b)
@@ -65,6 +68,26 @@ def open_engine(b, precision: str = "fp32", threads: int | None = None, allow_sp
     # engines take turns: no spinning threads (MEASURED.md)
     return BucketedRunner([(tuple(e["t_range"]), OrtRunner(b.path(e["engine"]), threads, allow_spinning=False))
                            for e in entries])
+
+
+def open_openvino(b, precision: str, threads: int | None = None):
+    """A runner for one precision on OpenVINO (bucketed when the calibration has buckets)."""
+    from ptqd.engines.openvino import OvRunner
+    from ptqd.engines.runner import BucketedRunner
+
+    if precision == "fp32":
+        return OvRunner(b.path(layout.UNET_ONNX), threads)
+    built = layout.built(b, "openvino")
+    if precision not in built:
+        raise UserError(f"{b.root} has no openvino engine for {precision}; build it with `ptqd build {b.root} "
+                        f"--backend openvino --precisions {precision}` (available: "
+                        f"{', '.join(['fp32'] + sorted(built))})")
+    entries = built[precision]["buckets"]
+    for e in entries:  # the IR's weights file is checked against the manifest too
+        b.path(e["engine"].removesuffix(".xml.gz") + ".bin")
+    if len(entries) == 1:
+        return OvRunner(b.path(entries[0]["engine"]), threads)
+    return BucketedRunner([(tuple(e["t_range"]), OvRunner(b.path(e["engine"]), threads)) for e in entries])
 
 
 def open_tensorrt(b, precisions, cuda_graphs: bool = False):
@@ -131,7 +154,7 @@ def correction_parts(correction: str | tuple) -> tuple[str, ...]:
 
 
 def step_engines(b, spec: str = "fp32", correction: str | tuple = "auto", threads: int | None = None,
-                 cache: dict | None = None):
+                 cache: dict | None = None, backend: str = "onnxruntime"):
     """The runtime for a plan spec: ``auto`` (calib/plan.json), a precision, or a plan FILE.
 
     ``correction``: "auto" (the parts the end-to-end gate kept; nothing where it kept none or nothing was
@@ -161,7 +184,7 @@ def step_engines(b, spec: str = "fp32", correction: str | tuple = "auto", thread
     runners = {}
     for p in pl.precisions:
         if p not in cache:
-            cache[p] = open_engine(b, p, threads, allow_spinning=False)
+            cache[p] = open_engine(b, p, threads, allow_spinning=False, backend=backend)
         runners[p] = cache[p]
     if not tables and len(pl.precisions) == 1:
         return runners[pl.precisions[0]], pl.precisions[0]

@@ -1,6 +1,6 @@
 """``ptqd build``: one engine per precision (and timestep bucket) from the calibration, each validated
 against its fake-quant model, plus ONNX Runtime's own quantizer as the peer. ``--backend tensorrt``
-goes to :mod:`ptqd.stages.build_tensorrt`."""
+goes to :mod:`ptqd.stages.build_tensorrt`, ``--backend openvino`` to :mod:`ptqd.stages.build_openvino`."""
 
 from __future__ import annotations
 
@@ -55,6 +55,10 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
         from ptqd.stages.build_tensorrt import build_tensorrt
 
         return build_tensorrt(bundle, None if precisions is None else tuple(precisions), validate, progress)
+    if Backend.parse(backend) == Backend.OPENVINO:
+        from ptqd.stages.build_openvino import build_openvino
+
+        return build_openvino(bundle, None if precisions is None else tuple(precisions), validate, progress)
     precisions = ORT_BUILDABLE if precisions is None else tuple(precisions)
     bad = [p for p in precisions if p not in [str(q) for q in ORT_BUILDABLE]]
     if bad:

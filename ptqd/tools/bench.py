@@ -84,9 +84,13 @@ def peak_rss_mb(bundle, precisions: list[str], batch: int = 2) -> float:
 def bench(bundle, precisions=None, runs: int = 10, warmup: int = 3, large_batch: int = 32, e2e_images: int = 8,
           e2e_runs: int = 5,
           steps: int = 20, guidance: float = 3.0, threads: int | None = None, torch_peer: bool = True,
-          memory: bool = True, progress=None) -> dict:
+          memory: bool = True, progress=None, peers: bool = True, calib_items: int = 16) -> dict:
     """Latency, throughput, load time, memory and size per engine; end-to-end sampling per image with the
-    runtime's own overhead. Every timing shares one process and runs round-robin (see module doc)."""
+    runtime's own overhead. Every timing shares one process and runs round-robin (see module doc).
+
+    Also timed, where present: the bundle's OpenVINO engines (``<precision>@openvino``, from ``ptqd build
+    --backend openvino``) and, with ``peers``, OpenVINO FP32 and NNCF + OpenVINO INT8 (:mod:`ptqd.tools.peers`;
+    a note says why one is missing)."""
     import os
 
     from ptqd.errors import PtqdError
@@ -114,6 +118,17 @@ def bench(bundle, precisions=None, runs: int = 10, warmup: int = 3, large_batch:
         else:
             sizes[p] = sum(e["size_bytes"] for e in built[p].get("buckets", [])) or built[p]["size_bytes"]
     notes = []
+    ov_built = layout.built(b, "openvino")
+    for p in [p for p in precisions if p in ov_built]:
+        t0 = time.perf_counter()
+        engines[f"{p}@openvino"] = open_engine(b, p, threads, backend="openvino")
+        load_s[f"{p}@openvino"] = time.perf_counter() - t0  # OpenVINO compiles at the first call, per batch size
+        sizes[f"{p}@openvino"] = sum(e["size_bytes"] for e in ov_built[p]["buckets"])
+    if peers:
+        from ptqd.tools.peers import openvino_peers
+
+        for k, (r, sec) in openvino_peers(b, threads, calib_items, notes).items():
+            engines[k], load_s[k], sizes[k] = r, sec, None
     if torch_peer:
         try:
             from ptqd.engines.torch_ref import TorchRunner
@@ -130,6 +145,8 @@ def bench(bundle, precisions=None, runs: int = 10, warmup: int = 3, large_batch:
         f = seeded_unet_inputs(facts, batch, 501.0, 0)
         if progress:
             progress(f"UNet forward, batch {batch}")
+        for p in [p for p in names if "openvino" in p or p.startswith("ov-")]:  # compile for this batch
+            engines[p](f["x"], f["t"], f.get("context"))
         times = round_robin({p: (lambda r=engines[p], f=f: r(f["x"], f["t"], f.get("context"))) for p in names},
                             runs if batch != large_batch else max(3, runs // 3), warmup if batch != large_batch else 1)
         for p in names:
@@ -143,8 +160,8 @@ def bench(bundle, precisions=None, runs: int = 10, warmup: int = 3, large_batch:
     rows = {p: {"latency": latency[p], "load_s": load_s[p], "size_bytes": sizes[p]} for p in names}
     fp_bops = precision_bops(b, "fp32") if table else None
     for p in names:
-        if fp_bops and p in ["fp32"] + precisions:
-            rows[p]["bops_saving"] = fp_bops / precision_bops(b, p)
+        if fp_bops and p.removesuffix("@openvino") in ["fp32"] + precisions:
+            rows[p]["bops_saving"] = fp_bops / precision_bops(b, p.removesuffix("@openvino"))
     if memory:
         if progress:
             progress("peak memory (a fresh process per engine)")

@@ -25,10 +25,11 @@ def evaluate(bundle, precisions=("fp32",), num: int = 500, seed: int = 0, steps:
              guidance: float = 3.0, classes=None, features: str | os.PathLike | None = None, batch: int = 100,
              progress: bool | None = None, write_report: bool = True, correction: str | tuple = "auto",
              rows: list[tuple[str, str | tuple]] | None = None, report_name: str = "eval",
-             vsc_direction: str = "sigma", eps_mse: bool = True) -> dict[str, Any]:
+             vsc_direction: str = "sigma", eps_mse: bool = True, backend: str = "onnxruntime") -> dict[str, Any]:
     """Quality rows for ``precisions`` (engines, ``auto`` for the plan, or plan files) against FP (always
     the first row) on the same seeds and classes. ``correction`` applies to every row; ``rows``, a list
-    of (precision, correction) pairs, replaces ``precisions`` for mixed settings (the ablation)."""
+    of (precision, correction) pairs, replaces ``precisions`` for mixed settings (the ablation). ``backend``
+    runs the quantized rows (onnxruntime or openvino); the FP32 reference is always ONNX Runtime's."""
     sampling_counts(num=num, batch=batch, seed=seed)
     b = Bundle.open(bundle)
     facts = b.facts
@@ -41,7 +42,7 @@ def evaluate(bundle, precisions=("fp32",), num: int = 500, seed: int = 0, steps:
     for p, corr in rows if rows is not None else [(p, correction) for p in precisions]:
         if p == "fp32" and corr in ("auto", "off"):
             continue
-        eng, label = step_engines(b, p, corr, cache=cache)
+        eng, label = step_engines(b, p, corr, cache=cache, backend=backend)
         runners[label], specs[label] = eng, p
     feat_path = Path(features) if features else (b.path(layout.DEMO_FEATURES) if b.has(layout.DEMO_FEATURES) else None)
     if feat_path is not None and not feat_path.exists():
@@ -77,6 +78,7 @@ def evaluate(bundle, precisions=("fp32",), num: int = 500, seed: int = 0, steps:
             row["bops_per_forward"] = v
             row["bops_saving"] = fp_bops / v
     report = res.to_json()
+    report["backend"] = str(backend)
     if write_report:
         with Bundle.transaction(b.root) as w:
             w.write_json(layout.report(report_name), report)

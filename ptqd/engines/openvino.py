@@ -1,0 +1,140 @@
+"""OpenVINO engines (CPU): ptqd's QDQ graph converted to OpenVINO IR, 4-bit weights stored as i4.
+
+OpenVINO reads the same QDQ graph that ONNX Runtime's engine is built from; its low-precision
+transformations run the quantized convs and matmuls on int8 kernels (VNNI/AMX where the CPU has them)
+and everything else in f32 (``INFERENCE_PRECISION_HINT=f32``: on CPUs with AMX-BF16, OpenVINO would
+otherwise run the float parts in bf16, which is not what the engine was validated as).
+
+4-bit weights: every int8 weight constant whose values all lie in [-8, 7] is stored as an ``i4``
+constant (two per byte in the ``.bin``) followed by a Convert to i8, so the graph the plugin compiles
+is the int8 one and the file is the 4-bit one. The conversion is exact, so it is applied to every
+precision (8-bit weights on the ±63 grid never fit, so w8a8 is unchanged).
+
+The IR is portable; what is machine-specific (kernel choice, AMX or VNNI) is decided when the
+engine is compiled at load, once per input shape. ``openvino`` is imported only here, lazily.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ptqd.engines.packed import pack_nibbles
+from ptqd.engines.runner import Runner, unet_feeds
+from ptqd.errors import MissingDependencyError
+
+# compile settings of every ptqd OpenVINO engine: one stream, latency, float parts in f32
+COMPILE_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "f32"}
+MIN_PACKED = 64  # smaller constants (scales' companions, zero points) are not worth a node
+
+
+def require_openvino():
+    """The openvino module, or a one-line error saying how to install it."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise MissingDependencyError("the openvino backend needs OpenVINO: pip install 'ptqd[openvino]' "
+                                     "(or use --backend onnxruntime)") from None
+    return ov
+
+
+def pack_i4_constants(model) -> dict:
+    """Replace, in place, each int8 constant of at least MIN_PACKED values all in [-8, 7] by an i4
+    constant and a Convert to i8 (exact). Returns counts and bytes saved."""
+    ov = require_openvino()
+    from openvino import opset13
+
+    n, saved = 0, 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "Constant" or op.get_output_element_type(0) != ov.Type.i8:
+            continue
+        v = op.get_data()
+        if v.size < MIN_PACKED or v.min() < -8 or v.max() > 7:
+            continue
+        t = ov.Tensor(ov.Type.i4, ov.Shape(list(v.shape)))
+        t.data[:] = np.frombuffer(pack_nibbles(v), np.int8).reshape(t.data.shape)
+        packed = opset13.convert(ov.op.Constant(t), ov.Type.i8)
+        packed.set_friendly_name(f"{op.get_friendly_name()}/i4")
+        for target in list(op.output(0).get_target_inputs()):
+            target.replace_source_output(packed.output(0))
+        n += 1
+        saved += v.size - (v.size + 1) // 2
+    return {"i4_constants": n, "i4_bytes_saved": saved}
+
+
+def weights_path(engine: str | os.PathLike) -> Path:
+    """The ``.bin`` beside an engine's ``NAME.xml.gz`` (or ``NAME.xml``)."""
+    p = Path(engine)
+    return p.with_name(p.name.removesuffix(".gz").removesuffix(".xml") + ".bin")
+
+
+def convert_qdq(qdq_path: str | os.PathLike, engine_path: str | os.PathLike) -> dict:
+    """The QDQ ONNX graph at ``qdq_path`` as OpenVINO IR: ``NAME.xml.gz`` (the topology, gzip-compressed:
+    the XML of a UNet is mostly shape arithmetic and compresses 20x) and ``NAME.bin`` (weights, 4-bit
+    ones packed). Returns what was packed and the two files' names."""
+    ov = require_openvino()
+    model = ov.Core().read_model(str(qdq_path))
+    rec = pack_i4_constants(model)
+    engine_path, bin_path = Path(engine_path), weights_path(engine_path)
+    plain = bin_path.with_suffix(".xml")
+    ov.save_model(model, str(plain), compress_to_fp16=False)
+    with open(plain, "rb") as src, gzip.open(engine_path, "wb", compresslevel=6) as dst:
+        shutil.copyfileobj(src, dst)
+    plain.unlink()
+    return {**rec, "files": [engine_path.name, bin_path.name]}
+
+
+def engine_bytes(engine_path: str | os.PathLike) -> int:
+    return Path(engine_path).stat().st_size + weights_path(engine_path).stat().st_size
+
+
+def read_engine(core, path: Path):
+    """An OpenVINO model from ``NAME.xml.gz`` + ``NAME.bin``, or from anything ``read_model`` reads (ONNX, IR)."""
+    if path.name.endswith(".xml.gz"):
+        import openvino as ov
+
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            xml = f.read()
+        return core.read_model(xml, ov.Tensor(np.fromfile(weights_path(path), np.uint8)))
+    return core.read_model(str(path))
+
+
+class OvRunner(Runner):
+    """An OpenVINO IR (or ONNX) model on the CPU, compiled once per input shape (static shapes are
+    OpenVINO's fast path; the sampler's batch is constant, so this compiles once)."""
+
+    name = "openvino"
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, model=None):
+        """``model``: an ``openvino.Model`` already in memory (a peer's), named by ``path``."""
+        ov = require_openvino()
+        self.path = Path(path)
+        self.core = ov.Core()
+        self.model = model if model is not None else read_engine(self.core, self.path)
+        self.config = dict(COMPILE_CONFIG)
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.input_names = [i.get_any_name() for i in self.model.inputs]
+        self.input_shapes = {n: tuple(None if d.is_dynamic else d.get_length() for d in i.get_partial_shape())
+                             for n, i in zip(self.input_names, self.model.inputs)}
+        self._compiled: dict[tuple, object] = {}
+
+    def compiled_for(self, feeds: dict):
+        key = tuple((n, feeds[n].shape) for n in self.input_names)
+        if key not in self._compiled:
+            m = self.model.clone()
+            m.reshape({n: list(feeds[n].shape) for n in self.input_names})
+            self._compiled[key] = self.core.compile_model(m, "CPU", self.config)
+        return self._compiled[key]
+
+    def infer(self, x, t, context):
+        feeds = unet_feeds(self.input_names, x, t, context, self.path.name)
+        cm = self.compiled_for(feeds)
+        return cm(feeds)[cm.output(0)]
+
+    def close(self) -> None:
+        self._compiled.clear()

@@ -1,0 +1,101 @@
+"""``ptqd build --backend openvino``: one OpenVINO IR per calibrated precision (and timestep bucket),
+converted from the same QDQ graph as the ONNX Runtime engine, 4-bit weights stored as i4, each
+validated end to end against its fake-quant model. OpenVINO is imported only when a build starts."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ptqd.bundle import Bundle, layout, writes_bundle
+from ptqd.engines.compare import validate_quantized, validation_inputs
+from ptqd.errors import UserError, ValidationError
+from ptqd.precision import CALIBRATED, OPENVINO_BUILDABLE, Precision
+from ptqd.progress import progress_bar
+from ptqd.stages.common import calib_layers, digest, load_source, require_calibrated
+
+# OpenVINO's int8 kernels are not visible from Python, so the kernel-level check the ONNX Runtime
+# build runs (ptqd.engines.kernels) has no counterpart here: the engine is judged end to end only.
+NO_KERNEL_CHECK = {"passed": True, "kernels": 0, "mismatched": [], "constant_mismatches": [],
+                   "note": "not available on openvino: judged end to end against the fake-quant model"}
+
+
+def numerics(p: Precision) -> str:
+    return (f"w{p.w_bits}a{p.a_bits}: ptqd's QDQ graph (the ONNX Runtime engine's) on OpenVINO's int8 kernels, "
+            "float parts in f32" + (", 4-bit weights stored as i4" if p.w_bits == 4 else ""))
+
+
+def _open_params(precisions) -> tuple[Precision, ...]:
+    names = [str(q) for q in OPENVINO_BUILDABLE]
+    precisions = tuple(names) if precisions is None else tuple(str(p) for p in precisions)
+    bad = [p for p in precisions if p not in names]
+    if bad:
+        raise UserError(f"unknown precision(s) {bad} for openvino; choose from {', '.join(names)} (ort-int8 is "
+                        "ONNX Runtime's own quantizer: build it with --backend onnxruntime)")
+    return tuple(Precision(p) for p in precisions)
+
+
+@writes_bundle()
+def build_openvino(bundle, precisions=None, validate: bool = True, progress: bool | None = None) -> dict:
+    """OpenVINO engines from the calibration; each validated against its fake-quant model."""
+    from ptqd.engines.openvino import OvRunner, convert_qdq, engine_bytes, require_openvino
+    from ptqd.engines.qdq import write_qdq
+
+    ov = require_openvino()
+    precisions = _open_params(precisions)
+    b = Bundle.open(bundle)
+    require_calibrated(b)
+    loaded = load_source(b) if validate else None
+    val_inputs = validation_inputs(dict(np.load(b.path(layout.CALIB_FEEDS)))) if validate else None
+    records: dict[str, Any] = {}
+    calib_buckets = layout.calib_buckets(b)
+    old = layout.built(b, "openvino")
+    with progress_bar(len(precisions), "build openvino", progress) as bar, Bundle.transaction(b.root) as w, \
+            tempfile.TemporaryDirectory(prefix="ptqd-ov-") as tmp:
+        for p in precisions:
+            t0 = time.perf_counter()
+            bar.set_postfix_str(p.value)
+            for rel in w.listed(f"{layout.OV_DIR}/{p.value}."):
+                w.remove(rel)  # a rebuild replaces every bucket's engine of this precision
+            rec: dict[str, Any] = {"numerics": numerics(p), "openvino": ov.__version__, "buckets": []}
+            for k, bucket in enumerate(calib_buckets if p in CALIBRATED else [None]):
+                layers = calib_layers(b, p.value, k, len(calib_buckets))
+                qdq = Path(tmp) / f"{p.value}.{k}.qdq.onnx"
+                write_qdq(b.path(layout.UNET_ONNX), layers, qdq)
+                rel, bin_rel = layout.ov_engine(p.value, k, len(calib_buckets))
+                w.file(bin_rel)  # detached from the live bundle before OpenVINO writes it
+                packed = convert_qdq(qdq, w.file(rel))
+                qdq.unlink()
+                xml = w.staging / rel
+                entry = {"t_range": bucket["t_range"] if bucket else None, "engine": rel,
+                         "size_bytes": engine_bytes(xml), **packed}
+                if validate:
+                    from ptqd.calib.fakequant import fake_quant_model
+                    from ptqd.engines.onnxruntime import OrtRunner
+                    from ptqd.engines.torch_ref import TorchRunner
+
+                    val = validate_quantized(OvRunner(xml), TorchRunner(fake_quant_model(loaded.unet, layers)),
+                                             lambda: OrtRunner(b.path(layout.UNET_ONNX)), NO_KERNEL_CHECK,
+                                             val_inputs, p.a_bits)
+                    entry["validation_vs_fake_quant"] = val
+                    if not val["passed"]:
+                        raise ValidationError("openvino engine vs fake-quant model",
+                                              f"{p.value}{layout.bucket_suffix(k, len(calib_buckets))}: "
+                                              f"{val['failure']}")
+                rec["buckets"].append(entry)
+            first = rec["buckets"][0]
+            rec.update(size_bytes=first["size_bytes"], i4_constants=first["i4_constants"])
+            if "validation_vs_fake_quant" in first:
+                rec["validation_vs_fake_quant"] = first["validation_vs_fake_quant"]
+            rec["build_seconds"] = round(time.perf_counter() - t0, 1)
+            records[p.value] = rec
+            bar.update()
+        merged = {**old, **records}
+        w.write_json(layout.OV_BUILD_JSON, merged)
+        w.set_stage("build_openvino", {"backend": "openvino", "precisions": sorted(merged),
+                                       "inputs": digest(b, layout.BUILD_INPUTS)})
+    return records

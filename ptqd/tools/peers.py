@@ -1,0 +1,48 @@
+"""Optional CPU peers that a user might pick instead of ptqd, timed beside its engines: OpenVINO FP32 on
+the exported graph, and NNCF's post-training quantization + OpenVINO INT8 (``pip install 'ptqd[peers]'``).
+A peer that is not installed or cannot run becomes a note, never an error."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+
+import numpy as np
+
+from ptqd.bundle import layout
+
+
+def openvino_peers(b, threads: int | None, calib_items: int, notes: list[str]) -> dict:
+    """{"ov-fp32": (runner, load seconds), "ov-nncf-int8": (runner, seconds incl. NNCF's quantize())}, as far
+    as what is installed allows; why a peer is missing goes to ``notes``."""
+    if importlib.util.find_spec("openvino") is None:
+        notes.append("OpenVINO peers skipped: openvino is not installed (pip install 'ptqd[peers]')")
+        return {}
+    import openvino as ov
+
+    from ptqd.engines.openvino import OvRunner
+
+    out = {}
+    t0 = time.perf_counter()
+    fp = ov.Core().read_model(str(b.path(layout.UNET_ONNX)))
+    out["ov-fp32"] = (OvRunner(b.path(layout.UNET_ONNX), threads, model=fp), time.perf_counter() - t0)
+    if importlib.util.find_spec("nncf") is None:
+        notes.append("NNCF + OpenVINO INT8 peer skipped: nncf is not installed (pip install 'ptqd[peers]')")
+        return out
+    import nncf
+
+    data = np.load(b.path(layout.CALIB_FEEDS))
+    names = [i.get_any_name() for i in fp.inputs]
+    idx = np.linspace(0, len(data["t"]) - 1, min(calib_items, len(data["t"]))).round().astype(int)
+    items = [{n: data[n][i:i + 1] for n in names} for i in idx]
+    t0 = time.perf_counter()
+    try:
+        q = nncf.quantize(fp, nncf.Dataset(items), preset=nncf.QuantizationPreset.MIXED,
+                          model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items))
+    except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+        notes.append(f"NNCF + OpenVINO INT8 peer failed: {type(e).__name__}: {str(e)[:200]}")
+        return out
+    out["ov-nncf-int8"] = (OvRunner("nncf-int8", threads, model=q), time.perf_counter() - t0)
+    notes.append(f"NNCF quantize() (mixed preset, transformer model type) on {len(items)} calibration inputs took "
+                 f"{out['ov-nncf-int8'][1]:.0f} s (its load time)")
+    return out
