@@ -169,7 +169,7 @@ def cmd_correct(args) -> int:
     from ptqd import api
 
     rec = api.correct(args.bundle, samples=args.samples, holdout=args.holdout, seed=args.seed, device=args.device,
-                      preset=args.preset)
+                      preset=args.preset, gate_samples=args.gate_samples, gate_ranges=args.gate_ranges)
     c = rec["config"]
     print(f"fitted k_t, bias_t, sigma_q,t over {c['steps']} steps on {c['samples'] - c['holdout']} "
           f"trajectories ({c['holdout']} held out; {rec['seconds']:.0f} s on {rec['device']})")
@@ -205,7 +205,8 @@ def cmd_compile(args) -> int:
     res = api.compile(args.model, args.out, config=args.config, precisions=precisions, samples=args.samples,
                       steps=args.steps, guidance=args.guidance, margin=args.margin, criterion=args.criterion,
                       budget=args.budget, force=args.force, device=args.device, preset=args.preset,
-                      prompts=args.prompts, recipe=args.recipe)
+                      prompts=args.prompts, recipe=args.recipe, gate_samples=args.gate_samples,
+                      gate_ranges=args.gate_ranges)
     bo = res["bops"]
     print(f"bundle  {res['bundle']}")
     print(f"plan    {' '.join(res['plan'])}")
@@ -294,6 +295,10 @@ def cmd_demo(args) -> int:
           "kept (calib/correction.json); plan = step-aware mixed precision; "
           "UNet ms = one CFG-doubled forward (batch 2), median, the plan's weighted by its steps; img/s = UNet "
           "throughput at the sampler's batch (100 images, CFG-doubled)")
+    if res.get("openvino"):
+        print("OpenVINO backend (`ptqd build --backend openvino`, same engines): " + ", ".join(
+            f"{p.split('@')[0]} {v['images_per_s']:.0f} img/s ({v['vs_ort_fp32']:.2f}x ORT FP32)"
+            for p, v in res["openvino"].items()))
     print("the demo UNet is tiny: speed at real sizes (47 M, 400.9 M parameters) is "
           "`python benchmarks/speed_at_size.py --size mid|full`")
     return 0

@@ -78,6 +78,14 @@ def _effort_args(p, device: bool = True) -> None:
                             "else cpu), cpu, cuda or cuda:N")
 
 
+
+def _gate_args(p) -> None:
+    p.add_argument("--gate-samples", type=int, default=None,
+                   help="held-out trajectories on which the end-to-end gate decides what --correction auto applies "
+                        "(default: the preset's: 2 x --samples, 16 for quick; 0 = no gate, auto applies nothing)")
+    p.add_argument("--gate-ranges", type=int, default=None,
+                   help="step ranges the gate decides separately (default: the preset's, 4; 1 for quick)")
+
 def _plan_args(p) -> None:
     p.add_argument("--criterion", choices=("sensitivity", "snr"), default="sensitivity",
                    help="plan rule: measured per-step sensitivity under a BOPs budget (default), or PTQD's SNR rule")
@@ -112,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "list of 8)")
     cp.add_argument("--recipe", choices=("default", "ptqd-paper"), default=None,
                     help="calibration recipe: ptqd-paper = per-tensor weights, nearest rounding, min-max ranges")
+    _gate_args(cp)
     cp.add_argument("--force", action="store_true", help="rerun every stage")
     cp.set_defaults(func=cmd_compile)
 
@@ -233,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--holdout", type=int, default=None,
                     help="of those, held out to measure the fit (default: the preset's, 16 for the demo)")
     co.add_argument("--seed", type=int, default=1, help="trajectory seed (default 1; calibration uses 0)")
+    _gate_args(co)
     _plan_args(co)
     _effort_args(co)
     co.set_defaults(func=cmd_correct)

@@ -20,7 +20,8 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
             guidance: float = 3.0, correction_samples: int | None = None, holdout: int | None = None,
             margin: float = 1.0, criterion: str = "sensitivity", budget: float = 0.9, force: bool = False,
             device: str = "auto", preset: str = "auto", progress: bool | None = None, log=print,
-            prompts=None, recipe: str | None = None) -> dict[str, Any]:
+            prompts=None, recipe: str | None = None, gate_samples: int | None = None,
+            gate_ranges: int | None = None) -> dict[str, Any]:
     """export -> calibrate -> build -> correct -> plan, into one bundle. Resumable: a stage whose
     inputs (the sha256 of the files it reads) and settings are unchanged is reused, so a rerun after an
     interruption, or with a new --margin, redoes only what changed. ``force`` reruns everything.
@@ -89,9 +90,17 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
     stage("build", reusable(b, "build", layout.BUILD_INPUTS) and set(precisions) <= built,
           lambda: build(out, precisions=tuple(precisions), progress=progress))
     b = Bundle.open(out)
-    stage("correct", reusable(b, "correct", layout.CALIB_FILES, config={"samples": correction_samples, "holdout": holdout}),
+    gate_cfg = {"samples": pre.gate_samples if gate_samples is None else gate_samples,
+                "ranges": pre.gate_ranges if gate_ranges is None else gate_ranges}
+    if gate_cfg["samples"] is None:
+        gate_cfg["samples"] = 2 * correction_samples
+    old_gate = ((b.stage("correct") or {}).get("config") or {}).get("gate") or {"samples": 0}
+    same_gate = {k: old_gate.get(k, 0) for k in ("samples", "ranges")} == gate_cfg or \
+        gate_cfg["samples"] == old_gate["samples"] == 0
+    stage("correct", same_gate and reusable(b, "correct", layout.CALIB_FILES,
+                                            config={"samples": correction_samples, "holdout": holdout}),
           lambda: correct(out, samples=correction_samples, holdout=holdout, device=device, preset=preset,
-                          progress=progress))
+                          progress=progress, gate_samples=gate_cfg["samples"], gate_ranges=gate_cfg["ranges"]))
     b = Bundle.open(out)
     stage("plan", reusable(b, "plan", layout.PLAN_INPUTS, margin=margin,
                             criterion=criterion, budget=budget),

@@ -16,7 +16,7 @@ from ptqd.stages.common import digest, fake_quant_runners, load_source, require_
 def correct(bundle, samples: int | None = None, holdout: int | None = None, seed: int = 1,
             batch: int | None = None, device: str = "auto", preset: str = "auto",
             progress: bool | None = None, gate: bool = True, gate_samples: int | None = None,
-            gate_seed: int = 101, gate_ranges: int = 4) -> dict[str, Any]:
+            gate_seed: int = 101, gate_ranges: int | None = None) -> dict[str, Any]:
     """Fit PTQD's correction (k_t, bias_t[c], σ_q,t) for every calibrated precision; write
     calib/correction.json. Runs the source FP model and each precision's fake-quant model on the
     same x_t along FP trajectories of the calibrated schedule (steps, guidance), seeds distinct from
@@ -24,8 +24,9 @@ def correct(bundle, samples: int | None = None, holdout: int | None = None, seed
     ``batch`` default to the compute ``preset`` (``ptqd.budget``); the torch models run on ``device``.
 
     Also fits the conditional correction, and, with ``gate`` and the engines built, decides what
-    ``--correction auto`` applies from final samples of ``gate_samples`` (default 2 x ``samples``)
-    held-out trajectories of seed ``gate_seed`` at η 0 and 1 (``calib.gate``)."""
+    ``--correction auto`` applies from final samples of ``gate_samples`` held-out trajectories of seed
+    ``gate_seed`` at η 0 and 1 over ``gate_ranges`` step ranges (``calib.gate``; both default to the preset's,
+    ``gate_samples=0`` skips the gate, and then auto applies nothing)."""
     import time
 
     import numpy as np
@@ -43,6 +44,13 @@ def correct(bundle, samples: int | None = None, holdout: int | None = None, seed
     samples = pre.correct_samples if samples is None else samples
     holdout = pre.holdout if holdout is None else holdout
     batch = pre.correct_batch if batch is None else batch
+    if gate_samples is None:
+        gate_samples = 2 * samples if pre.gate_samples is None else pre.gate_samples
+    gate_ranges = pre.gate_ranges if gate_ranges is None else gate_ranges
+    if gate_samples < 0 or gate_ranges < 1:
+        raise UserError(f"--gate-samples must be >= 0 (0: no gate) and --gate-ranges >= 1, got {gate_samples} and "
+                        f"{gate_ranges}")
+    gate = gate and gate_samples > 0
     if samples < 2 or not 1 <= holdout < samples:
         raise UserError(f"--samples must be >= 2 and --holdout in [1, samples - 1], got {samples} and {holdout}")
     c = cal["config"]
@@ -64,12 +72,13 @@ def correct(bundle, samples: int | None = None, holdout: int | None = None, seed
         fits[p]["conditional"] = fit_conditional(eps, delta[p], ts, holdout)
     if gate:  # what --correction auto applies: decided on final samples of held-out seeds (calib/gate.py)
         built = layout.built(b)
-        gl = default_labels(facts, None, gate_samples or 2 * samples)
+        gl = default_labels(facts, None, gate_samples)
         fp_eng = open_engine(b, "fp32", allow_spinning=False) if any(p in built for p in precisions) else None
         for p in [p for p in precisions if p in built]:
             eng = open_engine(b, p, allow_spinning=False)
             fits[p]["gate"] = gate_engine(eng, fp_eng, CorrectionTable.from_json(fits[p]), facts, table, gl,
-                                          gate_seed, scfg, ranges=gate_ranges, batch=batch)
+                                          gate_seed, scfg, ranges=gate_ranges, batch=batch,
+                                          candidates=pre.gate_candidates)
             eng.close()
         if fp_eng is not None:
             fp_eng.close()
@@ -89,10 +98,11 @@ def correct(bundle, samples: int | None = None, holdout: int | None = None, seed
                                                                     for s in f["conditional"]["steps"]]))
                       if f["conditional"]["steps"] else None,
                       "applied": [("+".join(s["parts"]) or "none") for s in f["gate"]["steps"]]
-                      if "gate" in f else "no gate (engine not built): nothing applied under --correction auto"}
+                      if "gate" in f else "no gate (" + ("engine not built" if gate else "gate off: --gate-samples 0 or "
+                                                         "the minimal preset") + "): nothing applied under --correction auto"}
     record = {"config": {"samples": samples, "holdout": holdout, "seed": seed, "steps": scfg.steps,
-                         "gate": {"samples": gate_samples or 2 * samples, "seed": gate_seed, "ranges": gate_ranges}
-                         if gate else None,
+                         "gate": {"samples": gate_samples, "seed": gate_seed, "ranges": gate_ranges,
+                                  "candidates": ["+".join(c) for c in pre.gate_candidates]} if gate else None,
                          "eta": scfg.eta, "guidance": scfg.guidance, "spacing": scfg.spacing,
                          "model": "fake-quant torch model of each precision (engines match it; see build.json)"},
               "summary": summary, "precisions": fits, "seconds": round(time.perf_counter() - t0, 1),

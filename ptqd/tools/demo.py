@@ -47,7 +47,30 @@ def demo(out: str | os.PathLike = "demo-out", num: int = 500, seed: int = 0, ste
             row["unet_ms"] = sum(lat[s["precision"]]["median_ms"] for s in plan_steps) / len(plan_steps)
             row["images_per_s"] = 100 / sum(real[s["precision"]]["median_ms"] / 1e3 for s in plan_steps)
     return {"bundle": str(bundle), "stages": comp["stages"], "plan": comp["plan"], "grid": str(grid_path),
-            "eval": report, "latency": lat}
+            "eval": report, "latency": lat, "openvino": openvino_throughput(bundle, steps, cfg_x)}
+
+
+def openvino_throughput(bundle, steps: int, cfg_x: int) -> dict | None:
+    """Where OpenVINO is installed: build the demo's OpenVINO engines (reused when built) and measure their
+    images/s at the sampler's batch, against ONNX Runtime FP32 in the same rounds (None without OpenVINO)."""
+    import importlib.util
+
+    from ptqd.runtime.loader import open_engine
+    from ptqd.stages.build import build
+    from ptqd.stages.common import digest
+
+    if importlib.util.find_spec("openvino") is None:
+        return None
+    b = Bundle.open(bundle)
+    st = b.stage("build_openvino")
+    if st is None or st.get("inputs") != digest(b, layout.BUILD_INPUTS):
+        build(bundle, backend="openvino", progress=False)
+        b = Bundle.open(bundle)
+    runners = {f"{p}@openvino": open_engine(b, p, backend="openvino") for p in ("w8a8", "w4a8", "w4a4")}
+    runners["fp32"] = open_engine(b, "fp32", allow_spinning=False)
+    real = unet_latency(b, list(runners), batch=100 * cfg_x, runs=5, warmup=1, runners=runners)
+    return {p: {"images_per_s": 100 / (steps * v["median_ms"] / 1e3), "vs_ort_fp32": v["speedup_vs_fp32"]}
+            for p, v in real.items() if p != "fp32"}
 
 
 def train_demo(out: str | os.PathLike | None = None, seed: int = 0, progress: bool | None = None) -> dict[str, Any]:

@@ -111,6 +111,17 @@ def test_cli_eval_and_sample_on_openvino(ov_bundle, tmp_path, capsys):
     assert png.stat().st_size > 0
 
 
+def test_the_demo_reports_openvino_throughput_from_the_built_engines(ov_bundle):
+    from ptqd.bundle import Bundle
+    from ptqd.tools.demo import openvino_throughput
+
+    before = Bundle.open(ov_bundle[0]).stage("build_openvino")
+    res = openvino_throughput(ov_bundle[0], steps=20, cfg_x=2)
+    assert set(res) == {"w8a8@openvino", "w4a8@openvino", "w4a4@openvino"}
+    assert all(v["images_per_s"] > 0 and v["vs_ort_fp32"] > 0 for v in res.values())
+    assert Bundle.open(ov_bundle[0]).stage("build_openvino") == before  # reused, not rebuilt
+
+
 def test_missing_engine_and_damaged_weights_are_clear_errors(compiled, ov_bundle, tmp_path):
     from ptqd import api
     from ptqd.bundle import Bundle, layout
