@@ -77,11 +77,23 @@ def prepare(work: Path, size: str, samples: int, steps: int, rounding: str, vali
     if openvino and _has_openvino():
         b = Bundle.open(out)
         st = b.stage("build_openvino")
-        if st is None or set(st["precisions"]) != set(OURS) or st.get("inputs") != _build_inputs(b):
+        ov = b.read_json("engines/openvino/build.json") if b.has("engines/openvino/build.json") else {}
+        stale = any(not e["engine"].endswith(".xml.gz") for r in ov.values() for e in r["buckets"])
+        if st is None or stale or set(st["precisions"]) != set(OURS) or st.get("inputs") != _build_inputs(b):
             t0 = time.perf_counter()
             api.build(out, backend="openvino", precisions=OURS, validate=validate, progress=False)
             log(f"build --backend openvino: {time.perf_counter() - t0:.0f} s")
     return out
+
+
+def onnx_bytes(path: Path) -> int:
+    """An ONNX file's bytes plus its external data files (quantize_static's engine at full size keeps its
+    weights in the QDQ graph's ``.data`` file)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    locations = {e.value for t in m.graph.initializer for e in t.external_data if e.key == "location"}
+    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations)
 
 
 def _has_openvino() -> bool:
@@ -154,9 +166,7 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         runners[p] = api.open_engine(b, p, args.threads, allow_spinning=False)
         load_s[p] = time.perf_counter() - t0
-        eng = Path(b.root, built[p]["buckets"][0]["engine"])  # quantize_static's weights live in external data
-        sizes[p] = built[p]["size_bytes"] + (eng.with_name(eng.name + ".data").stat().st_size
-                                            if eng.with_name(eng.name + ".data").exists() else 0)
+        sizes[p] = onnx_bytes(Path(b.root, built[p]["buckets"][0]["engine"]))
     ov_built = b.read_json("engines/openvino/build.json") if b.has("engines/openvino/build.json") else {}
     for p in OURS if ov_built else ():
         t0 = time.perf_counter()
@@ -164,7 +174,8 @@ def main(argv=None) -> dict:
         load_s[p + OV] = time.perf_counter() - t0  # compiling happens at the first call (per batch size)
         sizes[p + OV] = ov_built[p]["size_bytes"]
     if not ov_built:
-        notes.append("ptqd's OpenVINO engines skipped: openvino is not installed (pip install 'ptqd[openvino]')")
+        notes.append("ptqd's OpenVINO engines skipped: " + ("--no-openvino" if args.no_openvino else
+                                                            "openvino is not installed (pip install 'ptqd[openvino]')"))
     if not args.no_torch:
         from ptqd.stages.common import load_source
         from ptqd.engines.torch_ref import TorchRunner

@@ -295,7 +295,9 @@ def cmd_demo(args) -> int:
           "kept (calib/correction.json); plan = step-aware mixed precision; "
           "UNet ms = one CFG-doubled forward (batch 2), median, the plan's weighted by its steps; img/s = UNet "
           "throughput at the sampler's batch (100 images, CFG-doubled)")
-    if res.get("openvino"):
+    if res.get("openvino") and "error" in res["openvino"]:
+        print(f"OpenVINO backend skipped: {res['openvino']['error']}")
+    elif res.get("openvino"):
         print("OpenVINO backend (`ptqd build --backend openvino`, same engines): " + ", ".join(
             f"{p.split('@')[0]} {v['images_per_s']:.0f} img/s ({v['vs_ort_fp32']:.2f}x ORT FP32)"
             for p, v in res["openvino"].items()))

@@ -82,7 +82,8 @@ def _effort_args(p, device: bool = True) -> None:
 def _gate_args(p) -> None:
     p.add_argument("--gate-samples", type=int, default=None,
                    help="held-out trajectories on which the end-to-end gate decides what --correction auto applies "
-                        "(default: the preset's: 2 x --samples, 16 for quick; 0 = no gate, auto applies nothing)")
+                        "(default: the preset's: 2 x the correction's trajectories; 16 for quick; none for minimal; "
+                        "0 = no gate, and --correction auto applies nothing)")
     p.add_argument("--gate-ranges", type=int, default=None,
                    help="step ranges the gate decides separately (default: the preset's, 4; 1 for quick)")
 

@@ -5,7 +5,7 @@ transformations run the quantized convs and matmuls on int8 kernels (VNNI/AMX wh
 and everything else in f32 (``INFERENCE_PRECISION_HINT=f32``: on CPUs with AMX-BF16, OpenVINO would
 otherwise run the float parts in bf16, which is not what the engine was validated as).
 
-4-bit weights: every int8 weight constant whose values all lie in [-8, 7] is stored as an ``i4``
+4-bit weights: every int8 weight tensor (2-D or more) whose values all lie in [-8, 7] is stored as an ``i4``
 constant (two per byte in the ``.bin``) followed by a Convert to i8, so the graph the plugin compiles
 is the int8 one and the file is the 4-bit one. The conversion is exact, so it is applied to every
 precision (8-bit weights on the ±63 grid never fit, so w8a8 is unchanged).
@@ -16,6 +16,7 @@ engine is compiled at load, once per input shape. ``openvino`` is imported only 
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import shutil
@@ -32,6 +33,12 @@ COMPILE_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_PR
 MIN_PACKED = 64  # smaller constants (scales' companions, zero points) are not worth a node
 
 
+@functools.cache
+def shared_core():
+    """One ``openvino.Core`` per process, shared by every runner (a plan keeps several engines loaded)."""
+    return require_openvino().Core()
+
+
 def require_openvino():
     """The openvino module, or a one-line error saying how to install it."""
     try:
@@ -43,8 +50,8 @@ def require_openvino():
 
 
 def pack_i4_constants(model) -> dict:
-    """Replace, in place, each int8 constant of at least MIN_PACKED values all in [-8, 7] by an i4
-    constant and a Convert to i8 (exact). Returns counts and bytes saved."""
+    """Replace, in place, each int8 weight constant (at least 2-D, MIN_PACKED values, all in [-8, 7]) by an
+    i4 constant and a Convert to i8 (exact). Returns counts and bytes saved."""
     ov = require_openvino()
     from openvino import opset13
 
@@ -53,8 +60,8 @@ def pack_i4_constants(model) -> dict:
         if op.get_type_name() != "Constant" or op.get_output_element_type(0) != ov.Type.i8:
             continue
         v = op.get_data()
-        if v.size < MIN_PACKED or v.min() < -8 or v.max() > 7:
-            continue
+        if v.ndim < 2 or v.size < MIN_PACKED or v.min() < -8 or v.max() > 7:
+            continue  # weights only: per-channel zero points (1-D) stay as they are
         t = ov.Tensor(ov.Type.i4, ov.Shape(list(v.shape)))
         t.data[:] = np.frombuffer(pack_nibbles(v), np.int8).reshape(t.data.shape)
         packed = opset13.convert(ov.op.Constant(t), ov.Type.i8)
@@ -104,16 +111,16 @@ def read_engine(core, path: Path):
 
 
 class OvRunner(Runner):
-    """An OpenVINO IR (or ONNX) model on the CPU, compiled once per input shape (static shapes are
-    OpenVINO's fast path; the sampler's batch is constant, so this compiles once)."""
+    """An OpenVINO IR (or ONNX) model on the CPU, compiled at its first call with each input shape (static
+    shapes are OpenVINO's fast path; the sampler's batch is constant, so this compiles once, or twice when
+    the last batch of a run is smaller)."""
 
     name = "openvino"
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None, model=None):
         """``model``: an ``openvino.Model`` already in memory (a peer's), named by ``path``."""
-        ov = require_openvino()
         self.path = Path(path)
-        self.core = ov.Core()
+        self.core = shared_core()
         self.model = model if model is not None else read_engine(self.core, self.path)
         self.config = dict(COMPILE_CONFIG)
         if threads:

@@ -84,6 +84,9 @@ def open_openvino(b, precision: str, threads: int | None = None):
                         f"{', '.join(['fp32'] + sorted(built))})")
     entries = built[precision]["buckets"]
     for e in entries:  # the IR's weights file is checked against the manifest too
+        if not e["engine"].endswith(".xml.gz"):
+            raise UserError(f"{b.root}: the openvino engine {e['engine']} predates this ptqd's format; rebuild it "
+                            f"with `ptqd build {b.root} --backend openvino`")
         b.path(e["engine"].removesuffix(".xml.gz") + ".bin")
     if len(entries) == 1:
         return OvRunner(b.path(entries[0]["engine"]), threads)

@@ -14,7 +14,7 @@ from ptqd.engines.compare import validate_quantized, validation_inputs
 from ptqd.errors import UserError, ValidationError
 from ptqd.precision import CALIBRATED, ORT_BUILDABLE, PEER, Backend, Precision
 from ptqd.progress import progress_bar
-from ptqd.stages.common import calib_layers, digest, load_source, require_calibrated
+from ptqd.stages.common import calib_layers, commit_build, load_source, require_calibrated
 
 
 def numerics(p: Precision) -> str:
@@ -114,8 +114,5 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
             rec["build_seconds"] = round(time.perf_counter() - t0, 1)
             records[p.value] = rec
             bar.update()
-        merged = {**old, **records}
-        w.write_json(layout.BUILD_JSON, merged)
-        w.set_stage("build", {"backend": "onnxruntime", "precisions": sorted(merged),
-                              "inputs": digest(b, layout.BUILD_INPUTS)})
+        commit_build(w, b, "onnxruntime", "build", old, records)
     return records

@@ -16,7 +16,7 @@ from ptqd.engines.compare import validate_quantized, validation_inputs
 from ptqd.errors import UserError, ValidationError
 from ptqd.precision import CALIBRATED, OPENVINO_BUILDABLE, Precision
 from ptqd.progress import progress_bar
-from ptqd.stages.common import calib_layers, digest, load_source, require_calibrated
+from ptqd.stages.common import calib_layers, commit_build, load_source, require_calibrated
 
 # OpenVINO's int8 kernels are not visible from Python, so the kernel-level check the ONNX Runtime
 # build runs (ptqd.engines.kernels) has no counterpart here: the engine is judged end to end only.
@@ -94,8 +94,5 @@ def build_openvino(bundle, precisions=None, validate: bool = True, progress: boo
             rec["build_seconds"] = round(time.perf_counter() - t0, 1)
             records[p.value] = rec
             bar.update()
-        merged = {**old, **records}
-        w.write_json(layout.OV_BUILD_JSON, merged)
-        w.set_stage("build_openvino", {"backend": "openvino", "precisions": sorted(merged),
-                                       "inputs": digest(b, layout.BUILD_INPUTS)})
+        commit_build(w, b, "openvino", "build_openvino", old, records)
     return records

@@ -87,7 +87,7 @@ def calibrate(bundle, samples: int | None = None, steps: int | None = None, eta:
         with Bundle.transaction(b.root) as w:
             for rel in w.listed("calib/") + w.listed("engines/"):
                 w.remove(rel)  # a new calibration replaces the old one whole, and the engines built from it go
-            for stage in ("build", "build_tensorrt", "correct", "plan"):
+            for stage in ("build", "build_openvino", "build_tensorrt", "correct", "plan"):
                 w.drop_stage(stage)
             ranges: dict = {}
             for p in cfg.precisions:

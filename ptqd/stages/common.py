@@ -60,6 +60,14 @@ def reusable(b: Bundle, stage: str, inputs: tuple[str, ...], **config) -> bool:
                for k, v in config.items())
 
 
+def commit_build(w, b: Bundle, backend: str, stage: str, old: dict, records: dict) -> None:
+    """Merge a build's per-precision ``records`` over the backend's previous build.json and record the
+    stage (its precisions and the sha256 of what it read), inside the build's transaction ``w``."""
+    merged = {**old, **records}
+    w.write_json(layout.build_json(backend), merged)
+    w.set_stage(stage, {"backend": backend, "precisions": sorted(merged), "inputs": digest(b, layout.BUILD_INPUTS)})
+
+
 def require_calibrated(b: Bundle) -> dict:
     cal = b.stage("calibrate")
     if cal is None:

@@ -12,6 +12,16 @@ from ptqd.runtime.loader import default_labels, open_engine, sampler_config
 from ptqd.stages.common import digest, fake_quant_runners, load_source, require_calibrated
 
 
+def check_gate_options(gate_samples: int | None, gate_ranges: int | None) -> None:
+    """One-line errors for the gate's options (None: the preset's)."""
+    if gate_samples is not None and (isinstance(gate_samples, bool) or not isinstance(gate_samples, int)
+                                     or gate_samples < 0):
+        raise UserError(f"--gate-samples must be an integer >= 0 (0: no gate), got {gate_samples!r}")
+    if gate_ranges is not None and (isinstance(gate_ranges, bool) or not isinstance(gate_ranges, int)
+                                    or gate_ranges < 1):
+        raise UserError(f"--gate-ranges must be an integer >= 1, got {gate_ranges!r}")
+
+
 @writes_bundle()
 def correct(bundle, samples: int | None = None, holdout: int | None = None, seed: int = 1,
             batch: int | None = None, device: str = "auto", preset: str = "auto",
@@ -44,12 +54,10 @@ def correct(bundle, samples: int | None = None, holdout: int | None = None, seed
     samples = pre.correct_samples if samples is None else samples
     holdout = pre.holdout if holdout is None else holdout
     batch = pre.correct_batch if batch is None else batch
+    check_gate_options(gate_samples, gate_ranges)
     if gate_samples is None:
         gate_samples = 2 * samples if pre.gate_samples is None else pre.gate_samples
     gate_ranges = pre.gate_ranges if gate_ranges is None else gate_ranges
-    if gate_samples < 0 or gate_ranges < 1:
-        raise UserError(f"--gate-samples must be >= 0 (0: no gate) and --gate-ranges >= 1, got {gate_samples} and "
-                        f"{gate_ranges}")
     gate = gate and gate_samples > 0
     if samples < 2 or not 1 <= holdout < samples:
         raise UserError(f"--samples must be >= 2 and --holdout in [1, samples - 1], got {samples} and {holdout}")

@@ -121,7 +121,11 @@ def bench(bundle, precisions=None, runs: int = 10, warmup: int = 3, large_batch:
     ov_built = layout.built(b, "openvino")
     for p in [p for p in precisions if p in ov_built]:
         t0 = time.perf_counter()
-        engines[f"{p}@openvino"] = open_engine(b, p, threads, backend="openvino")
+        try:
+            engines[f"{p}@openvino"] = open_engine(b, p, threads, backend="openvino")
+        except PtqdError as e:  # e.g. the bundle moved to a machine without openvino
+            notes.append(f"{p}@openvino skipped: {e}")
+            continue
         load_s[f"{p}@openvino"] = time.perf_counter() - t0  # OpenVINO compiles at the first call, per batch size
         sizes[f"{p}@openvino"] = sum(e["size_bytes"] for e in ov_built[p]["buckets"])
     if peers:
@@ -146,7 +150,11 @@ def bench(bundle, precisions=None, runs: int = 10, warmup: int = 3, large_batch:
         if progress:
             progress(f"UNet forward, batch {batch}")
         for p in [p for p in names if "openvino" in p or p.startswith("ov-")]:  # compile for this batch
-            engines[p](f["x"], f["t"], f.get("context"))
+            try:
+                engines[p](f["x"], f["t"], f.get("context"))
+            except Exception as e:  # noqa: BLE001 - an optional engine or peer that cannot run is a note
+                notes.append(f"{p} skipped at batch {batch}: {type(e).__name__}: {str(e)[:200]}")
+                names.remove(p)
         times = round_robin({p: (lambda r=engines[p], f=f: r(f["x"], f["t"], f.get("context"))) for p in names},
                             runs if batch != large_batch else max(3, runs // 3), warmup if batch != large_batch else 1)
         for p in names:

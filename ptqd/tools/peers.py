@@ -24,12 +24,21 @@ def openvino_peers(b, threads: int | None, calib_items: int, notes: list[str]) -
 
     out = {}
     t0 = time.perf_counter()
-    fp = ov.Core().read_model(str(b.path(layout.UNET_ONNX)))
-    out["ov-fp32"] = (OvRunner(b.path(layout.UNET_ONNX), threads, model=fp), time.perf_counter() - t0)
+    try:
+        fp = ov.Core().read_model(str(b.path(layout.UNET_ONNX)))
+        out["ov-fp32"] = (OvRunner(b.path(layout.UNET_ONNX), threads, model=fp), time.perf_counter() - t0)
+    except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+        notes.append(f"OpenVINO peers skipped: OpenVINO cannot read the exported graph: {type(e).__name__}: "
+                     f"{str(e)[:200]}")
+        return out
     if importlib.util.find_spec("nncf") is None:
         notes.append("NNCF + OpenVINO INT8 peer skipped: nncf is not installed (pip install 'ptqd[peers]')")
         return out
-    import nncf
+    try:
+        import nncf
+    except Exception as e:  # noqa: BLE001 - e.g. an nncf that does not match the installed openvino
+        notes.append(f"NNCF + OpenVINO INT8 peer skipped: import nncf failed: {type(e).__name__}: {str(e)[:200]}")
+        return out
 
     data = np.load(b.path(layout.CALIB_FEEDS))
     names = [i.get_any_name() for i in fp.inputs]

@@ -216,3 +216,28 @@ def test_the_quick_presets_gate_costs_about_a_third_and_still_finds_the_bias():
         run[name] = rec["engine_steps_run"]
     assert run["quick"] * 2.5 <= run["default"], run  # 28 against 78 engine steps here
     assert PRESETS["minimal"].gate_samples == 0  # full size: no gate, --correction auto applies nothing
+
+
+def test_gate_keeps_a_part_that_moves_the_distribution_to_fps_without_hurting_single_samples():
+    from ptqd.calib.gate import moment_distance
+
+    rng = np.random.RandomState(3)
+    ref = {eta: rng.randn(128, 2, 4) for eta in (0.0, 1.0)}
+    noise = {eta: 0.5 * rng.randn(128, 2, 4) for eta in (0.0, 1.0)}
+
+    def finals(cfg, eta):  # every config but a bias in the first range leaves a 0.2 mean shift
+        shift = 0.0 if "bias" in cfg[0] else 0.2
+        return ref[eta] + noise[eta] + shift, ref[eta]
+
+    def error(cfg, eta):  # the paired error cannot tell the configs apart (a fixed per-sample error)
+        return np.full(128, 0.3) + 0.01 * np.arange(128) / 128
+
+    rec = gate(error, 4, step_ranges(4, 2), candidates=(("k",), ("bias",)), finals=finals)
+    assert rec["parts"][:2] == [("bias",), ("bias",)] and rec["parts"][2:] == [(), ()], rec["parts"]
+    kept = next(c for c in rec["ranges"][0]["candidates"] if c["parts"] == ["bias"])
+    assert kept["distribution"]["delta"] < -3 * kept["distribution"]["se"]
+    assert moment_distance(*finals(((),) * 4, 0.0)) > moment_distance(*finals((("bias",),) * 4, 0.0))
+    # and a paired error that gets worse at one eta vetoes the same distribution gain
+    rec = gate(lambda cfg, eta: error(cfg, eta) + (0.05 if "bias" in cfg[0] and eta else 0.0), 4,
+               step_ranges(4, 2), candidates=(("bias",),), finals=finals)
+    assert rec["parts"] == [()] * 4

@@ -174,3 +174,27 @@ def test_ablation_rows(compiled):
     assert [r["precision"] for r in res["eta0"]["rows"]] == ["fp32", "w4a4", "w4a4+k", "w4a4+k+bias"]
     assert [r["precision"] for r in res["eta1"]["rows"]] == ["fp32", "w4a4", "w4a4+k+bias", "w4a4+k+bias+vsc"]
     assert res["eta1"]["config"]["eta"] == 1.0
+
+
+@pytest.mark.parametrize("kw, what", [({"gate_samples": -1}, "--gate-samples"), ({"gate_ranges": 0}, "--gate-ranges"),
+                                      ({"gate_samples": 2.5}, "--gate-samples")])
+def test_bad_gate_options_stop_compile_before_any_stage_runs(tmp_path, kw, what):
+    with pytest.raises(UserError, match=what):
+        api.compile("demo", tmp_path / "g.bundle", progress=False, log=lambda *a: None, **kw)
+    assert not (tmp_path / "g.bundle").exists()
+
+
+def test_correct_without_a_gate_applies_nothing_and_says_so(compiled, tmp_path):
+    import shutil
+
+    out = tmp_path / "nogate.bundle"
+    shutil.copytree(compiled[0], out)
+    rec = api.correct(out, samples=6, holdout=2, gate_samples=0, progress=False)
+    assert rec["config"]["gate"] is None
+    for s in rec["summary"].values():
+        assert "no gate (gate off" in s["applied"]
+    from ptqd.bundle import Bundle
+    from ptqd.runtime.loader import step_engines
+
+    eng, label = step_engines(Bundle.open(out), "w4a8", "auto")
+    assert all(p == () for p in eng.corrections["w4a8"].parts)  # auto applies nothing
