@@ -27,7 +27,8 @@ def test_compile_runs_every_stage_and_writes_corrections_and_plan(compiled):
         assert s["holdout_gated"]["mse_corrected"] <= s["holdout"]["mse_uncorrected"] * (1 + 1e-9)
     assert corr["config"]["holdout"] == 4 and corr["config"]["guidance"] == 3.0
     # the end-to-end gate ran on every built precision, on its own seed, and its choice is what auto applies
-    assert corr["config"]["gate"] == {"samples": 24, "seed": 101, "ranges": 4}
+    assert corr["config"]["gate"] == {"samples": 24, "seed": 101, "ranges": 4,
+                                      "candidates": ["k", "bias", "k+bias", "cond"]}
     for p, rec in corr["precisions"].items():
         g = rec["gate"]
         assert [s["t"] for s in g["steps"]] == [s["t"] for s in rec["steps"]] and g["samples"] == 24
