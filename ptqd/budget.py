@@ -24,6 +24,10 @@ from dataclasses import dataclass, replace
 from ptqd.errors import UserError
 
 
+# the parts the correction gate tries per step range (calib/gate.py), unless a preset narrows them
+GATE_CANDIDATES: tuple[tuple[str, ...], ...] = (("k",), ("bias",), ("k", "bias"), ("cond",))
+
+
 @dataclass(frozen=True)
 class Budget:
     name: str
@@ -40,7 +44,7 @@ class Budget:
     # 0: no gate, so --correction auto applies nothing), step ranges, and the parts it tries
     gate_samples: int | None = None
     gate_ranges: int = 4
-    gate_candidates: tuple[tuple[str, ...], ...] = (("k",), ("bias",), ("k", "bias"), ("cond",))
+    gate_candidates: tuple[tuple[str, ...], ...] = GATE_CANDIDATES
 
     def to_json(self) -> dict:
         return dict(self.__dict__)

@@ -41,6 +41,8 @@ from itertools import pairwise
 
 import numpy as np
 
+from ptqd.budget import GATE_CANDIDATES
+
 # Standard errors a part must win by. About 25 comparisons per precision (5 candidates x 4 ranges, VSC
 # per range, the final check): at z = 3 each wrongly keeps a useless part with probability 0.00135
 # (one-sided, normal), about 3% for the whole gate, twice that with the distribution route (a second
@@ -48,7 +50,7 @@ import numpy as np
 # made the plan's paired PSNR worse on the evaluation seeds.
 Z = 3.0
 BOOTSTRAPS = 200  # resamples for the distribution criterion's standard error
-DEFAULT_CANDIDATES: tuple[tuple[str, ...], ...] = (("k",), ("bias",), ("k", "bias"), ("cond",))
+DEFAULT_CANDIDATES = GATE_CANDIDATES
 
 Config = tuple[tuple[str, ...], ...]
 ErrorFn = Callable[[Config, float], np.ndarray]
@@ -59,6 +61,12 @@ def step_ranges(steps: int, ranges: int) -> list[tuple[int, int]]:
     ranges = max(1, min(int(ranges), steps))
     cuts = np.linspace(0, steps, ranges + 1).round().astype(int)
     return [(int(a), int(b)) for a, b in pairwise(cuts) if b > a]
+
+
+def paired_error(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Per sample, the mean over elements of (x − ref)²: final latents against FP's on the same noise. [N]"""
+    d = (np.asarray(x, np.float64) - ref) ** 2
+    return d.reshape(len(d), -1).mean(1)
 
 
 def moment_distance(x: np.ndarray, ref: np.ndarray) -> float:
@@ -205,8 +213,7 @@ class ResumedError:
         out = np.asarray(self.sample(config, eta, start, observe), np.float64)
         self.steps_run += len(config) - first
         self.finals[(config, eta)] = out
-        d = (out - self.refs[eta]) ** 2
-        return d.reshape(len(d), -1).mean(1)
+        return paired_error(out, self.refs[eta])
 
     def final(self, config: Config, eta: float) -> tuple[np.ndarray, np.ndarray]:
         """(final latents of ``config``, FP's) at ``eta``, from the run that measured its error."""
@@ -304,8 +311,7 @@ def gate_plan(engines_on, engines_off, fp_runner, facts, class_embedding, labels
         return finals[(name, eta)], refs[eta]
 
     def error(name, eta):
-        d = (finals_of(name, eta)[0] - refs[eta]) ** 2
-        return d.reshape(len(d), -1).mean(1)
+        return paired_error(*finals_of(name, eta))
 
     rec = compare(error, "on", "off", etas, z, finals=finals_of)
     rec.update({"samples": len(labels), "seed": seed, "etas": list(etas)})

@@ -51,8 +51,11 @@ examples:
 """
 
 
-RUNTIME_BACKEND_HELP = ("the engines' backend: onnxruntime (default) or openvino (engines from `ptqd build --backend "
-                        "openvino`; fp32 then runs on OpenVINO too)")
+def _runtime_backend_arg(p, fp32: str) -> None:
+    """``--backend`` of the verbs that run engines; ``fp32`` says where their FP32 runs on openvino."""
+    p.add_argument("--backend", choices=("onnxruntime", "openvino"), default="onnxruntime",
+                   help="the engines' backend: onnxruntime (default) or openvino (engines from `ptqd build --backend "
+                        f"openvino`; {fp32})")
 
 
 def _sampling_args(p, num: int | None) -> None:
@@ -209,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--correction", choices=("auto", "on", "conditional", "off"), default="auto",
                    help="PTQD's noise correction and, with --eta > 0, variance schedule calibration (default auto: "
                         "the parts the end-to-end gate kept; on: the raw fit; conditional: E[error | eps_q] removed)")
-    s.add_argument("--backend", choices=("onnxruntime", "openvino"), default="onnxruntime", help=RUNTIME_BACKEND_HELP)
+    _runtime_backend_arg(s, "fp32 then runs on OpenVINO too")
     s.add_argument("--out", help="FILE.png (grid) or FILE.npz (arrays)")
     s.add_argument("--batch", type=int, default=64, help="samples per engine call (default 64)")
     s.set_defaults(func=cmd_sample)
@@ -228,9 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--ablation", action="store_true",
                    help="PTQD ablation for --precisions (default w4a8,w4a4,auto): uncorrected, + correlated "
                         "correction, + bias at eta 0; uncorrected, + k + bias, + VSC at eta 1")
-    v.add_argument("--backend", choices=("onnxruntime", "openvino"), default="onnxruntime",
-                   help=RUNTIME_BACKEND_HELP.replace("fp32 then runs on OpenVINO too", "the FP32 reference row stays "
-                                                     "ONNX Runtime"))
+    _runtime_backend_arg(v, "the FP32 reference row stays ONNX Runtime")
     v.add_argument("--json", action="store_true", help="machine-readable output")
     v.set_defaults(func=cmd_eval)
 

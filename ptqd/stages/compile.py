@@ -10,7 +10,7 @@ from ptqd.precision import CALIBRATED_NAMES
 from ptqd.stages.build import build
 from ptqd.stages.calibrate import calibrate
 from ptqd.stages.common import reusable, source_digest
-from ptqd.stages.correct import check_gate_options, correct
+from ptqd.stages.correct import check_gate_options, correct, gate_config
 from ptqd.stages.export import export
 from ptqd.stages.plan import bops_table, plan
 
@@ -31,9 +31,8 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
     and peak resident memory are printed and recorded in the manifest (stage "compile")."""
     import time
 
-    from ptqd.budget import preset_for
+    from ptqd.budget import GATE_CANDIDATES, preset_for
     from ptqd.calib.device import resolve_device
-    from ptqd.calib.gate import DEFAULT_CANDIDATES
     from ptqd.errors import BundleError
     from ptqd.resources import peak_rss_mb, reset_peak
     from ptqd.validate import real
@@ -92,13 +91,9 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
     stage("build", reusable(b, "build", layout.BUILD_INPUTS) and set(precisions) <= built,
           lambda: build(out, precisions=tuple(precisions), progress=progress))
     b = Bundle.open(out)
-    gate_cfg = {"samples": pre.gate_samples if gate_samples is None else gate_samples,
-                "ranges": pre.gate_ranges if gate_ranges is None else gate_ranges,
-                "candidates": ["+".join(c) for c in pre.gate_candidates]}
-    if gate_cfg["samples"] is None:
-        gate_cfg["samples"] = 2 * correction_samples
+    gate_cfg = gate_config(pre, correction_samples, gate_samples, gate_ranges)
     old_gate = ((b.stage("correct") or {}).get("config") or {}).get("gate") or {"samples": 0}
-    old_gate = {"candidates": ["+".join(c) for c in DEFAULT_CANDIDATES], "ranges": 0, **old_gate}  # older records
+    old_gate = {"candidates": ["+".join(c) for c in GATE_CANDIDATES], "ranges": 0, **old_gate}  # older records
     same_gate = {k: old_gate[k] for k in gate_cfg} == gate_cfg or gate_cfg["samples"] == old_gate["samples"] == 0
     stage("correct", same_gate and reusable(b, "correct", layout.CALIB_FILES,
                                             config={"samples": correction_samples, "holdout": holdout}),

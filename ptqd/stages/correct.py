@@ -22,6 +22,16 @@ def check_gate_options(gate_samples: int | None, gate_ranges: int | None) -> Non
         raise UserError(f"--gate-ranges must be an integer >= 1, got {gate_ranges!r}")
 
 
+def gate_config(pre, samples: int, gate_samples: int | None = None, gate_ranges: int | None = None) -> dict:
+    """The gate's settings as correct.json records them: explicit options over the preset ``pre``'s (its
+    gate_samples None: 2 x the correction's ``samples``). ``samples`` 0: no gate."""
+    check_gate_options(gate_samples, gate_ranges)
+    if gate_samples is None:
+        gate_samples = 2 * samples if pre.gate_samples is None else pre.gate_samples
+    return {"samples": gate_samples, "ranges": pre.gate_ranges if gate_ranges is None else gate_ranges,
+            "candidates": ["+".join(c) for c in pre.gate_candidates]}
+
+
 @writes_bundle()
 def correct(bundle, samples: int | None = None, holdout: int | None = None, seed: int = 1,
             batch: int | None = None, device: str = "auto", preset: str = "auto",
@@ -54,10 +64,8 @@ def correct(bundle, samples: int | None = None, holdout: int | None = None, seed
     samples = pre.correct_samples if samples is None else samples
     holdout = pre.holdout if holdout is None else holdout
     batch = pre.correct_batch if batch is None else batch
-    check_gate_options(gate_samples, gate_ranges)
-    if gate_samples is None:
-        gate_samples = 2 * samples if pre.gate_samples is None else pre.gate_samples
-    gate_ranges = pre.gate_ranges if gate_ranges is None else gate_ranges
+    gcfg = gate_config(pre, samples, gate_samples, gate_ranges)
+    gate_samples, gate_ranges = gcfg["samples"], gcfg["ranges"]
     gate = gate and gate_samples > 0
     if samples < 2 or not 1 <= holdout < samples:
         raise UserError(f"--samples must be >= 2 and --holdout in [1, samples - 1], got {samples} and {holdout}")
@@ -109,8 +117,7 @@ def correct(bundle, samples: int | None = None, holdout: int | None = None, seed
                       if "gate" in f else "no gate (" + ("engine not built" if gate else "gate off: --gate-samples 0 or "
                                                          "the minimal preset") + "): nothing applied under --correction auto"}
     record = {"config": {"samples": samples, "holdout": holdout, "seed": seed, "steps": scfg.steps,
-                         "gate": {"samples": gate_samples, "seed": gate_seed, "ranges": gate_ranges,
-                                  "candidates": ["+".join(c) for c in pre.gate_candidates]} if gate else None,
+                         "gate": {**gcfg, "seed": gate_seed} if gate else None,
                          "eta": scfg.eta, "guidance": scfg.guidance, "spacing": scfg.spacing,
                          "model": "fake-quant torch model of each precision (engines match it; see build.json)"},
               "summary": summary, "precisions": fits, "seconds": round(time.perf_counter() - t0, 1),

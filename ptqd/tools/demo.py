@@ -58,16 +58,14 @@ def openvino_throughput(bundle, steps: int, cfg_x: int) -> dict | None:
 
     from ptqd.runtime.loader import open_engine
     from ptqd.stages.build import build
-    from ptqd.stages.common import digest
+    from ptqd.stages.common import reusable
 
     if importlib.util.find_spec("openvino") is None:
         return None
     b = Bundle.open(bundle)
     precs = ("w8a8", "w4a8", "w4a4")
     try:
-        st = b.stage("build_openvino")
-        if st is None or st.get("inputs") != digest(b, layout.BUILD_INPUTS) or \
-                not set(precs) <= set(layout.built(b, "openvino")):
+        if not reusable(b, "build_openvino", layout.BUILD_INPUTS) or not set(precs) <= set(layout.built(b, "openvino")):
             build(bundle, backend="openvino", progress=False)
             b = Bundle.open(bundle)
         runners = {f"{p}@openvino": open_engine(b, p, backend="openvino") for p in precs}
