@@ -44,10 +44,40 @@ def validate_built(b: Bundle, eng_path, loaded, layers, inputs: list[dict], act_
                               inputs, act_bits)
 
 
+def plan_precisions(b: Bundle, precisions: tuple[Precision, ...], log) -> tuple[tuple[Precision, ...], int]:
+    """Check the build fits in memory before it starts (:mod:`ptqd.memory`): refuse in one line when one
+    of ptqd's engines will not fit; run ONNX Runtime's quantize_static peer on as many calibration items at
+    once as fit, and leave it out (one line through ``log``) when even one does not. Returns the precisions
+    to build and the peer's items per run."""
+    from ptqd import memory
+
+    m = memory.ModelCost.from_bundle(b)
+    if any(p != PEER for p in precisions):
+        memory.require("build", *memory.stage_need("build", m, None))
+    chunk = 0
+    if PEER in precisions:
+        chunk = memory.peer_chunk(m)
+        if chunk is None:
+            need = memory.peer_peak(m, 1)
+            if precisions == (PEER,):
+                memory.require("build of ort-int8 (ONNX Runtime's quantize_static)", need,
+                               "leave this reference engine out, or build it on a machine with more")
+            have, where = memory.available()
+            log(f"ptqd: note: ort-int8 (ONNX Runtime's quantize_static, a reference) left out: it needs about "
+                f"{memory.gb(need)} and {memory.gb(have)} is available ({where}); build it later with "
+                f"`ptqd build {b.root} --precisions ort-int8` on a machine with more")
+            precisions = tuple(p for p in precisions if p != PEER)
+    return precisions, chunk
+
+
 @writes_bundle()
 def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool = True,
-          progress: bool | None = None) -> dict:
-    """One engine per precision from the calibration; validated against the fake-quant model."""
+          progress: bool | None = None, log=None) -> dict:
+    """One engine per precision from the calibration; validated against the fake-quant model. Each
+    precision is committed as soon as it is built and validated, so an interrupted build keeps the
+    engines it finished (``ptqd compile`` then builds only the rest)."""
+    import sys
+
     from ptqd.engines.onnxruntime import build_engine, describe_engine, pack_4bit_weights, quantize_static_peer
     from ptqd.engines.qdq import write_qdq
 
@@ -66,53 +96,56 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
     precisions = tuple(Precision(p) for p in precisions)
     b = Bundle.open(bundle)
     require_calibrated(b)
+    precisions, chunk = plan_precisions(b, precisions, log or (lambda msg: print(msg, file=sys.stderr)))
     rows = layout.layer_rows(b)
     loaded = load_source(b) if validate and any(p != PEER for p in precisions) else None
     feeds = dict(np.load(b.path(layout.CALIB_FEEDS))) if validate or PEER in precisions else None
     val_inputs = validation_inputs(feeds) if validate else None
     records: dict[str, Any] = {}
     calib_buckets = layout.calib_buckets(b)
-    old = layout.built(b)
-    with progress_bar(len(precisions), "build", progress) as bar, Bundle.transaction(b.root) as w:
+    with progress_bar(len(precisions), "build", progress) as bar:
         for p in precisions:
             t0 = time.perf_counter()
             bar.set_postfix_str(p.value)
-            for rel in w.listed(f"{layout.ORT_DIR}/{p.value}."):
-                w.remove(rel)  # a rebuild replaces every bucket's engine of this precision
-            rec: dict[str, Any] = {"numerics": numerics(p)}
-            buckets = calib_buckets if p in CALIBRATED else [None]
-            rec["buckets"] = []
-            for k, bucket in enumerate(buckets):
-                qdq_rel, eng_rel = layout.ort_engine(p.value, k, len(buckets))
-                qdq_path, eng_path = w.file(qdq_rel), w.file(eng_rel)
-                layers = None
-                if p == PEER:
-                    attention = [r["name"] for r in rows if r["kind"] == "attention"]
-                    quantize_static_peer(b.path(layout.UNET_ONNX), qdq_path, feeds, attention)
-                else:
-                    layers = calib_layers(b, p.value, k, len(buckets))
-                    write_qdq(b.path(layout.UNET_ONNX), layers, qdq_path)
-                build_engine(qdq_path, eng_path)
-                for rel in (qdq_rel, eng_rel):  # external data beside a graph over 2 GB (quantize_static's, say)
-                    if (w.staging / f"{rel}.data").is_file():
-                        w.declare(f"{rel}.data")
-                packed = pack_4bit_weights(eng_path, layers) if layers and p.w_bits == 4 else {}
-                desc = describe_engine(eng_path, rows)
-                if k == 0:
-                    rec.update(desc, **packed)
-                entry = {"t_range": bucket["t_range"] if bucket else None,
-                         "engine": eng_path.relative_to(w.staging).as_posix(), "size_bytes": desc["size_bytes"]}
-                if validate and layers is not None:
-                    val = validate_built(b, eng_path, loaded, layers, val_inputs, p.a_bits)
-                    entry["validation_vs_fake_quant"] = val
+            with Bundle.transaction(b.root) as w:  # one commit per precision: a kill loses only the one in work
+                old = layout.built(Bundle.open(b.root))
+                for rel in w.listed(f"{layout.ORT_DIR}/{p.value}."):
+                    w.remove(rel)  # a rebuild replaces every bucket's engine of this precision
+                rec: dict[str, Any] = {"numerics": numerics(p)}
+                buckets = calib_buckets if p in CALIBRATED else [None]
+                rec["buckets"] = []
+                for k, bucket in enumerate(buckets):
+                    qdq_rel, eng_rel = layout.ort_engine(p.value, k, len(buckets))
+                    qdq_path, eng_path = w.file(qdq_rel), w.file(eng_rel)
+                    layers = None
+                    if p == PEER:
+                        attention = [r["name"] for r in rows if r["kind"] == "attention"]
+                        quantize_static_peer(b.path(layout.UNET_ONNX), qdq_path, feeds, attention, chunk=chunk)
+                        rec["calibration_items_per_run"] = chunk
+                    else:
+                        layers = calib_layers(b, p.value, k, len(buckets))
+                        write_qdq(b.path(layout.UNET_ONNX), layers, qdq_path)
+                    build_engine(qdq_path, eng_path)
+                    for rel in (qdq_rel, eng_rel):  # external data beside a graph over 2 GB (quantize_static's)
+                        if (w.staging / f"{rel}.data").is_file():
+                            w.declare(f"{rel}.data")
+                    packed = pack_4bit_weights(eng_path, layers) if layers and p.w_bits == 4 else {}
+                    desc = describe_engine(eng_path, rows)
                     if k == 0:
-                        rec["validation_vs_fake_quant"] = val
-                    if not val["passed"]:
-                        raise ValidationError("engine vs fake-quant model",
-                                              f"{p.value}{layout.bucket_suffix(k, len(buckets))}: {val['failure']}")
-                rec["buckets"].append(entry)
-            rec["build_seconds"] = round(time.perf_counter() - t0, 1)
-            records[p.value] = rec
+                        rec.update(desc, **packed)
+                    entry = {"t_range": bucket["t_range"] if bucket else None,
+                             "engine": eng_path.relative_to(w.staging).as_posix(), "size_bytes": desc["size_bytes"]}
+                    if validate and layers is not None:
+                        val = validate_built(b, eng_path, loaded, layers, val_inputs, p.a_bits)
+                        entry["validation_vs_fake_quant"] = val
+                        if k == 0:
+                            rec["validation_vs_fake_quant"] = val
+                        if not val["passed"]:
+                            raise ValidationError("engine vs fake-quant model",
+                                                  f"{p.value}{layout.bucket_suffix(k, len(buckets))}: {val['failure']}")
+                    rec["buckets"].append(entry)
+                rec["build_seconds"] = round(time.perf_counter() - t0, 1)
+                records[p.value] = rec
+                commit_build(w, b, "onnxruntime", "build", old, {p.value: rec})
             bar.update()
-        commit_build(w, b, "onnxruntime", "build", old, records)
     return records

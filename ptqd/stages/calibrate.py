@@ -25,9 +25,11 @@ def calibrate(bundle, samples: int | None = None, steps: int | None = None, eta:
     Memory is bounded: statistics for every layer, but second moments (H) only for one group of
     layers at a time (``observe``); ``device`` runs the torch work on a GPU where there is one."""
     import time
+    from dataclasses import replace
 
     import numpy as np
 
+    from ptqd import memory
     from ptqd.budget import preset_for
     from ptqd.calib.calibrate import (
         CalibConfig,
@@ -56,6 +58,7 @@ def calibrate(bundle, samples: int | None = None, steps: int | None = None, eta:
         cfg = dataclasses.replace(cfg, **recipe_options(recipe))
     cfg.validate()
     dev = resolve_device(device)
+    memory.require_stage("calibrate", memory.ModelCost.from_bundle(b), replace(pre, calib_batch=cfg.batch))
     facts = b.facts
     scfg = sampler_config(facts, cfg.steps, eta, guidance)
     seconds: dict[str, float] = {}

@@ -21,6 +21,19 @@ def source_digest(model) -> str | None:
     return sha256_file(p) if p.is_file() else None
 
 
+def source_bytes(model) -> int:
+    """Bytes of the weights behind ``model`` (a checkpoint file, a diffusers directory's weight files, the
+    demo): what the export's memory scales with."""
+    if str(model) == "demo":
+        from ptqd.models.demo import demo_dir
+
+        return (demo_dir() / "demo_ldm.safetensors").stat().st_size
+    p = Path(model)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.suffix in (".safetensors", ".bin", ".ckpt", ".pt"))
+    return p.stat().st_size if p.is_file() else 0
+
+
 def load_source(b: Bundle):
     """The torch model the bundle was exported from (the calibrator needs it); checked by sha256."""
     from ptqd.models import load_model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ from ptqd.bundle import Bundle, layout, writes_bundle
 from ptqd.precision import CALIBRATED_NAMES
 from ptqd.stages.build import build
 from ptqd.stages.calibrate import calibrate
-from ptqd.stages.common import reusable, source_digest
+from ptqd.stages.common import reusable, source_bytes, source_digest
 from ptqd.stages.correct import check_gate_options, correct, gate_config
 from ptqd.stages.export import export
 from ptqd.stages.plan import bops_table, plan
@@ -31,10 +32,13 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
     and peak resident memory are printed and recorded in the manifest (stage "compile")."""
     import time
 
+    from ptqd import memory
     from ptqd.budget import GATE_CANDIDATES, preset_for
     from ptqd.calib.device import resolve_device
     from ptqd.errors import BundleError
-    from ptqd.resources import peak_rss_mb, reset_peak
+    from ptqd.precision import ORT_BUILDABLE, Precision
+    from ptqd.resources import TreePeak
+    from ptqd.stages.build import plan_precisions
     from ptqd.validate import real
 
     real("--margin", margin, 0, lo_open=True)  # the plan's options, checked before the stages before it run
@@ -56,12 +60,12 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
             costs[name] = {"reused": True}
             log(f"[{len(done)}/5] {name}: reused (inputs unchanged)")
             return
-        reset_peak()
-        fn()
+        with TreePeak() as watch:  # the whole process tree, polled, and this process's own high-water mark
+            fn()
         done[name] = round(time.perf_counter() - t0, 1)
-        peak = peak_rss_mb()
+        peak = watch.peak_mb
         costs[name] = {"seconds": done[name], "peak_rss_mb": peak}
-        log(f"[{len(done)}/5] {name}: done in {done[name]:.0f} s" + (f", peak RSS {peak / 1024:.2f} GB" if peak else ""))
+        log(f"[{len(done)}/5] {name}: done in {done[name]:.0f} s" + (f", peak RSS {peak / 1024:.2f} GiB" if peak else ""))
 
     try:
         b = Bundle.open(out)
@@ -75,6 +79,10 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
 
         prompts = read_prompts(prompts) if isinstance(prompts, (str, Path)) else list(prompts)
         fresh = fresh and rec.get("prompts") == prompts
+    precisions = tuple(Precision.parse(p, ORT_BUILDABLE) for p in precisions)
+    if not fresh:
+        memory.require("export", memory.export_peak(source_bytes(model)),
+                       "free memory (other jobs), or export on a machine with more")
     stage("export", fresh, lambda: export(model, out, config=config, progress=progress, prompts=prompts))
     b = Bundle.open(out)
     pre = preset_for(preset, b.read_json(layout.UNET_LAYERS))
@@ -82,14 +90,26 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
     steps = pre.steps if steps is None else steps
     correction_samples = pre.correct_samples if correction_samples is None else correction_samples
     holdout = pre.holdout if holdout is None else holdout
+    # know before you die: every remaining stage's peak against the memory available, before the long ones
+    # run; the ort-int8 peer is left out (one line) where it alone would not fit
+    cost = memory.ModelCost.from_bundle(b)
+    for name in ("calibrate", "correct", "plan"):
+        memory.require_stage(name, cost, replace(pre, calib_batch=min(pre.calib_batch, samples),
+                                                 correct_batch=min(pre.correct_batch, correction_samples)))
+    precisions, _ = plan_precisions(b, precisions, log)
+    precisions = tuple(p.value for p in precisions)
     ccfg = {"samples": samples, "steps": steps, "guidance": guidance, **recipe_options(recipe or "default")}
     stage("calibrate", reusable(b, "calibrate", (layout.UNET_ONNX, layout.UNET_LAYERS), config=ccfg),
           lambda: calibrate(out, samples=samples, steps=steps, guidance=guidance, device=device, preset=preset,
                                 progress=progress, recipe=recipe))
     b = Bundle.open(out)
     built = set((b.stage("build") or {}).get("precisions", []))
-    stage("build", reusable(b, "build", layout.BUILD_INPUTS) and set(precisions) <= built,
-          lambda: build(out, precisions=tuple(precisions), progress=progress))
+    same = reusable(b, "build", layout.BUILD_INPUTS) and not force
+    todo = tuple(p for p in precisions if not (same and p in built))
+    if todo and set(precisions) - set(todo):  # an interrupted build committed these before it stopped
+        log(f"build: {', '.join(p for p in precisions if p not in todo)} kept from an earlier run; building "
+            f"{', '.join(todo)}")
+    stage("build", not todo, lambda: build(out, precisions=todo, progress=progress, log=log))
     b = Bundle.open(out)
     gate_cfg = gate_config(pre, correction_samples, gate_samples, gate_ranges)
     old_gate = ((b.stage("correct") or {}).get("config") or {}).get("gate") or {"samples": 0}

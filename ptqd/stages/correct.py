@@ -49,12 +49,14 @@ def correct(bundle, samples: int | None = None, holdout: int | None = None, seed
     ``gate_samples=0`` skips the gate, and then auto applies nothing)."""
     import time
 
+    from dataclasses import replace
+
     import numpy as np
 
+    from ptqd import memory
     from ptqd.budget import preset_for
-    from ptqd.calib.device import describe, resolve_device
-
     from ptqd.calib.correction import collect, fit_conditional, fit_precision
+    from ptqd.calib.device import describe, resolve_device
     from ptqd.calib.gate import gate_engine
     from ptqd.engines.torch_ref import TorchRunner
 
@@ -74,6 +76,7 @@ def correct(bundle, samples: int | None = None, holdout: int | None = None, seed
     scfg = sampler_config(facts, c["steps"], c["eta"], c["guidance"])
     precisions = layout.calibrated_precisions(b)
     dev = resolve_device(device)
+    memory.require_stage("correct", memory.ModelCost.from_bundle(b), replace(pre, correct_batch=batch))
     t0 = time.perf_counter()
     loaded = load_source(b)
     table = layout.class_embedding(b)
