@@ -16,6 +16,8 @@ import json
 import time
 from pathlib import Path
 
+from ptqd.precision import ORT_BUILDABLE
+
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -24,11 +26,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--preset", default="auto", help="compute preset (ptqd compile --preset)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--force", action="store_true", help="recompile every stage")
+    ap.add_argument("--precisions", default=",".join(map(str, ORT_BUILDABLE)),
+                    help="engines (default: ptqd compile's, %(default)s)")
     args = ap.parse_args(argv)
 
     from ptqd import api
     from ptqd.bundle import Bundle
     from ptqd.models.tiny import write_cin256_family
+    from ptqd.resources import TreePeak, cpu_description
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -39,8 +44,9 @@ def main(argv=None) -> dict:
         print(f"wrote {ckpt} ({ckpt.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t0:.0f} s")
     out = work / f"cin256_{args.size}.bundle"
     t0 = time.perf_counter()
-    res = api.compile(str(ckpt), out, precisions=("w8a8", "w4a8", "w4a4"), preset=args.preset, device=args.device,
-                      force=args.force)
+    with TreePeak() as watch:  # the whole process tree over the whole compile
+        res = api.compile(str(ckpt), out, precisions=tuple(args.precisions.split(",")), preset=args.preset,
+                          device=args.device, force=args.force)
     total = time.perf_counter() - t0
     b = Bundle.open(out)
     info = api.inspect(out)
@@ -48,6 +54,7 @@ def main(argv=None) -> dict:
     build = b.read_json("engines/onnxruntime/build.json")
     summary = {"size": args.size, "parameters": info["weight_params"], "macs_per_forward": info["macs_per_forward"],
                "preset": res["preset"], "stages": res["costs"], "total_seconds": round(total, 1),
+               "peak_rss_gib_whole_compile": round(watch.peak_bytes / 2**30, 2), "cpu": cpu_description(),
                "calibrate_breakdown": cal.get("seconds"), "calibrate_device": cal.get("device"),
                "validation": {p: {k: r["validation_vs_fake_quant"].get(k) for k in
                                   ("passed", "verdict", "median_rel_l2", "worst_rel_l2", "cascade")}
@@ -55,14 +62,15 @@ def main(argv=None) -> dict:
                "plan": res["plan"]}
     print(f"\ncin256-v2 family, {args.size}: {info['weight_params'] / 1e6:.1f} M parameters, "
           f"{info['macs_per_forward'] / 1e9:.2f} GMAC per forward, preset {res['preset']}")
-    print(f"{'stage':<10}{'seconds':>9}{'peak RSS GB':>13}")
+    print(f"{'stage':<10}{'seconds':>9}{'peak GiB':>13}")
     for name, c in res["costs"].items():
         if c.get("reused"):
             print(f"{name:<10}{'reused':>9}")
         else:
             peak = c.get("peak_rss_mb")
             print(f"{name:<10}{c['seconds']:9.0f}{(peak or 0) / 1024:13.2f}")
-    print(f"{'total':<10}{total:9.0f}")
+    print(f"{'total':<10}{total:9.0f}{watch.peak_bytes / 2**30:13.2f}  (whole process tree, polled every 50 ms)")
+    print(f"cpu: {summary['cpu']}")
     print(f"calibrate: {cal.get('seconds')} on {cal.get('device')}")
     for p, v in summary["validation"].items():
         print(f"{p}: validation {'passed' if v['passed'] else 'FAILED'} ({v.get('verdict')}); engine vs fake-quant "

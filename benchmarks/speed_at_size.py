@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -147,8 +146,8 @@ def main(argv=None) -> dict:
 
     from ptqd import api
     from ptqd.bundle import Bundle
-    from ptqd.facts import seeded_unet_inputs
     from ptqd.engines.onnxruntime import OrtRunner
+    from ptqd.facts import seeded_unet_inputs
 
     work = Path(args.work)
     bundle = prepare(work, args.size, args.samples, args.steps, args.rounding, args.validate,
@@ -177,10 +176,10 @@ def main(argv=None) -> dict:
         notes.append("ptqd's OpenVINO engines skipped: " + ("--no-openvino" if args.no_openvino else
                                                             "openvino is not installed (pip install 'ptqd[openvino]')"))
     if not args.no_torch:
-        from ptqd.stages.common import load_source
-        from ptqd.engines.torch_ref import TorchRunner
-
         import torch
+
+        from ptqd.engines.torch_ref import TorchRunner
+        from ptqd.stages.common import load_source
 
         torch.set_num_threads(args.threads)
         t0 = time.perf_counter()
@@ -246,14 +245,11 @@ def main(argv=None) -> dict:
 
 
 def _machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               "?") if os.path.exists("/proc/cpuinfo") else "?"
     import onnxruntime
 
-    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")),
-                 []) if os.path.exists("/proc/cpuinfo") else []
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16") if f in flags]
-    return f"{cpu} ({' '.join(isa) or 'no AVX2'}), {os.cpu_count()} CPUs, onnxruntime {onnxruntime.__version__}"
+    from ptqd.resources import cpu_description
+
+    return f"{cpu_description()}, onnxruntime {onnxruntime.__version__}"
 
 
 if __name__ == "__main__":

@@ -179,3 +179,20 @@ def available_bytes() -> tuple[int | None, str]:
         return cg, "the cgroup's memory.max"
     return avail, "MemAvailable"
 
+
+
+def cpu_description() -> str:
+    """The CPU model and the instruction-set flags that decide the int8 kernels, e.g. ``Intel(R) Xeon(R)
+    Processor (avx2 avx512f avx512_vnni amx_int8 amx_bf16), 2 CPUs``: printed with every speed or memory table."""
+    model, flags = "?", []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model == "?":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16") if f in flags]
+    return f"{model} ({' '.join(isa) or 'no AVX2'}), {os.cpu_count()} CPUs"

@@ -22,6 +22,7 @@ from ptqd.cli.commands import (
     cmd_sample,
     cmd_train_demo,
 )
+from ptqd.precision import ORT_BUILDABLE
 
 
 class UsageError(Exception):
@@ -48,6 +49,10 @@ examples:
   ptqd compile demo --out d.bundle && ptqd sample d.bundle --plan auto --out plan.png
   ptqd eval demo-out/demo.bundle --precisions fp32,w4a8,auto --num 500
   ptqd eval demo-out/demo.bundle --ablation
+
+memory:    each heavy stage estimates its peak before it starts and refuses (one line, naming the flag that
+           makes it fit) where the machine has less available; PTQD_MEMORY_AVAILABLE=6G pretends less.
+           A killed compile (even kill -9) resumes from the stage, and the engine, it was building.
 """
 
 
@@ -113,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("model", help="demo, a diffusers directory or a CompVis .ckpt/.safetensors")
     cp.add_argument("--out", required=True, help="bundle directory")
     cp.add_argument("--config", help="CompVis YAML config")
-    cp.add_argument("--precisions", default="w8a8,w4a8,w4a4,ort-int8")
+    cp.add_argument("--precisions", default=",".join(map(str, ORT_BUILDABLE)),
+                    help="engines to build (default: %(default)s; ort-int8 is ONNX Runtime's own quantize_static, "
+                         "the reference, left out with a note where it alone would not fit in memory)")
     cp.add_argument("--samples", type=int, default=None, help="calibration trajectories (default: the preset's)")
     cp.add_argument("--steps", type=int, default=None, help="DDIM steps of the calibrated schedule (default: the "
                                                             "preset's, 20 up to quick)")
