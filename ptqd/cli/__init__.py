@@ -6,6 +6,7 @@ shows the traceback. Anything else is a ptqd bug: its traceback, a line asking f
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    if args.debug:  # third-party warnings too (ptqd.models.quiet)
+        os.environ["PTQD_DEBUG"] = "1"
     try:
         return int(args.func(args) or 0)
     except InternalError:  # ptqd broke its own invariant: a bug, reported as one

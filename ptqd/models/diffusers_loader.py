@@ -29,6 +29,7 @@ import torch
 from ptqd.errors import ModelLoadError, UserError
 from ptqd.facts import Conditioning, ModelFacts, NoiseSchedule
 from ptqd.models.loaded import EpsModel, LoadedModel
+from ptqd.models.quiet import quiet_libraries
 
 CLASS_TABLE = "class_embedding.safetensors"
 
@@ -119,7 +120,8 @@ def load_diffusers(path: str | Path, schedule: NoiseSchedule | None = None, with
         raise ModelLoadError(f"prediction_type {prediction!r} is not supported yet (only 'epsilon')")
 
     try:
-        unet = getattr(diffusers, cls_name).from_pretrained(unet_dir, local_files_only=True).eval()
+        with quiet_libraries():
+            unet = getattr(diffusers, cls_name).from_pretrained(unet_dir, local_files_only=True).eval()
     except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
         raise ModelLoadError(f"diffusers could not load {unet_dir}: {str(e).splitlines()[0][:300]}") from None
     unet.requires_grad_(False)
@@ -181,7 +183,8 @@ def load_diffusers(path: str | Path, schedule: NoiseSchedule | None = None, with
     first_stage, image_shape, scale_factor = None, None, 1.0
     for sub, cls in (("vqvae", "VQModel"), ("vae", "AutoencoderKL")):
         if with_first_stage and (root / sub / "config.json").exists():
-            ae = getattr(diffusers, cls).from_pretrained(root / sub, local_files_only=True).eval()
+            with quiet_libraries():
+                ae = getattr(diffusers, cls).from_pretrained(root / sub, local_files_only=True).eval()
             ae.requires_grad_(False)
             first_stage = DiffusersDecoder(ae)
             scale_factor = float(getattr(ae.config, "scaling_factor", 1.0)) if cls == "AutoencoderKL" else 1.0

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ptqd.errors import MissingDependencyError, ModelLoadError
+from ptqd.models.quiet import quiet_libraries
 
 # The calibration prompts when none are given (`--prompts FILE`): varied subjects, styles and lengths.
 DEFAULT_PROMPTS = (
@@ -51,7 +52,8 @@ class TextEncoder(torch.nn.Module):
 def load_text_encoder(directory: Path) -> TextEncoder:
     transformers = _transformers()
     try:
-        model = transformers.CLIPTextModel.from_pretrained(directory, local_files_only=True).eval()
+        with quiet_libraries():
+            model = transformers.CLIPTextModel.from_pretrained(directory, local_files_only=True).eval()
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelLoadError(f"transformers could not load the text encoder {directory}: "
                              f"{str(e).splitlines()[0][:300]}") from None
@@ -62,7 +64,8 @@ def load_text_encoder(directory: Path) -> TextEncoder:
 def load_tokenizer(directory: Path):
     transformers = _transformers()
     try:
-        return transformers.CLIPTokenizer.from_pretrained(directory, local_files_only=True)
+        with quiet_libraries():
+            return transformers.CLIPTokenizer.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError, RuntimeError, TypeError) as e:
         raise ModelLoadError(f"transformers could not load the tokenizer {directory}: "
                              f"{str(e).splitlines()[0][:300]}") from None
