@@ -50,6 +50,9 @@ def cmd_inspect(args) -> int:
     if cond["kind"] == "class":
         print(f"condition   class: {cond['num_classes']} classes, null class {cond['null_class']} "
               f"(context {cond['context_tokens']}x{cond['context_dim']})")
+    elif cond["kind"] == "text":
+        print(f"condition   text: {cond['num_classes']} encoded prompts (row {cond['null_class']} the negative), "
+              f"context {cond['context_tokens']}x{cond['context_dim']}")
     else:
         print("condition   none (unconditional)")
     print(f"schedule    {s['kind']} beta {s.get('beta_start', '-')} -> {s.get('beta_end', '-')}, "

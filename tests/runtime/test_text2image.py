@@ -169,3 +169,11 @@ def test_eval_paired_metrics_on_a_text_bundle(compiled_sd):
                        progress=False)
     rows = {r["precision"]: r for r in rep["rows"]}
     assert np.isfinite(rows["w8a8"]["psnr_vs_fp"]) and rows["w8a8"]["psnr_vs_fp"] > 10
+
+
+def test_inspect_names_the_text_conditioning(exported, capsys):
+    from ptqd.cli import main
+
+    assert main(["inspect", str(exported)]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("condition"))
+    assert line == "condition   text: 4 encoded prompts (row 0 the negative), context 77x32", line
