@@ -66,7 +66,6 @@ def describe_engine(engine_path: Path, layer_rows: list[dict]) -> dict:
     import onnx
     import onnxruntime as ort
 
-
     g = onnx.load(str(engine_path), load_external_data=False).graph
     ops = collections.Counter(n.op_type for n in g.node)
     int_inputs = {i for n in g.node if n.op_type in INTEGER_OPS for i in n.input}
@@ -90,8 +89,17 @@ def describe_engine(engine_path: Path, layer_rows: list[dict]) -> dict:
         "integer_macs": on_int,
         "integer_mac_share": on_int / total if total else 0.0,
         "integer_layers": len(int_layers),
-        "size_bytes": engine_path.stat().st_size,
+        "size_bytes": engine_path.stat().st_size + sum(
+            (engine_path.parent / loc).stat().st_size for loc in external_data_files(g)
+            if (engine_path.parent / loc).is_file()),
     }
+
+
+def external_data_files(graph) -> set[str]:
+    """The external data files a graph's initializers live in (relative to the graph's folder): part of
+    an engine's size (ORT's saved optimized model can point at its QDQ graph's ``.data``)."""
+    return {e.value for t in graph.initializer if t.data_location == 1  # onnx.TensorProto.EXTERNAL
+            for e in t.external_data if e.key == "location"}
 
 
 def ort_session(path: str | os.PathLike, threads: int | None = None, allow_spinning: bool = True):

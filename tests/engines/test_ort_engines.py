@@ -127,3 +127,22 @@ def test_kernel_check_catches_a_kernel_that_saturates(built, tmp_path):
     if platform.machine() not in ("x86_64", "AMD64") or "vnni" in flags or "avx2" not in flags:
         pytest.skip("no AVX2-without-VNNI u8s8 kernel here: the saturation this test looks for cannot happen")
     assert saturated, "±127 weights on AVX2 without VNNI must saturate somewhere; the kernel check saw nothing"
+
+
+def test_engine_size_counts_its_external_data(tmp_path):
+    """An engine whose weights live in an external data file (ORT's optimized ort-int8 engine at full
+    size points at its QDQ graph's .data) is as big as that file, not as its 3 MB graph."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ptqd.engines.onnxruntime import describe_engine
+
+    w = numpy_helper.from_array(np.ones((256, 256), np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])], [w])
+    path = tmp_path / "e.onnx"
+    onnx.save(helper.make_model(g), path, save_as_external_data=True, location="e.onnx.data", size_threshold=0)
+    d = describe_engine(path, [])
+    assert d["size_bytes"] == path.stat().st_size + (tmp_path / "e.onnx.data").stat().st_size
+    assert d["size_bytes"] > 256 * 256 * 4
