@@ -222,6 +222,61 @@ class ResumedError:
         return self.finals[(config, eta)], self.refs[eta]
 
 
+# The gate's cost follows the model's: its work is sized from the measured cost of one sampler step
+GATE_BUDGET_S = 150.0  # default wall time of the whole gate (every precision) before it is narrowed
+MIN_GATE_SAMPLES = 16
+NARROW_CANDIDATES: tuple[tuple[str, ...], ...] = (("bias",), ("k", "bias"))  # the two parts gates ever kept
+
+
+def gate_runs(ranges: int, candidates: int, etas: int = 2) -> float:
+    """Sampling runs of :func:`gate_engine` for one precision, in whole runs (a candidate resumed at its
+    range's start counts the part it runs): per η the FP reference, the uncorrected engine and every
+    candidate of every range; the VSC pass at η > 0 (the final check reuses what those ran)."""
+    return etas * (2 + candidates * (ranges + 1) / 2) + (ranges + 1) / 2
+
+
+def size_gate(samples: int, ranges: int, candidates, seconds_per_sample_run: float, precisions: int,
+              budget_s: float) -> tuple[int, int, tuple, float, list[str]]:
+    """Narrow the gate until its estimated time fits ``budget_s``: first the two candidates gates ever
+    kept, then one step range, then fewer held-out samples (not below 16). ``seconds_per_sample_run``:
+    one sample through every step (CFG included), measured on the engine. Returns (samples, ranges,
+    candidates, estimated seconds, what was narrowed)."""
+    def cost(n, r, c):
+        return precisions * gate_runs(r, len(c)) * n * seconds_per_sample_run
+
+    candidates, changed = tuple(candidates), []
+    if budget_s <= 0 or cost(samples, ranges, candidates) <= budget_s:
+        return samples, ranges, candidates, cost(samples, ranges, candidates), changed
+    if len(candidates) > len(NARROW_CANDIDATES):
+        candidates = tuple(c for c in NARROW_CANDIDATES)
+        changed.append(f"candidates {'/'.join('+'.join(c) for c in candidates)}")
+    if cost(samples, ranges, candidates) > budget_s and ranges > 1:
+        ranges = 1
+        changed.append("1 step range")
+    if cost(samples, ranges, candidates) > budget_s and samples > MIN_GATE_SAMPLES:
+        fit = int(budget_s / cost(1, ranges, candidates))
+        samples = max(MIN_GATE_SAMPLES, min(samples, fit // 8 * 8))
+        changed.append(f"{samples} samples")
+    return samples, ranges, candidates, cost(samples, ranges, candidates), changed
+
+
+def sample_run_seconds(runner, facts, class_embedding, labels, seed: int, cfg, batch: int) -> float:
+    """Seconds for one sample to go through all of ``cfg``'s steps on ``runner`` (CFG included), from a
+    short timed run of two steps at the gate's batch (after one warm-up call)."""
+    import dataclasses
+    import time
+
+    from ptqd.runtime.pipeline import sample_latents
+
+    n = int(min(batch, len(labels)))
+    short = dataclasses.replace(cfg, steps=2, eta=0.0)
+    idx = np.arange(n)
+    sample_latents(runner, facts, class_embedding, np.asarray(labels)[:1], idx[:1], seed, short)  # warm-up
+    t0 = time.perf_counter()
+    sample_latents(runner, facts, class_embedding, np.asarray(labels)[:n], idx, seed, short)
+    return (time.perf_counter() - t0) / (2 * n) * cfg.steps
+
+
 def gate_engine(runner, fp_runner, table, facts, class_embedding, labels, seed: int, cfg, ranges: int = 4,
                 candidates=DEFAULT_CANDIDATES, etas=(0.0, 1.0), z: float = Z, batch: int = 64,
                 distribution: bool = True) -> dict:

@@ -172,7 +172,8 @@ def cmd_correct(args) -> int:
     from ptqd import api
 
     rec = api.correct(args.bundle, samples=args.samples, holdout=args.holdout, seed=args.seed, device=args.device,
-                      preset=args.preset, gate_samples=args.gate_samples, gate_ranges=args.gate_ranges)
+                      preset=args.preset, gate_samples=args.gate_samples, gate_ranges=args.gate_ranges,
+                      gate_budget=args.gate_budget)
     c = rec["config"]
     print(f"fitted k_t, bias_t, sigma_q,t over {c['steps']} steps on {c['samples'] - c['holdout']} "
           f"trajectories ({c['holdout']} held out; {rec['seconds']:.0f} s on {rec['device']})")
@@ -209,7 +210,7 @@ def cmd_compile(args) -> int:
                       steps=args.steps, guidance=args.guidance, margin=args.margin, criterion=args.criterion,
                       budget=args.budget, force=args.force, device=args.device, preset=args.preset,
                       prompts=args.prompts, recipe=args.recipe, gate_samples=args.gate_samples,
-                      gate_ranges=args.gate_ranges)
+                      gate_ranges=args.gate_ranges, gate_budget=args.gate_budget)
     bo = res["bops"]
     print(f"bundle  {res['bundle']}")
     print(f"plan    {' '.join(res['plan'])}")

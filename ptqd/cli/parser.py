@@ -94,6 +94,10 @@ def _gate_args(p) -> None:
                         "0 = no gate, and --correction auto applies nothing)")
     p.add_argument("--gate-ranges", type=int, default=None,
                    help="step ranges the gate decides separately (default: the preset's, 4; 1 for quick)")
+    p.add_argument("--gate-budget", type=float, default=None, metavar="SECONDS",
+                   help="about how long the gate may take, all precisions together; from the measured time of a "
+                        "sampler step it is narrowed to fit (two candidates, then one range, then fewer samples, "
+                        "never below 16) and says so (default 150; 0 = the preset's whole gate)")
 
 def _plan_args(p) -> None:
     p.add_argument("--criterion", choices=("sensitivity", "snr"), default="sensitivity",

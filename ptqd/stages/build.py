@@ -97,8 +97,10 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
     b = Bundle.open(bundle)
     require_calibrated(b)
     precisions, chunk = plan_precisions(b, precisions, log or (lambda msg: print(msg, file=sys.stderr)))
+    # the peer first, before the torch model for the validation is loaded: their peaks do not add up
+    precisions = tuple(sorted(precisions, key=lambda p: p != PEER))
     rows = layout.layer_rows(b)
-    loaded = load_source(b) if validate and any(p != PEER for p in precisions) else None
+    loaded = None
     feeds = dict(np.load(b.path(layout.CALIB_FEEDS))) if validate or PEER in precisions else None
     val_inputs = validation_inputs(feeds) if validate else None
     records: dict[str, Any] = {}
@@ -136,6 +138,7 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
                     entry = {"t_range": bucket["t_range"] if bucket else None,
                              "engine": eng_path.relative_to(w.staging).as_posix(), "size_bytes": desc["size_bytes"]}
                     if validate and layers is not None:
+                        loaded = loaded or load_source(b)
                         val = validate_built(b, eng_path, loaded, layers, val_inputs, p.a_bits)
                         entry["validation_vs_fake_quant"] = val
                         if k == 0:

@@ -22,7 +22,7 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
             margin: float = 1.0, criterion: str = "sensitivity", budget: float = 0.9, force: bool = False,
             device: str = "auto", preset: str = "auto", progress: bool | None = None, log=print,
             prompts=None, recipe: str | None = None, gate_samples: int | None = None,
-            gate_ranges: int | None = None) -> dict[str, Any]:
+            gate_ranges: int | None = None, gate_budget: float | None = None) -> dict[str, Any]:
     """export -> calibrate -> build -> correct -> plan, into one bundle. Resumable: a stage whose
     inputs (the sha256 of the files it reads) and settings are unchanged is reused, so a rerun after an
     interruption, or with a new --margin, redoes only what changed. ``force`` reruns everything.
@@ -44,6 +44,8 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
     real("--margin", margin, 0, lo_open=True)  # the plan's options, checked before the stages before it run
     real("--budget", budget, 0, lo_open=True)
     check_gate_options(gate_samples, gate_ranges)
+    if gate_budget is not None:
+        real("--gate-budget", gate_budget, 0)
     resolve_device(device)  # refuse a missing GPU before any work
     preset_for(preset)  # and an unknown preset
     from ptqd.calib.calibrate import recipe as recipe_options
@@ -111,14 +113,16 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
             f"{', '.join(todo)}")
     stage("build", not todo, lambda: build(out, precisions=todo, progress=progress, log=log))
     b = Bundle.open(out)
-    gate_cfg = gate_config(pre, correction_samples, gate_samples, gate_ranges)
+    gate_cfg = gate_config(pre, correction_samples, gate_samples, gate_ranges, gate_budget)
     old_gate = ((b.stage("correct") or {}).get("config") or {}).get("gate") or {"samples": 0}
-    old_gate = {"candidates": ["+".join(c) for c in GATE_CANDIDATES], "ranges": 0, **old_gate}  # older records
+    old_gate = {"candidates": ["+".join(c) for c in GATE_CANDIDATES], "ranges": 0, "budget_s": 0.0,
+                **old_gate}  # older records (no budget: the preset's whole gate)
     same_gate = {k: old_gate[k] for k in gate_cfg} == gate_cfg or gate_cfg["samples"] == old_gate["samples"] == 0
     stage("correct", same_gate and reusable(b, "correct", layout.CALIB_FILES,
                                             config={"samples": correction_samples, "holdout": holdout}),
           lambda: correct(out, samples=correction_samples, holdout=holdout, device=device, preset=preset,
-                          progress=progress, gate_samples=gate_cfg["samples"], gate_ranges=gate_cfg["ranges"]))
+                          progress=progress, gate_samples=gate_cfg["samples"], gate_ranges=gate_cfg["ranges"],
+                          gate_budget=gate_cfg["budget_s"], log=log))
     b = Bundle.open(out)
     stage("plan", reusable(b, "plan", layout.PLAN_INPUTS, margin=margin,
                             criterion=criterion, budget=budget),

@@ -10,6 +10,7 @@ from ptqd.progress import progress_bar
 from ptqd.runtime.correction import CorrectionTable
 from ptqd.runtime.loader import default_labels, open_engine, sampler_config
 from ptqd.stages.common import digest, fake_quant_runners, load_source, require_calibrated
+from ptqd.validate import real
 
 
 def check_gate_options(gate_samples: int | None, gate_ranges: int | None) -> None:
@@ -22,21 +23,46 @@ def check_gate_options(gate_samples: int | None, gate_ranges: int | None) -> Non
         raise UserError(f"--gate-ranges must be an integer >= 1, got {gate_ranges!r}")
 
 
-def gate_config(pre, samples: int, gate_samples: int | None = None, gate_ranges: int | None = None) -> dict:
+def gate_config(pre, samples: int, gate_samples: int | None = None, gate_ranges: int | None = None,
+                gate_budget: float | None = None) -> dict:
     """The gate's settings as correct.json records them: explicit options over the preset ``pre``'s (its
-    gate_samples None: 2 x the correction's ``samples``). ``samples`` 0: no gate."""
+    gate_samples None: 2 x the correction's ``samples``). ``samples`` 0: no gate. ``budget_s``: the wall
+    time the gate is narrowed to fit (``calib.gate.size_gate``; 0: no limit)."""
+    from ptqd.calib.gate import GATE_BUDGET_S
+
     check_gate_options(gate_samples, gate_ranges)
+    if gate_budget is not None:
+        real("--gate-budget", gate_budget, 0)
     if gate_samples is None:
         gate_samples = 2 * samples if pre.gate_samples is None else pre.gate_samples
     return {"samples": gate_samples, "ranges": pre.gate_ranges if gate_ranges is None else gate_ranges,
-            "candidates": ["+".join(c) for c in pre.gate_candidates]}
+            "candidates": ["+".join(c) for c in pre.gate_candidates],
+            "budget_s": float(GATE_BUDGET_S if gate_budget is None else gate_budget)}
+
+
+def sized_gate(engine, facts, table, scfg, batch: int, seed: int, gcfg: dict, precisions: int, log) -> dict:
+    """The gate's settings narrowed to its time budget (``calib.gate.size_gate``) from a timed short run
+    on ``engine``; one line through ``log`` when they were narrowed. The record correction.json keeps."""
+    from ptqd.calib.gate import sample_run_seconds, size_gate
+
+    per_run = sample_run_seconds(engine, facts, table, default_labels(facts, None, batch), seed, scfg, batch)
+    cands = tuple(tuple(c.split("+")) for c in gcfg["candidates"])
+    n, ranges, cands, est, narrowed = size_gate(gcfg["samples"], gcfg["ranges"], cands, per_run, precisions,
+                                                gcfg["budget_s"])
+    if narrowed:
+        (log or print)(f"correct: gate narrowed to fit its {gcfg['budget_s']:.0f} s budget ({', '.join(narrowed)}; "
+                       f"{per_run * 1e3:.1f} ms per sample run, about {est:.0f} s); --gate-budget 0 for the "
+                       "preset's whole gate")
+    return {"samples": n, "ranges": ranges, "candidates": ["+".join(c) for c in cands], "estimated_s": round(est, 1),
+            "seconds_per_sample_run": per_run, "narrowed": narrowed}
 
 
 @writes_bundle()
 def correct(bundle, samples: int | None = None, holdout: int | None = None, seed: int = 1,
             batch: int | None = None, device: str = "auto", preset: str = "auto",
             progress: bool | None = None, gate: bool = True, gate_samples: int | None = None,
-            gate_seed: int = 101, gate_ranges: int | None = None) -> dict[str, Any]:
+            gate_seed: int = 101, gate_ranges: int | None = None, gate_budget: float | None = None,
+            log=None) -> dict[str, Any]:
     """Fit PTQD's correction (k_t, bias_t[c], σ_q,t) for every calibrated precision; write
     calib/correction.json. Runs the source FP model and each precision's fake-quant model on the
     same x_t along FP trajectories of the calibrated schedule (steps, guidance), seeds distinct from
@@ -46,9 +72,10 @@ def correct(bundle, samples: int | None = None, holdout: int | None = None, seed
     Also fits the conditional correction, and, with ``gate`` and the engines built, decides what
     ``--correction auto`` applies from final samples of ``gate_samples`` held-out trajectories of seed
     ``gate_seed`` at η 0 and 1 over ``gate_ranges`` step ranges (``calib.gate``; both default to the preset's,
-    ``gate_samples=0`` skips the gate, and then auto applies nothing)."""
+    ``gate_samples=0`` skips the gate, and then auto applies nothing). The gate is narrowed to take about
+    ``gate_budget`` seconds (default ``calib.gate.GATE_BUDGET_S``; 0: no limit) from the measured time of a
+    sampler step on the engine, and ``log`` says so in one line when it is."""
     import time
-
     from dataclasses import replace
 
     import numpy as np
@@ -66,7 +93,7 @@ def correct(bundle, samples: int | None = None, holdout: int | None = None, seed
     samples = pre.correct_samples if samples is None else samples
     holdout = pre.holdout if holdout is None else holdout
     batch = pre.correct_batch if batch is None else batch
-    gcfg = gate_config(pre, samples, gate_samples, gate_ranges)
+    gcfg = gate_config(pre, samples, gate_samples, gate_ranges, gate_budget)
     gate_samples, gate_ranges = gcfg["samples"], gcfg["ranges"]
     gate = gate and gate_samples > 0
     if samples < 2 or not 1 <= holdout < samples:
@@ -91,14 +118,22 @@ def correct(bundle, samples: int | None = None, holdout: int | None = None, seed
         fits[p]["conditional"] = fit_conditional(eps, delta[p], ts, holdout)
     if gate:  # what --correction auto applies: decided on final samples of held-out seeds (calib/gate.py)
         built = layout.built(b)
-        gl = default_labels(facts, None, gate_samples)
-        fp_eng = open_engine(b, "fp32", allow_spinning=False) if any(p in built for p in precisions) else None
-        for p in [p for p in precisions if p in built]:
-            eng = open_engine(b, p, allow_spinning=False)
-            fits[p]["gate"] = gate_engine(eng, fp_eng, CorrectionTable.from_json(fits[p]), facts, table, gl,
-                                          gate_seed, scfg, ranges=gate_ranges, batch=batch,
-                                          candidates=pre.gate_candidates)
-            eng.close()
+        gated = [p for p in precisions if p in built]
+        fp_eng = open_engine(b, "fp32", allow_spinning=False) if gated else None
+        with progress_bar(len(gated), "gate", progress) as gbar:
+            for p in gated:
+                gbar.set_postfix_str(f"{p}: final samples, corrected vs not")
+                eng = open_engine(b, p, allow_spinning=False)
+                if p == gated[0]:  # the gate's size from the measured cost of a sampler step on this engine
+                    gcfg["sized"] = sized_gate(eng, facts, table, scfg, batch, gate_seed, gcfg, len(gated), log)
+                    gate_samples, gate_ranges = gcfg["sized"]["samples"], gcfg["sized"]["ranges"]
+                    candidates = tuple(tuple(c.split("+")) for c in gcfg["sized"]["candidates"])
+                    gl = default_labels(facts, None, gate_samples)
+                fits[p]["gate"] = gate_engine(eng, fp_eng, CorrectionTable.from_json(fits[p]), facts, table, gl,
+                                              gate_seed, scfg, ranges=gate_ranges, batch=batch,
+                                              candidates=candidates)
+                eng.close()
+                gbar.update()
         if fp_eng is not None:
             fp_eng.close()
     summary = {}

@@ -241,3 +241,50 @@ def test_gate_keeps_a_part_that_moves_the_distribution_to_fps_without_hurting_si
     rec = gate(lambda cfg, eta: error(cfg, eta) + (0.05 if "bias" in cfg[0] and eta else 0.0), 4,
                step_ranges(4, 2), candidates=(("bias",),), finals=finals)
     assert rec["parts"] == [()] * 4
+
+
+@pytest.mark.parametrize("ranges,candidates", [(4, 4), (1, 2), (2, 3)])
+def test_gate_runs_counts_the_sampling_the_gate_does(ranges, candidates):
+    """gate_runs (what the gate's time budget is sized with) against the runner calls the gate makes."""
+    from ptqd.budget import GATE_CANDIDATES
+    from ptqd.calib.gate import gate_runs
+    from ptqd.runtime.sampler import SamplerConfig
+
+    calls = [0]
+    off = np.array([0.3, -0.2], np.float32).reshape(1, 2, 1, 1)
+
+    def fp(x, t, ctx):
+        calls[0] += 1
+        return (0.5 * x).astype(np.float32)
+
+    def quant(x, t, ctx):
+        calls[0] += 1
+        return (0.5 * x + off).astype(np.float32)
+
+    steps = [{"t": t, "k": 0.5, "k_raw": 0.5, "bias": off.reshape(-1).tolist(), "sigma_q": 0.01}
+             for t in (1, 126, 251, 376, 501, 626, 751, 876)]
+    cfg = SamplerConfig(steps=8, guidance=1.0)
+    table = CorrectionTable.from_json({"steps": steps})
+    gate_engine(quant, fp, table, _facts(), None, np.zeros(16, int), 101, cfg, ranges=ranges,
+                candidates=GATE_CANDIDATES[:candidates], batch=8)
+    runs = calls[0] / (8 * 2)  # 8 steps, 2 batches of 8 per run
+    tried = sum("cond" not in c for c in GATE_CANDIDATES[:candidates])  # no conditional fit: "cond" is not tried
+    assert runs == pytest.approx(gate_runs(ranges, tried), rel=0.01), (runs, gate_runs(ranges, tried))
+
+
+def test_size_gate_narrows_candidates_then_ranges_then_samples():
+    from ptqd.calib.gate import GATE_CANDIDATES, MIN_GATE_SAMPLES, NARROW_CANDIDATES, gate_runs, size_gate
+
+    full = (128, 4, GATE_CANDIDATES)
+    per = 0.01  # seconds per sample run
+    cost = 3 * gate_runs(4, 4) * 128 * per
+    assert size_gate(*full, per, 3, cost * 1.01)[:3] == full  # fits: untouched
+    assert size_gate(*full, per, 3, 0)[:3] == full  # 0: no limit
+    n, r, c, est, why = size_gate(*full, per, 3, 3 * gate_runs(4, 2) * 128 * per)
+    assert (n, r, c) == (128, 4, NARROW_CANDIDATES) and len(why) == 1 and est <= 3 * gate_runs(4, 2) * 128 * per
+    n, r, c, est, why = size_gate(*full, per, 3, 3 * gate_runs(1, 2) * 128 * per)
+    assert (n, r) == (128, 1) and len(why) == 2
+    n, r, c, est, why = size_gate(*full, per, 3, 3 * gate_runs(1, 2) * 40 * per)
+    assert (n, r) == (40, 1) and est <= 3 * gate_runs(1, 2) * 40 * per * (1 + 1e-9) and why[-1] == "40 samples"
+    n, *_ = size_gate(*full, per, 3, 1e-6)
+    assert n == MIN_GATE_SAMPLES  # never fewer

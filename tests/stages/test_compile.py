@@ -27,8 +27,12 @@ def test_compile_runs_every_stage_and_writes_corrections_and_plan(compiled):
         assert s["holdout_gated"]["mse_corrected"] <= s["holdout"]["mse_uncorrected"] * (1 + 1e-9)
     assert corr["config"]["holdout"] == 4 and corr["config"]["guidance"] == 3.0
     # the end-to-end gate ran on every built precision, on its own seed, and its choice is what auto applies
-    assert corr["config"]["gate"] == {"samples": 24, "seed": 101, "ranges": 4,
+    sized = corr["config"]["gate"].pop("sized")
+    assert corr["config"]["gate"] == {"samples": 24, "seed": 101, "ranges": 4, "budget_s": 150.0,
                                       "candidates": ["k", "bias", "k+bias", "cond"]}
+    # the demo's gate fits its time budget whole (measured cost of a sampler step on the engine)
+    assert sized["narrowed"] == [] and sized["samples"] == 24 and sized["ranges"] == 4
+    assert 0 < sized["seconds_per_sample_run"] and sized["estimated_s"] < 150
     for p, rec in corr["precisions"].items():
         g = rec["gate"]
         assert [s["t"] for s in g["steps"]] == [s["t"] for s in rec["steps"]] and g["samples"] == 24
