@@ -17,6 +17,7 @@ from ptqd.stages.calibrate import calibrate
 from ptqd.stages.compile import compile
 from ptqd.stages.correct import correct
 from ptqd.stages.export import export, parse_schedule
+from ptqd.stages.pack import pack
 from ptqd.stages.plan import bops_table, plan
 from ptqd.tools.demo import demo, train_demo
 from ptqd.tools.evaluate import ablation, evaluate
@@ -25,7 +26,7 @@ from ptqd.tools.inspect import inspect
 __all__ = [
     "BUILD_JSON", "CASCADE_SLACK", "CLASS_EMBEDDING", "ENGINE_TOLERANCE", "FIRST_STAGE_ONNX", "UNET_LAYERS",
     "UNET_ONNX", "ablation", "bops_table", "build", "build_tensorrt", "calibrate", "compile", "correct",
-    "default_labels", "demo", "evaluate", "export", "inspect", "lint", "open_engine", "parse_schedule", "plan",
+    "default_labels", "demo", "evaluate", "export", "inspect", "lint", "open_engine", "pack", "parse_schedule", "plan",
     "sample", "sampler_config", "step_engines", "train_demo", "validate_engine", "validation_inputs",
     "write_samples",
 ]

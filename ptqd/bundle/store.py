@@ -218,6 +218,13 @@ class Bundle:
         """Absolute path of a listed file, checked to be inside the bundle and to match its sha256."""
         rel = check_relpath(rel)
         if rel not in self.files:
+            packed = self.stage("pack")
+            if packed:  # a deployable bundle (ptqd pack): say what it keeps and where the rest is
+                keeps = packed.get("precisions", [])
+                use = (["--plan auto"] if packed.get("plan") == "auto" else []) + [f"--plan {p}" for p in keeps]
+                raise BundleError(f"{self.root} is a packed bundle ({', '.join(keeps)} on {packed.get('backend')}) "
+                                  f"and has no {rel}: it samples with {' or '.join(use)}; run anything else on the "
+                                  f"full bundle {packed.get('from')}")
             raise BundleError(f"{self.root} has no {rel!r} (listed: {', '.join(sorted(self.files)) or 'nothing'})")
         p = self.root / rel
         real_root = self.root.resolve()

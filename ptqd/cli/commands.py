@@ -202,6 +202,15 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_pack(args) -> int:
+    from ptqd import api
+
+    r = api.pack(args.bundle, args.out, plan=args.plan, backend=args.backend)
+    print(f"packed {r['from']} -> {args.out}: {r['plan']} ({', '.join(r['precisions'])}) on {r['backend']}, "
+          f"{r['files']} files, {r['size_bytes'] / 1e6:.1f} MB of {r['source_size_bytes'] / 1e6:.1f} MB")
+    return 0
+
+
 def cmd_compile(args) -> int:
     from ptqd import api
 

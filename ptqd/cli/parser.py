@@ -17,6 +17,7 @@ from ptqd.cli.commands import (
     cmd_export,
     cmd_inspect,
     cmd_lint,
+    cmd_pack,
     cmd_plan,
     cmd_report,
     cmd_sample,
@@ -272,6 +273,20 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "(default w4a8)")
     _effort_args(pl, device=False)
     pl.set_defaults(func=cmd_plan)
+
+    pk = sub.add_parser("pack", help="a deployable bundle: only what sampling one precision or the plan needs",
+                        description="Copy into a new bundle only what the runtime needs to sample --plan on --backend: "
+                                    "those engines, the decoder, the conditioning (class table, or text encoder and "
+                                    "tokenizer), the correction and the plan, with a manifest of checksums. It loads "
+                                    "like any bundle (ptqd sample, inspect); commands that need what it dropped "
+                                    "(the FP32 graph, the calibration) say so and name the full bundle.")
+    pk.add_argument("bundle")
+    pk.add_argument("--plan", default="auto", help="auto (the bundle's step-aware plan, default), a precision "
+                                                   "(w8a8, w4a8, w4a4, ort-int8) or fp32")
+    pk.add_argument("--backend", choices=("onnxruntime", "openvino", "tensorrt"), default="onnxruntime",
+                    help="whose engines to take (default onnxruntime)")
+    pk.add_argument("--out", required=True, help="the packed bundle's directory (new, or a bundle to replace)")
+    pk.set_defaults(func=cmd_pack)
 
 
     d = sub.add_parser("demo", help="the demo model end to end (README's main command)",

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import os
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 LIBRARIES = ("diffusers", "transformers", "huggingface_hub")
 

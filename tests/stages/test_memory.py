@@ -22,7 +22,6 @@ from ptqd.errors import UserError
 from ptqd.precision import PEER, Precision
 from ptqd.resources import ENV_AVAILABLE, TreePeak, parse_size
 from ptqd.stages.build import plan_precisions
-
 from tests.conftest import SMALL_COMPILE
 
 ROOT = Path(__file__).resolve().parents[2]
