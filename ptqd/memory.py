@@ -10,7 +10,7 @@ kernel. The estimates are linear in three numbers of the model, read from its bu
 * the calibration's Hessians (sum of K² over quantized layers, K = Cin·kh·kw, and the largest K).
 
 Coefficients are fitted to whole-process-tree peaks measured on the cin256-v2 family at 47 M and 400.9 M
-parameters (benchmarks/scale.py, README "At real size") and round up, so they err on the side of
+parameters (benchmarks/scale.py, docs/real-size.md) and round up, so they err on the side of
 refusing a little early rather than being killed late. ``PTQD_MEMORY_AVAILABLE`` overrides what the
 machine reports (see :mod:`ptqd.resources`).
 """
