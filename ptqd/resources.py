@@ -93,6 +93,9 @@ def tree_rss_bytes(pid: int | None = None) -> int:
     return sum(_rss_bytes(p) for p in tree_pids(os.getpid() if pid is None else pid))
 
 
+_WATCHING_SELF: list = []  # open TreePeak windows on this process, outermost first
+
+
 class TreePeak:
     """Peak resident memory of a process tree, polled by a daemon thread every ``interval`` seconds
     while the context is open. ``peak_bytes`` also takes this process's own ``VmHWM`` since the context
@@ -112,6 +115,10 @@ class TreePeak:
 
     def __enter__(self) -> TreePeak:
         if self.pid == os.getpid():
+            own = int((peak_rss_mb() or 0) * (1 << 20))
+            for outer in _WATCHING_SELF:  # a nested window resets VmHWM: the outer ones keep what it held
+                outer.peak_bytes = max(outer.peak_bytes, own)
+            _WATCHING_SELF.append(self)
             reset_peak()
         self._thread = threading.Thread(target=self._poll, name="ptqd-tree-peak", daemon=True)
         self._thread.start()
@@ -123,7 +130,10 @@ class TreePeak:
             self._thread.join()
         self.peak_bytes = max(self.peak_bytes, tree_rss_bytes(self.pid))
         if self.pid == os.getpid():
-            self.peak_bytes = max(self.peak_bytes, int((peak_rss_mb() or 0) * (1 << 20)))
+            own = int((peak_rss_mb() or 0) * (1 << 20))
+            _WATCHING_SELF.remove(self)
+            for w in (self, *_WATCHING_SELF):
+                w.peak_bytes = max(w.peak_bytes, own)
 
     @property
     def peak_mb(self) -> float:
