@@ -710,3 +710,27 @@ def test_fuzz_200_mutated_cli_argument_sets(cin, tmp_path, monkeypatch):
             ok_samples += 1
     assert ok_samples >= 10, ok_samples
     assert time.perf_counter() - t0 < 30
+
+
+@pytest.mark.parametrize("kind", [str, Path, "bundle"])
+def test_a_stage_locks_its_own_bundle_whatever_the_path_type(tmp_path, kind):
+    """A Path's ``.root`` is "/": a stage given a Path once locked "/..lock", so two writers of one bundle
+    did not exclude each other (and writers of different bundles did)."""
+    from ptqd.bundle import Bundle, writes_bundle
+    from ptqd.bundle.lock import bundle_lock
+
+    from tests.conftest import make_bundle
+
+    b = make_bundle(tmp_path / "b.bundle")
+    other = make_bundle(tmp_path / "other.bundle")
+    seen = {}
+
+    @writes_bundle()
+    def stage(bundle):
+        with bundle_lock(b.root, blocking=False) as free:  # this thread's own writer holds it: not free
+            seen["own"] = free
+        with bundle_lock(other.root, blocking=False) as free:  # another bundle's lock is not taken
+            seen["other"] = free
+
+    stage(b if kind == "bundle" else kind(tmp_path / "b.bundle"))
+    assert seen == {"own": False, "other": True}

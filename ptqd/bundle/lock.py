@@ -143,7 +143,9 @@ def writes_bundle(arg: str = "bundle", when: str | None = None, create: bool = F
             if when is not None and not bound.arguments[when]:
                 return fn(*args, **kwargs)
             target = bound.arguments[arg]
-            with writer_lock(getattr(target, "root", target), create=create):
+            if not isinstance(target, (str, os.PathLike)):  # a Bundle: its root (a Path's .root is "/"!)
+                target = target.root
+            with writer_lock(target, create=create):
                 return fn(*args, **kwargs)
 
         return wrapper

@@ -126,7 +126,7 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
     b = Bundle.open(out)
     stage("plan", reusable(b, "plan", layout.PLAN_INPUTS, margin=margin,
                             criterion=criterion, budget=budget),
-          lambda: plan(out, margin=margin, criterion=criterion, budget=budget, preset=preset))
+          lambda: plan(out, margin=margin, criterion=criterion, budget=budget, preset=preset, progress=progress))
     with Bundle.transaction(out) as w:
         w.set_stage("compile", {"preset": pre.name, "device": device, "stages": costs})
     b = Bundle.open(out)

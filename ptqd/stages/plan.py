@@ -9,6 +9,7 @@ from ptqd.calib.bops import bops, layer_bits
 from ptqd.bundle import Bundle, layout, writes_bundle
 from ptqd.errors import UserError
 from ptqd.precision import CALIBRATED_NAMES, PEER
+from ptqd.progress import progress_bar
 from ptqd.runtime.loader import default_labels, load_plan, open_engine, sampler_config
 from ptqd.stages.common import digest, require_calibrated
 
@@ -57,7 +58,8 @@ def plan_bops(b: Bundle, spec: str, steps: int, spacing: str = "compvis") -> flo
     return sum(cost[pl.at(float(t))] for t in sampler.timesteps) / steps
 
 
-def measure_damage(b: Bundle, candidates, reference: str, samples: int = 64, seed: int = 2) -> dict[str, Any]:
+def measure_damage(b: Bundle, candidates, reference: str, samples: int = 64, seed: int = 2,
+                   progress: bool | None = None) -> dict[str, Any]:
     """For every step i and precision p: how much the final latents move away from FP's when step i
     alone runs p instead of ``reference`` (mean squared difference, same noise), with the PTQD
     correction on. Runs the built ONNX Runtime engines on the calibrated schedule.
@@ -90,15 +92,17 @@ def measure_damage(b: Bundle, candidates, reference: str, samples: int = 64, see
     ref = StepEngines(runners, Plan(ts, [reference] * len(ts)), tables, CORRECTION_PARTS)
     base = float(np.mean((sample_latents(ref, facts, table, labels, idx, seed, cfg, observe=keep) - fp) ** 2))
     damage = {}
-    for p in candidates:
-        if p == reference:
-            continue
-        damage[p] = []
-        for i in range(len(ts)):
-            eng = StepEngines(runners, Plan(ts, [p if j == i else reference for j in range(len(ts))]), tables,
-                              CORRECTION_PARTS)
-            x0 = sample_latents(eng, facts, table, labels, idx, seed, cfg, start=(i, states[i]))
-            damage[p].append(float(np.mean((x0 - fp) ** 2)) - base)
+    others = [p for p in candidates if p != reference]
+    with progress_bar(len(others) * len(ts), "plan", progress) as bar:
+        for p in others:
+            damage[p] = []
+            bar.set_postfix_str(f"damage of {p} per step, {samples} samples")
+            for i in range(len(ts)):
+                eng = StepEngines(runners, Plan(ts, [p if j == i else reference for j in range(len(ts))]), tables,
+                                  CORRECTION_PARTS)
+                x0 = sample_latents(eng, facts, table, labels, idx, seed, cfg, start=(i, states[i]))
+                damage[p].append(float(np.mean((x0 - fp) ** 2)) - base)
+                bar.update()
     for r in runners.values():
         r.close()
     return {"reference_error": base, "damage": damage, "samples": samples, "seed": seed}
@@ -106,7 +110,8 @@ def measure_damage(b: Bundle, candidates, reference: str, samples: int = 64, see
 
 @writes_bundle()
 def plan(bundle, margin: float = 1.0, precisions=None, criterion: str = "sensitivity", budget: float = 0.9,
-         reference: str = "w4a8", samples: int | None = None, preset: str = "auto") -> dict[str, Any]:
+         reference: str = "w4a8", samples: int | None = None, preset: str = "auto",
+         progress: bool | None = None) -> dict[str, Any]:
     """Step-aware mixed precision from the fitted correction: write calib/plan.json (with the curves).
 
     ``criterion``: "snr" (PTQD: cheapest precision whose corrected SNR_Q clears margin·SNR_F) or
@@ -140,7 +145,7 @@ def plan(bundle, margin: float = 1.0, precisions=None, criterion: str = "sensiti
 
         if samples is None:
             samples = preset_for(preset, b.read_json(layout.UNET_LAYERS)).plan_samples
-        meas = measure_damage(b, cands, reference, samples)
+        meas = measure_damage(b, cands, reference, samples, progress=progress)
         try:
             chosen = budget_plan(meas["damage"], cost, reference, budget)
         except ValueError as e:
