@@ -17,7 +17,7 @@ ORDER = ("ort-fp32", "ov-fp32", "ort-int8", "w8a8", "w4a8", "w4a4", "w8a8-openvi
          "w4a4-openvino", "ov-nncf-int8")
 LABEL = {"ort-fp32": "ORT FP32", "ov-fp32": "OpenVINO FP32", "ort-int8": "ORT quantize_static",
          "ov-nncf-int8": "NNCF + OpenVINO INT8", "torch-fp32": "PyTorch eager"}
-SIZE = {"small": "5 M", "mid": "47 M", "full": "400.9 M (cin256-v2)"}
+SIZE = {"small": "5 M parameters", "mid": "47 M parameters", "full": "400.9 M parameters (LDM-4 cin256-v2)"}
 
 
 def main(argv=None) -> Path:
@@ -46,7 +46,7 @@ def main(argv=None) -> Path:
         ax.invert_yaxis()
         ax.axvline(1.0, color="gray", lw=0.8)
         ax.set_xlabel("x ONNX Runtime FP32 (higher is faster)")
-        ax.set_title(f"{SIZE.get(r['size'], r['size'])} parameters, {r['threads']} threads, median of {r['runs']}",
+        ax.set_title(f"{SIZE.get(r['size'], r['size'])}, {r['threads']} threads, median of {r['runs']}",
                      fontsize=10)
         ax.legend(loc="upper right", fontsize=8)
         ax.set_xlim(0, 1.15 * max(r["batches"][b][k]["vs_ort_fp32"] for b in batches for k in names))
