@@ -20,6 +20,9 @@ MAX_DIM = 1 << 16  # latent / image sides and channels, classes, context width
 MAX_ELEMENTS = 1 << 28  # per sample, latent or image (1 GiB of float32)
 SCALE_FACTOR = (1e-3, 1e3)  # beyond, decode(z / scale_factor) sees all-zero or saturated latents
 
+# what the source UNet predicts; ptqd's exported graph always outputs epsilon (v is converted inside it)
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
@@ -196,8 +199,9 @@ class ModelFacts:
                 raise ValueError(f"{name} {shape} has more than {MAX_ELEMENTS} elements per sample")
         if not isinstance(self.schedule, NoiseSchedule) or not isinstance(self.conditioning, Conditioning):
             raise TypeError("schedule and conditioning must be a NoiseSchedule and a Conditioning")
-        if self.prediction_type != "epsilon":
-            raise ValueError(f"prediction_type {self.prediction_type!r} is not supported (only 'epsilon')")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type {self.prediction_type!r} is not supported (only "
+                             f"{' or '.join(map(repr, PREDICTION_TYPES))})")
         if not _is_real(self.scale_factor) or not (SCALE_FACTOR[0] <= self.scale_factor <= SCALE_FACTOR[1]):
             raise ValueError(f"scale_factor must be a number in [{SCALE_FACTOR[0]:g}, {SCALE_FACTOR[1]:g}] (latents "
                              f"are z * scale_factor: 0.18215 for Stable Diffusion's VAE, 1 for VQ models), got "

@@ -10,7 +10,8 @@ Accepted layouts (nothing is downloaded; ``local_files_only`` always):
   Its scheduler config must map onto ptqd's DDIM sampler (CompVis spacing: ``timestep_spacing="leading"``,
   ``steps_offset=1``, ``set_alpha_to_one=False``, no sample clipping, as every Stable Diffusion 1.x/2.x
   config has); whatever scheduler class it names, ptqd samples with DDIM on its noise schedule.
-  v-prediction (2.x at 768) and SDXL (two text encoders, pooled embeddings, added time ids) are refused.
+  A v-prediction UNet (Stable Diffusion 2.x at 768) is exported with v converted to ε inside the graph
+  (``EpsModel``). SDXL (two text encoders, pooled embeddings, added time ids) is refused.
 
 ``UNet2DModel`` is an unconditional LDM. ``UNet2DConditionModel`` is a class-conditional
 LDM whose class embedding is fed as a one-token cross-attention context: the table lives
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ptqd.errors import ModelLoadError, UserError
-from ptqd.facts import Conditioning, ModelFacts, NoiseSchedule
+from ptqd.facts import PREDICTION_TYPES, Conditioning, ModelFacts, NoiseSchedule
 from ptqd.models.loaded import EpsModel, LoadedModel
 from ptqd.models.quiet import quiet_libraries
 
@@ -70,10 +71,6 @@ def check_text_pipeline(root: Path, scfg: dict) -> None:
         raise ModelLoadError(f"{root.name}: {name or 'this pipeline'} is SDXL-like (two text encoders, pooled "
                              "embeddings, added time ids), which ptqd does not support yet; Stable Diffusion 1.x/2.x "
                              "pipelines are")
-    if scfg.get("prediction_type", "epsilon") == "v_prediction":
-        raise ModelLoadError(f"{root.name}: prediction_type 'v_prediction' (Stable Diffusion 2.x at 768) is not "
-                             "supported yet; ptqd's correction and sampler work on epsilon-prediction models "
-                             "(e.g. Stable Diffusion 1.x, 2.x-base)")
     spacing, offset = scfg.get("timestep_spacing", "leading"), int(scfg.get("steps_offset", 0))
     if spacing != "leading" or offset != 1 or scfg.get("set_alpha_to_one", False) or scfg.get("clip_sample", False) \
             or scfg.get("thresholding", False):
@@ -116,8 +113,9 @@ def load_diffusers(path: str | Path, schedule: NoiseSchedule | None = None, with
         scfg = _read_json(sched_file)
         schedule = schedule_from_scheduler_config(scfg)
         prediction = scfg.get("prediction_type", "epsilon")
-    if prediction != "epsilon":
-        raise ModelLoadError(f"prediction_type {prediction!r} is not supported yet (only 'epsilon')")
+    if prediction not in PREDICTION_TYPES:
+        raise ModelLoadError(f"prediction_type {prediction!r} is not supported (only "
+                             f"{' or '.join(map(repr, PREDICTION_TYPES))})")
 
     try:
         with quiet_libraries():
@@ -197,7 +195,8 @@ def load_diffusers(path: str | Path, schedule: NoiseSchedule | None = None, with
                            image_shape=image_shape, source=root.name)
     except (ValueError, TypeError) as e:
         raise ModelLoadError(f"{root}: the model's facts are not valid ({e})") from None
-    eps = EpsModel(unet, call, has_context=cond.kind != "none").eval()
+    eps = EpsModel(unet, call, has_context=cond.kind != "none",
+                   v_alphas_cumprod=schedule.alphas_cumprod if prediction == "v_prediction" else None).eval()
     return LoadedModel(unet=eps, facts=facts, class_embedding=class_embedding, first_stage=first_stage,
                        text_encoder=text_encoder, tokenizer=tokenizer)
 

@@ -17,17 +17,29 @@ from ptqd.facts import ModelFacts
 class EpsModel(nn.Module):
     """The exported signature: ``forward(x [B,C,H,W], t [B] float32, context [B,L,D]?) -> eps``.
 
-    ``call(unet, x, t, context)`` adapts the source module's own signature.
+    ``call(unet, x, t, context)`` adapts the source module's own signature. ``v_alphas_cumprod`` (a
+    v-prediction UNet, e.g. Stable Diffusion 2.x at 768): the UNet predicts v = √ᾱ_t·ε − √(1−ᾱ_t)·x₀, and the
+    graph returns ε = √ᾱ_t·v + √(1−ᾱ_t)·x_t (Salimans & Ho 2022, eq. for v), so calibration, PTQD's correction
+    (fitted on ε) and every sampler see ε whatever the model predicts.
     """
 
-    def __init__(self, unet: nn.Module, call, has_context: bool):
+    def __init__(self, unet: nn.Module, call, has_context: bool, v_alphas_cumprod=None):
         super().__init__()
         self.unet = unet
         self._call = call
         self.has_context = has_context
+        self.v_prediction = v_alphas_cumprod is not None
+        if self.v_prediction:
+            ab = torch.as_tensor(np.asarray(v_alphas_cumprod, np.float64))
+            self.register_buffer("sqrt_ab", ab.sqrt().float(), persistent=False)
+            self.register_buffer("sqrt_1m_ab", (1 - ab).sqrt().float(), persistent=False)
 
     def forward(self, x, t, context=None):
-        return self._call(self.unet, x, t, context)
+        out = self._call(self.unet, x, t, context)
+        if not self.v_prediction:
+            return out
+        i = t.round().long()  # [B] integer timesteps
+        return self.sqrt_ab[i].view(-1, 1, 1, 1) * out + self.sqrt_1m_ab[i].view(-1, 1, 1, 1) * x
 
 
 @dataclass

@@ -138,7 +138,8 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
                     entry = {"t_range": bucket["t_range"] if bucket else None,
                              "engine": eng_path.relative_to(w.staging).as_posix(), "size_bytes": desc["size_bytes"]}
                     if validate and layers is not None:
-                        loaded = loaded or load_source(b)
+                        if loaded is None:
+                            loaded = load_source(b)
                         val = validate_built(b, eng_path, loaded, layers, val_inputs, p.a_bits)
                         entry["validation_vs_fake_quant"] = val
                         if k == 0:

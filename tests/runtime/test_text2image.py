@@ -47,6 +47,26 @@ def test_tokenizer_ids_equal_the_pipelines(pipeline_dir, exported):
 
 def test_fp32_runtime_equals_the_diffusers_pipeline(pipeline_dir, exported):
     """Same prompts, same seeded initial latents, DDIM (eta 0), guidance 4: decoded images agree to 1e-3."""
+    _fp32_equals_pipeline(pipeline_dir, exported)
+
+
+def test_v_prediction_pipeline_exports_an_eps_graph_that_reproduces_diffusers(pipeline_dir, tmp_path):
+    """Stable Diffusion 2.x at 768 predicts v: the exported graph converts it to ε (so the correction and the
+    sampler are unchanged), and the FP32 runtime still gives diffusers' own image."""
+    v = tmp_path / "v"
+    shutil.copytree(pipeline_dir, v)
+    cfg = json.loads((v / "scheduler/scheduler_config.json").read_text())
+    (v / "scheduler/scheduler_config.json").write_text(json.dumps(dict(cfg, prediction_type="v_prediction")))
+    out = tmp_path / "v.bundle"
+    api.export(v, out, progress=False, prompts=["a red cat", "the dog"])
+    assert Bundle.open(out).facts.prediction_type == "v_prediction"
+    _fp32_equals_pipeline(v, out)
+    # the same UNet read as an ε model gives other images: the conversion is really there
+    with pytest.raises(AssertionError):
+        _fp32_equals_pipeline(pipeline_dir, out)
+
+
+def _fp32_equals_pipeline(pipeline_dir, exported):
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -93,7 +113,7 @@ def test_prompt_errors_are_one_line(exported, tmp_path):
     assert main(["sample", str(exported), "--negative-prompt", "blurry"]) == 1
 
 
-def test_refusals_sdxl_and_v_prediction(pipeline_dir, tmp_path):
+def test_refusals_sdxl_and_an_unknown_prediction_type(pipeline_dir, tmp_path):
     from ptqd.errors import ModelLoadError
     from ptqd.models import load_model
 
@@ -105,8 +125,8 @@ def test_refusals_sdxl_and_v_prediction(pipeline_dir, tmp_path):
     v = tmp_path / "v"
     shutil.copytree(pipeline_dir, v)
     cfg = json.loads((v / "scheduler/scheduler_config.json").read_text())
-    (v / "scheduler/scheduler_config.json").write_text(json.dumps(dict(cfg, prediction_type="v_prediction")))
-    with pytest.raises(ModelLoadError, match="v_prediction"):
+    (v / "scheduler/scheduler_config.json").write_text(json.dumps(dict(cfg, prediction_type="sample")))
+    with pytest.raises(ModelLoadError, match="'sample' is not supported"):
         load_model(v)
     (v / "scheduler/scheduler_config.json").write_text(json.dumps(dict(cfg, timestep_spacing="trailing")))
     with pytest.raises(ModelLoadError, match="does not map onto ptqd's DDIM sampler"):
