@@ -90,9 +90,10 @@ def onnx_bytes(path: Path) -> int:
     weights in the QDQ graph's ``.data`` file)."""
     import onnx
 
-    m = onnx.load(str(path), load_external_data=False)
-    locations = {e.value for t in m.graph.initializer for e in t.external_data if e.key == "location"}
-    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations)
+    from ptqd.engines.onnxruntime import external_data_files
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in external_data_files(graph))
 
 
 def _has_openvino() -> bool:
