@@ -90,13 +90,9 @@ def gb(n: float) -> str:
     return f"{n / GB:.1f} GiB"
 
 
-def available() -> tuple[int | None, str]:
-    return available_bytes()
-
-
 def require(stage: str, need: int, fix: str) -> None:
     """Refuse ``stage`` in one line when its estimated peak ``need`` exceeds the available memory."""
-    have, where = available()
+    have, where = available_bytes()
     if have is not None and need > have:
         raise UserError(f"{stage} needs about {gb(need)} of memory and {gb(have)} is available ({where}); "
                         f"{fix}")
@@ -110,7 +106,7 @@ def peer_chunk(m: ModelCost) -> int | None:
     (only the kernels' float rounding at another batch size differs, ~1e-7 relative)."""
     per = max(1, int(PEER_ACT_FACTOR * m.act_bytes))
     preferred = int(min(MAX_PEER_CHUNK, max(1, GB // per)))
-    have, _ = available()
+    have, _ = available_bytes()
     if have is None or peer_peak(m, preferred) <= have:
         return preferred
     fit = (have - peer_peak(m, 0)) // per

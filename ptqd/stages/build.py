@@ -50,6 +50,7 @@ def plan_precisions(b: Bundle, precisions: tuple[Precision, ...], log) -> tuple[
     once as fit, and leave it out (one line through ``log``) when even one does not. Returns the precisions
     to build and the peer's items per run."""
     from ptqd import memory
+    from ptqd.resources import available_bytes
 
     m = memory.ModelCost.from_bundle(b)
     if any(p != PEER for p in precisions):
@@ -62,7 +63,7 @@ def plan_precisions(b: Bundle, precisions: tuple[Precision, ...], log) -> tuple[
             if precisions == (PEER,):
                 memory.require("build of ort-int8 (ONNX Runtime's quantize_static)", need,
                                "leave this reference engine out, or build it on a machine with more")
-            have, where = memory.available()
+            have, where = available_bytes()
             log(f"ptqd: note: ort-int8 (ONNX Runtime's quantize_static, a reference) left out: it needs about "
                 f"{memory.gb(need)} and {memory.gb(have)} is available ({where}); build it later with "
                 f"`ptqd build {b.root} --precisions ort-int8` on a machine with more")

@@ -43,9 +43,7 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
 
     real("--margin", margin, 0, lo_open=True)  # the plan's options, checked before the stages before it run
     real("--budget", budget, 0, lo_open=True)
-    check_gate_options(gate_samples, gate_ranges)
-    if gate_budget is not None:
-        real("--gate-budget", gate_budget, 0)
+    check_gate_options(gate_samples, gate_ranges, gate_budget)
     resolve_device(device)  # refuse a missing GPU before any work
     preset_for(preset)  # and an unknown preset
     from ptqd.calib.calibrate import recipe as recipe_options

@@ -13,7 +13,7 @@ from ptqd.stages.common import digest, fake_quant_runners, load_source, require_
 from ptqd.validate import real
 
 
-def check_gate_options(gate_samples: int | None, gate_ranges: int | None) -> None:
+def check_gate_options(gate_samples: int | None, gate_ranges: int | None, gate_budget: float | None = None) -> None:
     """One-line errors for the gate's options (None: the preset's)."""
     if gate_samples is not None and (isinstance(gate_samples, bool) or not isinstance(gate_samples, int)
                                      or gate_samples < 0):
@@ -21,6 +21,8 @@ def check_gate_options(gate_samples: int | None, gate_ranges: int | None) -> Non
     if gate_ranges is not None and (isinstance(gate_ranges, bool) or not isinstance(gate_ranges, int)
                                     or gate_ranges < 1):
         raise UserError(f"--gate-ranges must be an integer >= 1, got {gate_ranges!r}")
+    if gate_budget is not None:
+        real("--gate-budget", gate_budget, 0)
 
 
 def gate_config(pre, samples: int, gate_samples: int | None = None, gate_ranges: int | None = None,
@@ -30,9 +32,7 @@ def gate_config(pre, samples: int, gate_samples: int | None = None, gate_ranges:
     time the gate is narrowed to fit (``calib.gate.size_gate``; 0: no limit)."""
     from ptqd.calib.gate import GATE_BUDGET_S
 
-    check_gate_options(gate_samples, gate_ranges)
-    if gate_budget is not None:
-        real("--gate-budget", gate_budget, 0)
+    check_gate_options(gate_samples, gate_ranges, gate_budget)
     if gate_samples is None:
         gate_samples = 2 * samples if pre.gate_samples is None else pre.gate_samples
     return {"samples": gate_samples, "ranges": pre.gate_ranges if gate_ranges is None else gate_ranges,
