@@ -181,6 +181,9 @@ class ModelFacts:
     scale_factor: float = 1.0  # latents are z * scale_factor; decode(z_sample / scale_factor)
     image_shape: tuple[int, int, int] | None = None  # (C, H, W) of the first-stage output
     source: str = ""
+    # the source pipeline's scheduler, {"class": "DPMSolverMultistepScheduler", "config": {...}} (the keys
+    # ptqd.runtime.schedulers reads); None: DDIM on CompVis spacing (CompVis checkpoints, the demo)
+    sampler: dict | None = None
 
     def __post_init__(self):
         if not isinstance(self.family, str):
@@ -208,6 +211,9 @@ class ModelFacts:
                              f"{self.scale_factor!r}")
         if not isinstance(self.source, str):
             raise TypeError(f"source must be a string, got {self.source!r}")
+        if self.sampler is not None and not (isinstance(self.sampler, dict) and isinstance(self.sampler.get("class"), str)
+                                             and isinstance(self.sampler.get("config"), dict)):
+            raise ValueError(f"sampler must be {{\"class\": NAME, \"config\": {{...}}}}, got {repr(self.sampler)[:100]}")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -219,6 +225,7 @@ class ModelFacts:
             "scale_factor": self.scale_factor,
             "image_shape": list(self.image_shape) if self.image_shape else None,
             "source": self.source,
+            "sampler": self.sampler,
         }
 
     @classmethod
@@ -233,6 +240,7 @@ class ModelFacts:
                 scale_factor=float(d.get("scale_factor", 1.0)),
                 image_shape=tuple(d["image_shape"]) if d.get("image_shape") else None,
                 source=d.get("source", ""),
+                sampler=d.get("sampler"),
             )
         except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as e:
             raise BundleError(f"manifest 'model' section is malformed ({str(e)[:200]}); re-export the bundle") from None

@@ -171,7 +171,7 @@ def test_private_checker_catches_a_private_import(tmp_path):
 
 # Which layer may import which: a module of a lower layer never imports a higher one.
 LAYERS = [
-    ("ptqd.errors", "ptqd.validate", "ptqd.precision", "ptqd.progress", "ptqd.resources", "ptqd.facts",
+    ("ptqd.version", "ptqd.errors", "ptqd.validate", "ptqd.precision", "ptqd.progress", "ptqd.resources", "ptqd.facts",
      "ptqd.budget", "ptqd.memory", "ptqd.bundle"),
     ("ptqd.models", "ptqd.exporter", "ptqd.calib", "ptqd.engines", "ptqd.runtime"),
     ("ptqd.stages",),

@@ -37,7 +37,7 @@ import uuid
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
-from ptqd import __version__
+from ptqd.version import __version__
 from ptqd.bundle.lock import OLD_MARK, STAGING_MARK, real_root, recover, recover_if_idle, bundle_lock
 from ptqd.errors import BundleError
 

@@ -137,12 +137,19 @@ def cmd_sample(args) -> int:
         from ptqd.runtime.text import read_prompts
 
         prompts += read_prompts(args.prompts)
-    num = args.num if args.num is not None else (len(prompts) if prompts else 16)
+    latents = None
+    if args.latents:
+        from ptqd.runtime.pipe import load_latents
+
+        latents = load_latents(args.latents)
+    num = args.num if args.num is not None else (len(latents) if latents is not None and latents.ndim == 4 else
+                                                 len(prompts) if prompts else 16)
     images, labels = api.sample(args.bundle, classes=_classes(args.classes), num=num, seed=args.seed,
                                 steps=args.steps, eta=args.eta, guidance=args.guidance, out=args.out,
                                 precision=args.plan, batch=args.batch, correction=args.correction,
-                                prompts=prompts or None, negative_prompt=args.negative_prompt, backend=args.backend)
-    print(f"{len(images)} samples ({args.plan}, correction {args.correction}) -> "
+                                prompts=prompts or None, negative_prompt=args.negative_prompt, backend=args.backend,
+                                sampler=args.sampler, latents=latents)
+    print(f"{len(images)} samples ({args.plan}, correction {args.correction}, sampler {args.sampler}) -> "
           f"{args.out or '(not written: pass --out FILE.png|.npz)'}")
     return 0
 
@@ -164,7 +171,8 @@ def cmd_eval(args) -> int:
     precisions = [p for p in (args.precisions or "fp32").split(",") if p]
     report = api.evaluate(args.bundle, precisions=precisions, num=args.num, seed=args.seed, steps=args.steps,
                           eta=args.eta, guidance=args.guidance, classes=_classes(args.classes),
-                          features=args.features, correction=args.correction, backend=args.backend)
+                          features=args.features, correction=args.correction, backend=args.backend,
+                          sampler=args.sampler)
     return _emit(args, report, print_eval)
 
 

@@ -70,9 +70,20 @@ def _sampling_args(p, num: int | None) -> None:
     p.add_argument("--classes", help="comma-separated class labels, cycled over the samples (default: all classes)")
     p.add_argument("--seed", type=int, default=0, help="sample i's noise depends only on (seed, i): samples are "
                                                        "paired across engines (default 0)")
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20: t = 951, 901, ..., 1)")
-    p.add_argument("--eta", type=float, default=0.0, help="0 = deterministic DDIM, 1 = DDPM-like (default 0)")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps (default 20; DDIM on CompVis spacing: "
+                                                         "t = 951, 901, ..., 1)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta: 0 = deterministic, 1 = DDPM-like (default 0)")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
+
+
+def _sampler_arg(p) -> None:
+    from ptqd.runtime.schedulers import SAMPLER_CHOICES
+
+    p.add_argument("--sampler", default="auto", choices=("auto",) + SAMPLER_CHOICES, metavar="NAME",
+                   help="auto (default: the bundle's own; for a diffusers pipeline, its scheduler and config; else "
+                        "DDIM on CompVis spacing) or one of " + ", ".join(SAMPLER_CHOICES) + " (dpm++2m: DPM-Solver++ "
+                        "2M; -karras: on Karras sigmas; euler-a: Euler ancestral), configured from the bundle's "
+                        "scheduler config as diffusers' from_config does")
 
 
 def _effort_args(p, device: bool = True) -> None:
@@ -225,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PTQD's noise correction and, with --eta > 0, variance schedule calibration (default auto: "
                         "the parts the end-to-end gate kept; on: the raw fit; conditional: E[error | eps_q] removed)")
     _runtime_backend_arg(s, "fp32 then runs on OpenVINO too")
+    _sampler_arg(s)
+    s.add_argument("--latents", metavar="FILE.npy",
+                   help="the initial noise, [num, C, H, W] float (numpy.save), taken as diffusers' latents= takes it "
+                        "(scaled by the sampler's init_noise_sigma): the same prompt, latents, steps and guidance "
+                        "give the diffusers pipeline's own image")
     s.add_argument("--out", help="FILE.png (grid) or FILE.npz (arrays)")
     s.add_argument("--batch", type=int, default=64, help="samples per engine call (default 64)")
     s.set_defaults(func=cmd_sample)
@@ -244,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PTQD ablation for --precisions (default w4a8,w4a4,auto): uncorrected, + correlated "
                         "correction, + bias at eta 0; uncorrected, + k + bias, + VSC at eta 1")
     _runtime_backend_arg(v, "the FP32 reference row stays ONNX Runtime")
+    _sampler_arg(v)
     v.add_argument("--json", action="store_true", help="machine-readable output")
     v.set_defaults(func=cmd_eval)
 

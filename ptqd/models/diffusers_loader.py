@@ -7,9 +7,8 @@ Accepted layouts (nothing is downloaded; ``local_files_only`` always):
 * a bare UNet directory (``config.json`` + weights), with the schedule passed explicitly;
 * a Stable Diffusion 1.x/2.x pipeline directory (``model_index.json``; ``unet/``, ``text_encoder/``
   (CLIPTextModel), ``tokenizer/``, ``vae/``, ``scheduler/``): a text-conditioned LDM (``ptqd.models.text``).
-  Its scheduler config must map onto ptqd's DDIM sampler (CompVis spacing: ``timestep_spacing="leading"``,
-  ``steps_offset=1``, ``set_alpha_to_one=False``, no sample clipping, as every Stable Diffusion 1.x/2.x
-  config has); whatever scheduler class it names, ptqd samples with DDIM on its noise schedule.
+  The bundle keeps its scheduler (DDIM, PNDM, DPM-Solver++, Euler, Euler ancestral, with their config;
+  ``ptqd.runtime.schedulers``) and samples with it; another scheduler is replaced by DDIM, with a note.
   A v-prediction UNet (Stable Diffusion 2.x at 768) is exported with v converted to ε inside the graph
   (``EpsModel``). SDXL (two text encoders, pooled embeddings, added time ids) is refused.
 
@@ -71,14 +70,37 @@ def check_text_pipeline(root: Path, scfg: dict) -> None:
         raise ModelLoadError(f"{root.name}: {name or 'this pipeline'} is SDXL-like (two text encoders, pooled "
                              "embeddings, added time ids), which ptqd does not support yet; Stable Diffusion 1.x/2.x "
                              "pipelines are")
-    spacing, offset = scfg.get("timestep_spacing", "leading"), int(scfg.get("steps_offset", 0))
-    if spacing != "leading" or offset != 1 or scfg.get("set_alpha_to_one", False) or scfg.get("clip_sample", False) \
-            or scfg.get("thresholding", False):
-        raise ModelLoadError(
-            f"{root.name}: the scheduler config (timestep_spacing={spacing!r}, steps_offset={offset}, "
-            f"set_alpha_to_one={scfg.get('set_alpha_to_one', False)}, clip_sample={scfg.get('clip_sample', False)}) "
-            "does not map onto ptqd's DDIM sampler, which uses CompVis spacing (leading, steps_offset=1, "
-            "set_alpha_to_one=False, no clipping) as Stable Diffusion 1.x/2.x configs do")
+
+
+def pipeline_sampler(root: Path, scfg: dict) -> dict | None:
+    """The pipeline's scheduler as a bundle keeps it ({"class", "config"}), checked against what ptqd's samplers
+    reproduce; one that is not is replaced by DDIM on the pipeline's spacing, with a one-line note."""
+    import sys
+
+    from ptqd.runtime.schedulers import clean_config, resolve
+
+    if not scfg:
+        return None
+    cls = scfg.get("_class_name", "DDIMScheduler")
+    index = root / "model_index.json"  # what diffusers' from_pretrained instantiates, where the pipeline names it
+    if index.exists():
+        entry = _read_json(index).get("scheduler")
+        if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str):
+            cls = entry[1]
+    stored = {"class": str(cls), "config": clean_config(scfg)}
+    try:
+        resolve(stored)
+        return stored
+    except UserError as e:
+        fallback = {"class": "DDIMScheduler", "config": dict(stored["config"], clip_sample=False, thresholding=False,
+                                                             set_alpha_to_one=False)}
+        try:
+            resolve(fallback)
+        except UserError:
+            fallback = None  # CompVis DDIM
+        print(f"note: {root.name}: {e}. The bundle samples with DDIM on the pipeline's noise schedule; --sampler "
+              "chooses another", file=sys.stderr)
+        return fallback
 
 
 def is_diffusers_dir(path: Path) -> bool:
@@ -104,6 +126,7 @@ def load_diffusers(path: str | Path, schedule: NoiseSchedule | None = None, with
     text = cls_name == "UNet2DConditionModel" and (root / "text_encoder" / "config.json").exists()
     if text:
         check_text_pipeline(root, _read_json(sched_file) if sched_file.exists() else {})
+    sampler = None
     if schedule is None:
         if not sched_file.exists():
             raise UserError(
@@ -113,6 +136,7 @@ def load_diffusers(path: str | Path, schedule: NoiseSchedule | None = None, with
         scfg = _read_json(sched_file)
         schedule = schedule_from_scheduler_config(scfg)
         prediction = scfg.get("prediction_type", "epsilon")
+        sampler = pipeline_sampler(root, scfg)
     if prediction not in PREDICTION_TYPES:
         raise ModelLoadError(f"prediction_type {prediction!r} is not supported (only "
                              f"{' or '.join(map(repr, PREDICTION_TYPES))})")
@@ -192,7 +216,7 @@ def load_diffusers(path: str | Path, schedule: NoiseSchedule | None = None, with
     try:
         facts = ModelFacts(family="diffusers", latent_shape=(unet.config.in_channels, h, w), schedule=schedule,
                            conditioning=cond, prediction_type=prediction, scale_factor=scale_factor,
-                           image_shape=image_shape, source=root.name)
+                           image_shape=image_shape, source=root.name, sampler=sampler)
     except (ValueError, TypeError) as e:
         raise ModelLoadError(f"{root}: the model's facts are not valid ({e})") from None
     eps = EpsModel(unet, call, has_context=cond.kind != "none",

@@ -20,12 +20,23 @@ MODE_PARTS = {"auto": CORRECTION_PARTS, "on": PTQD_PARTS, "conditional": CONDITI
 MODE_LABELS = {"auto": "+ptqd", "on": "+ptqd-raw", "conditional": "+cond"}
 
 
-def sampler_config(facts, steps: int, eta: float, guidance: float) -> SamplerConfig:
-    """The sampler's settings, validated for the model (guidance 1 for unconditional models)."""
-    cfg = SamplerConfig(steps=steps, eta=eta, guidance=guidance)
+def sampler_config(facts, steps: int, eta: float, guidance: float, sampler: str | None = None) -> SamplerConfig:
+    """The sampler's settings, validated for the model (guidance 1 for unconditional models).
+
+    ``sampler``: None, DDIM on CompVis spacing (what calibration, correction and the plan run); ``"auto"``, the
+    bundle's own sampler (its pipeline's scheduler and config); or a name of
+    :data:`ptqd.runtime.schedulers.SAMPLER_CHOICES`, configured from the bundle's scheduler config."""
+    spec = None
+    if sampler is not None:
+        from ptqd.runtime.schedulers import make_scheduler, resolve
+        from ptqd.validate import integer
+
+        spec = resolve(facts.sampler, sampler)
+        integer("--steps", steps, 1, make_scheduler(facts.schedule.alphas_cumprod, spec).max_steps())
+    cfg = SamplerConfig(steps=steps, eta=eta, guidance=guidance, spec=spec)
     cfg.validate(facts.schedule.num_train_timesteps)
     if facts.conditioning.kind == "none" and guidance != 1.0:
-        cfg = SamplerConfig(steps=steps, eta=eta, guidance=1.0)
+        cfg = SamplerConfig(steps=steps, eta=eta, guidance=1.0, spec=spec)
     return cfg
 
 

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from ptqd.errors import NonFiniteError, UserError
-from ptqd.runtime.sampler import DDIMSampler, NoiseSource, SamplerConfig
+from ptqd.runtime.sampler import NoiseSource, SamplerConfig
 
 # observe(step_index, t, x_t [B,C,H,W], context_or_None, eps_guided) — used by eval to compare engines
 Observer = Callable[[int, int, np.ndarray, "GuidedContext", np.ndarray], None]
@@ -70,33 +70,53 @@ def predict(engine, x: np.ndarray, t: int, ctx: GuidedContext):
     return engine.correct(guided_eps(runner, x, t, ctx), corr), engine.residual_std(corr)
 
 
+def scheduler_for(facts, cfg: SamplerConfig):
+    """A fresh scheduler for one trajectory batch: ``cfg.spec``'s sampler, or DDIM on ``cfg.spacing``."""
+    from ptqd.runtime.schedulers import ddim_spec, make_scheduler
+
+    sched = make_scheduler(facts.schedule.alphas_cumprod, cfg.spec or ddim_spec(cfg.spacing), cfg.eta, cfg.vsc_direction)
+    sched.set_timesteps(cfg.steps)
+    return sched
+
+
 def sample_latents(engine, facts, class_embedding, labels: np.ndarray, indices: np.ndarray, seed: int,
-                   cfg: SamplerConfig, observe: Observer | None = None, start: tuple[int, np.ndarray] | None = None
-                   ) -> np.ndarray:
+                   cfg: SamplerConfig, observe: Observer | None = None, start: tuple[int, np.ndarray] | None = None,
+                   latents: np.ndarray | None = None) -> np.ndarray:
     """Run the sampler for one batch; sample i's noise comes from (seed, indices[i]). Returns x_0 latents.
 
     ``engine``: a runner, or a ``StepEngines`` (engine per step by plan, PTQD correction, VSC).
-    ``start=(i, x)``: resume at step i from x (as ``observe`` saw it there); the noise of the skipped
-    steps is drawn and dropped, so the result equals the uninterrupted run's."""
-    sampler = DDIMSampler(facts.schedule.alphas_cumprod, cfg.spacing)
-    sampler.set_timesteps(cfg.steps)
+    ``latents``: the initial noise [B, C, H, W] instead of (seed, i)'s, taken as diffusers' ``latents=`` takes
+    it (scaled by the sampler's ``init_noise_sigma``); a stochastic sampler's later noise still comes from
+    (seed, i). ``observe(i, t, x, ctx, eps)`` sees the UNet's input x at each call.
+    ``start=(i, x)``: resume at step i from x (as ``observe`` saw it there; DDIM only); the noise of the
+    skipped steps is drawn and dropped, so the result equals the uninterrupted run's."""
+    sched = scheduler_for(facts, cfg)
     ctx = contexts(facts, class_embedding, labels, cfg.guidance)
     noise = NoiseSource(seed, indices, tuple(facts.latent_shape))
-    x = noise.draw()  # x_T
+    x = noise.draw()  # x_T (drawn even when latents are given, so the later noise does not shift)
+    if latents is not None:
+        x = np.array(latents, np.float32, copy=True)
+        if x.shape != (len(indices), *facts.latent_shape):
+            raise UserError(f"latents: expected shape {(len(indices), *facts.latent_shape)}, got {x.shape}")
+    if sched.init_noise_sigma != 1.0:
+        x = (x * np.float32(sched.init_noise_sigma)).astype(np.float32)
     first = 0
     if start is not None:
+        if cfg.spec is not None and cfg.spec.cls != "DDIMScheduler":
+            raise ValueError("resuming mid-trajectory needs DDIM (multistep samplers keep history)")
         first, x = start[0], np.array(start[1], np.float32, copy=True)
-        if cfg.eta > 0:
+        if sched.stochastic:
             for _ in range(first):
                 noise.draw()
-    for i, t in enumerate(sampler.timesteps):
+    for i, t in enumerate(sched.timesteps):
         if i < first:
             continue
-        eps, residual = predict(engine, x, int(t), ctx)
+        t = int(t) if float(t).is_integer() else float(t)
+        xin = sched.scale_model_input(x, i)
+        eps, residual = predict(engine, xin, t, ctx)
         if observe is not None:
-            observe(i, int(t), x, ctx, eps)
-        x, _ = sampler.step(eps, int(t), x, cfg.eta, noise.draw() if cfg.eta > 0 else None, residual_std=residual,
-                            vsc_direction=cfg.vsc_direction)
+            observe(i, t, xin, ctx, eps)
+        x = sched.step(eps, i, x, noise.draw() if sched.stochastic else None, residual_std=residual)
     if not np.isfinite(x).all():  # the engines check their inputs; this is the last step's output
         raise NonFiniteError(f"sampling diverged: {int(x.size - np.count_nonzero(np.isfinite(x)))} of {x.size} "
                              "latent values are NaN or infinite after the last step")

@@ -13,6 +13,7 @@ set_alpha_to_one=False)``. ``"leading"`` drops the offset (0, c, 2c, ...).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +25,12 @@ class SamplerConfig:
     guidance: float = 1.0  # classifier-free guidance scale s: eps_u + s·(eps_c - eps_u); 1 = no guidance
     spacing: str = "compvis"
     vsc_direction: str = "sigma"  # direction term under VSC: "sigma" (σ_t, default) or "sigma_prime" (σ_t′)
+    # the sampler (a ptqd.runtime.schedulers.SamplerSpec); None: DDIM on ``spacing``, what calibration uses
+    spec: Any = None
+
+    @property
+    def sampler_name(self) -> str:
+        return self.spec.name if self.spec is not None else "ddim"
 
     def validate(self, num_train_timesteps: int) -> None:
         from ptqd.errors import UserError
@@ -31,10 +38,14 @@ class SamplerConfig:
 
         if self.spacing not in ("compvis", "leading"):
             raise UserError(f"spacing must be 'compvis' or 'leading', got {self.spacing!r}")
-        integer("--steps", self.steps, 1, max_steps(num_train_timesteps, self.spacing))
+        # a spec's own limit is checked where the spec is made (runtime.loader.sampler_config)
+        integer("--steps", self.steps, 1, max_steps(num_train_timesteps, self.spacing) if self.spec is None else None)
         real("--eta", self.eta)
         if not 0.0 <= self.eta <= 1.0:
             raise UserError(f"--eta must be in [0, 1] (0 = DDIM, 1 = DDPM-like), got {self.eta}")
+        if self.eta > 0 and self.spec is not None and self.spec.cls != "DDIMScheduler":
+            raise UserError(f"--eta {self.eta:g}: η is DDIM's; {self.spec.name} takes no η (use --eta 0, or "
+                            "--sampler ddim)")
         real("--guidance", self.guidance)
         if self.guidance < 0:
             raise UserError(f"--guidance must be >= 0, got {self.guidance}")
@@ -67,23 +78,36 @@ class DDIMSampler:
     reference code does this; ``vsc_direction="sigma_prime"`` reproduces it for comparison).
     """
 
-    def __init__(self, alphas_cumprod: np.ndarray, spacing: str = "compvis"):
+    def __init__(self, alphas_cumprod: np.ndarray, spacing: str = "compvis", steps_offset: int | None = None,
+                 set_alpha_to_one: bool = False):
+        if spacing not in ("compvis", "leading", "trailing", "linspace"):
+            raise ValueError(f"spacing must be compvis, leading, trailing or linspace, got {spacing!r}")
         self.alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
         self.num_train_timesteps = len(self.alphas_cumprod)
         self.spacing = spacing
-        self.final_alpha_cumprod = float(self.alphas_cumprod[0])  # set_alpha_to_one=False, as CompVis
+        self.offset = 1 if spacing == "compvis" else int(steps_offset or 0) if spacing == "leading" else 0
+        # ᾱ after the last step: ᾱ_0 (CompVis, Stable Diffusion) or 1 (diffusers' DDIM default)
+        self.final_alpha_cumprod = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
         self.timesteps: np.ndarray | None = None
         self.step_ratio = 0
 
+    def max_steps(self) -> int:
+        return self.num_train_timesteps - self.offset
+
     def set_timesteps(self, num_inference_steps: int) -> None:
-        T = self.num_train_timesteps
-        most = max_steps(T, self.spacing)
-        if not 1 <= num_inference_steps <= most:
-            raise ValueError(f"num_inference_steps must be in [1, {most}], got {num_inference_steps}")
-        self.step_ratio = T // num_inference_steps
-        offset = 1 if self.spacing == "compvis" else 0
-        ts = np.arange(num_inference_steps) * self.step_ratio + offset
-        self.timesteps = ts[::-1].astype(np.int64).copy()
+        """diffusers' DDIMScheduler.set_timesteps for the spacing (``compvis`` = ``leading`` with offset 1)."""
+        T, n = self.num_train_timesteps, num_inference_steps
+        most = self.max_steps()
+        if not 1 <= n <= most:
+            raise ValueError(f"num_inference_steps must be in [1, {most}], got {n}")
+        self.step_ratio = T // n
+        if self.spacing == "trailing":
+            ts = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+        elif self.spacing == "linspace":
+            ts = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
+        else:
+            ts = (np.arange(n) * self.step_ratio + self.offset)[::-1]
+        self.timesteps = ts.astype(np.int64).copy()
 
     def alphas(self, t: int) -> tuple[float, float]:
         """(ᾱ_t, ᾱ_prev) for the step at timestep t."""

@@ -45,17 +45,18 @@ def bops_table(b: Bundle) -> dict[str, Any]:
     return out
 
 
-def plan_bops(b: Bundle, spec: str, steps: int, spacing: str = "compvis") -> float:
-    """Mean BOPs per forward of a precision or plan over the sampler's steps."""
-    from ptqd.runtime.sampler import DDIMSampler
+def plan_bops(b: Bundle, spec: str, steps: int, cfg=None) -> float:
+    """Mean BOPs per forward of a precision or plan over the UNet calls of the sampler (``cfg``, a
+    SamplerConfig; default DDIM on CompVis spacing) at ``steps``."""
+    from ptqd.runtime.pipeline import scheduler_for
+    from ptqd.runtime.sampler import SamplerConfig
 
     if spec != "auto" and not spec.endswith(".json"):
         return precision_bops(b, spec)
     pl = load_plan(b, spec)
-    sampler = DDIMSampler(b.facts.schedule.alphas_cumprod, spacing)
-    sampler.set_timesteps(steps)
+    ts = scheduler_for(b.facts, cfg if cfg is not None else SamplerConfig(steps=steps)).timesteps
     cost = {p: precision_bops(b, p) for p in pl.precisions}
-    return sum(cost[pl.at(float(t))] for t in sampler.timesteps) / steps
+    return sum(cost[pl.at(float(t))] for t in ts) / len(ts)
 
 
 def measure_damage(b: Bundle, candidates, reference: str, samples: int = 64, seed: int = 2,

@@ -25,17 +25,19 @@ def evaluate(bundle, precisions=("fp32",), num: int = 500, seed: int = 0, steps:
              guidance: float = 3.0, classes=None, features: str | os.PathLike | None = None, batch: int = 100,
              progress: bool | None = None, write_report: bool = True, correction: str | tuple = "auto",
              rows: list[tuple[str, str | tuple]] | None = None, report_name: str = "eval",
-             vsc_direction: str = "sigma", eps_mse: bool = True, backend: str = "onnxruntime") -> dict[str, Any]:
+             vsc_direction: str = "sigma", eps_mse: bool = True, backend: str = "onnxruntime",
+             sampler: str = "auto") -> dict[str, Any]:
     """Quality rows for ``precisions`` (engines, ``auto`` for the plan, or plan files) against FP (always
     the first row) on the same seeds and classes. ``correction`` applies to every row; ``rows``, a list
     of (precision, correction) pairs, replaces ``precisions`` for mixed settings (the ablation). ``backend``
-    runs the quantized rows (onnxruntime or openvino); the FP32 reference is always ONNX Runtime's."""
+    runs the quantized rows (onnxruntime or openvino); the FP32 reference is always ONNX Runtime's. ``sampler``:
+    ``auto`` (the bundle's own) or a sampler name, for every row."""
     sampling_counts(num=num, batch=batch, seed=seed)
     b = Bundle.open(bundle)
     facts = b.facts
     fp_runner = open_engine(b, "fp32", allow_spinning=False)
     decoder, table = open_decoder(b), layout.class_embedding(b)
-    cfg = dataclasses.replace(sampler_config(facts, steps, eta, guidance), vsc_direction=vsc_direction)
+    cfg = dataclasses.replace(sampler_config(facts, steps, eta, guidance, sampler), vsc_direction=vsc_direction)
     cfg.validate(facts.schedule.num_train_timesteps)
     labels = default_labels(facts, list(classes) if classes else None, num)
     runners, specs, cache = {"fp32": fp_runner}, {"fp32": "fp32"}, {}
@@ -74,7 +76,7 @@ def evaluate(bundle, precisions=("fp32",), num: int = 500, seed: int = 0, steps:
     for row in res.rows:
         spec = specs[row["precision"]]
         if fp_bops and (spec in ("fp32", "auto", "ort-int8") or spec in CALIBRATED_NAMES or spec.endswith(".json")):
-            v = plan_bops(b, spec, cfg.steps, cfg.spacing)
+            v = plan_bops(b, spec, cfg.steps, cfg)
             row["bops_per_forward"] = v
             row["bops_saving"] = fp_bops / v
     report = res.to_json()
@@ -96,5 +98,6 @@ def ablation(bundle, precisions=("w4a8", "w4a4", "auto"), num: int = 500, seed: 
     out = {}
     for eta, rows in ((0.0, rows0), (1.0, rows1)):
         out[f"eta{eta:g}"] = evaluate(bundle, num=num, seed=seed, steps=steps, eta=eta, guidance=guidance,
-                                      batch=batch, progress=progress, rows=rows, report_name=f"ablation_eta{eta:g}")
+                                      batch=batch, progress=progress, rows=rows, report_name=f"ablation_eta{eta:g}",
+                                      sampler=None)  # PTQD's DDIM (η 0 and 1), on which the correction was fit
     return out

@@ -26,7 +26,7 @@ import numpy as np
 
 from ptqd.engines.onnxruntime import ort_session
 from ptqd.errors import UserError
-from ptqd.runtime.pipeline import predict
+from ptqd.runtime.pipeline import predict, scheduler_for
 
 
 def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
@@ -100,7 +100,7 @@ def evaluate_runners(facts, class_embedding, runners: dict[str, Any], decoder, l
     fp = names[0]
     n = len(labels)
     images = {k: [] for k in names}
-    mse = {k: np.zeros(cfg.steps) for k in names}
+    mse = {k: np.zeros(len(scheduler_for(facts, cfg).timesteps)) for k in names}  # per UNet call
     seconds = {k: 0.0 for k in names}
     for start in range(0, n, batch):
         idx = np.arange(start, min(n, start + batch))
@@ -120,7 +120,7 @@ def evaluate_runners(facts, class_embedding, runners: dict[str, Any], decoder, l
             progress.update(len(idx))
     per_elem = n * int(np.prod(facts.latent_shape))
     result = EvalResult(config={"num": n, "seed": seed, "steps": cfg.steps, "eta": cfg.eta,
-                                "guidance": cfg.guidance, "spacing": cfg.spacing})
+                                "guidance": cfg.guidance, "spacing": cfg.spacing, "sampler": cfg.sampler_name})
     images = {k: np.concatenate(v) for k, v in images.items()}
     fp_feats = None
     for k in names:

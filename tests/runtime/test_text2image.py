@@ -113,7 +113,7 @@ def test_prompt_errors_are_one_line(exported, tmp_path):
     assert main(["sample", str(exported), "--negative-prompt", "blurry"]) == 1
 
 
-def test_refusals_sdxl_and_an_unknown_prediction_type(pipeline_dir, tmp_path):
+def test_refusals_sdxl_and_an_unknown_prediction_type(pipeline_dir, tmp_path, capsys):
     from ptqd.errors import ModelLoadError
     from ptqd.models import load_model
 
@@ -128,9 +128,13 @@ def test_refusals_sdxl_and_an_unknown_prediction_type(pipeline_dir, tmp_path):
     (v / "scheduler/scheduler_config.json").write_text(json.dumps(dict(cfg, prediction_type="sample")))
     with pytest.raises(ModelLoadError, match="'sample' is not supported"):
         load_model(v)
+    # the pipeline's scheduler travels with the model; one ptqd does not reproduce becomes DDIM, with a note
     (v / "scheduler/scheduler_config.json").write_text(json.dumps(dict(cfg, timestep_spacing="trailing")))
-    with pytest.raises(ModelLoadError, match="does not map onto ptqd's DDIM sampler"):
-        load_model(v)
+    assert load_model(v).facts.sampler["config"]["timestep_spacing"] == "trailing"
+    index = json.loads((v / "model_index.json").read_text())
+    (v / "model_index.json").write_text(json.dumps(dict(index, scheduler=["diffusers", "LMSDiscreteScheduler"])))
+    assert load_model(v).facts.sampler["class"] == "DDIMScheduler"
+    assert "LMSDiscreteScheduler is not one ptqd reproduces" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,100 @@
+"""Exact reproduction: a diffusers pipeline saved with its own scheduler, exported by ptqd, sampled by the CLI
+(``ptqd sample --prompt P --latents L.npy --precision fp32``, in a process without torch) gives the pipeline's
+own image for the same prompt, latents, steps and guidance."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ptqd import api
+from ptqd.bundle import Bundle
+
+# (what a user runs, scheduler class and config over the pipeline's, prediction type of the UNet)
+CASES = {
+    "sd1-dpm++2m": ("DPMSolverMultistepScheduler", {}, "epsilon"),
+    "sd2-v-ddim": ("DDIMScheduler", {}, "v_prediction"),
+    "sd1-pndm": ("PNDMScheduler", {"skip_prk_steps": True}, "epsilon"),
+    "sd1-euler-karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}, "epsilon"),
+}
+PROMPT, NEGATIVE, STEPS, GUIDANCE = "a red cat on a photo", "the dog", 9, 5.0
+
+
+@pytest.fixture(scope="module")
+def base_pipeline(tmp_path_factory):
+    from ptqd.models.tiny_sd import write_tiny_sd_pipeline
+
+    return write_tiny_sd_pipeline(tmp_path_factory.mktemp("sd") / "tiny-sd")
+
+
+def with_scheduler(base, out, cls, config, prediction):
+    shutil.copytree(base, out)
+    f = out / "scheduler/scheduler_config.json"
+    cfg = json.loads(f.read_text())
+    f.write_text(json.dumps(dict(cfg, _class_name=cls, prediction_type=prediction, **config)))
+    index = json.loads((out / "model_index.json").read_text())  # what save_pretrained writes for a new scheduler
+    (out / "model_index.json").write_text(json.dumps(dict(index, scheduler=["diffusers", cls])))
+    return out
+
+
+NO_TORCH_SAMPLE = """
+import sys
+from ptqd.cli import main
+code = main(sys.argv[1:])
+bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'diffusers'))
+print('torch-side modules:', bad)
+sys.exit(code or (3 if bad else 0))
+"""
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ptqd_sample_reproduces_the_diffusers_pipeline(base_pipeline, tmp_path, case):
+    import diffusers
+    import torch
+
+    cls, config, prediction = CASES[case]
+    src = with_scheduler(base_pipeline, tmp_path / case, cls, config, prediction)
+    bundle = tmp_path / f"{case}.bundle"
+    api.export(src, bundle, progress=False, prompts=["a red cat"])
+    facts = Bundle.open(bundle).facts
+    assert facts.sampler["class"] == cls
+    latents = np.random.default_rng(7).standard_normal((2, *facts.latent_shape), dtype=np.float32)
+    np.save(tmp_path / "L.npy", latents)
+    out = tmp_path / "ours.npz"
+    r = subprocess.run([sys.executable, "-c", NO_TORCH_SAMPLE, "sample", str(bundle), "--prompt", PROMPT,
+                        "--negative-prompt", NEGATIVE, "--latents", str(tmp_path / "L.npy"), "--precision", "fp32",
+                        "--steps", str(STEPS), "--guidance", str(GUIDANCE), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ours = np.load(out)["images"]
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(src, local_files_only=True, safety_checker=None,
+                                                             requires_safety_checker=False)
+    assert type(pipe.scheduler).__name__ == cls
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe([PROMPT] * 2, negative_prompt=[NEGATIVE] * 2, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                  latents=torch.from_numpy(latents), output_type="np").images
+    theirs = (theirs * 255).round().astype(np.uint8)  # diffusers' numpy_to_pil
+    diff = np.abs(ours.astype(np.int16) - theirs.astype(np.int16))
+    assert ours.shape == theirs.shape and ours.dtype == np.uint8
+    assert diff.max() <= 2 and diff.mean() <= 0.5, (diff.max(), diff.mean())
+    assert np.abs(ours[0].astype(np.int16) - ours[1]).max() > 10  # the latents matter
+
+
+def test_a_sampler_override_changes_the_image_and_is_checked(base_pipeline, tmp_path):
+    from ptqd.cli import main
+
+    src = with_scheduler(base_pipeline, tmp_path / "p", "DPMSolverMultistepScheduler", {}, "epsilon")
+    bundle = tmp_path / "p.bundle"
+    api.export(src, bundle, progress=False, prompts=["a red cat"])
+    a, _ = api.sample(bundle, prompts=[PROMPT], num=1, steps=6)
+    b, _ = api.sample(bundle, prompts=[PROMPT], num=1, steps=6, sampler="euler-a")
+    assert np.abs(a.astype(np.int16) - b).max() > 2
+    assert main(["sample", str(bundle), "--sampler", "dpm++2m", "--eta", "1", "--prompt", "x"]) == 1
+    np.save(tmp_path / "bad.npy", np.zeros((3, 4, 5, 5), np.float32))
+    assert main(["sample", str(bundle), "--latents", str(tmp_path / "bad.npy"), "--prompt", "x"]) == 1
+    (tmp_path / "text.npy").write_text("not numpy")
+    assert main(["sample", str(bundle), "--latents", str(tmp_path / "text.npy"), "--prompt", "x"]) == 1
