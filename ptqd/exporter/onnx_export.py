@@ -113,12 +113,15 @@ def export_first_stage(loaded, path: Path, cfg: ExportConfig = ExportConfig()) -
 
 
 def export_text_encoder(loaded, path: Path, cfg: ExportConfig = ExportConfig(), batch: int = 2) -> list[Path]:
-    """The text encoder: ``input_ids`` int64 [B, tokens] -> ``context`` float32 [B, tokens, D] (dynamic batch)."""
-    tokens = loaded.facts.conditioning.context_tokens
+    """The text encoder: ``input_ids`` int64 [B, tokens] (SDXL: and ``input_ids_2``) -> ``context`` float32
+    [B, context tokens, D] (dynamic batch)."""
+    tokens = int(loaded.tokenizer.model_max_length)
     vocab = int(loaded.text_encoder.model.config.vocab_size)
-    ids = torch.from_numpy(np.random.RandomState(2).randint(0, vocab, (batch, tokens)).astype(np.int64))
+    rng = np.random.RandomState(2)
+    names = ["input_ids"] + (["input_ids_2"] if loaded.tokenizer_2 is not None else [])
+    ids = tuple(torch.from_numpy(rng.randint(0, vocab, (batch, tokens)).astype(np.int64)) for _ in names)
     try:
-        return _export(loaded.text_encoder, (ids,), ["input_ids"], ["context"], path, cfg)
+        return _export(loaded.text_encoder, ids, names, ["context"], path, cfg)
     except Exception as e:
         raise ExportError(f"ONNX export of the text encoder failed: {str(e).strip().splitlines()[0][:300]}",
                           check="ONNX export") from e

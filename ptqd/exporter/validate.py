@@ -86,11 +86,12 @@ def matches(got: np.ndarray, ref: np.ndarray, cfg: ValidationConfig, what: str) 
 def validate_text_encoder(loaded, onnx_path: Path, prompts: list[str], cfg: ValidationConfig = ValidationConfig()
                           ) -> dict[str, Any]:
     """The exported text encoder vs torch on the pipeline's own token ids of ``prompts``."""
-    from ptqd.models.text import token_ids
+    from ptqd.models.text import model_token_ids
 
     sess = _session(onnx_path)
-    ids = token_ids(loaded.tokenizer, prompts)
+    ids = model_token_ids(loaded, prompts)
     with torch.no_grad():
-        ref = loaded.text_encoder(torch.from_numpy(ids)).numpy()
-    err, bound = matches(sess.run(["context"], {"input_ids": ids})[0], ref, cfg, "text encoder")
+        ref = loaded.text_encoder(*(torch.from_numpy(a) for a in ids)).numpy()
+    feeds = dict(zip(["input_ids", "input_ids_2"], ids))
+    err, bound = matches(sess.run(["context"], feeds)[0], ref, cfg, "text encoder")
     return {"what": "text_encoder", "prompts": len(prompts), "worst_abs_error": err, "bound": bound, "passed": True}

@@ -62,16 +62,6 @@ def _schedule(cfg: dict) -> NoiseSchedule:
                          float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 2e-2)))
 
 
-def check_text_pipeline(root: Path, scfg: dict) -> None:
-    """Refuse, in one line each, what ptqd's text-to-image path cannot reproduce."""
-    index = _read_json(root / "model_index.json") if (root / "model_index.json").exists() else {}
-    name = str(index.get("_class_name", ""))
-    if "XL" in name or (root / "text_encoder_2").exists():
-        raise ModelLoadError(f"{root.name}: {name or 'this pipeline'} is SDXL-like (two text encoders, pooled "
-                             "embeddings, added time ids), which ptqd does not support yet; Stable Diffusion 1.x/2.x "
-                             "pipelines are")
-
-
 def pipeline_sampler(root: Path, scfg: dict) -> dict | None:
     """The pipeline's scheduler as a bundle keeps it ({"class", "config"}), checked against what ptqd's samplers
     reproduce; one that is not is replaced by DDIM on the pipeline's spacing, with a one-line note."""
@@ -124,8 +114,6 @@ def load_diffusers(path: str | Path, schedule: NoiseSchedule | None = None, with
     sched_file = root / "scheduler" / "scheduler_config.json"
     prediction = "epsilon"
     text = cls_name == "UNet2DConditionModel" and (root / "text_encoder" / "config.json").exists()
-    if text:
-        check_text_pipeline(root, _read_json(sched_file) if sched_file.exists() else {})
     sampler = None
     if schedule is None:
         if not sched_file.exists():
@@ -150,13 +138,16 @@ def load_diffusers(path: str | Path, schedule: NoiseSchedule | None = None, with
 
     class_embedding = None
     text_encoder = tokenizer = None
-    if text:
+    tokenizer_2, zero_empty = None, False
+    if text and (root / "text_encoder_2" / "config.json").exists():
+        text_encoder, tokenizer, tokenizer_2, cond, call, zero_empty = load_sdxl_conditioning(root, unet)
+    elif text:
         from ptqd.models.text import load_text_encoder, load_tokenizer
 
         if unet.config.class_embed_type is not None or unet.config.num_class_embeds is not None \
                 or unet.config.addition_embed_type is not None:
-            raise ModelLoadError(f"{root.name}: a UNet with class or added embeddings (e.g. SDXL's added time ids) is "
-                                 "not supported; Stable Diffusion 1.x/2.x UNets are")
+            raise ModelLoadError(f"{root.name}: a UNet with class or added embeddings but one text encoder is not "
+                                 "supported; Stable Diffusion 1.x/2.x and SDXL UNets are")
         text_encoder = load_text_encoder(root / "text_encoder")
         tokenizer = load_tokenizer(root / "tokenizer")
         dim = unet.config.cross_attention_dim
@@ -221,8 +212,53 @@ def load_diffusers(path: str | Path, schedule: NoiseSchedule | None = None, with
         raise ModelLoadError(f"{root}: the model's facts are not valid ({e})") from None
     eps = EpsModel(unet, call, has_context=cond.kind != "none",
                    v_alphas_cumprod=schedule.alphas_cumprod if prediction == "v_prediction" else None).eval()
+    if tokenizer_2 is not None:  # SDXL: the six time ids of the default call (original = target = image size)
+        ih, iw = image_shape[1:] if image_shape else (8 * h, 8 * w)
+        unet.ptqd_time_ids = (ih, iw, 0, 0, ih, iw)
     return LoadedModel(unet=eps, facts=facts, class_embedding=class_embedding, first_stage=first_stage,
-                       text_encoder=text_encoder, tokenizer=tokenizer)
+                       text_encoder=text_encoder, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+                       zero_empty_prompt=zero_empty)
+
+
+def load_sdxl_conditioning(root: Path, unet):
+    """SDXL's text side: both encoders as one (``SDXLTextEncoder``: context tokens then the pooled projection as
+    one more token), both tokenizers, and the UNet call that splits that context into ``encoder_hidden_states``
+    and the added conditions (``text_embeds``, and the six ``time_ids`` of the pipeline's default call:
+    original size = target size = the image size, no crop). Returns (encoder, tokenizer, tokenizer_2,
+    conditioning, call, zero_empty_prompt)."""
+    from ptqd.models.text import load_sdxl_text_encoders, load_tokenizer
+
+    if unet.config.addition_embed_type != "text_time":
+        raise ModelLoadError(f"{root.name}: two text encoders but the UNet's addition_embed_type is "
+                             f"{unet.config.addition_embed_type!r}; SDXL's is 'text_time'")
+    enc = load_sdxl_text_encoders(root)
+    tokenizer, tokenizer_2 = load_tokenizer(root / "tokenizer"), load_tokenizer(root / "tokenizer_2")
+    d1, d2 = enc.model.config.hidden_size, enc.model_2.config.hidden_size
+    pooled = int(enc.model_2.config.projection_dim)
+    dim = unet.config.cross_attention_dim
+    if d1 + d2 != dim:
+        raise ModelLoadError(f"{root.name}: the text encoders' hidden sizes {d1} + {d2} are not the UNet's "
+                             f"cross_attention_dim {dim}")
+    want = unet.add_embedding.linear_1.in_features
+    if pooled + 6 * unet.config.addition_time_embed_dim != want:
+        raise ModelLoadError(f"{root.name}: pooled projection {pooled} + 6 time ids x {unet.config.addition_time_embed_dim}"
+                             f" do not make the UNet's added-condition width {want}")
+    if pooled > dim or tokenizer.model_max_length != tokenizer_2.model_max_length:
+        raise ModelLoadError(f"{root.name}: the pooled projection ({pooled}) must fit in a context token ({dim}) and "
+                             "both tokenizers must have one length")
+    tokens = int(tokenizer.model_max_length)
+    try:
+        cond = Conditioning(kind="text", context_dim=dim, context_tokens=tokens + 1)
+    except (ValueError, TypeError) as e:
+        raise ModelLoadError(f"{root.name}: {e}") from None
+    index = _read_json(root / "model_index.json") if (root / "model_index.json").exists() else {}
+
+    def call(m, x, t, c):
+        ids = torch.tensor([list(m.ptqd_time_ids)], dtype=x.dtype).expand(x.shape[0], 6)
+        return m(x, t, encoder_hidden_states=c[:, :tokens], return_dict=False,
+                 added_cond_kwargs={"text_embeds": c[:, tokens, :pooled], "time_ids": ids})[0]
+
+    return enc, tokenizer, tokenizer_2, cond, call, bool(index.get("force_zeros_for_empty_prompt", True))
 
 
 class DiffusersDecoder(torch.nn.Module):

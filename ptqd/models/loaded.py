@@ -29,17 +29,22 @@ class EpsModel(nn.Module):
         self._call = call
         self.has_context = has_context
         self.v_prediction = v_alphas_cumprod is not None
-        if self.v_prediction:
-            ab = torch.as_tensor(np.asarray(v_alphas_cumprod, np.float64))
-            self.register_buffer("sqrt_ab", ab.sqrt().float(), persistent=False)
-            self.register_buffer("sqrt_1m_ab", (1 - ab).sqrt().float(), persistent=False)
+        if self.v_prediction:  # σ_t = √((1-ᾱ)/ᾱ), interpolated linearly in t between integers as diffusers' σ samplers do
+            ab = np.asarray(v_alphas_cumprod, np.float64)
+            self.register_buffer("sigmas", torch.from_numpy(np.sqrt((1 - ab) / ab)).float(), persistent=False)
 
     def forward(self, x, t, context=None):
         out = self._call(self.unet, x, t, context)
         if not self.v_prediction:
             return out
-        i = t.round().long()  # [B] integer timesteps
-        return self.sqrt_ab[i].view(-1, 1, 1, 1) * out + self.sqrt_1m_ab[i].view(-1, 1, 1, 1) * x
+        # ε = √ᾱ·v + √(1-ᾱ)·x_t with √ᾱ = 1/√(1+σ²), √(1-ᾱ) = σ/√(1+σ²); a fractional t (Euler on Karras
+        # sigmas) takes σ interpolated between its integer neighbours
+        lo = t.floor().clamp(0, self.sigmas.shape[0] - 2)
+        w = (t - lo).view(-1, 1, 1, 1)
+        i = lo.long()
+        s = self.sigmas[i].view(-1, 1, 1, 1) * (1 - w) + self.sigmas[i + 1].view(-1, 1, 1, 1) * w
+        a = 1 / torch.sqrt(1 + s * s)
+        return a * out + (s * a) * x
 
 
 @dataclass
@@ -52,6 +57,8 @@ class LoadedModel:
     first_stage: nn.Module | None = None  # latent -> image in [-1, 1]
     text_encoder: nn.Module | None = None  # text models: input_ids [B, tokens] int64 -> context [B, tokens, D]
     tokenizer: object | None = None  # text models: the pipeline's tokenizer (transformers), for export
+    tokenizer_2: object | None = None  # SDXL: the second encoder's tokenizer (text_encoder then takes two id arrays)
+    zero_empty_prompt: bool = False  # SDXL's force_zeros_for_empty_prompt: "" encodes to zeros (no negative prompt)
 
     def context_for(self, labels) -> torch.Tensor | None:
         """The cross-attention context [B, L, D] for labels (None when unconditional)."""

@@ -49,6 +49,40 @@ class TextEncoder(torch.nn.Module):
         return self.model(input_ids=input_ids, return_dict=False)[0]
 
 
+class SDXLTextEncoder(torch.nn.Module):
+    """SDXL's two encoders as one exported graph: ``forward(input_ids, input_ids_2) -> context [B, tokens + 1, D]``.
+
+    Tokens 0..tokens-1: both encoders' penultimate hidden states concatenated (D = D₁ + D₂), what SDXL's UNet
+    cross-attends to. The last token: the second encoder's pooled projection (``text_embeds``, P ≤ D values)
+    padded with zeros to D, which the UNet's added conditions take. Carrying it as one more context token keeps
+    the UNet's signature (x, t, context) for every stage; the exported UNet slices it back out."""
+
+    def __init__(self, model, model_2):
+        super().__init__()
+        self.model, self.model_2 = model, model_2
+
+    def forward(self, input_ids, input_ids_2):
+        h1 = self.model(input_ids=input_ids, output_hidden_states=True, return_dict=False)[2][-2]
+        pooled, _, hidden = self.model_2(input_ids=input_ids_2, output_hidden_states=True, return_dict=False)[:3]
+        ctx = torch.cat([h1, hidden[-2]], dim=-1)
+        extra = torch.nn.functional.pad(pooled, (0, ctx.shape[-1] - pooled.shape[-1]))[:, None, :]
+        return torch.cat([ctx, extra], dim=1)
+
+
+def load_sdxl_text_encoders(root: Path) -> SDXLTextEncoder:
+    transformers = _transformers()
+    first = load_text_encoder(root / "text_encoder").model
+    try:
+        with quiet_libraries():
+            second = transformers.CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2",
+                                                                             local_files_only=True).eval()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"transformers could not load the text encoder {root / 'text_encoder_2'}: "
+                             f"{str(e).splitlines()[0][:300]}") from None
+    second.requires_grad_(False)
+    return SDXLTextEncoder(first, second).eval()
+
+
 def load_text_encoder(directory: Path) -> TextEncoder:
     transformers = _transformers()
     try:
@@ -71,10 +105,11 @@ def load_tokenizer(directory: Path):
                              f"{str(e).splitlines()[0][:300]}") from None
 
 
-def tokenizer_files(tokenizer) -> tuple[str, dict]:
+def tokenizer_files(tokenizer, zero_empty_prompt: bool = False) -> tuple[str, dict]:
     """(tokenizer.json text, settings) for the runtime: what ``tokenizers`` needs to give the pipeline's ids."""
     config = {"max_length": int(tokenizer.model_max_length), "pad_token": str(tokenizer.pad_token),
-              "pad_id": int(tokenizer.pad_token_id), "bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id}
+              "pad_id": int(tokenizer.pad_token_id), "bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id,
+              "zero_empty_prompt": bool(zero_empty_prompt)}
     return tokenizer.backend_tokenizer.to_str(), config
 
 
@@ -85,9 +120,20 @@ def token_ids(tokenizer, prompts: list[str]) -> np.ndarray:
     return enc["input_ids"].astype(np.int64)
 
 
+def model_token_ids(loaded, prompts: list[str]) -> list[np.ndarray]:
+    """The text encoder's inputs for ``prompts``: one id array per tokenizer (SDXL has two)."""
+    return [token_ids(t, prompts) for t in (loaded.tokenizer, loaded.tokenizer_2) if t is not None]
+
+
 @torch.no_grad()
 def encode_prompts(loaded, prompts: list[str], batch: int = 16) -> np.ndarray:
-    """The context of each prompt ([N, tokens, D] float32), with the torch text encoder."""
-    ids = token_ids(loaded.tokenizer, prompts)
-    out = [loaded.text_encoder(torch.from_numpy(ids[i:i + batch])).float().numpy() for i in range(0, len(ids), batch)]
-    return np.concatenate(out).astype(np.float32)
+    """The context of each prompt ([N, tokens, D] float32), with the torch text encoder. An empty prompt gives
+    zeros where the pipeline says so (SDXL's ``force_zeros_for_empty_prompt``: no negative prompt, zero
+    embeddings)."""
+    ids = model_token_ids(loaded, prompts)
+    out = [loaded.text_encoder(*(torch.from_numpy(a[i:i + batch]) for a in ids)).float().numpy()
+           for i in range(0, len(prompts), batch)]
+    ctx = np.concatenate(out).astype(np.float32)
+    if loaded.zero_empty_prompt:
+        ctx[[k for k, p in enumerate(prompts) if p == ""]] = 0.0
+    return ctx

@@ -98,3 +98,56 @@ def write_tiny_sd_pipeline(out: str | Path, seed: int = 0, latent_size: int = 8,
         f.unlink()
     tok_dir.rmdir()
     return out
+
+
+def write_tiny_sdxl_pipeline(out: str | Path, seed: int = 0, latent_size: int = 8, width: int = 32) -> Path:
+    """A tiny SDXL-architecture pipeline (``StableDiffusionXLPipeline``, saved with ``save_pretrained``): two CLIP
+    text encoders (the second with a projection, whose pooled output conditions the UNet), their tokenizers,
+    a UNet with SDXL's added conditions (``addition_embed_type="text_time"``: pooled text embeddings and the six
+    size/crop time ids), an AutoencoderKL and SDXL's Euler scheduler config. Seeded random weights."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    out = Path(out)
+    tok_dir = out / ".tiny-vocabulary"
+    vocab = write_tiny_vocabulary(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77, pad_token="!")  # SDXL's second pads with "!"
+    eos = vocab["<|endoftext|>"]
+    common = dict(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width, num_attention_heads=4,
+                  num_hidden_layers=3, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
+                  eos_token_id=eos, pad_token_id=eos)
+    text_encoder = _seed(CLIPTextModel(CLIPTextConfig(**common)), seed)
+    text_encoder_2 = _seed(CLIPTextModelWithProjection(CLIPTextConfig(**common, projection_dim=width)), seed + 4)
+    time_dim = 8
+    unet = _seed(diffusers.UNet2DConditionModel(
+        sample_size=latent_size, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=2 * width, attention_head_dim=8, norm_num_groups=32, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=width + 6 * time_dim), seed + 1)
+    vae = _seed(diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), latent_channels=4,
+        sample_size=2 * latent_size, norm_num_groups=32, scaling_factor=0.13025), seed + 2)
+    scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                 timestep_spacing="leading", steps_offset=1)
+    pipe = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                               tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
+                                               scheduler=scheduler, force_zeros_for_empty_prompt=True,
+                                               add_watermarker=False)
+    with torch.no_grad():  # unit-std ε on N(0, 1) latents at t = 500 with a prompt's conditioning
+        emb, _, pooled, _ = pipe.encode_prompt("a red cat", do_classifier_free_guidance=False)
+        size = 2 * latent_size
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
+        x = torch.from_numpy(np.random.RandomState(seed + 3).standard_normal((1, 4, latent_size, latent_size))
+                             .astype(np.float32))
+        std = float(unet(x, torch.tensor([500.0]), encoder_hidden_states=emb,
+                         added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample.std())
+        unet.conv_out.weight /= std
+        unet.conv_out.bias /= std
+    pipe.save_pretrained(out)
+    for f in tok_dir.iterdir():
+        f.unlink()
+    tok_dir.rmdir()
+    return out

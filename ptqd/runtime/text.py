@@ -13,36 +13,54 @@ from ptqd.errors import MissingDependencyError, UserError
 
 
 class PromptEncoder:
-    """``encode(prompts) -> [N, tokens, D]`` for a text-to-image bundle."""
+    """``encode(prompts) -> [N, tokens, D]`` for a text-to-image bundle (SDXL: two tokenizers feed one exported
+    graph of both encoders)."""
 
     def __init__(self, b, threads: int | None = None):
         if not (b.has(layout.TEXT_ENCODER_ONNX) and b.has(layout.TOKENIZER_JSON)):
             raise UserError(f"{b.root} is not a text-to-image bundle (no text encoder): sample it without --prompt")
+        from ptqd.engines.onnxruntime import ort_session
+
+        self.tokenizers = [self._tokenizer(b, layout.TOKENIZER_JSON, layout.TOKENIZER_CONFIG)]
+        if b.has(layout.TOKENIZER_2_JSON):
+            self.tokenizers.append(self._tokenizer(b, layout.TOKENIZER_2_JSON, layout.TOKENIZER_2_CONFIG))
+        settings = b.read_json(layout.TOKENIZER_CONFIG)
+        self.max_length = int(settings["max_length"])
+        self.zero_empty_prompt = bool(settings.get("zero_empty_prompt", False))
+        self.tokenizer = self.tokenizers[0]
+        self.session = ort_session(b.path(layout.TEXT_ENCODER_ONNX), threads)
+
+    @staticmethod
+    def _tokenizer(b, rel_json: str, rel_config: str):
         try:
             from tokenizers import Tokenizer
         except ImportError:
             raise MissingDependencyError("prompts need the tokenizers library: pip install tokenizers") from None
-        from ptqd.engines.onnxruntime import ort_session
+        settings = b.read_json(rel_config)
+        tok = Tokenizer.from_str(b.read_bytes(rel_json).decode())
+        tok.enable_truncation(max_length=int(settings["max_length"]))
+        tok.enable_padding(length=int(settings["max_length"]), pad_id=int(settings["pad_id"]),
+                           pad_token=str(settings["pad_token"]))
+        return tok
 
-        settings = b.read_json(layout.TOKENIZER_CONFIG)
-        self.max_length = int(settings["max_length"])
-        self.tokenizer = Tokenizer.from_str(b.read_bytes(layout.TOKENIZER_JSON).decode())
-        self.tokenizer.enable_truncation(max_length=self.max_length)
-        self.tokenizer.enable_padding(length=self.max_length, pad_id=int(settings["pad_id"]),
-                                      pad_token=str(settings["pad_token"]))
-        self.session = ort_session(b.path(layout.TEXT_ENCODER_ONNX), threads)
-
-    def token_ids(self, prompts: list[str]) -> np.ndarray:
-        """[N, max_length] int64, as the pipeline's own tokenizer gives them."""
+    def token_ids(self, prompts: list[str], which: int = 0) -> np.ndarray:
+        """[N, max_length] int64, as the pipeline's own tokenizer (``which``: 0 or SDXL's second, 1) gives them."""
         bad = [p for p in prompts if not isinstance(p, str)]
         if bad:
             raise UserError(f"prompts must be text, got {bad[:3]}")
-        return np.array([e.ids for e in self.tokenizer.encode_batch(list(prompts))], dtype=np.int64)
+        return np.array([e.ids for e in self.tokenizers[which].encode_batch(list(prompts))], dtype=np.int64)
 
     def encode(self, prompts: list[str], batch: int = 16) -> np.ndarray:
-        ids = self.token_ids(prompts)
-        out = [self.session.run(["context"], {"input_ids": ids[i:i + batch]})[0] for i in range(0, len(ids), batch)]
-        return np.concatenate(out).astype(np.float32)
+        """Contexts [N, tokens, D]; an empty prompt is zeros where the pipeline says so (SDXL's
+        ``force_zeros_for_empty_prompt``: no negative prompt, zero embeddings)."""
+        ids = [self.token_ids(prompts, k) for k in range(len(self.tokenizers))]
+        names = ["input_ids", "input_ids_2"][:len(ids)]
+        out = [self.session.run(["context"], {n: a[i:i + batch] for n, a in zip(names, ids)})[0]
+               for i in range(0, len(prompts), batch)]
+        ctx = np.concatenate(out).astype(np.float32)
+        if self.zero_empty_prompt:
+            ctx[[k for k, p in enumerate(prompts) if p == ""]] = 0.0
+        return ctx
 
     def table(self, prompts: list[str], negative_prompt: str = "") -> np.ndarray:
         """The table sampling indexes: row 0 the negative prompt, rows 1.. the prompts ([1 + N, tokens, D])."""

@@ -156,9 +156,13 @@ def write_text_side(w, loaded, prompt_list: list[str], ecfg, validate: bool) -> 
     path = w.file(layout.TEXT_ENCODER_ONNX)
     for extra in export_text_encoder(loaded, path, ecfg)[1:]:
         w.declare(extra.name)
-    text, settings = tokenizer_files(loaded.tokenizer)
+    text, settings = tokenizer_files(loaded.tokenizer, loaded.zero_empty_prompt)
     w.write_bytes(layout.TOKENIZER_JSON, text.encode())
     w.write_json(layout.TOKENIZER_CONFIG, settings)
+    if loaded.tokenizer_2 is not None:  # SDXL's second encoder
+        text, settings = tokenizer_files(loaded.tokenizer_2, loaded.zero_empty_prompt)
+        w.write_bytes(layout.TOKENIZER_2_JSON, text.encode())
+        w.write_json(layout.TOKENIZER_2_CONFIG, settings)
     w.write_json(layout.PROMPTS_JSON, {"negative": "", "prompts": prompt_list})
     return {"text_encoder": validate_text_encoder(loaded, path, [""] + prompt_list)} if validate else {}
 

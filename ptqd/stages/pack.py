@@ -19,6 +19,7 @@ from ptqd.precision import Backend, Precision
 # what sampling reads besides the engines, where the bundle has it
 RUNTIME_FILES = (layout.UNET_LAYERS, layout.FIRST_STAGE_ONNX, layout.CLASS_EMBEDDING, layout.PROMPT_TABLE,
                  layout.PROMPTS_JSON, layout.TEXT_ENCODER_ONNX, layout.TOKENIZER_JSON, layout.TOKENIZER_CONFIG,
+                 layout.TOKENIZER_2_JSON, layout.TOKENIZER_2_CONFIG,
                  layout.CORRECTION_JSON)
 
 

@@ -19,6 +19,8 @@ CASES = {
     "sd2-v-ddim": ("DDIMScheduler", {}, "v_prediction"),
     "sd1-pndm": ("PNDMScheduler", {"skip_prk_steps": True}, "epsilon"),
     "sd1-euler-karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}, "epsilon"),
+    "sd2-v-euler-karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}, "v_prediction"),
+    "sdxl-euler": ("EulerDiscreteScheduler", {}, "epsilon"),
 }
 PROMPT, NEGATIVE, STEPS, GUIDANCE = "a red cat on a photo", "the dog", 9, 5.0
 
@@ -28,6 +30,13 @@ def base_pipeline(tmp_path_factory):
     from ptqd.models.tiny_sd import write_tiny_sd_pipeline
 
     return write_tiny_sd_pipeline(tmp_path_factory.mktemp("sd") / "tiny-sd")
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipeline(tmp_path_factory):
+    from ptqd.models.tiny_sd import write_tiny_sdxl_pipeline
+
+    return write_tiny_sdxl_pipeline(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
 
 
 def with_scheduler(base, out, cls, config, prediction):
@@ -51,12 +60,13 @@ sys.exit(code or (3 if bad else 0))
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_ptqd_sample_reproduces_the_diffusers_pipeline(base_pipeline, tmp_path, case):
+def test_ptqd_sample_reproduces_the_diffusers_pipeline(base_pipeline, sdxl_pipeline, tmp_path, case):
     import diffusers
     import torch
 
     cls, config, prediction = CASES[case]
-    src = with_scheduler(base_pipeline, tmp_path / case, cls, config, prediction)
+    xl = case.startswith("sdxl")
+    src = with_scheduler(sdxl_pipeline if xl else base_pipeline, tmp_path / case, cls, config, prediction)
     bundle = tmp_path / f"{case}.bundle"
     api.export(src, bundle, progress=False, prompts=["a red cat"])
     facts = Bundle.open(bundle).facts
@@ -64,18 +74,23 @@ def test_ptqd_sample_reproduces_the_diffusers_pipeline(base_pipeline, tmp_path, 
     latents = np.random.default_rng(7).standard_normal((2, *facts.latent_shape), dtype=np.float32)
     np.save(tmp_path / "L.npy", latents)
     out = tmp_path / "ours.npz"
-    r = subprocess.run([sys.executable, "-c", NO_TORCH_SAMPLE, "sample", str(bundle), "--prompt", PROMPT,
-                        "--negative-prompt", NEGATIVE, "--latents", str(tmp_path / "L.npy"), "--precision", "fp32",
+    negative = [] if xl else ["--negative-prompt", NEGATIVE]
+    r = subprocess.run([sys.executable, "-c", NO_TORCH_SAMPLE, "sample", str(bundle), "--prompt", PROMPT, *negative,
+                        "--latents", str(tmp_path / "L.npy"), "--precision", "fp32",
                         "--steps", str(STEPS), "--guidance", str(GUIDANCE), "--out", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     ours = np.load(out)["images"]
 
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(src, local_files_only=True, safety_checker=None,
-                                                             requires_safety_checker=False)
+    if xl:  # no negative prompt: SDXL's zero negative embeddings (force_zeros_for_empty_prompt), ptqd's "" too
+        pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(src, local_files_only=True)
+    else:
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(src, local_files_only=True, safety_checker=None,
+                                                                 requires_safety_checker=False)
     assert type(pipe.scheduler).__name__ == cls
     pipe.set_progress_bar_config(disable=True)
-    theirs = pipe([PROMPT] * 2, negative_prompt=[NEGATIVE] * 2, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+    theirs = pipe([PROMPT] * 2, negative_prompt=None if xl else [NEGATIVE] * 2, num_inference_steps=STEPS,
+                  guidance_scale=GUIDANCE,
                   latents=torch.from_numpy(latents), output_type="np").images
     theirs = (theirs * 255).round().astype(np.uint8)  # diffusers' numpy_to_pil
     diff = np.abs(ours.astype(np.int16) - theirs.astype(np.int16))

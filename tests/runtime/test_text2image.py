@@ -113,14 +113,14 @@ def test_prompt_errors_are_one_line(exported, tmp_path):
     assert main(["sample", str(exported), "--negative-prompt", "blurry"]) == 1
 
 
-def test_refusals_sdxl_and_an_unknown_prediction_type(pipeline_dir, tmp_path, capsys):
+def test_refusals_half_sdxl_and_an_unknown_prediction_type(pipeline_dir, tmp_path, capsys):
     from ptqd.errors import ModelLoadError
     from ptqd.models import load_model
 
-    xl = tmp_path / "xl"
+    xl = tmp_path / "xl"  # a second text encoder, but a UNet without SDXL's added conditions
     shutil.copytree(pipeline_dir, xl)
-    (xl / "text_encoder_2").mkdir()
-    with pytest.raises(ModelLoadError, match="SDXL"):
+    shutil.copytree(pipeline_dir / "text_encoder", xl / "text_encoder_2")
+    with pytest.raises(ModelLoadError, match="SDXL's is 'text_time'"):
         load_model(xl)
     v = tmp_path / "v"
     shutil.copytree(pipeline_dir, v)
