@@ -107,7 +107,7 @@ def _fmt(v, width: int, spec: str, suffix: str = "") -> str:
 
 def print_eval(report: dict) -> None:
     cfg, ref = report["config"], report.get("reference", {})
-    print(f"{cfg['num']} samples, seed {cfg['seed']}, {cfg['steps']} DDIM steps, eta {cfg['eta']}, "
+    print(f"{cfg['num']} samples, seed {cfg['seed']}, {cfg['steps']} {cfg.get('sampler', 'ddim')} steps, eta {cfg['eta']}, "
           f"guidance {cfg['guidance']}")
     rows = report["rows"]
     w = max(12, 2 + max(len(r["precision"]) for r in rows))

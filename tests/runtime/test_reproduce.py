@@ -113,3 +113,21 @@ def test_a_sampler_override_changes_the_image_and_is_checked(base_pipeline, tmp_
     assert main(["sample", str(bundle), "--latents", str(tmp_path / "bad.npy"), "--prompt", "x"]) == 1
     (tmp_path / "text.npy").write_text("not numpy")
     assert main(["sample", str(bundle), "--latents", str(tmp_path / "text.npy"), "--prompt", "x"]) == 1
+
+
+def test_sdxl_compiles_samples_w8a8_and_the_plan_and_evaluates(sdxl_pipeline, tmp_path):
+    out = tmp_path / "xl.bundle"
+    api.compile(sdxl_pipeline, out, precisions=("w8a8", "w4a8", "w4a4"), samples=4, steps=6, correction_samples=4, holdout=2,
+                preset="minimal", progress=False, log=lambda m: None, prompts=["a red cat", "the dog on a photo"])
+    import ptqd
+
+    for precision in ("w8a8", "auto"):
+        pipe = ptqd.Pipeline.from_bundle(out, precision=precision)
+        images = pipe("a red cat", num_images_per_prompt=2, num_inference_steps=6, seed=1, output_type="np").images
+        assert images.shape == (2, 16, 16, 3) and images.std() > 1
+    rep = api.evaluate(out, precisions=("fp32", "w8a8", "auto"), num=4, steps=6, guidance=5.0, progress=False)
+    rows = {r["precision"].split("+")[0]: r for r in rep["rows"]}
+    assert rep["config"]["sampler"] == "euler"  # the pipeline's own
+    assert set(rows) == {"fp32", "w8a8", "plan"}
+    for p in ("w8a8", "plan"):  # tiny random weights: far from a trained model's quality, but finite and paired
+        assert np.isfinite(rows[p]["psnr_vs_fp"]) and rows[p]["psnr_vs_fp"] > 10
