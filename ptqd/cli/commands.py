@@ -57,6 +57,7 @@ def cmd_inspect(args) -> int:
         print("condition   none (unconditional)")
     print(f"schedule    {s['kind']} beta {s.get('beta_start', '-')} -> {s.get('beta_end', '-')}, "
           f"T={s['num_train_timesteps']}, {m['prediction_type']}")
+    print(f"sampler     {_sampler_line(m.get('sampler'))}")
     if "macs_per_forward" in info:
         by = info["macs_by_kind"]
         n = info["layer_count"]
@@ -127,6 +128,20 @@ def print_eval(report: dict) -> None:
         print(f"for scale: FD real vs real {ref['fd_real_half_vs_half']:.2f} (two halves of all digits), "
               f"{ref['fd_real_train_vs_held_out']:.2f} (train vs held-out at this sample count); "
               f"classifier accuracy on held-out digits {100 * ref['classifier_acc_held_out']:.1f}%")
+
+
+def _sampler_line(stored) -> str:
+    """The bundle's own sampler in one line (what `--sampler auto` runs)."""
+    from ptqd.errors import UserError
+    from ptqd.runtime.schedulers import resolve
+
+    try:
+        spec = resolve(stored)
+    except UserError as e:
+        return f"unusable ({e})"
+    keys = ("timestep_spacing", "steps_offset", "use_karras_sigmas", "final_sigmas_type")
+    cfg = dict(spec.config)
+    return f"{spec.name} ({spec.cls}: " + ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg) + ")"
 
 
 def cmd_sample(args) -> int:

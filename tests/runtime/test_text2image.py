@@ -199,5 +199,8 @@ def test_inspect_names_the_text_conditioning(exported, capsys):
     from ptqd.cli import main
 
     assert main(["inspect", str(exported)]) == 0
-    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("condition"))
+    lines = capsys.readouterr().out.splitlines()
+    line = next(ln for ln in lines if ln.startswith("condition"))
     assert line == "condition   text: 4 encoded prompts (row 0 the negative), context 77x32", line
+    line = next(ln for ln in lines if ln.startswith("sampler"))  # the pipeline's DDIM, Stable Diffusion's config
+    assert line.startswith("sampler     ddim (DDIMScheduler: timestep_spacing=leading, steps_offset=1"), line
