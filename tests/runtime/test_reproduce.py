@@ -95,6 +95,7 @@ def test_ptqd_sample_reproduces_the_diffusers_pipeline(base_pipeline, sdxl_pipel
     theirs = (theirs * 255).round().astype(np.uint8)  # diffusers' numpy_to_pil
     diff = np.abs(ours.astype(np.int16) - theirs.astype(np.int16))
     assert ours.shape == theirs.shape and ours.dtype == np.uint8
+    print(f"{case}: max {diff.max()} mean {diff.mean():.4f}")
     assert diff.max() <= 2 and diff.mean() <= 0.5, (diff.max(), diff.mean())
     assert np.abs(ours[0].astype(np.int16) - ours[1]).max() > 10  # the latents matter
 
