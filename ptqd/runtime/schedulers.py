@@ -94,9 +94,21 @@ def ddim_spec(spacing: str = "compvis") -> SamplerSpec:
 
 
 def clean_config(cfg: dict) -> dict:
-    """The keys of a diffusers scheduler config that any supported class reads (JSON values only)."""
+    """The keys of a diffusers scheduler config that any supported class reads (JSON values only; diffusers
+    writes ``lambda_min_clipped: -Infinity`` for "no clipping", kept as None so the manifest stays strict JSON)."""
+    import math
+
     known = set().union(*(d.keys() for d in DEFAULTS.values()))
-    return {k: v for k, v in cfg.items() if k in known and (v is None or isinstance(v, (bool, int, float, str)))}
+    out = {}
+    for k, v in cfg.items():
+        if k not in known or not (v is None or isinstance(v, (bool, int, float, str))):
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            if k != "lambda_min_clipped" or v > 0:
+                continue
+            v = None
+        out[k] = v
+    return out
 
 
 def name_of(cls: str, config: dict) -> str:
@@ -113,6 +125,7 @@ def resolve(stored: dict | None, override: str | None = None) -> SamplerSpec:
     or ``override`` (a name of :data:`SAMPLER_CHOICES`) configured from the stored config as
     ``from_config`` would. UserError naming what is not supported."""
     stored = stored or COMPVIS
+    stored = {"class": stored["class"], "config": clean_config(stored["config"])}
     if override in (None, "", "auto", "bundle"):
         cls = stored["class"]
         if cls not in DEFAULTS:
@@ -133,8 +146,6 @@ def resolve(stored: dict | None, override: str | None = None) -> SamplerSpec:
             config["skip_prk_steps"] = True  # PLMS, as Stable Diffusion runs PNDM
         if cls == "DDIMScheduler" and stored["class"] != "DDIMScheduler":
             config["clip_sample"] = False  # the pipeline's own sampler did not clip: neither does its DDIM
-    if config.get("lambda_min_clipped") is not None and config["lambda_min_clipped"] == -float("inf"):
-        config["lambda_min_clipped"] = None
     bad = [f"{k}={config[k]!r}" for k, ok in SUPPORTED.items() if k in config and config[k] not in ok]
     if bad:
         raise UserError(f"{cls} with {', '.join(bad)} is not supported by ptqd's samplers (supported: "

@@ -97,6 +97,20 @@ def test_override_takes_the_pipelines_spacing_as_from_config_does():
         np.testing.assert_allclose(ours.timesteps, ref.timesteps.numpy(), atol=1e-3)
 
 
+def test_a_saved_dpm_config_is_strict_json_and_resolves(tmp_path):
+    """diffusers saves DPM-Solver's "no clipping" as lambda_min_clipped: -Infinity, which strict JSON refuses."""
+    import json
+
+    from ptqd.runtime.schedulers import clean_config
+
+    _diffusers("DPMSolverMultistepScheduler", {}).save_config(tmp_path)
+    raw = json.loads((tmp_path / "scheduler_config.json").read_text())
+    assert raw["lambda_min_clipped"] == -float("inf")
+    cfg = clean_config(raw)
+    json.dumps(cfg, allow_nan=False)
+    assert resolve({"class": "DPMSolverMultistepScheduler", "config": cfg}).name == "dpm++2m"
+
+
 def test_compvis_bundles_sample_with_compvis_ddim():
     s = make_scheduler(SCHED.alphas_cumprod, resolve(None))
     s.set_timesteps(20)
