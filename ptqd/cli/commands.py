@@ -342,6 +342,24 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def print_executed(summaries: dict) -> None:
+    """OpenVINO's executed graphs side by side: convs/matmuls per runtime precision, time shares."""
+    if not summaries:
+        return
+    print("\nOpenVINO executed graph at batch 1 (the plugin's own per-layer counters): conv/matmul layers by the "
+          "precision they ran in; share of layer time")
+    print(f"{'engine':<15}{'int8':>6}{'float':>7}{'reorders':>10}{'converts':>10}{'int8 time':>11}{'float time':>12}"
+          f"{'reorder':>9}{'other':>7}{'layer ms':>10}")
+    for p, x in summaries.items():
+        c, sh = x["compute_layers"], x["time_share"]
+        flt = sum(v for k, v in c.items() if k != "int8" and k != "int4")
+        ft = sum(v for k, v in sh.items() if k.endswith(" compute") and not k.startswith("int"))
+        print(f"{p:<15}{c.get('int8', 0):6d}{flt:7d}{x['reorders']:10d}{x['converts']:10d}"
+              f"{100 * sh.get('int8 compute', 0):10.1f}%{100 * ft:11.1f}%{100 * sh.get('reorder', 0):8.1f}%"
+              f"{100 * (sh.get('other', 0) + sh.get('convert', 0) + sh.get('fakequantize', 0)):6.1f}%"
+              f"{x['layer_ms']:10.2f}")
+
+
 def print_bench(res: dict) -> None:
     eng = res["engines"]
     bs = res["batches"]
@@ -362,6 +380,7 @@ def print_bench(res: dict) -> None:
         print(f"{p:<15}{cells}{big['samples_per_s']:12.0f}{big['speedup_vs_ort_fp32']:6.2f}"
               f"{_fmt(big['gflops'], 9, '.1f')}{r['load_s']:8.2f}{_fmt(extra, 7, '.0f')}"
               f"{(_human(r['size_bytes']) if r['size_bytes'] else '-'):>10}{_fmt(r.get('bops_saving'), 7, '.1f', 'x')}")
+    print_executed({p: eng[p]["executed"] for p in names if eng[p].get("executed")})
     if "_process_baseline_mb" in eng:
         print(f"+MB: peak resident memory of a fresh process with the engine, over "
               f"{eng['_process_baseline_mb']:.0f} MB for Python + ONNX Runtime alone")

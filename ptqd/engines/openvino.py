@@ -143,5 +143,62 @@ class OvRunner(Runner):
         cm = self.compiled_for(feeds)
         return cm(feeds)[cm.output(0)]
 
+    def executed_summary(self, feeds: dict, runs: int = 5) -> dict:
+        """What the CPU plugin executed for ``feeds``' shapes (see :func:`executed_summary`), on a separately
+        compiled copy with ``PERF_COUNT``, so the timed model stays unprofiled."""
+        m = self.model.clone()
+        m.reshape({n: list(feeds[n].shape) for n in self.input_names})
+        cm = self.core.compile_model(m, "CPU", dict(self.config, PERF_COUNT=True))
+        return executed_summary(cm, {n: feeds[n] for n in self.input_names}, runs)
+
     def close(self) -> None:
         self._compiled.clear()
+
+
+COMPUTE_LAYERS = ("Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul")
+
+
+def exec_precision(exec_type: str) -> str:
+    """The precision an executed primitive ran in, from its implementation name (``brgconv_avx512_amx_I8`` ->
+    int8, ``jit_avx512_f32`` -> f32, ``..._BF16`` -> bf16)."""
+    tail = exec_type.rsplit("_", 1)[-1].lower()
+    return {"i8": "int8", "u8": "int8", "fp32": "f32", "f32": "f32", "bf16": "bf16", "fp16": "f16", "f16": "f16",
+            "i4": "int4", "u4": "int4"}.get(tail, tail or "?")
+
+
+def executed_summary(compiled, feeds: dict, runs: int = 5) -> dict:
+    """The executed graph of a model compiled with ``PERF_COUNT``, over ``runs`` inferences: how many convs and
+    matmuls ran in int8 and in float, and where the time went (compute by precision, reorders, converts,
+    the rest, each as a share of the executed layers' time). Layer times are OpenVINO's own per-layer
+    counters (``get_profiling_info``), averaged over the runs."""
+    req = compiled.create_infer_request()
+    req.infer(feeds)  # warm-up
+    totals: dict[str, float] = {}
+    kinds: dict[str, tuple[str, str]] = {}
+    for _ in range(runs):
+        req.infer(feeds)
+        for p in req.get_profiling_info():
+            if str(p.status).endswith("EXECUTED") and not str(p.status).endswith("NOT_EXECUTED") \
+                    and p.node_type not in ("Parameter", "Result", "Const", "Input", "Output"):
+                totals[p.node_name] = totals.get(p.node_name, 0.0) + p.real_time.total_seconds() / runs
+                kinds[p.node_name] = (str(p.node_type), str(p.exec_type))
+    total = sum(totals.values()) or 1.0
+    compute: dict[str, int] = {}
+    share: dict[str, float] = {}
+    counts = {"Reorder": 0, "Convert": 0, "FakeQuantize": 0}
+    for name, sec in totals.items():
+        layer, impl = kinds[name]
+        if layer.startswith(COMPUTE_LAYERS):  # also e.g. FullyConnectedQuantizedLegacy (NNCF's int8 FCs)
+            prec = exec_precision(impl)
+            compute[prec] = compute.get(prec, 0) + 1
+            key = f"{prec} compute"
+        elif layer in counts:
+            counts[layer] += 1
+            key = layer.lower()
+        else:
+            key = "other"
+        share[key] = share.get(key, 0.0) + sec / total
+    return {"executed_layers": len(totals), "layer_ms": 1e3 * sum(totals.values()),
+            "compute_layers": dict(sorted(compute.items())), "reorders": counts["Reorder"],
+            "converts": counts["Convert"], "fake_quantize": counts["FakeQuantize"],
+            "time_share": dict(sorted(share.items(), key=lambda kv: -kv[1]))}

@@ -12,6 +12,7 @@ import numpy as np
 
 from ptqd.bundle import Bundle, layout
 from ptqd.facts import seeded_unet_inputs
+from ptqd.engines.runner import unet_feeds
 from ptqd.runtime.loader import default_labels, open_decoder, open_engine, sampler_config, step_engines
 
 
@@ -166,6 +167,18 @@ def bench(bundle, precisions=None, runs: int = 10, warmup: int = 3, large_batch:
         for k, v in latency[p].items():
             v["speedup_vs_ort_fp32"] = latency["fp32"][k]["median_ms"] / v["median_ms"]
     rows = {p: {"latency": latency[p], "load_s": load_s[p], "size_bytes": sizes[p]} for p in names}
+    f1 = seeded_unet_inputs(facts, 1, 501.0, 0)
+    for p in names:  # OpenVINO engines and peers: what the plugin executed, in which precision, where time went
+        r = engines[p]
+        r = r.pick(501.0) if hasattr(r, "pick") else r
+        if hasattr(r, "executed_summary"):
+            if progress:
+                progress(f"executed graph of {p}")
+            try:
+                rows[p]["executed"] = r.executed_summary(unet_feeds(r.input_names, f1["x"], f1["t"], f1.get("context"),
+                                                                    p))
+            except Exception as e:  # noqa: BLE001 - a summary that cannot be taken is a note, not a failure
+                notes.append(f"executed graph of {p} not taken: {type(e).__name__}: {str(e)[:200]}")
     fp_bops = precision_bops(b, "fp32") if table else None
     for p in names:
         if fp_bops and p.removesuffix("@openvino") in ["fp32"] + precisions:

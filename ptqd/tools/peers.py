@@ -4,7 +4,9 @@ A peer that is not installed or cannot run becomes a note, never an error."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import sys
 import time
 
 import numpy as np
@@ -46,8 +48,9 @@ def openvino_peers(b, threads: int | None, calib_items: int, notes: list[str]) -
     items = [{n: data[n][i:i + 1] for n in names} for i in idx]
     t0 = time.perf_counter()
     try:
-        q = nncf.quantize(fp, nncf.Dataset(items), preset=nncf.QuantizationPreset.MIXED,
-                          model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items))
+        with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout stays the command's (--json)
+            q = nncf.quantize(fp, nncf.Dataset(items), preset=nncf.QuantizationPreset.MIXED,
+                              model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items))
     except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
         notes.append(f"NNCF + OpenVINO INT8 peer failed: {type(e).__name__}: {str(e)[:200]}")
         return out

@@ -169,3 +169,20 @@ def test_without_openvino_the_backend_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)
     with pytest.raises(MissingDependencyError, match=r"pip install 'ptqd\[openvino\]'"):
         require_openvino()
+
+
+def test_executed_graph_summary_names_int8_and_float_layers(ov_bundle):
+    """The plugin's executed graph: ptqd's w8a8 runs its convs and matmuls in int8, FP32 runs them in float."""
+    from ptqd.bundle import Bundle
+    from ptqd.facts import seeded_unet_inputs
+    from ptqd.runtime.loader import open_engine
+
+    b = Bundle.open(ov_bundle[0])
+    feeds = seeded_unet_inputs(b.facts, 1, 500.0, 0)
+    q = open_engine(b, "w8a8", backend="openvino")
+    q = q.pick(500.0) if hasattr(q, "pick") else q
+    s = q.executed_summary({n: feeds[n] for n in q.input_names}, runs=2)
+    fp = open_engine(b, "fp32", backend="openvino").executed_summary(feeds, runs=2)
+    assert s["compute_layers"].get("int8", 0) > 0 and fp["compute_layers"].get("int8", 0) == 0
+    assert sum(fp["compute_layers"].values()) > 0 and s["layer_ms"] > 0
+    assert abs(sum(s["time_share"].values()) - 1) < 1e-6 and "int8 compute" in s["time_share"]
