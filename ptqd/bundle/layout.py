@@ -111,6 +111,9 @@ def layer_rows(b) -> list[dict]:
     return b.read_json(UNET_LAYERS)["layers"]
 
 
+BACKEND_CHOICE = "engines/backend.json"  # `--backend auto`: the backend timed fastest for this bundle, and where
+
+
 def built(b, backend: str = "onnxruntime") -> dict[str, Any]:
     """The build record (precision -> record) of a backend; empty when nothing was built."""
     return read_json_or(b, build_json(backend), {})

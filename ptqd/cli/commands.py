@@ -242,7 +242,7 @@ def cmd_compile(args) -> int:
                       steps=args.steps, guidance=args.guidance, margin=args.margin, criterion=args.criterion,
                       budget=args.budget, force=args.force, device=args.device, preset=args.preset,
                       prompts=args.prompts, recipe=args.recipe, gate_samples=args.gate_samples,
-                      gate_ranges=args.gate_ranges, gate_budget=args.gate_budget)
+                      gate_ranges=args.gate_ranges, gate_budget=args.gate_budget, backend=args.backend)
     bo = res["bops"]
     print(f"bundle  {res['bundle']}")
     print(f"plan    {' '.join(res['plan'])}")
@@ -276,20 +276,37 @@ def cmd_build(args) -> int:
     if args.backend == "tensorrt":
         print_trt_build(recs)
         return 0
-    if args.backend == "openvino":
-        print(f"{'engine':<10}{'size':>10}{'i4 constants':>14}{'vs fake-quant (median)':>24}  verdict")
-        for p, r in recs.items():
-            v = r.get("validation_vs_fake_quant")
-            print(f"{p:<10}{_human(r['size_bytes']):>10}{r['i4_constants']:>14}"
-                  f"{_fmt(v and v['median_rel_l2'], 24, '.2e')}  {(v or {}).get('verdict', 'not validated')}")
+    if args.backend == "auto":
+        print_ort_build(recs["onnxruntime"])
+        if "openvino" in recs:
+            print_ov_build(recs["openvino"])
+        c = recs["choice"]
+        print(f"backend auto: {c['backend']} (" + ", ".join(f"{k} {v:.1f} ms" for k, v in c["score_ms"].items())
+              + f"; sum of median UNet ms over {', '.join(c['precisions'])}, batch "
+              f"{'/'.join(map(str, c['batches']))}; {c['cpu']})")
         return 0
+    if args.backend == "openvino":
+        print_ov_build(recs)
+        return 0
+    print_ort_build(recs)
+    return 0
+
+
+def print_ov_build(recs: dict) -> None:
+    print(f"{'engine':<10}{'size':>10}{'i4 constants':>14}{'vs fake-quant (median)':>24}  verdict")
+    for p, r in recs.items():
+        v = r.get("validation_vs_fake_quant")
+        print(f"{p:<10}{_human(r['size_bytes']):>10}{r['i4_constants']:>14}"
+              f"{_fmt(v and v['median_rel_l2'], 24, '.2e')}  {(v or {}).get('verdict', 'not validated')}")
+
+
+def print_ort_build(recs: dict) -> None:
     print(f"{'engine':<10}{'int MACs':>9}{'size':>10}{'vs fake-quant (median)':>24}  kernels")
     for p, r in recs.items():
         v = r.get("validation_vs_fake_quant")
         ops = ", ".join(f"{k} {n}" for k, n in r["integer_kernel_ops"].items())
         print(f"{p:<10}{100 * r['integer_mac_share']:8.1f}%{_human(r['size_bytes']):>10}"
               f"{_fmt(v and v['median_rel_l2'], 24, '.2e')}  {ops}")
-    return 0
 
 
 def cmd_lint(args) -> int:

@@ -59,8 +59,9 @@ memory:    each heavy stage estimates its peak before it starts and refuses (one
 
 def _runtime_backend_arg(p, fp32: str) -> None:
     """``--backend`` of the verbs that run engines; ``fp32`` says where their FP32 runs on openvino."""
-    p.add_argument("--backend", choices=("onnxruntime", "openvino"), default="onnxruntime",
-                   help="the engines' backend: onnxruntime (default) or openvino (engines from `ptqd build --backend "
+    p.add_argument("--backend", choices=("auto", "onnxruntime", "openvino"), default="auto",
+                   help="the engines' backend: auto (default: the one `ptqd build --backend auto` timed fastest for "
+                        "this bundle, else onnxruntime), onnxruntime, or openvino (engines from `ptqd build --backend "
                         f"openvino`; {fp32})")
 
 
@@ -137,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--precisions", default=",".join(map(str, ORT_BUILDABLE)),
                     help="engines to build (default: %(default)s; ort-int8 is ONNX Runtime's own quantize_static, "
                          "the reference, left out with a note where it alone would not fit in memory)")
+    cp.add_argument("--backend", choices=("onnxruntime", "auto"), default="onnxruntime",
+                    help="onnxruntime (default), or auto: OpenVINO's engines too where openvino is installed, then a "
+                         "short timing records the faster backend, which sample, eval and ptqd.Pipeline then run")
     cp.add_argument("--samples", type=int, default=None, help="calibration trajectories (default: the preset's)")
     cp.add_argument("--steps", type=int, default=None, help="DDIM steps of the calibrated schedule (default: the "
                                                             "preset's, 20 up to quick)")
@@ -200,9 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the fake-quant torch model. ort-int8 is ONNX Runtime's own quantize_static on "
                                     "the same calibration inputs, for comparison.")
     bl.add_argument("bundle")
-    bl.add_argument("--backend", choices=("onnxruntime", "openvino", "tensorrt"), default="onnxruntime",
+    bl.add_argument("--backend", choices=("onnxruntime", "openvino", "tensorrt", "auto"), default="onnxruntime",
                     help="onnxruntime (default; any CPU), openvino (Intel CPUs: the same QDQ graph as OpenVINO IR, "
-                         "4-bit weights stored as i4; pip install 'ptqd[openvino]'), tensorrt (NVIDIA GPUs)")
+                         "4-bit weights stored as i4; pip install 'ptqd[openvino]'), tensorrt (NVIDIA GPUs), auto "
+                         "(onnxruntime and, where installed, openvino, then a short timing on this machine records the "
+                         "faster in engines/backend.json: sample, eval and ptqd.Pipeline run it by default)")
     bl.add_argument("--precisions", default=None,
                     help="comma-separated (default: w8a8,w4a8,w4a4,ort-int8 on onnxruntime; w8a8,w4a8,w4a4 on "
                          "openvino; fp16,w8a8,w4a8,w4a4 on tensorrt)")

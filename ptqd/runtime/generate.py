@@ -17,7 +17,7 @@ from ptqd.validate import output_file, sampling_counts
 def sample(bundle, classes=None, num: int = 16, seed: int = 0, steps: int = 20, eta: float = 0.0,
            guidance: float = 3.0, out: str | os.PathLike | None = None, precision: str = "fp32",
            batch: int = 64, progress: bool | None = None, correction: str = "auto",
-           prompts: list[str] | None = None, negative_prompt: str = "", backend: str = "onnxruntime",
+           prompts: list[str] | None = None, negative_prompt: str = "", backend: str = "auto",
            sampler: str = "auto", latents: np.ndarray | None = None):
     """Sample ``num`` images (labels cycle through ``classes``, or, for a text-to-image bundle, through
     ``prompts``, guided away from ``negative_prompt``). Returns (images uint8 NHWC, labels: class or

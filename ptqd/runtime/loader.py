@@ -55,6 +55,32 @@ def default_labels(facts, classes, num: int) -> np.ndarray:
     return np.array([classes[i % len(classes)] for i in range(num)], dtype=np.int64)
 
 
+def resolve_backend(b, backend: str | None = "auto", log=None, needs=()) -> str:
+    """The backend to run: ``backend`` as given, or for ``auto``/None the one ``ptqd build --backend auto`` timed
+    fastest for this bundle (``engines/backend.json``) where it has every engine in ``needs``, else ONNX Runtime
+    where it has engines, else OpenVINO. A choice timed on another CPU is still used (it is about speed, never
+    about correctness), with a note."""
+    if backend not in (None, "auto"):
+        return str(backend)
+    if b.has(layout.BACKEND_CHOICE):
+        rec = b.read_json(layout.BACKEND_CHOICE)
+        chosen = rec.get("backend")
+        built = layout.built(b, chosen) if chosen in ("onnxruntime", "openvino") else {}
+        missing = [p for p in needs if p != "fp32" and p not in built]
+        if built and missing and log is not None:
+            log(f"note: {b.root}'s faster backend {chosen} has no {', '.join(missing)} engine; running onnxruntime")
+        if built and not missing:
+            from ptqd.resources import cpu_description
+
+            if log is not None and rec.get("cpu") != cpu_description():
+                log(f"note: {b.root}'s backend choice ({chosen}) was timed on another CPU ({rec.get('cpu')}); "
+                    f"`ptqd build {b.root} --backend auto` times it again here")
+            return chosen
+    if layout.built(b, "onnxruntime") or not layout.built(b, "openvino"):
+        return "onnxruntime"
+    return "openvino"
+
+
 def open_engine(b, precision: str = "fp32", threads: int | None = None, allow_spinning: bool = True,
                 backend: str = "onnxruntime"):
     """A runner for ``precision``: the exported graph for fp32, else the built engine (one per

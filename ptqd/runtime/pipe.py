@@ -25,7 +25,8 @@ import numpy as np
 from ptqd.bundle import Bundle, layout
 from ptqd.errors import UserError
 from ptqd.progress import progress_bar
-from ptqd.runtime.loader import CORRECTION_MODES, default_labels, open_decoder, sampler_config, step_engines
+from ptqd.runtime.loader import (CORRECTION_MODES, default_labels, load_plan, open_decoder, resolve_backend,
+                                 sampler_config, step_engines)
 from ptqd.runtime.pipeline import decode, sample_latents
 from ptqd.validate import integer, sampling_counts
 
@@ -58,9 +59,12 @@ class Pipeline:
         ``openvino`` or ``tensorrt``. ``correction``: auto | on | conditional | off (see ``ptqd sample --help``)."""
         if correction not in CORRECTION_MODES:
             raise UserError(f"correction must be auto, on, conditional or off, got {correction!r}")
+        import sys
+
         b = path if isinstance(path, Bundle) else Bundle.open(path)
         spec = "fp32" if precision == "auto" and not b.has(layout.PLAN_JSON) else precision
-        backend = backend or "onnxruntime"
+        backend = resolve_backend(b, backend, log=lambda m: print(m, file=sys.stderr),
+                                  needs=load_plan(b, spec).precisions)
         engine, label = step_engines(b, spec, correction, threads=threads, backend=backend)
         encoder = None
         if b.facts.conditioning.kind == "text":

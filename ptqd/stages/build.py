@@ -72,6 +72,26 @@ def plan_precisions(b: Bundle, precisions: tuple[Precision, ...], log) -> tuple[
 
 
 @writes_bundle()
+def build_auto(bundle, precisions=None, validate: bool = True, progress: bool | None = None, log=None) -> dict:
+    """``--backend auto``: ONNX Runtime's engines, OpenVINO's where openvino is installed, then the faster of the
+    two for this bundle on this machine (``ptqd.stages.choose``). Returns {"onnxruntime": records,
+    "openvino": records, "choice": the record}."""
+    import importlib.util
+    import sys
+
+    from ptqd.stages.choose import choose_backend
+
+    say = log or (lambda msg: print(msg, file=sys.stderr))
+    out = {"onnxruntime": build(bundle, "onnxruntime", precisions, validate, progress, log)}
+    if importlib.util.find_spec("openvino") is not None:
+        ov = None if precisions is None else tuple(p for p in precisions if str(p) != str(PEER))
+        out["openvino"] = build(bundle, "openvino", ov, validate, progress, log)
+    else:
+        say("backend auto: openvino is not installed, so only ONNX Runtime is a candidate (pip install openvino)")
+    out["choice"] = choose_backend(bundle, log=say)
+    return out
+
+
 def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool = True,
           progress: bool | None = None, log=None) -> dict:
     """One engine per precision from the calibration; validated against the fake-quant model. Each
@@ -82,6 +102,8 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
     from ptqd.engines.onnxruntime import build_engine, describe_engine, pack_4bit_weights, quantize_static_peer
     from ptqd.engines.qdq import write_qdq
 
+    if str(backend) == "auto":
+        return build_auto(bundle, precisions, validate, progress, log)
     if Backend.parse(backend) == Backend.TENSORRT:
         from ptqd.stages.build_tensorrt import build_tensorrt
 

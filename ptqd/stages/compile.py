@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ptqd.bundle import Bundle, layout, writes_bundle
+from ptqd.errors import UserError
 from ptqd.precision import CALIBRATED_NAMES
 from ptqd.stages.build import build
 from ptqd.stages.calibrate import calibrate
@@ -22,14 +23,22 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
             margin: float = 1.0, criterion: str = "sensitivity", budget: float = 0.9, force: bool = False,
             device: str = "auto", preset: str = "auto", progress: bool | None = None, log=print,
             prompts=None, recipe: str | None = None, gate_samples: int | None = None,
-            gate_ranges: int | None = None, gate_budget: float | None = None) -> dict[str, Any]:
+            gate_ranges: int | None = None, gate_budget: float | None = None,
+            backend: str = "onnxruntime") -> dict[str, Any]:
     """export -> calibrate -> build -> correct -> plan, into one bundle. Resumable: a stage whose
     inputs (the sha256 of the files it reads) and settings are unchanged is reused, so a rerun after an
     interruption, or with a new --margin, redoes only what changed. ``force`` reruns everything.
 
     ``preset`` sets the trajectories of calibrate, correct and plan by model size (``ptqd.budget``);
     explicit ``samples``/``steps``/``correction_samples``/``holdout`` override it. Each stage's time
-    and peak resident memory are printed and recorded in the manifest (stage "compile")."""
+    and peak resident memory are printed and recorded in the manifest (stage "compile").
+
+    ``backend="auto"``: after the plan, OpenVINO's engines too (where openvino is installed) and a short timing
+    that records the faster backend for sampling (``ptqd.stages.choose``); calibration, correction and the
+    plan always run on ONNX Runtime's engines."""
+    if backend not in ("onnxruntime", "auto"):
+        raise UserError(f"--backend must be onnxruntime or auto for compile, got {backend!r} (build other backends "
+                        "with `ptqd build BUNDLE --backend NAME` afterwards)")
     import time
 
     from ptqd import memory
@@ -125,6 +134,22 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
     stage("plan", reusable(b, "plan", layout.PLAN_INPUTS, margin=margin,
                             criterion=criterion, budget=budget),
           lambda: plan(out, margin=margin, criterion=criterion, budget=budget, preset=preset, progress=progress))
+    if backend == "auto":
+        import importlib.util
+
+        from ptqd.stages.choose import choose_backend
+
+        t0 = time.perf_counter()
+        with TreePeak() as watch:
+            if importlib.util.find_spec("openvino") is not None:
+                build(out, backend="openvino", progress=progress, log=log)
+            else:
+                log("backend auto: openvino is not installed, so only ONNX Runtime is a candidate "
+                    "(pip install openvino)")
+            choose_backend(out, log=log)
+        costs["backend_auto"] = {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": watch.peak_mb}
+        log(f"backend auto: OpenVINO engines and the timing in {costs['backend_auto']['seconds']:.0f} s"
+            + (f", peak RSS {watch.peak_mb / 1024:.2f} GiB" if watch.peak_mb else ""))
     with Bundle.transaction(out) as w:
         w.set_stage("compile", {"preset": pre.name, "device": device, "stages": costs})
     b = Bundle.open(out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ from ptqd.bundle import Bundle, layout, writes_bundle
 from ptqd.errors import UserError
 from ptqd.precision import CALIBRATED_NAMES
 from ptqd.progress import progress_bar
-from ptqd.runtime.loader import default_labels, open_decoder, open_engine, sampler_config, step_engines
+from ptqd.runtime.loader import (default_labels, load_plan, open_decoder, open_engine, resolve_backend,
+                                 sampler_config, step_engines)
 from ptqd.stages.plan import plan_bops, precision_bops
 from ptqd.tools.metrics import FeatureModel, evaluate_runners, frechet_distance
 from ptqd.validate import sampling_counts
@@ -25,7 +27,7 @@ def evaluate(bundle, precisions=("fp32",), num: int = 500, seed: int = 0, steps:
              guidance: float = 3.0, classes=None, features: str | os.PathLike | None = None, batch: int = 100,
              progress: bool | None = None, write_report: bool = True, correction: str | tuple = "auto",
              rows: list[tuple[str, str | tuple]] | None = None, report_name: str = "eval",
-             vsc_direction: str = "sigma", eps_mse: bool = True, backend: str = "onnxruntime",
+             vsc_direction: str = "sigma", eps_mse: bool = True, backend: str = "auto",
              sampler: str = "auto") -> dict[str, Any]:
     """Quality rows for ``precisions`` (engines, ``auto`` for the plan, or plan files) against FP (always
     the first row) on the same seeds and classes. ``correction`` applies to every row; ``rows``, a list
@@ -35,6 +37,9 @@ def evaluate(bundle, precisions=("fp32",), num: int = 500, seed: int = 0, steps:
     sampling_counts(num=num, batch=batch, seed=seed)
     b = Bundle.open(bundle)
     facts = b.facts
+    wanted = [p for p, _ in rows] if rows is not None else list(precisions)
+    backend = resolve_backend(b, backend, log=lambda m: print(m, file=sys.stderr),
+                              needs=sorted({q for p in wanted for q in load_plan(b, p).precisions}))
     fp_runner = open_engine(b, "fp32", allow_spinning=False)
     decoder, table = open_decoder(b), layout.class_embedding(b)
     cfg = dataclasses.replace(sampler_config(facts, steps, eta, guidance, sampler), vsc_direction=vsc_direction)

@@ -186,3 +186,44 @@ def test_executed_graph_summary_names_int8_and_float_layers(ov_bundle):
     assert s["compute_layers"].get("int8", 0) > 0 and fp["compute_layers"].get("int8", 0) == 0
     assert sum(fp["compute_layers"].values()) > 0 and s["layer_ms"] > 0
     assert abs(sum(s["time_share"].values()) - 1) < 1e-6 and "int8 compute" in s["time_share"]
+
+
+def test_backend_auto_times_both_and_the_runtime_follows_the_choice(ov_bundle, tmp_path):
+    import json
+
+    import ptqd
+    from ptqd import api
+    from ptqd.bundle import Bundle, layout
+    from ptqd.runtime.loader import resolve_backend
+    from ptqd.stages.choose import choose_backend
+
+    out = tmp_path / "auto.bundle"
+    shutil.copytree(ov_bundle[0], out)
+    assert resolve_backend(Bundle.open(out), "auto") == "onnxruntime"  # nothing timed yet
+    lines = []
+    rec = choose_backend(out, runs=3, log=lines.append)
+    assert rec["backend"] in ("onnxruntime", "openvino") and set(rec["score_ms"]) == {"onnxruntime", "openvino"}
+    assert rec["precisions"] == ["w8a8", "w4a8", "w4a4"] and rec["batches"] == [1, 2] and "CPU" in rec["cpu"]
+    assert rec["score_ms"][rec["backend"]] == min(rec["score_ms"].values())
+    assert lines and lines[0].startswith(f"backend auto: {rec['backend']}")
+    b = Bundle.open(out)
+    assert resolve_backend(b, None) == rec["backend"] and resolve_backend(b, "onnxruntime") == "onnxruntime"
+    # the choice is what sampling runs by default; one timed on another CPU is used, with a note
+    forced = dict(rec, backend="openvino", cpu="another CPU")
+    with Bundle.transaction(out) as w:
+        w.write_json(layout.BACKEND_CHOICE, forced)
+    notes = []
+    assert resolve_backend(Bundle.open(out), "auto", log=notes.append) == "openvino"
+    assert "timed on another CPU" in notes[0]
+    assert ptqd.Pipeline.from_bundle(out, precision="w8a8").backend == "openvino"
+    a, _ = api.sample(out, num=2, steps=3, precision="w8a8")
+    o, _ = api.sample(out, num=2, steps=3, precision="w8a8", backend="openvino")
+    np.testing.assert_array_equal(a, o)
+    assert json.loads((out / layout.BACKEND_CHOICE).read_text())["backend"] == "openvino"
+    # a plan or precision the faster backend has no engine for runs on ONNX Runtime, with a note
+    with Bundle.transaction(out) as w:
+        w.write_json(layout.BACKEND_CHOICE, dict(rec, backend="openvino"))
+    notes = []
+    b = Bundle.open(out)
+    assert resolve_backend(b, "auto", log=notes.append, needs=["w8a8", "ort-int8"]) == "onnxruntime"
+    assert "no ort-int8 engine" in notes[0]

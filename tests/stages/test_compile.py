@@ -203,3 +203,12 @@ def test_correct_without_a_gate_applies_nothing_and_says_so(compiled, tmp_path):
 
     eng, label = step_engines(Bundle.open(out), "w4a8", "auto")
     assert all(p == () for p in eng.corrections["w4a8"].parts)  # auto applies nothing
+
+
+def test_compile_backend_is_onnxruntime_or_auto(tmp_path):
+    from ptqd import api
+    from ptqd.errors import UserError
+
+    with pytest.raises(UserError, match="onnxruntime or auto"):
+        api.compile("demo", tmp_path / "x.bundle", backend="openvino", log=lambda m: None)
+    assert not (tmp_path / "x.bundle").exists()
