@@ -109,7 +109,7 @@ def _fmt(v, width: int, spec: str, suffix: str = "") -> str:
 def print_eval(report: dict) -> None:
     cfg, ref = report["config"], report.get("reference", {})
     print(f"{cfg['num']} samples, seed {cfg['seed']}, {cfg['steps']} {cfg.get('sampler', 'ddim')} steps, eta {cfg['eta']}, "
-          f"guidance {cfg['guidance']}")
+          f"guidance {cfg['guidance']}" + (f", quantized rows on {report['backend']}" if report.get("backend") else ""))
     rows = report["rows"]
     w = max(12, 2 + max(len(r["precision"]) for r in rows))
     lat = any("unet_ms" in r for r in rows)
