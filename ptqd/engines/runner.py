@@ -6,6 +6,8 @@ polygraphy's ``infer`` / ``infer_impl``. Importing this module needs numpy only.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from ptqd.errors import EngineInputError, NonFiniteError
@@ -89,3 +91,16 @@ class BucketedRunner(Runner):
         if not np.all(t == t[0]):
             raise ValueError("a bucketed engine runs one timestep per call (the sampler's batches share t)")
         return self.pick(float(t[0])).infer(x, t, context)
+
+
+def round_robin(calls: dict, runs: int = 20, warmup: int = 3) -> dict[str, list[float]]:
+    """``calls``: name -> zero-argument callable, run interleaved (each round calls every one once, so drift in
+    the machine's speed hits them alike). Returns name -> seconds per run (after warm-up)."""
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for i in range(warmup + runs):
+        for k, f in calls.items():
+            t0 = time.perf_counter()
+            f()
+            if i >= warmup:
+                times[k].append(time.perf_counter() - t0)
+    return times

@@ -254,19 +254,21 @@ class PNDM(Scheduler):
     UNet calls; a 4th-order Adams-Bashforth combination of the last ε, started with lower orders and one
     repeated timestep, applied by the pseudo-numerical DDIM-like transfer of Liu et al. (2022) eq. 9."""
 
+    def max_steps(self) -> int:
+        return self._ddim().max_steps()
+
+    def _ddim(self) -> DDIMSampler:
+        """PNDM spaces its timesteps, and ends on ᾱ_0 or 1, by DDIM's rules."""
+        return DDIMSampler(self.ac, self.spec.get("timestep_spacing"), steps_offset=int(self.spec.get("steps_offset")),
+                           set_alpha_to_one=bool(self.spec.get("set_alpha_to_one")))
+
     def _set(self, n):
-        T, off = self.T, int(self.spec.get("steps_offset"))
-        spacing = self.spec.get("timestep_spacing")
-        if spacing == "linspace":
-            ts = np.linspace(0, T - 1, n).round()
-        elif spacing == "leading":
-            ts = (np.arange(0, n) * (T // n)).round() + off
-        else:
-            ts = np.round(np.arange(T, 0, -T / n))[::-1] - 1
-        ts = ts.astype(np.int64)
+        ddim = self._ddim()
+        ddim.set_timesteps(n)
+        ts = ddim.timesteps[::-1]  # ascending, as PNDM's _timesteps
         self.timesteps = np.concatenate([ts[:-1], ts[-2:-1], ts[-1:]])[::-1].astype(np.float64)
-        self.ratio = T // n
-        self.final = 1.0 if self.spec.get("set_alpha_to_one") else float(self.ac[0])
+        self.ratio = ddim.step_ratio
+        self.final = ddim.final_alpha_cumprod
         self.ets: list[np.ndarray] = []
         self.counter = 0
         self.cur_sample = None

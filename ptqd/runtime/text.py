@@ -24,10 +24,7 @@ class PromptEncoder:
         self.tokenizers = [self._tokenizer(b, layout.TOKENIZER_JSON, layout.TOKENIZER_CONFIG)]
         if b.has(layout.TOKENIZER_2_JSON):
             self.tokenizers.append(self._tokenizer(b, layout.TOKENIZER_2_JSON, layout.TOKENIZER_2_CONFIG))
-        settings = b.read_json(layout.TOKENIZER_CONFIG)
-        self.max_length = int(settings["max_length"])
-        self.zero_empty_prompt = bool(settings.get("zero_empty_prompt", False))
-        self.tokenizer = self.tokenizers[0]
+        self.zero_empty_prompt = bool(b.read_json(layout.TOKENIZER_CONFIG).get("zero_empty_prompt", False))
         self.session = ort_session(b.path(layout.TEXT_ENCODER_ONNX), threads)
 
     @staticmethod

@@ -10,11 +10,10 @@ them.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from ptqd.bundle import Bundle, layout
+from ptqd.engines.runner import round_robin
 from ptqd.errors import UserError
 from ptqd.facts import seeded_unet_inputs
 from ptqd.precision import CALIBRATED_NAMES
@@ -40,13 +39,8 @@ def choose_backend(bundle, runs: int = 7, warmup: int = 2, threads: int | None =
     timed: dict[str, dict[str, dict[str, float]]] = {be: {p: {} for p in common} for be in candidates}
     for batch in batches:
         f = seeded_unet_inputs(b.facts, batch, 501.0, 0)
-        times = {k: [] for k in runners}
-        for i in range(warmup + runs):
-            for k, r in runners.items():
-                t0 = time.perf_counter()
-                r(f["x"], f["t"], f.get("context"))
-                if i >= warmup:
-                    times[k].append(time.perf_counter() - t0)
+        times = round_robin({k: (lambda r=r: r(f["x"], f["t"], f.get("context"))) for k, r in runners.items()},
+                            runs, warmup)
         for (be, p), ts in times.items():
             timed[be][p][str(batch)] = 1e3 * float(np.median(ts))
     for r in runners.values():

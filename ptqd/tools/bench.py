@@ -11,21 +11,9 @@ import time
 import numpy as np
 
 from ptqd.bundle import Bundle, layout
+from ptqd.engines.runner import round_robin, unet_feeds
 from ptqd.facts import seeded_unet_inputs
-from ptqd.engines.runner import unet_feeds
 from ptqd.runtime.loader import default_labels, open_decoder, open_engine, sampler_config, step_engines
-
-
-def round_robin(calls: dict, runs: int = 20, warmup: int = 3) -> dict[str, list[float]]:
-    """``calls``: name -> zero-argument callable. Returns name -> seconds per run (after warm-up)."""
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    for i in range(warmup + runs):
-        for k, f in calls.items():
-            t0 = time.perf_counter()
-            f()
-            if i >= warmup:
-                times[k].append(time.perf_counter() - t0)
-    return times
 
 
 def unet_latency(b, precisions, batch: int = 2, runs: int = 20, warmup: int = 3, threads: int | None = None,
