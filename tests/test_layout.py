@@ -173,7 +173,7 @@ def test_private_checker_catches_a_private_import(tmp_path):
 LAYERS = [
     ("ptqd.version", "ptqd.errors", "ptqd.validate", "ptqd.precision", "ptqd.progress", "ptqd.resources", "ptqd.facts",
      "ptqd.budget", "ptqd.memory", "ptqd.bundle"),
-    ("ptqd.models", "ptqd.exporter", "ptqd.calib", "ptqd.engines", "ptqd.runtime"),
+    ("ptqd.models", "ptqd.exporter", "ptqd.calib", "ptqd.engines", "ptqd.runtime", "ptqd.cluster"),
     ("ptqd.stages",),
     ("ptqd.api", "ptqd.tools"),
     ("ptqd.cli",),

@@ -206,6 +206,16 @@ class Bundle:
     def _changed_since_open(self) -> bool:
         return _manifest_id(self.root) != self._manifest_id
 
+    def digest(self) -> str:
+        """sha256 of the manifest as read: equal digests, the same files (each is checked against it)."""
+        return hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
+
+    def check_digest(self, want: str) -> None:
+        """Refuse a bundle that is no longer the one a run started on (a writer committed meanwhile)."""
+        if self.digest() != want:
+            raise BundleError(f"{self.root} was updated by another ptqd process while this run was reading it; "
+                              "run the command again")
+
     # ---- reading -------------------------------------------------------------------------
     @property
     def files(self) -> dict[str, dict[str, Any]]:

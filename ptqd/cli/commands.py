@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from ptqd.errors import UserError
+
 
 def _dumps(obj) -> str:
     """Strict JSON for --json: NaN and infinities (not JSON) become null."""
@@ -163,7 +165,8 @@ def cmd_sample(args) -> int:
                                 steps=args.steps, eta=args.eta, guidance=args.guidance, out=args.out,
                                 precision=args.plan, batch=args.batch, correction=args.correction,
                                 prompts=prompts or None, negative_prompt=args.negative_prompt, backend=args.backend,
-                                sampler=args.sampler, latents=latents)
+                                sampler=args.sampler, latents=latents, cluster=_cluster(args),
+                                shard_size=args.shard_size)
     print(f"{len(images)} samples ({args.plan}, correction {args.correction}, sampler {args.sampler}) -> "
           f"{args.out or '(not written: pass --out FILE.png|.npz)'}")
     return 0
@@ -172,7 +175,10 @@ def cmd_sample(args) -> int:
 def cmd_eval(args) -> int:
     from ptqd import api
 
+    cluster = _cluster(args)
     if args.ablation:
+        if cluster is not None:
+            raise UserError("--ablation runs in one process: drop --ray")
         precisions = [p for p in (args.precisions or "w4a8,w4a4,auto").split(",") if p and p != "fp32"]
         res = api.ablation(args.bundle, precisions=precisions, num=args.num, seed=args.seed, steps=args.steps,
                            guidance=args.guidance)
@@ -187,8 +193,21 @@ def cmd_eval(args) -> int:
     report = api.evaluate(args.bundle, precisions=precisions, num=args.num, seed=args.seed, steps=args.steps,
                           eta=args.eta, guidance=args.guidance, classes=_classes(args.classes),
                           features=args.features, correction=args.correction, backend=args.backend,
-                          sampler=args.sampler)
+                          sampler=args.sampler, batch=args.batch, cluster=cluster, shard_size=args.shard_size)
     return _emit(args, report, print_eval)
+
+
+def _cluster(args):
+    """--ray/--workers/--threads/--shard-size as a Cluster (None: this process)."""
+    from ptqd.cluster import Cluster
+
+    if args.shard_size is not None and args.ray is None:
+        raise UserError("--shard-size splits a run over Ray workers: add --ray local (or --ray ADDRESS)")
+    if args.shard_size is not None:
+        from ptqd.validate import integer
+
+        integer("--shard-size", args.shard_size, 1)
+    return Cluster.from_options(args.ray, args.workers, args.threads)
 
 
 def cmd_correct(args) -> int:

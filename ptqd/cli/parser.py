@@ -87,6 +87,20 @@ def _sampler_arg(p) -> None:
                         "scheduler config as diffusers' from_config does")
 
 
+def _ray_args(p, batch: int) -> None:
+    g = p.add_argument_group("spread over Ray workers (pip install 'ptqd[cluster]')")
+    g.add_argument("--ray", metavar="ADDRESS",
+                   help="run shards of the samples on Ray workers: local (a Ray instance on this machine, for this "
+                        "run), auto (the cluster this machine joined) or a Ray address (ray://head:10001). Results "
+                        "are bit-identical to a run without --ray")
+    g.add_argument("--workers", type=int, help="Ray workers, each opening the bundle's engines once (default: CPUs / "
+                                               "--threads)")
+    g.add_argument("--threads", type=int, help="CPU threads per worker (default 1); each worker asks Ray for as "
+                                               "many CPUs")
+    g.add_argument("--shard-size", type=int, help=f"samples per shard, a multiple of --batch (default --batch, "
+                                                  f"{batch}); a failed worker's shard runs again elsewhere")
+
+
 def _effort_args(p, device: bool = True) -> None:
     from ptqd.budget import BUDGETS
 
@@ -249,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "give the diffusers pipeline's own image")
     s.add_argument("--out", help="FILE.png (grid) or FILE.npz (arrays)")
     s.add_argument("--batch", type=int, default=64, help="samples per engine call (default 64)")
+    _ray_args(s, 64)
     s.set_defaults(func=cmd_sample)
 
     v = sub.add_parser("eval", help="quality vs FP on the same seeds: FD, class accuracy, PSNR, eps MSE",
@@ -267,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "correction, + bias at eta 0; uncorrected, + k + bias, + VSC at eta 1")
     _runtime_backend_arg(v, "the FP32 reference row stays ONNX Runtime")
     _sampler_arg(v)
+    v.add_argument("--batch", type=int, default=100, help="samples per engine call (default 100)")
+    _ray_args(v, 100)
     v.add_argument("--json", action="store_true", help="machine-readable output")
     v.set_defaults(func=cmd_eval)
 

@@ -18,7 +18,7 @@ def sample(bundle, classes=None, num: int = 16, seed: int = 0, steps: int = 20, 
            guidance: float = 3.0, out: str | os.PathLike | None = None, precision: str = "fp32",
            batch: int = 64, progress: bool | None = None, correction: str = "auto",
            prompts: list[str] | None = None, negative_prompt: str = "", backend: str = "auto",
-           sampler: str = "auto", latents: np.ndarray | None = None):
+           sampler: str = "auto", latents: np.ndarray | None = None, cluster=None, shard_size: int | None = None):
     """Sample ``num`` images (labels cycle through ``classes``, or, for a text-to-image bundle, through
     ``prompts``, guided away from ``negative_prompt``). Returns (images uint8 NHWC, labels: class or
     prompt index). A text-to-image bundle without ``prompts`` samples its calibration prompts.
@@ -31,6 +31,8 @@ def sample(bundle, classes=None, num: int = 16, seed: int = 0, steps: int = 20, 
     ``out``: ``FILE.png`` writes a grid, ``FILE.npz`` writes ``images`` and ``labels``. Sample i's noise
     depends only on (seed, i): the same seed pairs samples across engines. A shell over
     :class:`ptqd.runtime.pipe.Pipeline`, which loads a bundle once for many calls.
+    ``cluster``: a :class:`ptqd.cluster.Cluster` spreads shards of ``shard_size`` samples (default ``batch``;
+    whole batches) over Ray workers, each with its own Pipeline; the images are bit-identical to this process's.
     """
     from ptqd.runtime.pipe import Pipeline, check_latents
 
@@ -57,6 +59,13 @@ def sample(bundle, classes=None, num: int = 16, seed: int = 0, steps: int = 20, 
         check_prompt_options(b, prompts, negative_prompt, classes)
     else:
         labels = default_labels(facts, list(classes) if classes else None, num)
+    if cluster is not None:
+        images, labels = sample_sharded(b, cluster, shard_size, precision, backend, correction, prompts,
+                                        negative_prompt, labels if not text else None, num, seed, steps, eta, guidance,
+                                        sampler, latents, batch, progress)
+        if out is not None:
+            write_samples(Path(out), images, labels, cols=grid_cols(facts, classes or prompts, num))
+        return images, labels
     pipe = Pipeline.from_bundle(b, precision, backend=backend, correction=correction)
     try:
         if text:
@@ -70,6 +79,57 @@ def sample(bundle, classes=None, num: int = 16, seed: int = 0, steps: int = 20, 
     if out is not None:
         write_samples(Path(out), images, labels, cols=grid_cols(facts, classes or prompts, num))
     return images, labels
+
+
+class SampleWorker:
+    """A Ray worker of a sharded sample: the bundle's Pipeline, opened once; ``run((start, stop, latents))`` samples
+    indices start..stop-1 exactly as the single-process run does (same batches, noise from (seed, i))."""
+
+    def __init__(self, root: str, digest: str, precision: str, backend: str, correction: str, threads: int,
+                 table: np.ndarray, labels: np.ndarray, settings: dict):
+        from ptqd.runtime.pipe import Pipeline
+
+        b = Bundle.open(root)
+        b.check_digest(digest)
+        self.pipe = Pipeline.from_bundle(b, precision, backend=backend, correction=correction, threads=threads)
+        self.table, self.labels, self.settings = table, labels, settings
+
+    def run(self, shard):
+        start, stop, latents = shard
+        s = self.settings
+        images = self.pipe.generate(self.table, self.labels[start:stop], s["seed"], s["steps"], s["eta"],
+                                    s["guidance"], s["sampler"], latents, s["batch"], False,
+                                    indices=np.arange(start, stop))
+        return images, stop - start
+
+
+def sample_sharded(b, cluster, shard_size, precision, backend, correction, prompts, negative_prompt, labels, num,
+                   seed, steps, eta, guidance, sampler, latents, batch, progress):
+    """``sample`` on Ray workers: shards of whole batches, the images put back in index order."""
+    import sys
+
+    from ptqd.cluster import index_shards, run_shards
+    from ptqd.runtime.loader import resolve_backend
+
+    shards = index_shards(num, shard_size or batch, batch)
+    backend = resolve_backend(b, backend, log=lambda m: print(m, file=sys.stderr),
+                              needs=load_plan(b, precision).precisions)
+    if labels is None:  # text: the prompts are encoded once, here, and shipped to every worker
+        from ptqd.runtime.text import PromptEncoder
+
+        table = PromptEncoder(b).table(prompts, negative_prompt) if prompts is not None else layout.class_embedding(b)
+        labels = 1 + np.arange(num) % (len(table) - 1)
+    else:
+        table = layout.class_embedding(b)
+    if precision.endswith(".json"):
+        precision = str(Path(precision).resolve())
+    settings = dict(seed=seed, steps=steps, eta=eta, guidance=guidance, sampler=sampler, batch=batch)
+    init = (str(b.root.resolve()), b.digest(), precision, backend, correction, cluster.threads, table, labels,
+            settings)
+    parts = run_shards(cluster, SampleWorker, init,
+                       [(s, e, None if latents is None else latents[s:e]) for s, e in shards], num,
+                       f"sample {precision}", progress)
+    return np.concatenate(parts), labels
 
 
 def check_prompt_options(b, prompts, negative_prompt: str, classes) -> None:

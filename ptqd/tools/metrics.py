@@ -30,22 +30,8 @@ from ptqd.runtime.pipeline import predict, scheduler_for
 
 
 def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
-    from scipy import linalg
-
-    mu1, mu2 = f1.mean(0), f2.mean(0)
-    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    import warnings
-
-    with warnings.catch_warnings():  # dead ReLU features make Σ singular; sqrtm still converges
-        warnings.simplefilter("ignore")
-        covmean = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():  # near-singular product: regularize, as the FID reference code does
-        eps = np.eye(len(s1)) * 1e-6
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
-    covmean = np.asarray(covmean).real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    """Fréchet distance between Gaussian fits of two feature sets [N, F]."""
+    return frechet_from_moments(*Gaussian.of(f1).moments(), *Gaussian.of(f2).moments())
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -58,8 +44,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class FeatureModel:
     """ONNX model: ``image`` float32 [N, C, H, W] in [-1, 1] -> ``features`` [N, F] (+ ``logits``)."""
 
-    def __init__(self, path: Path):
-        self.session = ort_session(path)
+    def __init__(self, path: Path, threads: int | None = None):
+        self.session = ort_session(path, threads)
         self.outputs = [o.name for o in self.session.get_outputs()]
         if "features" not in self.outputs:
             raise UserError(f"{path} has no output named 'features' (outputs: {', '.join(self.outputs)})")
@@ -80,66 +66,145 @@ class EvalResult:
     config: dict[str, Any]
     rows: list[dict[str, Any]] = field(default_factory=list)
     reference: dict[str, Any] = field(default_factory=dict)
-    images: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # uint8 NHWC per precision; not saved
 
     def to_json(self) -> dict[str, Any]:
         return {"config": self.config, "reference": self.reference, "rows": self.rows}
+
+
+@dataclass
+class Gaussian:
+    """Running sums of feature vectors (float64): what a Fréchet distance needs, mergeable across shards."""
+
+    n: int
+    total: np.ndarray  # [F]
+    outer: np.ndarray  # [F, F]
+
+    @classmethod
+    def of(cls, feats: np.ndarray) -> "Gaussian":
+        f = np.asarray(feats, np.float64)
+        return cls(len(f), f.sum(0), f.T @ f)
+
+    def __add__(self, o: "Gaussian") -> "Gaussian":
+        return Gaussian(self.n + o.n, self.total + o.total, self.outer + o.outer)
+
+    def moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and unbiased covariance (as ``np.cov``)."""
+        mu = self.total / self.n
+        return mu, (self.outer - self.n * np.outer(mu, mu)) / max(self.n - 1, 1)
+
+
+def frechet_from_moments(mu1, s1, mu2, s2) -> float:
+    from scipy import linalg
+    import warnings
+
+    with warnings.catch_warnings():  # dead ReLU features make Σ singular; sqrtm still converges
+        warnings.simplefilter("ignore")
+        covmean = linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():  # near-singular product: regularize, as the FID reference code does
+        eps = np.eye(len(s1)) * 1e-6
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
+    covmean = np.asarray(covmean).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
 
 def class_accuracy(logits: np.ndarray | None, labels: np.ndarray) -> float | None:
     return None if logits is None else float((logits.argmax(1) == labels).mean())
 
 
-def evaluate_runners(facts, class_embedding, runners: dict[str, Any], decoder, labels: np.ndarray, seed: int,
-                     cfg, batch: int = 100, features: FeatureModel | None = None,
-                     real_features: np.ndarray | None = None, progress=None, eps_mse: bool = True) -> EvalResult:
-    """``runners``: name -> runner; the first is the FP reference every other row is paired with."""
+@dataclass
+class BatchStats:
+    """One eval batch's contribution per row: what the metrics are merged from (sums, per-image values), so that
+    a run split into shards of whole batches merges to the single-process numbers exactly."""
+
+    n: int
+    seconds: dict[str, float]
+    mse: dict[str, np.ndarray]  # per UNet call: summed squared ε error vs FP on FP's trajectory
+    psnr: dict[str, np.ndarray]  # per image, vs FP's image from the same noise
+    feats: dict[str, Gaussian]
+    correct: dict[str, int]  # samples the classifier gives their requested label
+
+
+def eval_batch(facts, class_embedding, runners: dict[str, Any], decoder, labels: np.ndarray, idx: np.ndarray,
+               seed: int, cfg, features: FeatureModel | None = None, eps_mse: bool = True) -> BatchStats:
+    """Sample indices ``idx`` with every runner (the first is FP) and measure them."""
     from ptqd.runtime.pipeline import decode, sample_latents
 
     names = list(runners)
     fp = names[0]
-    n = len(labels)
-    images = {k: [] for k in names}
-    mse = {k: np.zeros(len(scheduler_for(facts, cfg).timesteps)) for k in names}  # per UNet call
-    seconds = {k: 0.0 for k in names}
-    for start in range(0, n, batch):
-        idx = np.arange(start, min(n, start + batch))
+    mse = {k: np.zeros(len(scheduler_for(facts, cfg).timesteps)) for k in names}
 
-        def observe(i, t, x, ctx, eps_fp):
-            for k in names[1:]:
-                e = predict(runners[k], x, t, ctx)[0]
-                mse[k][i] += float(((e - eps_fp) ** 2).sum())
+    def observe(i, t, x, ctx, eps_fp):
+        for k in names[1:]:
+            e = predict(runners[k], x, t, ctx)[0]
+            mse[k][i] += float(((e - eps_fp) ** 2).sum())
 
-        for k in names:
-            t0 = time.perf_counter()
-            lat = sample_latents(runners[k], facts, class_embedding, labels[idx], idx, seed, cfg,
-                                 observe=observe if k == fp and len(names) > 1 and eps_mse else None)
-            seconds[k] += time.perf_counter() - t0
-            images[k].append(decode(decoder, lat, facts.scale_factor) if decoder is not None else lat)
-        if progress is not None:
-            progress.update(len(idx))
-    per_elem = n * int(np.prod(facts.latent_shape))
-    result = EvalResult(config={"num": n, "seed": seed, "steps": cfg.steps, "eta": cfg.eta,
-                                "guidance": cfg.guidance, "spacing": cfg.spacing, "sampler": cfg.sampler_name})
-    images = {k: np.concatenate(v) for k, v in images.items()}
-    fp_feats = None
+    st = BatchStats(len(idx), {}, mse if eps_mse else {}, {}, {}, {})
+    images = {}
     for k in names:
-        imgs = images[k]
-        row: dict[str, Any] = {"precision": k, "seconds": round(seconds[k], 2)}
+        t0 = time.perf_counter()
+        lat = sample_latents(runners[k], facts, class_embedding, labels, idx, seed, cfg,
+                             observe=observe if k == fp and len(names) > 1 and eps_mse else None)
+        st.seconds[k] = time.perf_counter() - t0
+        images[k] = decode(decoder, lat, facts.scale_factor) if decoder is not None else None
         if features is not None and decoder is not None:
-            feats, logits = features(imgs)
-            row["fd"] = frechet_distance(feats, real_features) if real_features is not None else None
-            row["class_acc"] = class_accuracy(logits, labels)
-            if k == fp:
-                fp_feats = feats
-            else:  # distribution fidelity to the FP model, blind to whether FP itself is close to the data
-                row["fd_vs_fp"] = frechet_distance(feats, fp_feats)
+            feats, logits = features(images[k])
+            st.feats[k] = Gaussian.of(feats)
+            if logits is not None:
+                st.correct[k] = int((logits.argmax(1) == labels).sum())
+        if k != fp and decoder is not None:
+            st.psnr[k] = np.minimum(psnr(images[k], images[fp]), 100.0)
+    return st
+
+
+def merge_eval(stats: list[BatchStats], names: list[str], config: dict[str, Any], latent_elems: int,
+               real: Gaussian | None = None) -> EvalResult:
+    """The eval rows from batch stats, merged in index order (the order fixes the floating-point result)."""
+    fp = names[0]
+    n = sum(s.n for s in stats)
+    result = EvalResult(config=dict(config, num=n))
+    moments = {}
+    for k in names:
+        row: dict[str, Any] = {"precision": k, "seconds": round(sum(s.seconds[k] for s in stats), 2)}
+        if stats and k in stats[0].feats:
+            g = stats[0].feats[k]
+            for s in stats[1:]:
+                g = g + s.feats[k]
+            moments[k] = g.moments()
+            row["fd"] = frechet_from_moments(*moments[k], *real.moments()) if real is not None else None
+            row["class_acc"] = sum(s.correct[k] for s in stats) / n if k in stats[0].correct else None
+            if k != fp:  # distribution fidelity to the FP model, blind to whether FP itself is close to the data
+                row["fd_vs_fp"] = frechet_from_moments(*moments[k], *moments[fp])
         if k != fp:
-            p = psnr(imgs, images[fp]) if decoder is not None else None
-            row["psnr_vs_fp"] = float(np.mean(np.minimum(p, 100.0))) if p is not None else None
-            if eps_mse:
-                row["eps_mse"] = (mse[k] / per_elem).tolist()
+            row["psnr_vs_fp"] = float(np.mean(np.concatenate([s.psnr[k] for s in stats]))) \
+                if stats and k in stats[0].psnr else None
+            if stats and k in stats[0].mse:
+                mse = np.zeros_like(stats[0].mse[k])
+                for s in stats:
+                    mse += s.mse[k]
+                row["eps_mse"] = (mse / (n * latent_elems)).tolist()
                 row["eps_mse_mean"] = float(np.mean(row["eps_mse"]))
         result.rows.append(row)
-    result.images = images
     return result
+
+
+def eval_config(n: int, seed: int, cfg) -> dict[str, Any]:
+    return {"num": n, "seed": seed, "steps": cfg.steps, "eta": cfg.eta, "guidance": cfg.guidance,
+            "spacing": cfg.spacing, "sampler": cfg.sampler_name}
+
+
+def evaluate_runners(facts, class_embedding, runners: dict[str, Any], decoder, labels: np.ndarray, seed: int,
+                     cfg, batch: int = 100, features: FeatureModel | None = None,
+                     real_features: np.ndarray | None = None, progress=None, eps_mse: bool = True) -> EvalResult:
+    """``runners``: name -> runner; the first is the FP reference every other row is paired with."""
+    n = len(labels)
+    stats = []
+    for start in range(0, n, batch):
+        idx = np.arange(start, min(n, start + batch))
+        stats.append(eval_batch(facts, class_embedding, runners, decoder, labels[idx], idx, seed, cfg, features,
+                                eps_mse))
+        if progress is not None:
+            progress.update(len(idx))
+    real = Gaussian.of(real_features) if real_features is not None else None
+    return merge_eval(stats, list(runners), eval_config(n, seed, cfg), int(np.prod(facts.latent_shape)), real)
