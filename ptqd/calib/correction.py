@@ -159,32 +159,39 @@ def make_plan(corrections: dict[str, dict], cost: dict[str, float], alphas_cumpr
 
 
 def collect(fp_runner, quant_runner_for_step: dict, facts, class_embedding, labels: np.ndarray, seed: int, cfg,
-            batch: int = 64, progress=None):
+            batch: int = 64, progress=None, start: int = 0):
     """Run FP trajectories; at every step, every quantized model sees the same x_t.
 
     ``quant_runner_for_step``: precision -> callable(step index) -> runner (timestep buckets have
     one model each). Returns (timesteps, [ε per step, N×C×H×W], {precision: [Δ per step]}), ε and
-    Δ after classifier-free guidance, as the sampler uses them."""
+    Δ after classifier-free guidance, as the sampler uses them. ``labels[k]`` is trajectory ``start + k``
+    (its noise seed): a shard of a longer run."""
     from ptqd.runtime.pipeline import guided_eps, sample_latents
-    from ptqd.runtime.sampler import DDIMSampler
 
-    sampler = DDIMSampler(facts.schedule.alphas_cumprod, cfg.spacing)
-    sampler.set_timesteps(cfg.steps)
     eps: list[list[np.ndarray]] = [[] for _ in range(cfg.steps)]
     delta = {p: [[] for _ in range(cfg.steps)] for p in quant_runner_for_step}
     for s0 in range(0, len(labels), batch):
         idx = np.arange(s0, min(len(labels), s0 + batch))
 
-        def observe(i, t, x, ctx, e_fp):
+        def observe(i, t, x, ctx, e_fp, idx=idx):
             eps[i].append(e_fp)
             for p, runner_at in quant_runner_for_step.items():
                 delta[p][i].append(guided_eps(runner_at(i), x, t, ctx) - e_fp)
             if progress is not None:
                 progress.update(len(idx))
 
-        sample_latents(fp_runner, facts, class_embedding, labels[idx], idx, seed, cfg, observe=observe)
-    return ([int(t) for t in sampler.timesteps], [np.concatenate(e) for e in eps],
+        sample_latents(fp_runner, facts, class_embedding, labels[idx], start + idx, seed, cfg, observe=observe)
+    return (trajectory_timesteps(facts, cfg), [np.concatenate(e) for e in eps],
             {p: [np.concatenate(d) for d in v] for p, v in delta.items()})
+
+
+def trajectory_timesteps(facts, cfg) -> list[int]:
+    """The timesteps ``collect``'s trajectories visit (DDIM on the calibrated spacing)."""
+    from ptqd.runtime.sampler import DDIMSampler
+
+    sampler = DDIMSampler(facts.schedule.alphas_cumprod, cfg.spacing)
+    sampler.set_timesteps(cfg.steps)
+    return [int(t) for t in sampler.timesteps]
 
 
 def budget_plan(damage: dict[str, list[float]], cost: dict[str, float], reference: str, budget: float) -> list[str]:

@@ -197,6 +197,29 @@ def cmd_eval(args) -> int:
     return _emit(args, report, print_eval)
 
 
+def cmd_serve(args) -> int:
+    from ptqd.cluster import import_ray
+    from ptqd.validate import integer
+
+    integer("--port", args.port, 1, 65535)
+    integer("--replicas", args.replicas, 1, 1024)
+    integer("--threads", args.threads, 1, 1024)
+    integer("--max-batch", args.max_batch, 1, 4096)
+    integer("--max-num", args.max_num, 1, args.max_batch)
+    if not 0 <= args.batch_wait_ms <= 10_000:
+        raise UserError(f"--batch-wait-ms must be from 0 to 10000, got {args.batch_wait_ms}")
+    precisions = [p for p in args.precisions.split(",") if p]
+    if not precisions:
+        raise UserError("--precisions: give at least one, e.g. auto or fp32,w8a8")
+    import_ray()
+    from ptqd.cluster.serve import run_server
+
+    run_server(args.bundle, host=args.host, port=args.port, precisions=precisions, backend=args.backend,
+               replicas=args.replicas, threads=args.threads, max_batch=args.max_batch, wait_ms=args.batch_wait_ms,
+               max_num=args.max_num, ray_address=args.ray)
+    return 0
+
+
 def _cluster(args):
     """--ray/--workers/--threads/--shard-size as a Cluster (None: this process)."""
     from ptqd.cluster import Cluster
@@ -215,10 +238,11 @@ def cmd_correct(args) -> int:
 
     rec = api.correct(args.bundle, samples=args.samples, holdout=args.holdout, seed=args.seed, device=args.device,
                       preset=args.preset, gate_samples=args.gate_samples, gate_ranges=args.gate_ranges,
-                      gate_budget=args.gate_budget)
+                      gate_budget=args.gate_budget, cluster=_cluster(args), shard_size=args.shard_size)
     c = rec["config"]
+    where = f"; FP trajectories on {rec['sharded']}" if rec.get("sharded") else ""
     print(f"fitted k_t, bias_t, sigma_q,t over {c['steps']} steps on {c['samples'] - c['holdout']} "
-          f"trajectories ({c['holdout']} held out; {rec['seconds']:.0f} s on {rec['device']})")
+          f"trajectories ({c['holdout']} held out; {rec['seconds']:.0f} s on {rec['device']}{where})")
     for p, sm in rec["summary"].items():
         print(f"  {p}: held-out eps MSE {sm['eps_mse_uncorrected_holdout']:.3e} -> "
               f"{sm['eps_mse_gated_holdout']:.3e}; linear fit explains "

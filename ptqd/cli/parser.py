@@ -21,6 +21,7 @@ from ptqd.cli.commands import (
     cmd_plan,
     cmd_report,
     cmd_sample,
+    cmd_serve,
     cmd_train_demo,
 )
 from ptqd.precision import ORT_BUILDABLE
@@ -87,7 +88,7 @@ def _sampler_arg(p) -> None:
                         "scheduler config as diffusers' from_config does")
 
 
-def _ray_args(p, batch: int) -> None:
+def _ray_args(p, batch: int | None) -> None:
     g = p.add_argument_group("spread over Ray workers (pip install 'ptqd[cluster]')")
     g.add_argument("--ray", metavar="ADDRESS",
                    help="run shards of the samples on Ray workers: local (a Ray instance on this machine, for this "
@@ -97,8 +98,9 @@ def _ray_args(p, batch: int) -> None:
                                                "--threads)")
     g.add_argument("--threads", type=int, help="CPU threads per worker (default 1); each worker asks Ray for as "
                                                "many CPUs")
-    g.add_argument("--shard-size", type=int, help=f"samples per shard, a multiple of --batch (default --batch, "
-                                                  f"{batch}); a failed worker's shard runs again elsewhere")
+    size = f"--batch, {batch}" if batch else "the preset's trajectory batch"
+    g.add_argument("--shard-size", type=int, help=f"samples per shard, a multiple of the batch (default {size}); a "
+                                                  "failed worker's shard runs again elsewhere")
 
 
 def _effort_args(p, device: bool = True) -> None:
@@ -299,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     _gate_args(co)
     _plan_args(co)
     _effort_args(co)
+    _ray_args(co, None)
     co.set_defaults(func=cmd_correct)
 
     pl = sub.add_parser("plan", help="recompute the step-aware mixed-precision plan",
@@ -335,6 +338,33 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
     _sampling_args(d, 500)
     d.set_defaults(func=cmd_demo)
+
+    sv = sub.add_parser("serve", help="an HTTP JSON endpoint on Ray Serve: batched requests, replicas, /health",
+                        description="Serve a bundle over HTTP on Ray Serve. POST /generate with a JSON body "
+                                    "({\"prompt\": ...} or {\"class\": N}, and negative_prompt, steps, guidance, seed, "
+                                    "num, precision) returns a PNG for one image or JSON with base64 PNGs; GET /health "
+                                    "reports the server. Concurrent requests are batched into one UNet batch; the same "
+                                    "seed gives the image `ptqd sample --seed` gives. Bad requests get a 4xx naming "
+                                    "the field. Needs pip install 'ptqd[cluster]'.")
+    sv.add_argument("bundle")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                                                         "only; 0.0.0.0 for every interface)")
+    sv.add_argument("--port", type=int, default=8000, help="default 8000")
+    sv.add_argument("--precisions", default="auto", help="comma-separated precisions to load, the first the default "
+                                                         "of requests: auto (the plan), fp32, w8a8, ... (default auto)")
+    _runtime_backend_arg(sv, "fp32 then runs on OpenVINO too")
+    sv.add_argument("--replicas", type=int, default=1, help="generator replicas, each loading the engines once "
+                                                            "(default 1)")
+    sv.add_argument("--threads", type=int, default=1, help="CPU threads per replica (default 1)")
+    sv.add_argument("--max-batch", type=int, default=8, help="samples batched into one UNet call across requests "
+                                                             "(default 8)")
+    sv.add_argument("--batch-wait-ms", type=float, default=50.0, help="how long a replica waits to fill a batch "
+                                                                      "(default 50)")
+    sv.add_argument("--max-num", type=int, default=4, help="images one request may ask for (default 4; at most "
+                                                           "--max-batch)")
+    sv.add_argument("--ray", default="local", metavar="ADDRESS", help="local (default: start Ray here) or the "
+                                                                      "address of a Ray cluster")
+    sv.set_defaults(func=cmd_serve)
 
     be = sub.add_parser("bench", help="latency, throughput, memory and size per engine; end-to-end sampling",
                         description="Time every engine (ONNX Runtime, and OpenVINO where built with `ptqd build "

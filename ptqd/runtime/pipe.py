@@ -145,11 +145,13 @@ class Pipeline:
                  guidance: float = 3.0, sampler: str = "auto", latents: np.ndarray | None = None, batch: int = 64,
                  progress: bool | None = None, indices: np.ndarray | None = None) -> np.ndarray:
         """Images uint8 N×H×W×C (latents where the bundle has no decoder) for ``labels`` rows of ``table``;
-        sample k's noise from (seed, indices[k]) (default indices 0..N-1)."""
+        sample k's noise from (seed, indices[k]) (default indices 0..N-1). ``seed`` may be an array of one seed
+        per sample (``ptqd serve`` batches requests with their own seeds)."""
         labels = np.asarray(labels, np.int64)
         n = len(labels)
         idx_all = np.arange(n) if indices is None else np.asarray(indices, np.int64)
-        sampling_counts(num=max(n, 1), batch=batch, seed=seed)
+        seeds = np.broadcast_to(np.asarray(seed, np.int64), (n,)) if np.ndim(seed) else None
+        sampling_counts(num=max(n, 1), batch=batch, seed=seed if seeds is None else int(seeds.min(initial=0)))
         cfg = sampler_config(self.facts, steps, eta, guidance, sampler)
         if latents is not None:
             latents = check_latents(latents, n, self.facts.latent_shape)
@@ -158,7 +160,8 @@ class Pipeline:
             for s0 in range(0, n, batch):
                 sl = slice(s0, min(n, s0 + batch))
                 with self._lock:
-                    lat = sample_latents(self.engine, self.facts, table, labels[sl], idx_all[sl], seed, cfg,
+                    lat = sample_latents(self.engine, self.facts, table, labels[sl], idx_all[sl],
+                                         seed if seeds is None else seeds[sl], cfg,
                                          latents=None if latents is None else latents[sl])
                 chunks.append(decode(self.decoder, lat, self.facts.scale_factor) if self.decoder is not None else lat)
                 bar.update(sl.stop - sl.start)

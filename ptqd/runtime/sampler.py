@@ -161,12 +161,18 @@ class NoiseSource:
     """Per-sample seeded noise: sample i's noise depends only on (seed, i), never on the batch size,
     so the same seed pairs samples across engines and batchings."""
 
-    def __init__(self, seed: int, indices: np.ndarray, shape: tuple[int, ...]):
+    def __init__(self, seed, indices: np.ndarray, shape: tuple[int, ...]):
+        """``seed``: one seed, or one per sample (a served batch mixes requests)."""
         from ptqd.validate import integer
 
-        integer("--seed", seed, 0)
+        seeds = [seed] * len(indices) if np.ndim(seed) == 0 else [int(s) for s in seed]
+        if len(seeds) != len(indices):
+            raise ValueError(f"{len(seeds)} seeds for {len(indices)} samples")
+        for s in set(seeds):
+            integer("--seed", s, 0)
         self.shape = shape
-        self.rngs = [np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, int(i)]))) for i in indices]
+        self.rngs = [np.random.Generator(np.random.PCG64(np.random.SeedSequence([s, int(i)])))
+                     for s, i in zip(seeds, indices)]
 
     def draw(self) -> np.ndarray:
         return np.stack([r.standard_normal(self.shape, dtype=np.float32) for r in self.rngs])

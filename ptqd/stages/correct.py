@@ -62,7 +62,7 @@ def correct(bundle, samples: int | None = None, holdout: int | None = None, seed
             batch: int | None = None, device: str = "auto", preset: str = "auto",
             progress: bool | None = None, gate: bool = True, gate_samples: int | None = None,
             gate_seed: int = 101, gate_ranges: int | None = None, gate_budget: float | None = None,
-            log=None) -> dict[str, Any]:
+            log=None, cluster=None, shard_size: int | None = None) -> dict[str, Any]:
     """Fit PTQD's correction (k_t, bias_t[c], σ_q,t) for every calibrated precision; write
     calib/correction.json. Runs the source FP model and each precision's fake-quant model on the
     same x_t along FP trajectories of the calibrated schedule (steps, guidance), seeds distinct from
@@ -74,7 +74,9 @@ def correct(bundle, samples: int | None = None, holdout: int | None = None, seed
     ``gate_seed`` at η 0 and 1 over ``gate_ranges`` step ranges (``calib.gate``; both default to the preset's,
     ``gate_samples=0`` skips the gate, and then auto applies nothing). The gate is narrowed to take about
     ``gate_budget`` seconds (default ``calib.gate.GATE_BUDGET_S``; 0: no limit) from the measured time of a
-    sampler step on the engine, and ``log`` says so in one line when it is."""
+    sampler step on the engine, and ``log`` says so in one line when it is. ``cluster``: the FP trajectories
+    run as shards of ``shard_size`` (default ``batch``) on Ray workers (:class:`CollectWorker`), concatenated in
+    index order; the gate stays in this process."""
     import time
     from dataclasses import replace
 
@@ -105,14 +107,19 @@ def correct(bundle, samples: int | None = None, holdout: int | None = None, seed
     dev = resolve_device(device)
     memory.require_stage("correct", memory.ModelCost.from_bundle(b), replace(pre, correct_batch=batch))
     t0 = time.perf_counter()
-    loaded = load_source(b)
     table = layout.class_embedding(b)
     labels = default_labels(facts, None, samples)
-    quant = fake_quant_runners(b, loaded, precisions, dev)
-    with progress_bar(samples * scfg.steps, "correct", progress) as bar:
-        bar.set_postfix_str(f"FP vs {', '.join(precisions)} on the same x_t")
-        ts, eps, delta = collect(TorchRunner(loaded.unet, dev), quant, facts, table, labels, seed, scfg,
-                                 batch=batch, progress=bar)
+    if cluster is not None:
+        ts, eps, delta = collect_sharded(b, cluster, shard_size or batch, batch, precisions, device, labels, seed,
+                                         scfg, progress)
+    else:
+        loaded = load_source(b)
+        quant = fake_quant_runners(b, loaded, precisions, dev)
+        with progress_bar(samples * scfg.steps, "correct", progress) as bar:
+            bar.set_postfix_str(f"FP vs {', '.join(precisions)} on the same x_t")
+            ts, eps, delta = collect(TorchRunner(loaded.unet, dev), quant, facts, table, labels, seed, scfg,
+                                     batch=batch, progress=bar)
+    collect_seconds = round(time.perf_counter() - t0, 1)
     fits = {p: fit_precision(eps, delta[p], ts, holdout) for p in precisions}
     for p in precisions:  # the conditional correction (--correction conditional), same data
         fits[p]["conditional"] = fit_conditional(eps, delta[p], ts, holdout)
@@ -159,6 +166,7 @@ def correct(bundle, samples: int | None = None, holdout: int | None = None, seed
                          "eta": scfg.eta, "guidance": scfg.guidance, "spacing": scfg.spacing,
                          "model": "fake-quant torch model of each precision (engines match it; see build.json)"},
               "summary": summary, "precisions": fits, "seconds": round(time.perf_counter() - t0, 1),
+              "collect_seconds": collect_seconds, "sharded": cluster.describe() if cluster is not None else None,
               "device": describe(dev), "preset": pre.name}
     with Bundle.transaction(b.root) as w:
         # The previous plan stays until `plan` replaces it: still a valid plan (its engines are built),
@@ -167,3 +175,50 @@ def correct(bundle, samples: int | None = None, holdout: int | None = None, seed
         w.set_stage("correct", {"config": record["config"], "inputs": digest(b, layout.CALIB_FILES),
                                 "summary": summary, "seconds": record["seconds"]})
     return record
+
+
+class CollectWorker:
+    """A Ray worker of ``correct``'s FP trajectories: the source model and each precision's fake-quant model, loaded
+    once; ``run((start, stop))`` collects ε and Δ of trajectories start..stop-1 exactly as one process does."""
+
+    def __init__(self, root: str, digest: str, precisions: list[str], device: str, threads: int, labels, seed: int,
+                 cfg, batch: int):
+        import torch
+
+        from ptqd.calib.device import resolve_device
+        from ptqd.engines.torch_ref import TorchRunner
+
+        torch.set_num_threads(threads)
+        b = Bundle.open(root)
+        b.check_digest(digest)
+        dev = resolve_device(device)
+        loaded = load_source(b)
+        self.quant = fake_quant_runners(b, loaded, precisions, dev)
+        self.fp = TorchRunner(loaded.unet, dev)
+        self.facts, self.table = b.facts, layout.class_embedding(b)
+        self.labels, self.seed, self.cfg, self.batch = labels, seed, cfg, batch
+
+    def run(self, shard):
+        from ptqd.calib.correction import collect
+
+        s, e = shard
+        _, eps, delta = collect(self.fp, self.quant, self.facts, self.table, self.labels[s:e], self.seed, self.cfg,
+                                batch=self.batch, start=s)
+        return (eps, delta), e - s
+
+
+def collect_sharded(b, cluster, shard_size: int, batch: int, precisions, device: str, labels, seed: int, cfg,
+                    progress):
+    """``collect`` over Ray workers: shards of whole batches, ε and Δ concatenated in trajectory order."""
+    import numpy as np
+
+    from ptqd.calib.correction import trajectory_timesteps
+    from ptqd.cluster import index_shards, run_shards
+
+    shards = index_shards(len(labels), shard_size, batch)
+    init = (str(b.root.resolve()), b.digest(), list(precisions), device, cluster.threads, labels, seed, cfg, batch)
+    parts = run_shards(cluster, CollectWorker, init, shards, len(labels), "correct (FP trajectories)", progress)
+    steps = len(parts[0][0])
+    eps = [np.concatenate([p[0][i] for p in parts]) for i in range(steps)]
+    delta = {q: [np.concatenate([p[1][q][i] for p in parts]) for i in range(steps)] for q in precisions}
+    return trajectory_timesteps(b.facts, cfg), eps, delta

@@ -133,3 +133,26 @@ def test_cluster_options_are_checked():
         Cluster.from_options("local", workers=0)
     assert Cluster.from_options(None) is None
     assert Cluster.from_options("local", 3, 1) == Cluster("local", 3, 1)
+
+
+def test_sharded_correct_fits_the_same_correction(compiled, local_ray, tmp_path):
+    """The FP trajectories of `correct` on 2 workers: the same fit as one process. torch's CPU kernels may reduce
+    in another order with another thread count, so both sides run torch on one thread."""
+    import shutil
+
+    import torch
+
+    one, two = tmp_path / "one.bundle", tmp_path / "two.bundle"
+    shutil.copytree(compiled[0], one)
+    shutil.copytree(compiled[0], two)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        kw = dict(samples=16, holdout=4, batch=4, progress=False, gate=False)
+        a = api.correct(one, **kw)
+        b = api.correct(two, cluster=Cluster("local", 2, 1), shard_size=4, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    assert b["sharded"] and a["sharded"] is None
+    assert a["precisions"] == b["precisions"]
+    assert a["summary"] == b["summary"]
