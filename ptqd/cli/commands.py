@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+from ptqd.cli.cluster import cluster_options
 from ptqd.errors import UserError
 
 
@@ -165,7 +166,7 @@ def cmd_sample(args) -> int:
                                 steps=args.steps, eta=args.eta, guidance=args.guidance, out=args.out,
                                 precision=args.plan, batch=args.batch, correction=args.correction,
                                 prompts=prompts or None, negative_prompt=args.negative_prompt, backend=args.backend,
-                                sampler=args.sampler, latents=latents, cluster=_cluster(args),
+                                sampler=args.sampler, latents=latents, cluster=cluster_options(args),
                                 shard_size=args.shard_size)
     print(f"{len(images)} samples ({args.plan}, correction {args.correction}, sampler {args.sampler}) -> "
           f"{args.out or '(not written: pass --out FILE.png|.npz)'}")
@@ -175,7 +176,7 @@ def cmd_sample(args) -> int:
 def cmd_eval(args) -> int:
     from ptqd import api
 
-    cluster = _cluster(args)
+    cluster = cluster_options(args)
     if args.ablation:
         if cluster is not None:
             raise UserError("--ablation runs in one process: drop --ray")
@@ -197,48 +198,12 @@ def cmd_eval(args) -> int:
     return _emit(args, report, print_eval)
 
 
-def cmd_serve(args) -> int:
-    from ptqd.cluster import import_ray
-    from ptqd.validate import integer
-
-    integer("--port", args.port, 1, 65535)
-    integer("--replicas", args.replicas, 1, 1024)
-    integer("--threads", args.threads, 1, 1024)
-    integer("--max-batch", args.max_batch, 1, 4096)
-    integer("--max-num", args.max_num, 1, args.max_batch)
-    if not 0 <= args.batch_wait_ms <= 10_000:
-        raise UserError(f"--batch-wait-ms must be from 0 to 10000, got {args.batch_wait_ms}")
-    precisions = [p for p in args.precisions.split(",") if p]
-    if not precisions:
-        raise UserError("--precisions: give at least one, e.g. auto or fp32,w8a8")
-    import_ray()
-    from ptqd.cluster.serve import run_server
-
-    run_server(args.bundle, host=args.host, port=args.port, precisions=precisions, backend=args.backend,
-               replicas=args.replicas, threads=args.threads, max_batch=args.max_batch, wait_ms=args.batch_wait_ms,
-               max_num=args.max_num, ray_address=args.ray)
-    return 0
-
-
-def _cluster(args):
-    """--ray/--workers/--threads/--shard-size as a Cluster (None: this process)."""
-    from ptqd.cluster import Cluster
-
-    if args.shard_size is not None and args.ray is None:
-        raise UserError("--shard-size splits a run over Ray workers: add --ray local (or --ray ADDRESS)")
-    if args.shard_size is not None:
-        from ptqd.validate import integer
-
-        integer("--shard-size", args.shard_size, 1)
-    return Cluster.from_options(args.ray, args.workers, args.threads)
-
-
 def cmd_correct(args) -> int:
     from ptqd import api
 
     rec = api.correct(args.bundle, samples=args.samples, holdout=args.holdout, seed=args.seed, device=args.device,
                       preset=args.preset, gate_samples=args.gate_samples, gate_ranges=args.gate_ranges,
-                      gate_budget=args.gate_budget, cluster=_cluster(args), shard_size=args.shard_size)
+                      gate_budget=args.gate_budget, cluster=cluster_options(args), shard_size=args.shard_size)
     c = rec["config"]
     where = f"; FP trajectories on {rec['sharded']}" if rec.get("sharded") else ""
     print(f"fitted k_t, bias_t, sigma_q,t over {c['steps']} steps on {c['samples'] - c['holdout']} "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ptqd import __version__
+from ptqd.cli.cluster import cmd_serve
 from ptqd.cli.commands import (
     cmd_bench,
     cmd_build,
@@ -21,7 +22,6 @@ from ptqd.cli.commands import (
     cmd_plan,
     cmd_report,
     cmd_sample,
-    cmd_serve,
     cmd_train_demo,
 )
 from ptqd.precision import ORT_BUILDABLE
@@ -98,6 +98,8 @@ def _ray_args(p, batch: int | None) -> None:
                                                "--threads)")
     g.add_argument("--threads", type=int, help="CPU threads per worker (default 1); each worker asks Ray for as "
                                                "many CPUs")
+    g.add_argument("--gpus-per-worker", type=float, help="GPUs each worker asks Ray for (TensorRT engines: 1; "
+                                                         "default 0)")
     size = f"--batch, {batch}" if batch else "the preset's trajectory batch"
     g.add_argument("--shard-size", type=int, help=f"samples per shard, a multiple of the batch (default {size}); a "
                                                   "failed worker's shard runs again elsewhere")

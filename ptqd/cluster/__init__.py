@@ -41,19 +41,20 @@ class Cluster:
     """Where shards run. ``address``: ``local`` (a Ray instance on this machine, started for the run and stopped
     after it, unless one is already running in this process), ``auto`` (the cluster this machine belongs to), or a
     Ray address (``ray://head:10001``, ``head:6379``). ``workers``: actors; ``threads``: CPU threads per actor
-    (each actor asks Ray for that many CPUs)."""
+    (each actor asks Ray for that many CPUs); ``gpus``: GPUs per actor (TensorRT engines: 1)."""
 
     address: str
     workers: int = 2
     threads: int = 1
+    gpus: float = 0.0
 
     @classmethod
     def from_options(cls, address: str | None, workers: int | None = None,
-                     threads: int | None = None) -> "Cluster | None":
+                     threads: int | None = None, gpus: float | None = None) -> "Cluster | None":
         if address is None:
-            if workers is not None or threads is not None:
-                raise UserError("--workers and --threads spread a run over Ray workers: add --ray local (this "
-                                "machine) or --ray ADDRESS (a cluster)")
+            if workers is not None or threads is not None or gpus:
+                raise UserError("--workers, --threads and --gpus-per-worker spread a run over Ray workers: add --ray "
+                                "local (this machine) or --ray ADDRESS (a cluster)")
             return None
         if not isinstance(address, str) or not address.strip():
             raise UserError("--ray: give 'local', 'auto' or a Ray address such as ray://head:10001")
@@ -62,7 +63,10 @@ class Cluster:
         cpus = os.cpu_count() or 1
         threads = integer("--threads", 1 if threads is None else threads, 1, 1024)
         workers = integer("--workers", max(1, cpus // threads) if workers is None else workers, 1, 4096)
-        return cls(address.strip(), workers, threads)
+        gpus = 0.0 if gpus is None else gpus
+        if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or not 0 <= gpus <= 64:
+            raise UserError(f"--gpus-per-worker must be from 0 to 64 (fractions share a GPU), got {gpus}")
+        return cls(address.strip(), workers, threads, float(gpus))
 
     def describe(self) -> str:
         return f"{self.workers} Ray worker{'s' * (self.workers != 1)} x {self.threads} thread{'s' * (self.threads != 1)}" \
@@ -121,12 +125,13 @@ class ShardPool:
 
     def __init__(self, cluster: Cluster, worker_cls, init: tuple, runtime_env: dict | None = None):
         ray = import_ray()
-        total = ray.cluster_resources().get("CPU", 0)
-        need = cluster.workers * cluster.threads
-        if need > total:
-            raise UserError(f"--workers {cluster.workers} x --threads {cluster.threads} need {need} CPUs; the Ray "
-                            f"cluster at {cluster.address} has {total:g}: ask for fewer")
-        actor = ray.remote(Host).options(num_cpus=cluster.threads, max_restarts=MAX_RESTARTS,
+        have = ray.cluster_resources()
+        for what, per, flag in (("CPU", cluster.threads, "--threads"), ("GPU", cluster.gpus, "--gpus-per-worker")):
+            need = cluster.workers * per
+            if need > have.get(what, 0):
+                raise UserError(f"--workers {cluster.workers} x {flag} {per:g} need {need:g} {what}s; the Ray cluster "
+                                f"at {cluster.address} has {have.get(what, 0):g}: ask for fewer")
+        actor = ray.remote(Host).options(num_cpus=cluster.threads, num_gpus=cluster.gpus, max_restarts=MAX_RESTARTS,
                                          max_task_retries=MAX_RESTARTS, runtime_env=runtime_env)
         self.ray, self.cluster = ray, cluster
         self.actors = [actor.remote(worker_cls, init) for _ in range(cluster.workers)]
@@ -143,11 +148,13 @@ class ShardPool:
             self.pids.append(pid)
 
     def map(self, shards: Sequence[Any], total: int, desc: str, progress: bool | None = None,
-            on_result=None) -> list[Any]:
+            on_result=None, consume=None) -> list[Any] | None:
         """Results of ``shards`` in shard order. Shards go to whichever worker is free; ``on_result(pool, k)`` is
-        called after the k-th result arrives (k = 1, 2, ...)."""
+        called after the k-th result arrives (k = 1, 2, ...). With ``consume(k, result)``, each result is handed
+        over in shard order as soon as the shards before it are in, and not kept (a fold over a long run)."""
         ray = self.ray
-        results: list[Any] = [None] * len(shards)
+        results: dict[int, Any] = {}
+        handed = 0
         todo = list(range(len(shards)))[::-1]
         pending: dict[Any, tuple[int, int]] = {}  # ref -> (shard, worker)
         load = [0] * len(self.actors)
@@ -173,11 +180,14 @@ class ShardPool:
                     raise UserError(f"Ray worker {w} died running shard {k} and {MAX_RESTARTS} restarts did not help: "
                                     f"{_first_line(e)}") from None
                 results[k] = result
+                while consume is not None and handed in results:
+                    consume(handed, results.pop(handed))
+                    handed += 1
                 done += 1
                 bar.update(count)
                 if on_result is not None:
                     on_result(self, done)
-        return results
+        return None if consume is not None else [results[k] for k in range(len(shards))]
 
     def close(self) -> None:
         for a in self.actors:
@@ -193,13 +203,15 @@ def _first_line(e: Exception) -> str:
 
 
 def run_shards(cluster: Cluster, worker_cls, init: tuple, shards: Sequence[Any], total: int, desc: str,
-               progress: bool | None = None, runtime_env: dict | None = None, on_result=None) -> list[Any]:
-    """Run ``worker_cls(*init).run(shard)`` for every shard on ``cluster``; results in shard order."""
+               progress: bool | None = None, runtime_env: dict | None = None, on_result=None,
+               consume=None) -> list[Any] | None:
+    """Run ``worker_cls(*init).run(shard)`` for every shard on ``cluster``; results in shard order (or each handed
+    to ``consume(k, result)`` in shard order; see :meth:`ShardPool.map`)."""
     started = connect(cluster)
     try:
         pool = ShardPool(cluster, worker_cls, init, runtime_env)
         try:
-            return pool.map(shards, total, desc, progress, on_result)
+            return pool.map(shards, total, desc, progress, on_result, consume)
         finally:
             pool.close()
     finally:

@@ -188,12 +188,17 @@ def run_server(bundle, host: str = "127.0.0.1", port: int = 8000, precisions=("a
 
     from ptqd.bundle import Bundle, layout
     from ptqd.cluster import Cluster, connect
+    from ptqd.errors import UserError
     from ptqd.runtime.loader import load_plan, resolve_backend
 
     b = Bundle.open(bundle)
     precisions = [("fp32" if p == "auto" and not b.has(layout.PLAN_JSON) else p) for p in precisions]
     needs = sorted({q for p in precisions for q in load_plan(b, p).precisions})
     backend = resolve_backend(b, backend, log=lambda m: print(m, file=sys.stderr), needs=needs)
+    missing = [q for q in needs if q != "fp32" and q not in layout.built(b, backend)]
+    if missing and backend != "tensorrt":
+        raise UserError(f"--precisions: {b.root} has no {backend} engine for {', '.join(missing)}; build it with "
+                        f"`ptqd build {b.root} --backend {backend}` or serve other precisions")
     app = build_app(b, precisions, backend, replicas, threads, max_batch, wait_ms, max_num)
     started = connect(Cluster(ray_address, replicas, threads))
     serve.start(http_options={"host": host, "port": port})

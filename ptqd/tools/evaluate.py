@@ -19,8 +19,8 @@ from ptqd.runtime.loader import (default_labels, load_plan, open_decoder, open_e
                                  sampler_config, step_engines)
 from ptqd.stages.plan import plan_bops, precision_bops
 from ptqd.cluster import index_shards, run_shards
-from ptqd.tools.metrics import (FeatureModel, Gaussian, eval_batch, eval_config, evaluate_runners, frechet_distance,
-                                merge_eval)
+from ptqd.tools.metrics import (EvalTotals, FeatureModel, Gaussian, eval_batch, eval_config, evaluate_runners,
+                                frechet_distance)
 from ptqd.validate import sampling_counts
 
 
@@ -69,10 +69,16 @@ def evaluate(bundle, precisions=("fp32",), num: int = 500, seed: int = 0, steps:
     else:
         init = (str(b.root.resolve()), b.digest(), rows, backend, cluster.threads,
                 None if feat_path is None else str(feat_path.resolve()), labels, seed, cfg, batch, eps_mse)
-        parts = run_shards(cluster, EvalWorker, init, shards, num, report_name, progress)
-        specs = parts[0][1]  # label -> precision, as the workers' step_engines named the rows
-        res = merge_eval([st for part, _ in parts for st in part], list(specs), eval_config(num, seed, cfg),
-                         int(np.prod(facts.latent_shape)), real)
+        totals, specs = EvalTotals(), {}
+
+        def fold(_, part):  # in shard order, as results come: the sums of one process
+            stats, names = part
+            specs.update(names)  # label -> precision, as the workers' step_engines named the rows
+            for st in stats:
+                totals.add(st)
+
+        run_shards(cluster, EvalWorker, init, shards, num, report_name, progress, consume=fold)
+        res = totals.result(eval_config(num, seed, cfg), int(np.prod(facts.latent_shape)), real)
     res.reference = reference
     fp_bops = precision_bops(b, "fp32") if b.has(layout.UNET_LAYERS) else None
     for row in res.rows:

@@ -156,3 +156,10 @@ def test_sharded_correct_fits_the_same_correction(compiled, local_ray, tmp_path)
     assert b["sharded"] and a["sharded"] is None
     assert a["precisions"] == b["precisions"]
     assert a["summary"] == b["summary"]
+
+
+def test_workers_asking_for_more_than_the_cluster_has_are_refused(local_ray):
+    with pytest.raises(UserError, match=r"need 2 GPUs; the Ray cluster at local has 0"):
+        run_shards(Cluster("local", 2, 1, gpus=1.0), SampleWorker, (), [(0, 1, None)], 1, "sample", progress=False)
+    with pytest.raises(UserError, match=r"need 8 CPUs"):
+        run_shards(Cluster("local", 4, 2), SampleWorker, (), [(0, 1, None)], 1, "sample", progress=False)

@@ -98,3 +98,25 @@ def test_load_batches_requests_and_survives_a_killed_replica(server):
     assert not res.failures, res.failures[:3]
     assert s["valid"] == 48 and s["ok"] == 48 and s["invalid"] == 16
     assert s["mean_unet_batch"] > 1.0, s
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--max-num", "9", "--max-batch", "8"], "--max-num must be between 1 and 8"),
+    (["--port", "0"], "--port must be between 1 and 65535"),
+    (["--precisions", "w2a2"], "no onnxruntime engine for w2a2|w2a2"),
+    (["--batch-wait-ms", "-1"], "--batch-wait-ms must be from 0"),
+])
+def test_serve_refuses_bad_options_before_starting(compiled, capsys, argv, match):
+    import re
+
+    from ptqd.cli import main
+
+    assert main(["serve", str(compiled[0]), "--backend", "onnxruntime", *argv]) == 1
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_serve_refuses_a_missing_bundle(tmp_path, capsys):
+    from ptqd.cli import main
+
+    assert main(["serve", str(tmp_path / "nope.bundle")]) == 1
+    assert "bundle not found" in capsys.readouterr().err
