@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--num", type=int, default=2000, help="eval: samples (default 2000)")
     ap.add_argument("--precisions", default="fp32,w8a8", help="eval: rows (default fp32,w8a8)")
     ap.add_argument("--shard-size", type=int, help="samples per shard (default: the job's batch)")
+    ap.add_argument("--args", default="", help="more options for the ptqd command, e.g. \"--samples 16 --batch 4\"")
     ap.add_argument("--json", help="write the table here")
     args = ap.parse_args(argv)
     from ptqd.resources import cpu_description
@@ -68,20 +69,22 @@ def main(argv=None) -> int:
                 target = Path(tmp) / "b.bundle"
                 shutil.copytree(args.bundle, target)
                 cmd = [ptqd, "correct", str(target)]
-            r = run(cmd + (extra + shard if extra else []))
+            r = run(cmd + args.args.split() + (extra + shard if extra else []))
             if args.job == "eval":
                 result = [{k: v for k, v in row.items() if k != "seconds"} for row in json.loads(r["stdout"])["rows"]]
             else:
-                result = json.loads((target / "calib" / "correction.json").read_text())["precisions"]
+                rec = json.loads((target / "calib" / "correction.json").read_text())
+                result, r["collect_seconds"] = rec["precisions"], rec.get("collect_seconds")
         same = None if reference is None else result == reference
         reference = result if reference is None else reference
-        rows.append({"way": name, "seconds": r["seconds"], "peak_rss_gb": r["peak_rss_gb"], "same_result": same})
+        rows.append({"way": name, "seconds": r["seconds"], "peak_rss_gb": r["peak_rss_gb"], "same_result": same,
+                     "trajectory_seconds": r.get("collect_seconds")})
         print(f"{name:32s} {r['seconds']:8.1f} s  peak {r['peak_rss_gb']:.2f} GiB  same as one process: {same}",
               file=sys.stderr)
     base = rows[0]["seconds"]
     for row in rows:
         row["speedup_vs_one_process"] = round(base / row["seconds"], 2)
-    out = {"job": args.job, "bundle": args.bundle, "cpu": cpu_description(), "num": args.num if args.job == "eval"
+    out = {"job": args.job, "bundle": args.bundle, "args": args.args, "cpu": cpu_description(), "num": args.num if args.job == "eval"
            else None, "precisions": args.precisions if args.job == "eval" else None, "rows": rows}
     print(json.dumps(out, indent=2))
     if args.json:

@@ -201,7 +201,8 @@ def cmd_eval(args) -> int:
 def cmd_correct(args) -> int:
     from ptqd import api
 
-    rec = api.correct(args.bundle, samples=args.samples, holdout=args.holdout, seed=args.seed, device=args.device,
+    rec = api.correct(args.bundle, samples=args.samples, holdout=args.holdout, seed=args.seed, batch=args.batch,
+                      device=args.device,
                       preset=args.preset, gate_samples=args.gate_samples, gate_ranges=args.gate_ranges,
                       gate_budget=args.gate_budget, cluster=cluster_options(args), shard_size=args.shard_size)
     c = rec["config"]

@@ -300,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--holdout", type=int, default=None,
                     help="of those, held out to measure the fit (default: the preset's, 16 for the demo)")
     co.add_argument("--seed", type=int, default=1, help="trajectory seed (default 1; calibration uses 0)")
+    co.add_argument("--batch", type=int, default=None, help="trajectories per model call (default: the preset's)")
     _gate_args(co)
     _plan_args(co)
     _effort_args(co)

@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -140,6 +140,12 @@ class Ingress:
             try:
                 images, batch = await self.generator.generate.remote(req)
                 break
+            except RayTaskError as e:  # the request reached a replica and its work refused it
+                from ptqd.errors import UserError
+
+                if isinstance(getattr(e, "cause", None), UserError):
+                    raise BadRequest(422, str(e.cause)) from None
+                raise
             except LOST:
                 if attempt == RETRIES:
                     return JSONResponse({"error": f"no generator replica could run the request after {RETRIES} "
