@@ -77,6 +77,28 @@ class Recording:
     feeds: list  # [(x, t, context | None)] numpy, one per UNet call, as the sampler sent them
     order: list  # node names in the order their layers first ran
 
+    @staticmethod
+    def merge(parts: list["Recording"]) -> "Recording":
+        """Recordings of consecutive trajectory chunks, in chunk order, as one run over all of them records:
+        min/max folded, subsamples and feeds concatenated in order."""
+        first = parts[0]
+        obs = {}
+        for name, o in first.obs.items():
+            m = LayerObservation(o.name, o.module, o.kind)
+            for part in parts:
+                for mine, theirs in ((m.inputs, part.obs[name].inputs), (m.outputs, part.obs[name].outputs)):
+                    for step, st in theirs.items():
+                        acc = mine.setdefault(step, TensorStats())
+                        acc.lo, acc.hi = min(acc.lo, st.lo), max(acc.hi, st.hi)
+                        acc.samples.extend(st.samples)
+            obs[name] = m
+        return Recording(obs, [f for part in parts for f in part.feeds], list(first.order))
+
+
+def trajectory_chunks(labels: np.ndarray, seeds, batch: int) -> list[tuple[int, int, int]]:
+    """The chunks pass 1 runs, in order: (seed, first, stop) over ``labels``, ``batch`` trajectories each."""
+    return [(int(s), s0, min(len(labels), s0 + batch)) for s in seeds for s0 in range(0, len(labels), batch)]
+
 
 def hessian_bytes(row: dict) -> int:
     """Bytes of one layer's float32 H (K x K, K = the weight's contraction size)."""
@@ -113,18 +135,19 @@ def patch_rows(torch, mod, x, positions: int, gen):
 
 
 def record_trajectories(loaded, layers: list[dict], labels: np.ndarray, seeds, cfg, device, batch: int = 32,
-                        per_call: int = 2048, progress=None) -> Recording:
+                        per_call: int = 2048, progress=None, chunks: list | None = None) -> Recording:
     """Pass 1: run FP trajectories with statistics hooks on ``layers`` (layer-table rows; their
-    ``module`` names address the torch modules). ``progress`` advances by one per trajectory chunk."""
+    ``module`` names address the torch modules). ``progress`` advances by one per trajectory chunk.
+    ``chunks``: run only these of :func:`trajectory_chunks` (a shard); each chunk subsamples with its own
+    random stream, so shards merged in order (:meth:`Recording.merge`) equal one run over every chunk."""
 
     from ptqd.runtime.pipeline import sample_latents
     from ptqd.runtime.sampler import DDIMSampler
     from ptqd.engines.torch_ref import TorchRunner
 
     unet = loaded.unet.unet
-    rng = np.random.RandomState(0)
     obs = {r["name"]: LayerObservation(r["name"], r["module"], r["kind"]) for r in layers}
-    state = {"step": 0}
+    state = {"step": 0, "rng": None}
     order: list[str] = []
     seen: set[str] = set()
     handles = []
@@ -134,10 +157,10 @@ def record_trajectories(loaded, layers: list[dict], labels: np.ndarray, seeds, c
             if o.name not in seen:
                 seen.add(o.name)
                 order.append(o.name)
-            o.inputs.setdefault(state["step"], TensorStats()).add(args[0], rng, per_call)
+            o.inputs.setdefault(state["step"], TensorStats()).add(args[0], state["rng"], per_call)
 
         def post(_m, _args, y):
-            o.outputs.setdefault(state["step"], TensorStats()).add(y, rng, per_call)
+            o.outputs.setdefault(state["step"], TensorStats()).add(y, state["rng"], per_call)
 
         handles.append(mod.register_forward_pre_hook(pre))
         if o.kind == "conv":
@@ -158,12 +181,12 @@ def record_trajectories(loaded, layers: list[dict], labels: np.ndarray, seeds, c
         return runner(x, t, c)
 
     try:
-        for s in seeds:
-            for s0 in range(0, len(labels), batch):
-                idx = np.arange(s0, min(len(labels), s0 + batch))
-                sample_latents(stepped, loaded.facts, loaded.class_embedding, labels[idx], idx, int(s), cfg)
-                if progress is not None:
-                    progress.update(1)
+        for s, s0, stop in trajectory_chunks(labels, seeds, batch) if chunks is None else chunks:
+            idx = np.arange(s0, stop)
+            state["rng"] = np.random.RandomState([s, s0])  # the chunk's own stream: shards merge to one run
+            sample_latents(stepped, loaded.facts, loaded.class_embedding, labels[idx], idx, s, cfg)
+            if progress is not None:
+                progress.update(1)
     finally:
         for h in handles:
             h.remove()

@@ -88,18 +88,22 @@ def _sampler_arg(p) -> None:
                         "scheduler config as diffusers' from_config does")
 
 
-def _ray_args(p, batch: int | None) -> None:
+def _ray_args(p, batch: int | None, shards: bool = True) -> None:
     g = p.add_argument_group("spread over Ray workers (pip install 'ptqd[cluster]')")
     g.add_argument("--ray", metavar="ADDRESS",
                    help="run shards of the samples on Ray workers: local (a Ray instance on this machine, for this "
                         "run), auto (the cluster this machine joined) or a Ray address (ray://head:10001). Results "
-                        "are bit-identical to a run without --ray")
+                        "equal a run without --ray: sample and eval bit for bit, calibrate and correct where the "
+                        "workers' torch threads equal this process's")
     g.add_argument("--workers", type=int, help="Ray workers, each opening the bundle's engines once (default: CPUs / "
                                                "--threads)")
     g.add_argument("--threads", type=int, help="CPU threads per worker (default 1); each worker asks Ray for as "
                                                "many CPUs")
     g.add_argument("--gpus-per-worker", type=float, help="GPUs each worker asks Ray for (TensorRT engines: 1; "
                                                          "default 0)")
+    if not shards:  # calibrate: one trajectory chunk per shard
+        p.set_defaults(shard_size=None)
+        return
     size = f"--batch, {batch}" if batch else "the preset's trajectory batch"
     g.add_argument("--shard-size", type=int, help=f"samples per shard, a multiple of the batch (default {size}); a "
                                                   "failed worker's shard runs again elsewhere")
@@ -171,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="calibration recipe: ptqd-paper = per-tensor weights, nearest rounding, min-max ranges")
     _gate_args(cp)
     cp.add_argument("--force", action="store_true", help="rerun every stage")
+    _ray_args(cp, None, shards=False)
     cp.set_defaults(func=cmd_compile)
 
     e = sub.add_parser("export", help="UNet -> validated FP32 ONNX bundle with a layer table",
@@ -215,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replaces --method/--rounding: ptqd-paper = per-tensor weights, nearest rounding, min-max")
     c.add_argument("--buckets", type=int, default=1, help="timestep buckets, each with its own activation scales and engine (default 1)")
     _effort_args(c)
+    _ray_args(c, None, shards=False)
     c.set_defaults(func=cmd_calibrate)
 
     bl = sub.add_parser("build", help="one engine per precision, validated against the fake-quant model",

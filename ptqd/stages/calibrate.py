@@ -15,8 +15,9 @@ from ptqd.stages.common import digest, load_source
 def calibrate(bundle, samples: int | None = None, steps: int | None = None, eta: float = 0.0,
               guidance: float = 3.0, method: str = "mse", rounding: str = "gptq", buckets: int = 1,
               device: str = "auto", preset: str = "auto", progress: bool | None = None,
-              recipe: str | None = None) -> dict:
+              recipe: str | None = None, cluster=None) -> dict:
     """Observe activations along FP trajectories; write quantization parameters per precision.
+    ``cluster``: pass 1's trajectory chunks run on Ray workers (:class:`ObserveWorker`), merged in chunk order.
 
     ``recipe`` (``calib.calibrate.RECIPES``, e.g. "ptqd-paper") replaces ``method`` and ``rounding``
     and sets the weight scales' granularity.
@@ -69,8 +70,13 @@ def calibrate(bundle, samples: int | None = None, steps: int | None = None, eta:
     chunks = cfg.seeds * -(-cfg.samples // cfg.batch)
     with progress_bar(chunks + len(selected), "calibrate", progress) as bar:
         bar.set_postfix_str(f"observing {len(selected)} layers over {cfg.steps} steps on {describe(dev)}")
-        rec = record_trajectories(loaded, selected, labels, np.arange(cfg.seeds), scfg, dev, batch=cfg.batch,
-                                  progress=bar)
+        if cluster is None:
+            rec = record_trajectories(loaded, selected, labels, np.arange(cfg.seeds), scfg, dev, batch=cfg.batch,
+                                      progress=bar)
+        else:
+            rec = observe_sharded(b, cluster, selected, labels, np.arange(cfg.seeds), scfg, device, cfg.batch,
+                                  progress)
+            bar.update(chunks)
         seconds["observe"] = round(time.perf_counter() - t0, 1)
         t1 = time.perf_counter()
         bar.set_postfix_str(f"H + {cfg.rounding} weights, layer groups of <= {pre.hessian_mb} MB")
@@ -122,3 +128,39 @@ def calibrate(bundle, samples: int | None = None, steps: int | None = None, eta:
                                                                 "seconds", "device", "preset")},
                                       "inputs": digest(b, (layout.UNET_ONNX, layout.UNET_LAYERS))})
     return record
+
+
+class ObserveWorker:
+    """A Ray worker of calibration's pass 1: the source model loaded once; ``run(chunks)`` records those trajectory
+    chunks exactly as one process does (each chunk subsamples with its own random stream)."""
+
+    def __init__(self, root: str, digest: str, selected: list, labels, seeds, cfg, device: str, threads: int,
+                 batch: int):
+        import torch
+
+        from ptqd.calib.device import resolve_device
+
+        torch.set_num_threads(threads)
+        b = Bundle.open(root)
+        b.check_digest(digest)
+        self.loaded, self.dev = load_source(b), resolve_device(device)
+        self.selected, self.labels, self.seeds, self.cfg, self.batch = selected, labels, seeds, cfg, batch
+
+    def run(self, chunks):
+        from ptqd.calib.observe import record_trajectories
+
+        rec = record_trajectories(self.loaded, self.selected, self.labels, self.seeds, self.cfg, self.dev,
+                                  batch=self.batch, chunks=chunks)
+        return rec, sum(stop - s0 for _, s0, stop in chunks)
+
+
+def observe_sharded(b, cluster, selected, labels, seeds, scfg, device: str, batch: int, progress):
+    """Pass 1 on Ray workers: one trajectory chunk per shard, recordings merged in chunk order."""
+    from ptqd.calib.observe import Recording, trajectory_chunks
+    from ptqd.cluster import run_shards
+
+    chunks = trajectory_chunks(labels, seeds, batch)
+    init = (str(b.root.resolve()), b.digest(), selected, labels, seeds, scfg, device, cluster.threads, batch)
+    parts = run_shards(cluster, ObserveWorker, init, [[c] for c in chunks], len(seeds) * len(labels),
+                       "calibrate (FP trajectories)", progress)
+    return Recording.merge(parts)

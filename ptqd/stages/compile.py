@@ -24,8 +24,9 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
             device: str = "auto", preset: str = "auto", progress: bool | None = None, log=print,
             prompts=None, recipe: str | None = None, gate_samples: int | None = None,
             gate_ranges: int | None = None, gate_budget: float | None = None,
-            backend: str = "onnxruntime") -> dict[str, Any]:
-    """export -> calibrate -> build -> correct -> plan, into one bundle. Resumable: a stage whose
+            backend: str = "onnxruntime", cluster=None) -> dict[str, Any]:
+    """export -> calibrate -> build -> correct -> plan, into one bundle. ``cluster``: calibrate's and correct's FP
+    trajectories run on Ray workers (:mod:`ptqd.cluster`). Resumable: a stage whose
     inputs (the sha256 of the files it reads) and settings are unchanged is reused, so a rerun after an
     interruption, or with a new --margin, redoes only what changed. ``force`` reruns everything.
 
@@ -110,7 +111,7 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
     ccfg = {"samples": samples, "steps": steps, "guidance": guidance, **recipe_options(recipe or "default")}
     stage("calibrate", reusable(b, "calibrate", (layout.UNET_ONNX, layout.UNET_LAYERS), config=ccfg),
           lambda: calibrate(out, samples=samples, steps=steps, guidance=guidance, device=device, preset=preset,
-                                progress=progress, recipe=recipe))
+                                progress=progress, recipe=recipe, cluster=cluster))
     b = Bundle.open(out)
     built = set((b.stage("build") or {}).get("precisions", []))
     same = reusable(b, "build", layout.BUILD_INPUTS) and not force
@@ -129,7 +130,7 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
                                             config={"samples": correction_samples, "holdout": holdout}),
           lambda: correct(out, samples=correction_samples, holdout=holdout, device=device, preset=preset,
                           progress=progress, gate_samples=gate_cfg["samples"], gate_ranges=gate_cfg["ranges"],
-                          gate_budget=gate_cfg["budget_s"], log=log))
+                          gate_budget=gate_cfg["budget_s"], log=log, cluster=cluster))
     b = Bundle.open(out)
     stage("plan", reusable(b, "plan", layout.PLAN_INPUTS, margin=margin,
                             criterion=criterion, budget=budget),

@@ -163,3 +163,32 @@ def test_workers_asking_for_more_than_the_cluster_has_are_refused(local_ray):
         run_shards(Cluster("local", 2, 1, gpus=1.0), SampleWorker, (), [(0, 1, None)], 1, "sample", progress=False)
     with pytest.raises(UserError, match=r"need 8 CPUs"):
         run_shards(Cluster("local", 4, 2), SampleWorker, (), [(0, 1, None)], 1, "sample", progress=False)
+
+
+def test_sharded_calibration_records_the_same_statistics(compiled, local_ray, tmp_path):
+    """Calibration's pass 1 on 2 workers, one trajectory chunk per shard: the same quantization parameters and
+    calibration inputs, file for file (torch on one thread on both sides, as for correct)."""
+    import shutil
+
+    import torch
+
+    from ptqd.bundle import Bundle
+
+    one, two = tmp_path / "one.bundle", tmp_path / "two.bundle"
+    shutil.copytree(compiled[0], one)
+    shutil.copytree(compiled[0], two)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        kw = dict(samples=8, steps=6, preset="minimal", progress=False)
+        a = api.calibrate(one, **kw)
+        b = api.calibrate(two, cluster=Cluster("local", 2, 1), **kw)
+    finally:
+        torch.set_num_threads(threads)
+    files = {}
+    for root in (one, two):
+        m = Bundle.open(root).files
+        files[root] = {k: v["sha256"] for k, v in m.items() if k.startswith("calib/") and not k.endswith(".json")}
+    assert files[one] and files[one] == files[two]
+    assert a["per_step_input_range"] == b["per_step_input_range"]
+    assert a["calibration_inputs"] == b["calibration_inputs"]
