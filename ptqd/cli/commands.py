@@ -178,11 +178,9 @@ def cmd_eval(args) -> int:
 
     cluster = cluster_options(args)
     if args.ablation:
-        if cluster is not None:
-            raise UserError("--ablation runs in one process: drop --ray")
         precisions = [p for p in (args.precisions or "w4a8,w4a4,auto").split(",") if p and p != "fp32"]
         res = api.ablation(args.bundle, precisions=precisions, num=args.num, seed=args.seed, steps=args.steps,
-                           guidance=args.guidance)
+                           guidance=args.guidance, batch=args.batch, cluster=cluster, shard_size=args.shard_size)
         if args.json:
             print(_dumps(res))
         else:

@@ -157,14 +157,15 @@ def real_reference(b, fmodel, num: int, seed: int):
 
 
 def ablation(bundle, precisions=("w4a8", "w4a4", "auto"), num: int = 500, seed: int = 0, steps: int = 20,
-             guidance: float = 3.0, batch: int = 100, progress: bool | None = None) -> dict[str, Any]:
+             guidance: float = 3.0, batch: int = 100, progress: bool | None = None, cluster=None,
+             shard_size: int | None = None) -> dict[str, Any]:
     """PTQD's ablation on one bundle, paired with FP on the same seeds: at η = 0 the uncorrected engine,
     + correlated correction (k), + bias; at η = 1 the uncorrected engine, + k + bias, + VSC."""
     rows0 = [(p, c) for p in precisions for c in ("off", ("k",), ("k", "bias"))]
     rows1 = [(p, c) for p in precisions for c in ("off", ("k", "bias"), ("k", "bias", "vsc"))]
     out = {}
-    for eta, rows in ((0.0, rows0), (1.0, rows1)):
+    for eta, rows in ((0.0, rows0), (1.0, rows1)):  # on PTQD's DDIM (η 0 and 1), where the correction was fit
         out[f"eta{eta:g}"] = evaluate(bundle, num=num, seed=seed, steps=steps, eta=eta, guidance=guidance,
                                       batch=batch, progress=progress, rows=rows, report_name=f"ablation_eta{eta:g}",
-                                      sampler=None)  # PTQD's DDIM (η 0 and 1), on which the correction was fit
+                                      sampler=None, cluster=cluster, shard_size=shard_size)
     return out
