@@ -24,7 +24,7 @@ def cmd_serve(args) -> int:
 
     run_server(args.bundle, host=args.host, port=args.port, precisions=precisions, backend=args.backend,
                replicas=args.replicas, threads=args.threads, max_batch=args.max_batch, wait_ms=args.batch_wait_ms,
-               max_num=args.max_num, ray_address=args.ray)
+               max_num=args.max_num, ray_address=args.ray, log=lambda m: print(m, flush=True))
     return 0
 
 

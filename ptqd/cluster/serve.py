@@ -207,8 +207,12 @@ def run_server(bundle, host: str = "127.0.0.1", port: int = 8000, precisions=("a
                         f"`ptqd build {b.root} --backend {backend}` or serve other precisions")
     app = build_app(b, precisions, backend, replicas, threads, max_batch, wait_ms, max_num)
     started = connect(Cluster(ray_address, replicas, threads))
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(app, name="ptqd", route_prefix="/")
+    import logging
+
+    quiet = {"log_level": "WARNING"}  # Serve's INFO lines (controller, every request) stay out of the terminal
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    serve.start(http_options={"host": host, "port": port}, logging_config=quiet)
+    serve.run(app, name="ptqd", route_prefix="/", logging_config=quiet)
     log(f"serving {b.root} ({', '.join(precisions)} on {backend}; {replicas} replica(s) x {threads} thread(s), "
         f"batches of up to {max_batch} samples) at http://{host}:{port}: POST /generate, GET /health")
     if not block:
