@@ -192,3 +192,27 @@ def test_sharded_calibration_records_the_same_statistics(compiled, local_ray, tm
     assert files[one] and files[one] == files[two]
     assert a["per_step_input_range"] == b["per_step_input_range"]
     assert a["calibration_inputs"] == b["calibration_inputs"]
+
+
+def test_cli_sample_and_eval_with_ray(compiled, local_ray, tmp_path, capsys):
+    import json
+
+    from ptqd.cli import main
+
+    bundle = str(compiled[0])
+    base = ["sample", bundle, "--num", "8", "--batch", "4", "--steps", "6", "--plan", "w8a8"]
+    assert main(base + ["--out", str(tmp_path / "one.npz")]) == 0
+    assert main(base + ["--out", str(tmp_path / "ray.npz"), "--ray", "local", "--workers", "2", "--threads", "1",
+                        "--shard-size", "4"]) == 0
+    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "ray.npz")
+    assert np.array_equal(one["images"], two["images"]) and np.array_equal(one["labels"], two["labels"])
+    capsys.readouterr()
+    ev = ["eval", bundle, "--num", "8", "--batch", "4", "--steps", "6", "--precisions", "fp32,w8a8", "--json"]
+    assert main(ev) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert main(ev + ["--ray", "local", "--workers", "2"]) == 0
+    rows_ray = json.loads(capsys.readouterr().out)["rows"]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in rows] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in rows_ray]
+    assert main(["sample", bundle, "--num", "8", "--batch", "4", "--ray", "local", "--shard-size", "6"]) == 1
+    assert "must be a multiple of --batch 4" in capsys.readouterr().err
