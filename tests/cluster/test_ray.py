@@ -135,24 +135,29 @@ def test_cluster_options_are_checked():
     assert Cluster.from_options("local", 3, 1) == Cluster("local", 3, 1)
 
 
-def test_sharded_correct_fits_the_same_correction(compiled, local_ray, tmp_path):
-    """The FP trajectories of `correct` on 2 workers: the same fit as one process. torch's CPU kernels may reduce
-    in another order with another thread count, so both sides run torch on one thread."""
+def _one_process_and_sharded(bundle, tmp_path, stage, kw: dict, sharded: dict):
+    """``stage`` on two copies of ``bundle``: in this process, and with its trajectories on 2 workers; torch on one
+    thread on both sides (its CPU kernels may reduce in another order with another thread count)."""
     import shutil
 
     import torch
 
     one, two = tmp_path / "one.bundle", tmp_path / "two.bundle"
-    shutil.copytree(compiled[0], one)
-    shutil.copytree(compiled[0], two)
+    shutil.copytree(bundle, one)
+    shutil.copytree(bundle, two)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        kw = dict(samples=16, holdout=4, batch=4, progress=False, gate=False)
-        a = api.correct(one, **kw)
-        b = api.correct(two, cluster=Cluster("local", 2, 1), shard_size=4, **kw)
+        return stage(one, **kw), stage(two, cluster=Cluster("local", 2, 1), **sharded, **kw)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_sharded_correct_fits_the_same_correction(compiled, local_ray, tmp_path):
+    """The FP trajectories of `correct` on 2 workers: the same fit as one process. torch's CPU kernels may reduce
+    in another order with another thread count, so both sides run torch on one thread."""
+    kw = dict(samples=16, holdout=4, batch=4, progress=False, gate=False)
+    a, b = _one_process_and_sharded(compiled[0], tmp_path, api.correct, kw, dict(shard_size=4))
     assert b["sharded"] and a["sharded"] is None
     assert a["precisions"] == b["precisions"]
     assert a["summary"] == b["summary"]
@@ -168,23 +173,11 @@ def test_workers_asking_for_more_than_the_cluster_has_are_refused(local_ray):
 def test_sharded_calibration_records_the_same_statistics(compiled, local_ray, tmp_path):
     """Calibration's pass 1 on 2 workers, one trajectory chunk per shard: the same quantization parameters and
     calibration inputs, file for file (torch on one thread on both sides, as for correct)."""
-    import shutil
-
-    import torch
-
     from ptqd.bundle import Bundle
 
     one, two = tmp_path / "one.bundle", tmp_path / "two.bundle"
-    shutil.copytree(compiled[0], one)
-    shutil.copytree(compiled[0], two)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        kw = dict(samples=8, steps=6, preset="minimal", progress=False)
-        a = api.calibrate(one, **kw)
-        b = api.calibrate(two, cluster=Cluster("local", 2, 1), **kw)
-    finally:
-        torch.set_num_threads(threads)
+    a, b = _one_process_and_sharded(compiled[0], tmp_path, api.calibrate,
+                                    dict(samples=8, steps=6, preset="minimal", progress=False), {})
     files = {}
     for root in (one, two):
         m = Bundle.open(root).files

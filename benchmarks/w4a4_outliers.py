@@ -1,0 +1,202 @@
+"""W4A4 without training, layer by layer: how much of each 4-bit layer's output error smoothing (SmoothQuant's α)
+and a low-rank float branch (SVDQuant's W = L1·L2 + R) remove, on recorded inputs of real trajectories.
+
+    python benchmarks/w4a4_outliers.py demo-out/demo.bundle [--samples 8 --steps 20 --rank-budget 0.05] [--json out.json]
+
+For every layer the bundle's w4a4 quantizes with 4-bit activations, on its inputs along FP trajectories (the
+calibration's sampler settings, seeds 500+ so not the calibration's), the relative output error
+‖ŷ − y‖² / ‖y‖² of:
+
+  ptqd        the bundle's calibrated layer (its activation range, its GPTQ weights)
+  rtn         4-bit activations (MSE-searched per-tensor range), RTN 4-bit weights (MSE-searched per channel)
+  smooth      rtn after migrating activation range into the weights per input channel, s_c = a_c^α / w_c^(1−α),
+              α searched over {0.25, 0.5, 0.75} per layer
+  lowrank     rtn of R = W − L, L the top-r SVD of W kept in float and fed the unquantized input; r the largest
+              rank whose branch stays within --rank-budget of the layer's MACs
+  both        smoothing, then the low-rank split of the smoothed weight
+
+A layer-level study (no engine, no end-to-end sample): it says which of issue 24's two mechanisms pays on this
+model, and where, before the graph work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+ALPHAS = (0.25, 0.5, 0.75)
+
+
+def record_inputs(loaded, modules: dict, facts, table, cfg, samples: int, seed: int):
+    """{layer name: [input tensors]} along FP trajectories of ``samples`` classes."""
+    import torch
+
+    from ptqd.engines.torch_ref import TorchRunner
+    from ptqd.runtime.loader import default_labels
+    from ptqd.runtime.pipeline import sample_latents
+
+    got = {name: [] for name in modules}
+    hooks = [mod.register_forward_pre_hook(lambda _m, a, n=name: got[n].append(a[0].detach().clone()))
+             for name, mod in modules.items()]
+    try:
+        labels = default_labels(facts, None, samples)
+        with torch.no_grad():
+            sample_latents(TorchRunner(loaded.unet, "cpu"), facts, table, labels, np.arange(samples), seed, cfg)
+    finally:
+        for h in hooks:
+            h.remove()
+    return got
+
+
+def act_quant(xs, bits: int = 4):
+    from ptqd.calib.quant import choose_act_range
+
+    flat = np.concatenate([x.reshape(-1).numpy() for x in xs])
+    pick = flat[np.random.RandomState(0).randint(0, flat.size, min(flat.size, 200_000))]
+    return choose_act_range(pick, float(flat.min()), float(flat.max()), bits, "mse")
+
+
+def rtn(w, bits: int = 4):
+    import torch
+
+    from ptqd.calib.quant import quantize_weight, weight_scales
+
+    s = weight_scales(w.numpy(), bits, 0, "mse")
+    q = quantize_weight(w.numpy(), s, bits, 0)
+    return torch.from_numpy(q.astype(np.float32) * s.reshape([-1] + [1] * (w.dim() - 1)))
+
+
+def apply(mod, x, w):
+    import torch.nn.functional as F
+
+    if w.dim() == 2:
+        return F.linear(x, w)
+    return F.conv2d(x, w, None, mod.stride, mod.padding, mod.dilation, mod.groups)
+
+
+def rel_err(mod, xs, w_ref, run) -> float:
+    num = den = 0.0
+    for x in xs:
+        y = apply(mod, x, w_ref)
+        num += float(((run(x) - y) ** 2).sum())
+        den += float((y ** 2).sum())
+    return num / max(den, 1e-30)
+
+
+def channel_absmax(xs, dim: int):
+    import torch
+
+    axes = [d for d in range(xs[0].dim()) if d != dim]
+    return torch.stack([x.abs().amax(dim=axes) for x in xs]).amax(0)
+
+
+def split_lowrank(w, rank: int):
+    import torch
+
+    w2 = w.reshape(w.shape[0], -1).double()
+    u, s, vh = torch.linalg.svd(w2, full_matrices=False)
+    low = ((u[:, :rank] * s[:rank]) @ vh[:rank]).float().reshape(w.shape)
+    return low, w - low
+
+
+def study_layer(mod, xs, lq, rank_budget: float) -> dict:
+    import torch
+
+    from ptqd.calib.fakequant import fake_quant
+
+    w = mod.weight.detach().float()
+    cdim = 1 if w.dim() == 4 else xs[0].dim() - 1  # input channel axis of x
+    out: dict = {}
+    wq = torch.from_numpy(lq.w_int.astype(np.float32) * lq.w_scale.reshape([-1] + [1] * (w.dim() - 1)))
+    out["ptqd"] = rel_err(mod, xs, w, lambda x: apply(mod, fake_quant(x, lq.act_in), wq))
+    aq = act_quant(xs)
+    w_rtn = rtn(w)
+    out["rtn"] = rel_err(mod, xs, w, lambda x: apply(mod, fake_quant(x, aq), w_rtn))
+    a_max = channel_absmax(xs, cdim).clamp_min(1e-5)
+    w_max = w.abs().amax(dim=[d for d in range(w.dim()) if d != 1]).clamp_min(1e-5)
+    shape_x = [1] * xs[0].dim()
+    shape_x[cdim] = -1
+    shape_w = [1] * w.dim()
+    shape_w[1] = -1
+
+    def smoothed(alpha):
+        s = (a_max ** alpha / w_max ** (1 - alpha)).clamp_min(1e-5)
+        xs_s = [x / s.reshape(shape_x) for x in xs]
+        return s, xs_s, w * s.reshape(shape_w)
+
+    best = None
+    for alpha in ALPHAS:
+        s, xs_s, w_s = smoothed(alpha)
+        aq_s, wq_s = act_quant(xs_s), rtn(w_s)
+        err = rel_err(mod, xs, w, lambda x, s=s, aq_s=aq_s, wq_s=wq_s: apply(mod, fake_quant(x / s.reshape(shape_x),
+                                                                                              aq_s), wq_s))
+        if best is None or err < best[1]:
+            best = (alpha, err)
+    out["smooth"], out["alpha"] = best[1], best[0]
+    k = int(np.prod(w.shape[1:]))
+    rank = int(rank_budget * w.shape[0] * k // (k + w.shape[0]))  # branch MACs r·(k + C_out) <= budget · C_out·k
+    out["rank"] = rank
+    if rank < 1:
+        out["lowrank"] = out["both"] = None
+        return out
+    low, res = split_lowrank(w, rank)
+    res_q = rtn(res)
+    out["lowrank"] = rel_err(mod, xs, w, lambda x: apply(mod, x, low) + apply(mod, fake_quant(x, aq), res_q))
+    s, xs_s, w_s = smoothed(out["alpha"])
+    low_s, res_s = split_lowrank(w_s, rank)
+    aq_s, res_sq = act_quant(xs_s), rtn(res_s)
+    out["both"] = rel_err(mod, xs, w, lambda x: apply(mod, x / s.reshape(shape_x), low_s)
+                          + apply(mod, fake_quant(x / s.reshape(shape_x), aq_s), res_sq))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bundle")
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--rank-budget", type=float, default=0.05, help="branch MACs / layer MACs (default 0.05)")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    import torch
+
+    from ptqd.bundle import Bundle, layout
+    from ptqd.runtime.loader import sampler_config
+    from ptqd.stages.common import calib_layers, load_source
+
+    torch.set_grad_enabled(False)
+    b = Bundle.open(args.bundle)
+    c = b.stage("calibrate")["config"]
+    cfg = sampler_config(b.facts, c["steps"], c["eta"], c["guidance"])
+    loaded = load_source(b)
+    layers = [lq for lq in calib_layers(b, "w4a4") if lq.a_bits == 4 and lq.w_bits == 4]
+    unet = loaded.unet.unet
+    modules = {lq.name: unet.get_submodule(lq.module) for lq in layers}
+    xs = record_inputs(loaded, modules, b.facts, layout.class_embedding(b), cfg, args.samples, seed=500)
+    rows = []
+    for lq in layers:
+        r = study_layer(modules[lq.name], xs[lq.name], lq, args.rank_budget)
+        rows.append({"layer": lq.name, **r})
+        print(f"{lq.name[:48]:48s} ptqd {r['ptqd']:.4f} rtn {r['rtn']:.4f} smooth {r['smooth']:.4f} "
+              f"(a {r['alpha']}) lowrank {r['lowrank'] if r['lowrank'] is None else round(r['lowrank'], 4)} "
+              f"both {r['both'] if r['both'] is None else round(r['both'], 4)} r {r['rank']}", file=sys.stderr)
+    summary = {}
+    for key in ("ptqd", "rtn", "smooth", "lowrank", "both"):
+        vals = [r[key] if r[key] is not None else r["rtn"] for r in rows]
+        summary[key] = {"mean_rel_err": float(np.mean(vals)), "median_rel_err": float(np.median(vals))}
+    for key in ("smooth", "lowrank", "both"):
+        summary[key]["layers_better_than_rtn"] = sum(
+            1 for r in rows if r[key] is not None and r[key] < r["rtn"])
+    out = {"bundle": args.bundle, "layers": len(rows), "samples": args.samples, "rank_budget": args.rank_budget,
+           "summary": summary, "rows": rows}
+    print(json.dumps({k: v for k, v in out.items() if k != "rows"}, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
