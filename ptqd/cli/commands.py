@@ -6,7 +6,6 @@ import json
 import sys
 
 from ptqd.cli.cluster import cluster_options
-from ptqd.errors import UserError
 
 
 def _dumps(obj) -> str:

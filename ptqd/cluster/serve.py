@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 import time
 
 import numpy as np
@@ -227,9 +226,3 @@ def run_server(bundle, host: str = "127.0.0.1", port: int = 8000, precisions=("a
         if started:
             ray.shutdown()
 
-
-def describe(resp_json: bytes) -> dict:
-    """Decoded images of a JSON response (for clients and tests)."""
-    obj = json.loads(resp_json)
-    obj["images"] = [base64.b64decode(s) for s in obj["images"]]
-    return obj

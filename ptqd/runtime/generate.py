@@ -63,19 +63,17 @@ def sample(bundle, classes=None, num: int = 16, seed: int = 0, steps: int = 20, 
         images, labels = sample_sharded(b, cluster, shard_size, precision, backend, correction, prompts,
                                         negative_prompt, labels if not text else None, num, seed, steps, eta, guidance,
                                         sampler, latents, batch, progress)
-        if out is not None:
-            write_samples(Path(out), images, labels, cols=grid_cols(facts, classes or prompts, num))
-        return images, labels
-    pipe = Pipeline.from_bundle(b, precision, backend=backend, correction=correction)
-    try:
-        if text:
-            table = pipe.prompt_table(prompts, negative_prompt) if prompts is not None else pipe.table
-            labels = 1 + np.arange(num) % (len(table) - 1)
-        else:
-            table = pipe.table
-        images = pipe.generate(table, labels, seed, steps, eta, guidance, sampler, latents, batch, progress)
-    finally:
-        pipe.close()
+    else:
+        pipe = Pipeline.from_bundle(b, precision, backend=backend, correction=correction)
+        try:
+            if text:
+                table = pipe.prompt_table(prompts, negative_prompt) if prompts is not None else pipe.table
+                labels = 1 + np.arange(num) % (len(table) - 1)
+            else:
+                table = pipe.table
+            images = pipe.generate(table, labels, seed, steps, eta, guidance, sampler, latents, batch, progress)
+        finally:
+            pipe.close()
     if out is not None:
         write_samples(Path(out), images, labels, cols=grid_cols(facts, classes or prompts, num))
     return images, labels
