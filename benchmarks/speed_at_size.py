@@ -17,7 +17,8 @@ rounds (each round runs every engine once), the median of ``--runs`` after ``--w
   ort-int8       ONNX Runtime quantize_static (QDQ, U8/S8 per channel, reduce_range)
   torch-fp32     PyTorch eager (``--no-torch`` skips it)
   ov-fp32        OpenVINO on the same FP32 ONNX, f32 inference precision (optional: pip install ptqd[peers])
-  ov-nncf-int8   NNCF quantize() (mixed preset, transformer model type) + OpenVINO    (optional, same)
+  ov-nncf-int8   NNCF quantize() (default recipe) + OpenVINO                          (optional, same)
+  ov-nncf-mixed  NNCF quantize() (mixed preset, transformer model type) + OpenVINO    (optional, same)
 
 Every session runs ``--threads`` intra-op threads with spinning off (they take turns; MEASURED.md).
 Per engine: file size (external data included), load seconds (opening it and its first forward at the

@@ -49,8 +49,9 @@ def _gemm_as_matmul(node, inits, base) -> list:
     return [helper.make_node("Add", [f"{base}_mm", bias], [y], name=f"{base}_Add_bias")]
 
 
-def write_qdq(fp_onnx: Path, layers, out_path: Path) -> dict:
-    """Write the QDQ model; returns {"quantized_nodes": n}."""
+def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None) -> dict:
+    """Write the QDQ model; returns {"quantized_nodes": n} and what ``rewrite(model)`` (a graph rewrite applied
+    before saving, e.g. :func:`ptqd.engines.graph_opt.optimize_for_ort`) returned, under "graph"."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -137,6 +138,9 @@ def write_qdq(fp_onnx: Path, layers, out_path: Path) -> dict:
     keep = [i for i in g.initializer if i.name in used]
     del g.initializer[:]
     g.initializer.extend(keep + new_inits)
+    rec = {"quantized_nodes": len(layers)}
+    if rewrite is not None:
+        rec["graph"] = rewrite(model)
     onnx.checker.check_model(model)
     onnx.save_model(model, str(out_path))
-    return {"quantized_nodes": len(layers)}
+    return rec

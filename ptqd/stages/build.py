@@ -99,6 +99,7 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
     engines it finished (``ptqd compile`` then builds only the rest)."""
     import sys
 
+    from ptqd.engines.graph_opt import optimize_for_ort
     from ptqd.engines.onnxruntime import build_engine, describe_engine, pack_4bit_weights, quantize_static_peer
     from ptqd.engines.qdq import write_qdq
 
@@ -149,7 +150,10 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
                         rec["calibration_items_per_run"] = chunk
                     else:
                         layers = calib_layers(b, p.value, k, len(buckets))
-                        write_qdq(b.path(layout.UNET_ONNX), layers, qdq_path)
+                        fp = b.path(layout.UNET_ONNX)
+                        wrote = write_qdq(fp, layers, qdq_path, rewrite=lambda m, fp=fp: optimize_for_ort(m, fp))
+                        if k == 0:
+                            rec["graph_rewrites"] = wrote["graph"]
                     build_engine(qdq_path, eng_path)
                     for rel in (qdq_rel, eng_rel):  # external data beside a graph over 2 GB (quantize_static's)
                         if (w.staging / f"{rel}.data").is_file():

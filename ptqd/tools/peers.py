@@ -15,8 +15,9 @@ from ptqd.bundle import layout
 
 
 def openvino_peers(b, threads: int | None, calib_items: int, notes: list[str]) -> dict:
-    """{"ov-fp32": (runner, load seconds), "ov-nncf-int8": (runner, seconds incl. NNCF's quantize())}, as far
-    as what is installed allows; why a peer is missing goes to ``notes``."""
+    """{"ov-fp32": (runner, load seconds), "ov-nncf-int8" (NNCF's default recipe) and "ov-nncf-mixed" (its mixed
+    preset with the transformer model type): (runner, seconds incl. NNCF's quantize())}, as far as what is
+    installed allows; why a peer is missing goes to ``notes``."""
     if importlib.util.find_spec("openvino") is None:
         notes.append("OpenVINO peers skipped: openvino is not installed (pip install 'ptqd[peers]')")
         return {}
@@ -46,15 +47,18 @@ def openvino_peers(b, threads: int | None, calib_items: int, notes: list[str]) -
     names = [i.get_any_name() for i in fp.inputs]
     idx = np.linspace(0, len(data["t"]) - 1, min(calib_items, len(data["t"]))).round().astype(int)
     items = [{n: data[n][i:i + 1] for n in names} for i in idx]
-    t0 = time.perf_counter()
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout stays the command's (--json)
-            q = nncf.quantize(fp, nncf.Dataset(items), preset=nncf.QuantizationPreset.MIXED,
-                              model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items))
-    except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
-        notes.append(f"NNCF + OpenVINO INT8 peer failed: {type(e).__name__}: {str(e)[:200]}")
-        return out
-    out["ov-nncf-int8"] = (OvRunner("nncf-int8", threads, model=q), time.perf_counter() - t0)
-    notes.append(f"NNCF quantize() (mixed preset, transformer model type) on {len(items)} calibration inputs took "
-                 f"{out['ov-nncf-int8'][1]:.0f} s (its load time)")
+    recipes = {"ov-nncf-int8": ("default recipe", {}),
+               "ov-nncf-mixed": ("mixed preset, transformer model type",
+                                 {"preset": nncf.QuantizationPreset.MIXED, "model_type": nncf.ModelType.TRANSFORMER})}
+    for name, (what, kw) in recipes.items():
+        t0 = time.perf_counter()
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout stays the command's (--json)
+                q = nncf.quantize(fp, nncf.Dataset(items), subset_size=len(items), **kw)
+        except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+            notes.append(f"NNCF + OpenVINO INT8 peer ({what}) failed: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        out[name] = (OvRunner(name, threads, model=q), time.perf_counter() - t0)
+        notes.append(f"{name}: NNCF quantize() ({what}) on {len(items)} calibration inputs took "
+                     f"{out[name][1]:.0f} s (its load time)")
     return out

@@ -46,6 +46,9 @@ def test_engines_match_fake_quant_and_run_on_integer_kernels(built):
             c = v["cascade"]
             assert c["engine_vs_fp32_median"] <= api.CASCADE_SLACK * c["fake_quant_vs_fp32_median"]
         assert recs[p]["integer_mac_share"] >= 0.85, recs[p]
+        # the graph rewrites (ptqd.engines.graph_opt) ran and the engine still matches its fake-quant model
+        assert recs[p]["graph_rewrites"]["fused_attention"] == 8 and recs[p]["ops"]["MultiHeadAttention"] == 8
+        assert recs[p]["graph_rewrites"]["folded_shape_values"] > 0 and "Softmax" not in recs[p]["ops"]
         assert recs[p]["integer_kernel_ops"].get("QLinearConv", 0) > 0
     b = Bundle.open(d)
     build = b.read_json("engines/onnxruntime/build.json")

@@ -1,0 +1,382 @@
+"""Graph rewrites that make ptqd's ONNX Runtime engines faster than the exported graph, without changing
+what they compute.
+
+The exporter keeps the batch axis dynamic, so torch's tracer writes every ``reshape(b, ...)`` as shape
+arithmetic at run time: ``Shape -> Gather -> Unsqueeze -> Concat -> Reshape``, about 1,100 tiny nodes in
+a 47 M-parameter UNet that ONNX Runtime runs one by one on every forward (6.3 ms of a 45 ms forward at
+batch 2 on a 2-core Xeon; ``benchmarks/profile_ops.py``). And attention's core comes out as Reshape,
+Transpose, MatMul, Mul, Softmax, MatMul, Transpose, Reshape, where ONNX Runtime has one fused CPU kernel
+(``com.microsoft.MultiHeadAttention``) that runs it 1.2-1.4x faster (``benchmarks/attention_fused.py``).
+
+* :func:`fold_shapes` evaluates every run-time shape value of the graph at batch 1 and batch 2 (an ONNX
+  Runtime run of the graph on zero-filled stand-ins for its weights: shapes never depend on weight
+  values). A value that is the same at both batches becomes a constant; a Reshape target that differs in
+  one axis only, in proportion to the batch, becomes a constant with -1 there. The shape arithmetic then
+  has no reader and is dropped. Only for graphs whose one dynamic axis is the batch.
+* :func:`fuse_attention` replaces each attention core whose layout it can prove, from the same evaluated
+  shapes, to be the standard head split (``[B, L, H*d] -> [B*H, L, d]`` for q, k, v and back) by one
+  ``MultiHeadAttention`` node (ONNX Runtime only: OpenVINO and TensorRT read standard ONNX).
+
+Both keep the float numerics: the attention kernel sums in another order (within 5e-6 of the decomposed
+graph on unit-scale inputs), far inside the engines' validation tolerance against the fake-quant model.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+
+# ops that compute shape values from shape values (and small constants)
+SHAPE_OPS = {"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Mul", "Div", "Add", "Sub", "Cast",
+             "Equal", "Where", "Identity", "Floor", "Ceil", "Max", "Min", "Range", "Size", "Mod"}
+STANDIN_MIN = 1024  # initializers with at least this many elements are weights: zero-filled stand-ins at evaluation
+
+
+def dynamic_axes(model) -> dict[str, list[int]]:
+    """Per graph input, the axes without a fixed size."""
+    return {i.name: [k for k, d in enumerate(i.type.tensor_type.shape.dim) if not d.HasField("dim_value")]
+            for i in model.graph.input}
+
+
+def batch_only(model) -> bool:
+    """Whether the graph's only dynamic axis is axis 0 of every input (ptqd's UNet export)."""
+    return all(axes == [0] for axes in dynamic_axes(model).values())
+
+
+def _const_names(g) -> set[str]:
+    return {i.name for i in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+
+
+def shape_values(g) -> set[str]:
+    """Tensors of ``g`` that carry shape arithmetic: outputs of Shape, and of SHAPE_OPS nodes whose every input
+    is a constant or such a tensor."""
+    consts, out = _const_names(g), set()
+    for n in g.node:  # graph order is topological
+        ins = [i for i in n.input if i]
+        if n.op_type == "Shape" or (n.op_type in SHAPE_OPS and ins and all(i in out or i in consts for i in ins)
+                                    and any(i in out for i in ins)):
+            out.update(n.output)
+    return out
+
+
+def shape_inputs(g) -> list[tuple[int, int, str]]:
+    """(node index, input index, tensor) for each input of a node outside the shape arithmetic that reads a
+    shape value: Reshape targets, Slice bounds, Expand shapes, Resize sizes and the like."""
+    sv = shape_values(g)
+    return [(k, j, name) for k, n in enumerate(g.node) if not (set(n.output) & sv)
+            for j, name in enumerate(n.input) if name in sv]
+
+
+def _standin_model(model, extra_outputs: list[str], shapes_of: list[str]):
+    """A copy of ``model`` (loaded without external data) whose large initializers are ConstantOfShape nodes
+    and whose outputs are ``extra_outputs`` (as they are) and the shapes of ``shapes_of``."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    keep, standins = [], []
+    for t in g.initializer:
+        n = int(np.prod(t.dims)) if len(t.dims) else 1
+        if n >= STANDIN_MIN or t.data_location == TensorProto.EXTERNAL:
+            shp = numpy_helper.from_array(np.array(list(t.dims), np.int64), f"{t.name}__standin_shape")
+            keep.append(shp)
+            standins.append(helper.make_node("ConstantOfShape", [shp.name], [t.name],
+                                             value=helper.make_tensor("v", t.data_type, [1], [0])))
+        else:
+            keep.append(t)
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    nodes = standins + list(g.node)
+    outs = []
+    for name in shapes_of:
+        nodes.append(helper.make_node("Shape", [name], [f"{name}__shape"]))
+        outs.append(f"{name}__shape")
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.output[:]
+    g.output.extend(helper.make_empty_tensor_value_info(o) for o in list(extra_outputs) + outs)
+    return m
+
+
+def _inputs_at(model, batch: int) -> dict[str, np.ndarray]:
+    from onnx import helper
+
+    feeds = {}
+    for i in model.graph.input:
+        tt = i.type.tensor_type
+        shape = [batch if not d.HasField("dim_value") else d.dim_value for d in tt.shape.dim]
+        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        feeds[i.name] = (np.full(shape, 500, dtype) if np.issubdtype(dtype, np.integer)
+                         else np.random.RandomState(0).standard_normal(shape).astype(dtype))
+    return feeds
+
+
+def evaluate(model, values: list[str], shapes_of: list[str], batches=(1, 2)) -> dict[str, list[np.ndarray]]:
+    """The values of ``values`` and the shapes of ``shapes_of`` at each batch size, from ONNX Runtime runs of
+    ``model`` with zero-filled stand-ins for its weights (no optimization, so every tensor keeps its name).
+    Keys: tensor names, and ``NAME__shape`` for the shapes."""
+    import onnxruntime as ort
+
+    m = _standin_model(model, values, shapes_of)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    out: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for b in batches:
+        for n, v in zip(names, sess.run(names, _inputs_at(model, b))):
+            out[n].append(np.asarray(v))
+    return out
+
+
+def fold_shapes(model, evaluated: dict[str, list[np.ndarray]] | None = None) -> dict:
+    """Replace, in place, run-time shape values read outside the shape arithmetic by constants (see the module
+    doc), then drop what no longer has a reader. Returns counts."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    if not batch_only(model):
+        return {"folded": 0, "skipped": "a dynamic axis other than the batch"}
+    reads = shape_inputs(g)
+    names = sorted({name for _, _, name in reads})
+    if not names:
+        return {"folded": 0, "removed_nodes": 0}
+    ev = evaluated if evaluated is not None else evaluate(model, names, [])
+    folded, new_inits, made = 0, [], {}
+    for k, j, name in reads:
+        node = g.node[k]
+        v1, v2 = ev[name]
+        if v1.shape != v2.shape:
+            continue
+        if np.array_equal(v1, v2):
+            value = v1
+        elif node.op_type == "Reshape" and j == 1 and v1.ndim == 1 and (v1 != v2).sum() == 1 and (v1 > 0).all() \
+                and int(v2[v1 != v2][0]) == 2 * int(v1[v1 != v2][0]):
+            value = v1.copy()
+            value[v1 != v2] = -1  # the batch-proportional axis: inferred from the input's size at run time
+        else:
+            continue
+        key = (name, value.tobytes())
+        if key not in made:
+            made[key] = f"{name}__folded{len(made)}"
+            new_inits.append(numpy_helper.from_array(np.ascontiguousarray(value), made[key]))
+        node.input[j] = made[key]
+        folded += 1
+    g.initializer.extend(new_inits)
+    removed = prune(g)
+    return {"folded": folded, "removed_nodes": removed}
+
+
+def prune(g) -> int:
+    """Drop nodes whose outputs nothing reads (iterated) and initializers nothing reads. Returns nodes dropped."""
+    before = len(g.node)
+    needed = {o.name for o in g.output}
+    keep = []
+    for n in reversed(list(g.node)):
+        if any(o in needed for o in n.output):
+            keep.append(n)
+            needed.update(i for i in n.input if i)
+    keep.reverse()
+    del g.node[:]
+    g.node.extend(keep)
+    inits = [i for i in g.initializer if i.name in needed]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    return before - len(keep)
+
+
+# ---- attention -------------------------------------------------------------------------------------------
+
+def _perm(n) -> list[int]:
+    from onnx import helper
+
+    return next((list(helper.get_attribute_value(a)) for a in n.attribute if a.name == "perm"), [])
+
+
+def _scalar(g, consts: dict, name: str) -> float | None:
+    v = consts.get(name)
+    return None if v is None or v.size != 1 else float(v.reshape(()))
+
+
+def _constant_values(g) -> dict[str, np.ndarray]:
+    from onnx import helper, numpy_helper
+
+    out = {i.name: numpy_helper.to_array(i) for i in g.initializer if int(np.prod(i.dims) if i.dims else 1) <= 16}
+    for n in g.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    out[n.output[0]] = numpy_helper.to_array(helper.get_attribute_value(a))
+    return out
+
+
+def find_attention(g, shapes: dict[str, np.ndarray]) -> list[dict]:
+    """Attention cores of ``g`` in the standard decomposed layout. ``shapes``: tensor name -> its shape at
+    batch 1 (for every Reshape, Transpose, MatMul output and every MatMul input). Each match: q, k, v (the
+    [B, L, H*d] sources), out (the [B, L, H*d] result), heads, scale, and the nodes it replaces."""
+    producer = {o: n for n in g.node for o in n.output}
+    readers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    consts = _constant_values(g)
+
+    def back(name: str, ops: list[str]):
+        """Walk producers through ``ops`` (last first); returns (nodes, source tensor) or None."""
+        nodes = []
+        for op in reversed(ops):
+            n = producer.get(name)
+            if n is None or n.op_type != op or len(readers.get(n.output[0], [])) != 1:
+                return None
+            nodes.append(n)
+            name = n.input[0]
+        return nodes, name
+
+    def heads_of(src: str, split: str, merged: str) -> int | None:
+        """Heads when ``src`` [1, L, C] -> ``split`` [1, L, H, d] -> (perm 0213) -> ``merged`` [H, L, d]."""
+        s, sp, mg = (shapes.get(x) for x in (src, split, merged))
+        if s is None or sp is None or mg is None or len(s) != 3 or len(sp) != 4 or len(mg) != 3:
+            return None
+        if s[0] != 1 or sp[0] != 1 or sp[1] != s[1] or sp[2] * sp[3] != s[2] or list(mg) != [sp[2], sp[1], sp[3]]:
+            return None
+        return int(sp[2])
+
+    found = []
+    for sm in g.node:
+        if sm.op_type != "Softmax":
+            continue
+        axis = next((a.i for a in sm.attribute if a.name == "axis"), -1)
+        if axis not in (-1, 2):
+            continue
+        scaled = producer.get(sm.input[0])
+        if scaled is None or scaled.op_type not in ("Mul", "Div"):
+            continue
+        c = _scalar(g, consts, scaled.input[1])
+        if c is None or c == 0:
+            continue
+        scale = c if scaled.op_type == "Mul" else 1.0 / c
+        qk = producer.get(scaled.input[0])
+        av = readers.get(sm.output[0], [])
+        if qk is None or qk.op_type != "MatMul" or len(av) != 1 or av[0].op_type != "MatMul" or av[0].input[0] != sm.output[0]:
+            continue
+        av = av[0]
+        q = back(qk.input[0], ["Reshape", "Transpose", "Reshape"])
+        k = back(qk.input[1], ["Reshape", "Transpose", "Reshape", "Transpose"])
+        v = back(av.input[1], ["Reshape", "Transpose", "Reshape"])
+        if not (q and k and v):
+            continue
+        # q: Reshape(split) -> Transpose(0213) -> Reshape(merge); the walk lists nodes last first
+        (q_merge, q_tr, q_split), q_src = q
+        (k_t, k_merge, k_tr, k_split), k_src = k
+        (v_merge, v_tr, v_split), v_src = v
+        if any(_perm(t) != [0, 2, 1, 3] for t in (q_tr, k_tr, v_tr)) or _perm(k_t) != [0, 2, 1]:
+            continue
+        h = {heads_of(q_src, q_split.output[0], q_merge.output[0]), heads_of(k_src, k_split.output[0], k_merge.output[0]),
+             heads_of(v_src, v_split.output[0], v_merge.output[0])}
+        if len(h) != 1 or None in h:
+            continue
+        heads = h.pop()
+        # out: MatMul [H, L, d] -> Reshape [1, H, L, d] -> Transpose(0213) -> Reshape [1, L, H*d]
+        tail, cur = [], av.output[0]
+        for op in ("Reshape", "Transpose", "Reshape"):
+            r = readers.get(cur, [])
+            if len(r) != 1 or r[0].op_type != op or r[0].input[0] != cur:
+                break
+            tail.append(r[0])
+            cur = r[0].output[0]
+        if len(tail) != 3 or _perm(tail[1]) != [0, 2, 1, 3]:
+            continue
+        so, qs = shapes.get(tail[2].output[0]), shapes.get(q_src)
+        if so is None or qs is None or list(so) != list(qs) or list(shapes.get(tail[0].output[0], [])) != \
+                [1, heads, qs[1], qs[2] // heads]:
+            continue
+        if shapes.get(v_src) is None or shapes[v_src][2] != qs[2]:
+            continue  # MultiHeadAttention here: v's width equal to q's
+        d = int(qs[2]) // heads
+        found.append({"q": q_src, "k": k_src, "v": v_src, "out": tail[2].output[0], "heads": heads, "scale": scale,
+                      "default_scale": abs(scale - d ** -0.5) <= 1e-6 * d ** -0.5, "name": sm.name,
+                      "nodes": [n.name or n.output[0] for n in q[0] + k[0] + v[0] + [qk, scaled, sm, av] + tail]})
+    return found
+
+
+def fuse_attention(model, shapes: dict[str, np.ndarray] | None = None) -> dict:
+    """Replace, in place, each attention core :func:`find_attention` proves by one com.microsoft
+    MultiHeadAttention node. Returns counts."""
+    from onnx import helper
+
+    g = model.graph
+    if shapes is None:
+        shapes = attention_shapes(model)
+    matches = find_attention(g, shapes)
+    if not matches:
+        return {"fused_attention": 0}
+    drop = {x for m in matches for x in m["nodes"]}
+    at = {m["name"]: m for m in matches}
+    nodes = []
+    for n in g.node:
+        if n.op_type == "Softmax" and n.name in at:
+            m = at[n.name]
+            kw = {} if m["default_scale"] else {"scale": float(m["scale"])}
+            nodes.append(helper.make_node("MultiHeadAttention", [m["q"], m["k"], m["v"]], [m["out"]],
+                                          name=f"{n.name}_MultiHeadAttention", domain="com.microsoft",
+                                          num_heads=int(m["heads"]), **kw))
+        elif (n.name or n.output[0]) not in drop:
+            nodes.append(n)
+    del g.node[:]
+    g.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    removed = prune(g)
+    return {"fused_attention": len(matches), "removed_nodes": removed}
+
+
+def attention_candidates(g) -> list[str]:
+    """Tensors whose batch-1 shapes :func:`find_attention` reads."""
+    names = set()
+    for n in g.node:
+        if n.op_type in ("Reshape", "Transpose"):
+            names.update(n.output)
+            names.add(n.input[0])
+        if n.op_type == "MatMul":
+            names.update(i for i in n.input if i)
+            names.update(n.output)
+    consts = _const_names(g)
+    return sorted(x for x in names if x not in consts)
+
+
+def attention_shapes(model) -> dict[str, np.ndarray]:
+    names = attention_candidates(model.graph)
+    ev = evaluate(model, [], names, batches=(1,))
+    return {n: ev[f"{n}__shape"][0] for n in names}
+
+
+@functools.lru_cache(maxsize=4)
+def _evaluated(fp_onnx: str, mtime: float, size: int) -> tuple[dict, dict]:
+    """Shape values and attention shapes of the exported graph, once per build (every precision's QDQ graph
+    has the exported graph's shape arithmetic and attention unchanged)."""
+    import onnx
+
+    model = onnx.load(fp_onnx, load_external_data=False)
+    reads = sorted({name for _, _, name in shape_inputs(model.graph)})
+    cands = attention_candidates(model.graph)
+    ev = evaluate(model, reads, cands)
+    return {n: ev[n] for n in reads}, {n: ev[f"{n}__shape"][0] for n in cands}
+
+
+def optimize_for_ort(model, fp_onnx: str | os.PathLike) -> dict:
+    """Both rewrites on ``model`` (a QDQ graph written from ``fp_onnx``), in place. Returns what was done."""
+    p = Path(fp_onnx)
+    st = p.stat()
+    if not batch_only(model):
+        return {"folded": 0, "fused_attention": 0, "skipped": "a dynamic axis other than the batch"}
+    values, shapes = _evaluated(str(p), st.st_mtime, st.st_size)
+    rec = fold_shapes(model, values)
+    att = fuse_attention(model, shapes)
+    return {"folded_shape_values": rec["folded"], "fused_attention": att["fused_attention"],
+            "removed_nodes": rec.get("removed_nodes", 0) + att.get("removed_nodes", 0)}

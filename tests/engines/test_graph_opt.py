@@ -1,0 +1,114 @@
+"""The ONNX Runtime engines' graph rewrites (``ptqd.engines.graph_opt``): shape arithmetic folded to constants and
+attention as one MultiHeadAttention node compute what the exported graph computes, at every batch size."""
+
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from ptqd.engines import graph_opt as go
+
+
+def run(model, feeds):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return s.run(None, feeds)[0]
+
+
+def unet_feeds(model, batch, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in model.graph.input:
+        shape = [batch if d.dim_param else d.dim_value for d in i.type.tensor_type.shape.dim]
+        dtype = helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
+        out[i.name] = (rng.integers(0, 1000, shape) if i.name == "t" else rng.standard_normal(shape)).astype(dtype)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_cin_bundle):
+    return onnx.load(str(tiny_cin_bundle / "unet.onnx"))
+
+
+def test_folding_removes_the_shape_arithmetic_and_keeps_every_batch(exported):
+    m = onnx.ModelProto()
+    m.CopyFrom(exported)
+    rec = go.fold_shapes(m)
+    before = collections.Counter(n.op_type for n in exported.graph.node)
+    after = collections.Counter(n.op_type for n in m.graph.node)
+    assert rec["folded"] > 10 and rec["removed_nodes"] > 50, rec
+    assert after["Shape"] < before["Shape"] and after["Concat"] < before["Concat"], (before, after)
+    # a batch that was never evaluated (3) runs as well as the two that were: -1 takes the batch axis
+    for batch in (1, 2, 3):
+        f = unet_feeds(exported, batch)
+        np.testing.assert_array_equal(run(m, f), run(exported, f))
+
+
+def test_attention_fuses_into_one_kernel_per_block_within_float_rounding(exported):
+    m = onnx.ModelProto()
+    m.CopyFrom(exported)
+    n_softmax = sum(n.op_type == "Softmax" for n in exported.graph.node)
+    rec = go.fuse_attention(m)
+    ops = collections.Counter(n.op_type for n in m.graph.node)
+    assert n_softmax > 0 and rec["fused_attention"] == n_softmax and ops["MultiHeadAttention"] == n_softmax
+    assert ops["Softmax"] == 0 and ops["Transpose"] < collections.Counter(
+        n.op_type for n in exported.graph.node)["Transpose"]
+    for batch in (1, 3):
+        f = unet_feeds(exported, batch, seed=batch)
+        ref = run(exported, f)
+        np.testing.assert_allclose(run(m, f), ref, atol=2e-5 * max(1.0, float(np.abs(ref).max())), rtol=0)
+
+
+def attention_graph(perm_q=(0, 2, 1, 3), scale=0.125, heads=2, d=8, L=6):
+    """q, k, v [B, L, H*d] -> the exported decomposed layout, with the q transpose and the scale as given."""
+    C = heads * d
+    nodes, inits = [], [helper.make_tensor("split", TensorProto.INT64, [4], [0, L, heads, d]),
+                        helper.make_tensor("merge", TensorProto.INT64, [3], [-1, L, d]),
+                        helper.make_tensor("back", TensorProto.INT64, [4], [-1, heads, L, d]),
+                        helper.make_tensor("out_shape", TensorProto.INT64, [3], [0, L, C]),
+                        helper.make_tensor("scale", TensorProto.FLOAT, [], [scale])]
+    for n in "qkv":
+        nodes += [helper.make_node("Reshape", [n, "split"], [f"{n}s"]),
+                  helper.make_node("Transpose", [f"{n}s"], [f"{n}t"], perm=list(perm_q if n == "q" else (0, 2, 1, 3))),
+                  helper.make_node("Reshape", [f"{n}t", "merge"], [f"{n}m"])]
+    nodes += [helper.make_node("Transpose", ["km"], ["kT"], perm=[0, 2, 1]),
+              helper.make_node("MatMul", ["qm", "kT"], ["s"]), helper.make_node("Mul", ["s", "scale"], ["ss"]),
+              helper.make_node("Softmax", ["ss"], ["p"], axis=-1), helper.make_node("MatMul", ["p", "vm"], ["o"]),
+              helper.make_node("Reshape", ["o", "back"], ["ob"]),
+              helper.make_node("Transpose", ["ob"], ["ot"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["ot", "out_shape"], ["out"])]
+    ins = [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", L, C]) for x in "qkv"]
+    g = helper.make_graph(nodes, "att", ins, [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", L, C])],
+                          inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("scale", [8 ** -0.5, 0.3])
+def test_a_custom_scale_is_kept(scale):
+    m = attention_graph(scale=scale)
+    ref = onnx.ModelProto()
+    ref.CopyFrom(m)
+    assert go.fuse_attention(m)["fused_attention"] == 1
+    node = next(n for n in m.graph.node if n.op_type == "MultiHeadAttention")
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["num_heads"] == 2 and (("scale" in attrs) == (scale == 0.3))
+    f = {x: np.random.default_rng(i).standard_normal((3, 6, 16)).astype(np.float32) for i, x in enumerate("qkv")}
+    np.testing.assert_allclose(run(m, f), run(ref, f), atol=1e-5, rtol=0)
+
+
+def test_a_layout_that_is_not_the_head_split_is_left_alone():
+    """q transposed (0, 1, 2, 3) is not attention over heads: fusing it would compute something else."""
+    m = attention_graph(perm_q=(0, 1, 2, 3))
+    assert go.fuse_attention(m)["fused_attention"] == 0
+    assert any(n.op_type == "Softmax" for n in m.graph.node)
+
+
+def test_a_graph_with_another_dynamic_axis_is_not_folded(exported):
+    m = onnx.ModelProto()
+    m.CopyFrom(exported)
+    m.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "height"
+    assert go.fold_shapes(m) == {"folded": 0, "skipped": "a dynamic axis other than the batch"}
