@@ -191,9 +191,11 @@ def available_bytes() -> tuple[int | None, str]:
 
 
 
-def cpu_description() -> str:
-    """The CPU model and the instruction-set flags that decide the int8 kernels, e.g. ``Intel(R) Xeon(R)
-    Processor (avx2 avx512f avx512_vnni amx_int8 amx_bf16), 2 CPUs``: printed with every speed or memory table."""
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16")
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # u8·s8 products summed in 32 bits: no 16-bit saturation
+
+
+def _cpuinfo() -> tuple[str, list[str]]:
     model, flags = "?", []
     try:
         with open("/proc/cpuinfo") as f:
@@ -204,5 +206,24 @@ def cpu_description() -> str:
                     flags = line.split(":", 1)[1].split()
     except OSError:
         pass
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16") if f in flags]
+    return model, flags
+
+
+def cpu_isa() -> list[str]:
+    """This CPU's instruction-set flags that decide the int8 kernels (of ISA_FLAGS)."""
+    flags = _cpuinfo()[1]
+    return [f for f in ISA_FLAGS if f in flags]
+
+
+def has_vnni(isa: list[str] | None = None) -> bool:
+    """Whether int8 kernels here sum u8·s8 products without 16-bit saturation (VNNI or AMX): the condition for
+    8-bit weights on the full ±127 grid to be computed exactly by ONNX Runtime's u8s8 kernels."""
+    return any(f in (cpu_isa() if isa is None else isa) for f in VNNI_FLAGS)
+
+
+def cpu_description() -> str:
+    """The CPU model and the instruction-set flags that decide the int8 kernels, e.g. ``Intel(R) Xeon(R)
+    Processor (avx2 avx512f avx512_vnni amx_int8 amx_bf16), 2 CPUs``: printed with every speed or memory table."""
+    model = _cpuinfo()[0]
+    isa = cpu_isa()
     return f"{model} ({' '.join(isa) or 'no AVX2'}), {os.cpu_count()} CPUs"

@@ -82,6 +82,23 @@ RECIPES = {
 }
 
 
+WEIGHT_GRIDS = ("portable", "full", "auto")
+
+
+def reduce_range_for(grid: str) -> bool:
+    """``--weight-grid``: portable = 8-bit weights on ±63 (exact on every x86 CPU's u8s8 kernels, the default),
+    full = ±127 (one more bit; exact only where int8 products are summed in 32 bits: VNNI or AMX), auto = full
+    on a CPU with VNNI or AMX, else portable. Engines built on the full grid record that they need VNNI and
+    are refused on a CPU without it (``ptqd.stages.common.engine_requirements``)."""
+    if grid not in WEIGHT_GRIDS:
+        raise UserError(f"--weight-grid must be one of {', '.join(WEIGHT_GRIDS)}, got {grid!r}")
+    if grid == "auto":
+        from ptqd.resources import has_vnni
+
+        return not has_vnni()
+    return grid == "portable"
+
+
 def recipe(name: str) -> dict:
     """The calibration options of a named recipe (--recipe); UserError for an unknown name."""
     if name not in RECIPES:

@@ -249,7 +249,7 @@ def cmd_compile(args) -> int:
                       budget=args.budget, force=args.force, device=args.device, preset=args.preset,
                       prompts=args.prompts, recipe=args.recipe, gate_samples=args.gate_samples,
                       gate_ranges=args.gate_ranges, gate_budget=args.gate_budget, backend=args.backend,
-                      cluster=cluster_options(args))
+                      cluster=cluster_options(args), weight_grid=args.weight_grid)
     bo = res["bops"]
     print(f"bundle  {res['bundle']}")
     print(f"plan    {' '.join(res['plan'])}")
@@ -264,7 +264,8 @@ def cmd_calibrate(args) -> int:
 
     rec = api.calibrate(args.bundle, samples=args.samples, steps=args.steps, eta=args.eta, guidance=args.guidance,
                         method=args.method, rounding=args.rounding, buckets=args.buckets, device=args.device,
-                        preset=args.preset, recipe=args.recipe, cluster=cluster_options(args))
+                        preset=args.preset, recipe=args.recipe, cluster=cluster_options(args),
+                        weight_grid=args.weight_grid)
     sec = rec["seconds"]
     print(f"calibrated {rec['layers']} layers on {rec['calibration_inputs']} UNet inputs on {rec['device']}, "
           f"preset {rec['preset']} ({sec['total']:.0f} s: observe {sec['observe']:.0f}, H + weights "

@@ -122,6 +122,13 @@ def _effort_args(p, device: bool = True) -> None:
 
 
 
+def _weight_grid_arg(p) -> None:
+    p.add_argument("--weight-grid", choices=("portable", "full", "auto"), default="portable",
+                   help="8-bit weights' grid: portable = ±63 (default: exact on every x86 CPU's int8 kernels), full "
+                        "= ±127 (one more bit of weight precision; exact only on CPUs with VNNI or AMX, and its "
+                        "engines are refused elsewhere), auto = full where this CPU has VNNI or AMX")
+
+
 def _gate_args(p) -> None:
     p.add_argument("--gate-samples", type=int, default=None,
                    help="held-out trajectories on which the end-to-end gate decides what --correction auto applies "
@@ -173,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "list of 8)")
     cp.add_argument("--recipe", choices=("default", "ptqd-paper"), default=None,
                     help="calibration recipe: ptqd-paper = per-tensor weights, nearest rounding, min-max ranges")
+    _weight_grid_arg(cp)
     _gate_args(cp)
     cp.add_argument("--force", action="store_true", help="rerun every stage")
     _ray_args(cp, None, shards=False)
@@ -219,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--recipe", choices=("default", "ptqd-paper"), default=None,
                    help="replaces --method/--rounding: ptqd-paper = per-tensor weights, nearest rounding, min-max")
     c.add_argument("--buckets", type=int, default=1, help="timestep buckets, each with its own activation scales and engine (default 1)")
+    _weight_grid_arg(c)
     _effort_args(c)
     _ray_args(c, None, shards=False)
     c.set_defaults(func=cmd_calibrate)

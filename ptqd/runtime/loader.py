@@ -99,12 +99,24 @@ def open_engine(b, precision: str = "fp32", threads: int | None = None, allow_sp
     if precision not in built:
         raise UserError(f"{b.root} has no {precision} engine; build it with `ptqd build {b.root} --precisions "
                         f"{precision}` (available: {', '.join(['fp32'] + sorted(built))})")
+    _check_cpu(b, precision, built[precision], "onnxruntime")
     entries = built[precision].get("buckets") or [{"engine": layout.ort_engine(precision)[1]}]
     if len(entries) == 1:
         return OrtRunner(b.path(entries[0]["engine"]), threads, allow_spinning)
     # engines take turns: no spinning threads (MEASURED.md)
     return BucketedRunner([(tuple(e["t_range"]), OrtRunner(b.path(e["engine"]), threads, allow_spinning=False))
                            for e in entries])
+
+
+def _check_cpu(b, precision: str, rec: dict, backend: str) -> None:
+    """Refuse an engine whose build record says it needs what this CPU lacks (e.g. full-grid 8-bit weights
+    without VNNI), naming the fix, instead of letting it compute wrong numbers."""
+    from ptqd.stages.common import check_requirements
+
+    check_requirements(rec.get("requires"), f"the {precision} engine ({backend}) of {b.root}, built on "
+                                            f"{rec.get('built_on', 'another CPU')},",
+                       f"Run it on a CPU with VNNI or AMX, or rebuild it for this one: `ptqd calibrate {b.root} "
+                       f"--weight-grid portable` then `ptqd build {b.root}`.")
 
 
 def open_openvino(b, precision: str, threads: int | None = None):
@@ -119,6 +131,7 @@ def open_openvino(b, precision: str, threads: int | None = None):
         raise UserError(f"{b.root} has no openvino engine for {precision}; build it with `ptqd build {b.root} "
                         f"--backend openvino --precisions {precision}` (available: "
                         f"{', '.join(['fp32'] + sorted(built))})")
+    _check_cpu(b, precision, built[precision], "openvino")
     entries = built[precision]["buckets"]
     for e in entries:  # the IR's weights file is checked against the manifest too
         if not e["engine"].endswith(".xml.gz"):

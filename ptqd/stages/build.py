@@ -14,20 +14,30 @@ from ptqd.engines.compare import validate_quantized, validation_inputs
 from ptqd.errors import UserError, ValidationError
 from ptqd.precision import CALIBRATED, ORT_BUILDABLE, PEER, Backend, Precision
 from ptqd.progress import progress_bar
-from ptqd.stages.common import calib_layers, commit_build, load_source, require_calibrated
+from ptqd.resources import cpu_description
+from ptqd.stages.common import (
+    calib_layers,
+    check_requirements,
+    commit_build,
+    engine_requirements,
+    load_source,
+    require_calibrated,
+)
 
 
-def numerics(p: Precision) -> str:
+def numerics(p: Precision, portable: bool = True) -> str:
     """What an ONNX Runtime engine of precision ``p`` computes, in words (recorded in build.json)."""
     if p == PEER:
         return ("ONNX Runtime quantize_static: QDQ, U8 activations (MinMax), S8 per-channel weights, reduce_range; "
                 "attention matmuls float")
     return (f"w{p.w_bits}a{p.a_bits} numerics on int8 kernels (QLinearConv, MatMulIntegerToFloat)"
             + (": weights on the 4-bit grid, stored two per byte (expanded at load)" if p.w_bits == 4 else
-               ": 8-bit weights on the reduce-range grid ±63 (exact on AVX2 u8s8)")
+               (": 8-bit weights on the reduce-range grid ±63 (exact on AVX2 u8s8)" if portable else
+                ": 8-bit weights on the full grid ±127 (exact with VNNI or AMX only)"))
             + (", activations clipped to the 4-bit grid" if p.a_bits == 4 else "")
             + "; conv outputs requantized to 8 bits; first/last layers and embedding Gemms 8-bit; skip and "
-              "downsample convs " + ("float" if p == Precision.W8A8 else "8-bit") + "; attention matmuls float")
+              "downsample convs " + ("float" if p == Precision.W8A8 else "8-bit") + "; attention matmuls float "
+              "(one MultiHeadAttention kernel where the graph's attention has the standard layout)")
 
 
 def validate_built(b: Bundle, eng_path, loaded, layers, inputs: list[dict], act_bits: int) -> dict:
@@ -120,6 +130,11 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
     precisions = tuple(Precision(p) for p in precisions)
     b = Bundle.open(bundle)
     require_calibrated(b)
+    requires = engine_requirements(b)
+    if any(p != PEER for p in precisions):
+        check_requirements(requires, f"the calibration of {b.root}",
+                           f"Build on a CPU with VNNI or AMX, or recalibrate with `ptqd calibrate {b.root} "
+                           "--weight-grid portable`.")
     precisions, chunk = plan_precisions(b, precisions, log or (lambda msg: print(msg, file=sys.stderr)))
     # the peer first, before the torch model for the validation is loaded: their peaks do not add up
     precisions = tuple(sorted(precisions, key=lambda p: p != PEER))
@@ -137,7 +152,9 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
                 old = layout.built(Bundle.open(b.root))
                 for rel in w.listed(f"{layout.ORT_DIR}/{p.value}."):
                     w.remove(rel)  # a rebuild replaces every bucket's engine of this precision
-                rec: dict[str, Any] = {"numerics": numerics(p)}
+                rec: dict[str, Any] = {"numerics": numerics(p, not requires), "built_on": cpu_description()}
+                if requires and p != PEER:
+                    rec["requires"] = requires
                 buckets = calib_buckets if p in CALIBRATED else [None]
                 rec["buckets"] = []
                 for k, bucket in enumerate(buckets):

@@ -16,7 +16,15 @@ from ptqd.engines.compare import validate_quantized, validation_inputs
 from ptqd.errors import UserError, ValidationError
 from ptqd.precision import CALIBRATED, OPENVINO_BUILDABLE, Precision
 from ptqd.progress import progress_bar
-from ptqd.stages.common import calib_layers, commit_build, load_source, require_calibrated
+from ptqd.resources import cpu_description
+from ptqd.stages.common import (
+    calib_layers,
+    check_requirements,
+    commit_build,
+    engine_requirements,
+    load_source,
+    require_calibrated,
+)
 
 # OpenVINO's int8 kernels are not visible from Python, so the kernel-level check the ONNX Runtime
 # build runs (ptqd.engines.kernels) has no counterpart here: the engine is judged end to end only.
@@ -49,6 +57,9 @@ def build_openvino(bundle, precisions=None, validate: bool = True, progress: boo
     precisions = _open_params(precisions)
     b = Bundle.open(bundle)
     require_calibrated(b)
+    requires = engine_requirements(b)
+    check_requirements(requires, f"the calibration of {b.root}", f"Build on a CPU with VNNI or AMX, or recalibrate "
+                                                                 f"with `ptqd calibrate {b.root} --weight-grid portable`.")
     loaded = load_source(b) if validate else None
     val_inputs = validation_inputs(dict(np.load(b.path(layout.CALIB_FEEDS)))) if validate else None
     records: dict[str, Any] = {}
@@ -61,7 +72,8 @@ def build_openvino(bundle, precisions=None, validate: bool = True, progress: boo
             bar.set_postfix_str(p.value)
             for rel in w.listed(f"{layout.OV_DIR}/{p.value}."):
                 w.remove(rel)  # a rebuild replaces every bucket's engine of this precision
-            rec: dict[str, Any] = {"numerics": numerics(p), "openvino": ov.__version__, "buckets": []}
+            rec: dict[str, Any] = {"numerics": numerics(p), "openvino": ov.__version__, "buckets": [],
+                                   "built_on": cpu_description(), **({"requires": requires} if requires else {})}
             for k, bucket in enumerate(calib_buckets if p in CALIBRATED else [None]):
                 layers = calib_layers(b, p.value, k, len(calib_buckets))
                 qdq = Path(tmp) / f"{p.value}.{k}.qdq.onnx"

@@ -15,12 +15,12 @@ from ptqd.stages.common import digest, load_source
 def calibrate(bundle, samples: int | None = None, steps: int | None = None, eta: float = 0.0,
               guidance: float = 3.0, method: str = "mse", rounding: str = "gptq", buckets: int = 1,
               device: str = "auto", preset: str = "auto", progress: bool | None = None,
-              recipe: str | None = None, cluster=None) -> dict:
+              recipe: str | None = None, cluster=None, weight_grid: str = "portable") -> dict:
     """Observe activations along FP trajectories; write quantization parameters per precision.
     ``cluster``: pass 1's trajectory chunks run on Ray workers (:class:`ObserveWorker`), merged in chunk order.
 
     ``recipe`` (``calib.calibrate.RECIPES``, e.g. "ptqd-paper") replaces ``method`` and ``rounding``
-    and sets the weight scales' granularity.
+    and sets the weight scales' granularity. ``weight_grid``: the 8-bit weights' grid (``reduce_range_for``).
 
     ``samples``/``steps`` default to the compute ``preset`` for the model's size (see ``ptqd.budget``).
     Memory is bounded: statistics for every layer, but second moments (H) only for one group of
@@ -37,6 +37,7 @@ def calibrate(bundle, samples: int | None = None, steps: int | None = None, eta:
         bucket_steps,
         quantize_layers,
         quantize_weights,
+        reduce_range_for,
         save_params,
         select_layers,
         with_inputs,
@@ -50,7 +51,8 @@ def calibrate(bundle, samples: int | None = None, steps: int | None = None, eta:
     pre = preset_for(preset, table)
     cfg = CalibConfig(samples=pre.calib_samples if samples is None else samples,
                       steps=pre.steps if steps is None else steps, eta=eta, guidance=guidance, method=method,
-                      rounding=rounding, buckets=buckets, batch=pre.calib_batch)
+                      rounding=rounding, buckets=buckets, batch=pre.calib_batch,
+                      reduce_range=reduce_range_for(weight_grid))
     if recipe is not None:
         import dataclasses
 

@@ -88,6 +88,32 @@ def require_calibrated(b: Bundle) -> dict:
     return cal
 
 
+FULL_GRID_NEEDS = ("8-bit weights on the full ±127 grid (`--weight-grid full`): ONNX Runtime's and OpenVINO's u8s8 "
+                   "kernels compute them exactly only where int8 products are summed in 32 bits (VNNI or AMX); "
+                   "AVX2 alone sums pairs in 16 bits and saturates")
+
+
+def engine_requirements(b: Bundle) -> dict:
+    """What an engine built from ``b``'s calibration needs of the CPU it runs on, recorded in build.json as
+    ``requires`` and checked when it is built and loaded (:func:`check_requirements`): {} for the portable
+    ±63 grid, {"isa": "vnni", ...} for the full one."""
+    cfg = (b.stage("calibrate") or {}).get("config") or {}
+    if cfg.get("reduce_range", True):
+        return {}
+    return {"isa": "vnni", "flags_any": ["avx512_vnni", "avx_vnni", "amx_int8"], "why": FULL_GRID_NEEDS}
+
+
+def check_requirements(requires: dict | None, what: str, fix: str) -> None:
+    """UserError when this CPU lacks what ``requires`` (an engine's ``requires`` record) names."""
+    if not requires or requires.get("isa") != "vnni":
+        return
+    from ptqd.resources import cpu_description, has_vnni
+
+    if not has_vnni():
+        raise UserError(f"{what} has {requires['why']}; this CPU ({cpu_description()}) has neither, so it would "
+                        f"compute wrong numbers here. {fix}")
+
+
 def calib_layers(b: Bundle, precision: str, k: int = 0, buckets: int = 1):
     """The quantized layers (``LayerQuant``) of one precision and timestep bucket."""
     from ptqd.calib.calibrate import load_params

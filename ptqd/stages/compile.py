@@ -24,7 +24,7 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
             device: str = "auto", preset: str = "auto", progress: bool | None = None, log=print,
             prompts=None, recipe: str | None = None, gate_samples: int | None = None,
             gate_ranges: int | None = None, gate_budget: float | None = None,
-            backend: str = "onnxruntime", cluster=None) -> dict[str, Any]:
+            backend: str = "onnxruntime", cluster=None, weight_grid: str = "portable") -> dict[str, Any]:
     """export -> calibrate -> build -> correct -> plan, into one bundle. ``cluster``: calibrate's and correct's FP
     trajectories run on Ray workers (:mod:`ptqd.cluster`). Resumable: a stage whose
     inputs (the sha256 of the files it reads) and settings are unchanged is reused, so a rerun after an
@@ -59,6 +59,9 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
     from ptqd.calib.calibrate import recipe as recipe_options
 
     recipe_options(recipe or "default")  # and an unknown recipe
+    from ptqd.calib.calibrate import reduce_range_for
+
+    reduce_range = reduce_range_for(weight_grid)  # and an unknown weight grid
     out = Path(out)
     done: dict[str, Any] = {}
     costs: dict[str, Any] = {}
@@ -108,10 +111,11 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
                                                  correct_batch=min(pre.correct_batch, correction_samples)))
     precisions, _ = plan_precisions(b, precisions, log)
     precisions = tuple(p.value for p in precisions)
-    ccfg = {"samples": samples, "steps": steps, "guidance": guidance, **recipe_options(recipe or "default")}
+    ccfg = {"samples": samples, "steps": steps, "guidance": guidance, "reduce_range": reduce_range,
+            **recipe_options(recipe or "default")}
     stage("calibrate", reusable(b, "calibrate", (layout.UNET_ONNX, layout.UNET_LAYERS), config=ccfg),
           lambda: calibrate(out, samples=samples, steps=steps, guidance=guidance, device=device, preset=preset,
-                                progress=progress, recipe=recipe, cluster=cluster))
+                                progress=progress, recipe=recipe, cluster=cluster, weight_grid=weight_grid))
     b = Bundle.open(out)
     built = set((b.stage("build") or {}).get("precisions", []))
     same = reusable(b, "build", layout.BUILD_INPUTS) and not force
