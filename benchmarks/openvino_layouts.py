@@ -42,7 +42,7 @@ def symmetric(a):
 
 
 def fq_census(model) -> list[tuple[int, tuple]]:
-    """(count, (producer op, consumer ops, grid, levels)) of every activation FakeQuantize, most frequent first."""
+    """((producer op, consumer ops, grid, levels), count) of every activation FakeQuantize, most frequent first."""
     cnt: collections.Counter = collections.Counter()
     for o in model.get_ordered_ops():
         if o.get_type_name() != "FakeQuantize":
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
             shares = ", ".join(f"{a} {v:.0%}" for a, v in s["time_share"].items())
             print(f"  {k:16s} {s['compute_layers']}  reorders {s['reorders']}  {s['layer_ms']:.1f} ms  ({shares})")
         print("\nNNCF default: activation FakeQuantize by producer -> consumers (grid, levels)")
-        for n, (prod, cons, grid, levels) in fq_census(default):
+        for (prod, cons, grid, levels), n in fq_census(default):
             print(f"  {n:4d}  {prod} -> {', '.join(cons)}  ({grid}, {levels})")
     return 0
 

@@ -221,6 +221,17 @@ def has_vnni(isa: list[str] | None = None) -> bool:
     return any(f in (cpu_isa() if isa is None else isa) for f in VNNI_FLAGS)
 
 
+def check_requirements(requires: dict | None, what: str, fix: str) -> None:
+    """UserError when this CPU lacks what ``requires`` (an engine's ``requires`` record) names."""
+    if not requires or requires.get("isa") != "vnni":
+        return
+    if not has_vnni():
+        from ptqd.errors import UserError
+
+        raise UserError(f"{what} has {requires['why']}; this CPU ({cpu_description()}) has neither, so it would "
+                        f"compute wrong numbers here. {fix}")
+
+
 def cpu_description() -> str:
     """The CPU model and the instruction-set flags that decide the int8 kernels, e.g. ``Intel(R) Xeon(R)
     Processor (avx2 avx512f avx512_vnni amx_int8 amx_bf16), 2 CPUs``: printed with every speed or memory table."""

@@ -166,10 +166,25 @@ def cmd_sample(args) -> int:
                                 precision=args.plan, batch=args.batch, correction=args.correction,
                                 prompts=prompts or None, negative_prompt=args.negative_prompt, backend=args.backend,
                                 sampler=args.sampler, latents=latents, cluster=cluster_options(args),
-                                shard_size=args.shard_size)
+                                shard_size=args.shard_size, original_size=_pair(args.original_size, "--original-size"),
+                                crops_coords_top_left=_pair(args.crop_top_left, "--crop-top-left"),
+                                target_size=_pair(args.target_size, "--target-size"))
     print(f"{len(images)} samples ({args.plan}, correction {args.correction}, sampler {args.sampler}) -> "
           f"{args.out or '(not written: pass --out FILE.png|.npz)'}")
     return 0
+
+
+def _pair(text: str | None, flag: str) -> tuple[float, float] | None:
+    """``--original-size 512,768`` -> (512.0, 768.0); a malformed value is a one-line error."""
+    if text is None:
+        return None
+    from ptqd.errors import UserError
+
+    try:
+        a, b = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"{flag} {text}: expected two numbers separated by a comma, e.g. 1024,1024") from None
+    return a, b
 
 
 def cmd_eval(args) -> int:

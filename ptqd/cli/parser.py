@@ -280,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the initial noise, [num, C, H, W] float (numpy.save), taken as diffusers' latents= takes it "
                         "(scaled by the sampler's init_noise_sigma): the same prompt, latents, steps and guidance "
                         "give the diffusers pipeline's own image")
+    sx = s.add_argument_group("SDXL micro-conditioning (as diffusers' SDXL pipeline takes it; default: the image size, "
+                              "no crop)")
+    sx.add_argument("--original-size", metavar="H,W", help="original_size: the size the image should look taken at")
+    sx.add_argument("--crop-top-left", metavar="TOP,LEFT", help="crops_coords_top_left (default 0,0)")
+    sx.add_argument("--target-size", metavar="H,W", help="target_size")
     s.add_argument("--out", help="FILE.png (grid) or FILE.npz (arrays)")
     s.add_argument("--batch", type=int, default=64, help="samples per engine call (default 64)")
     _ray_args(s, 64)

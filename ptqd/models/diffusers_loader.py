@@ -215,6 +215,7 @@ def load_diffusers(path: str | Path, schedule: NoiseSchedule | None = None, with
     if tokenizer_2 is not None:  # SDXL: the six time ids of the default call (original = target = image size)
         ih, iw = image_shape[1:] if image_shape else (8 * h, 8 * w)
         unet.ptqd_time_ids = (ih, iw, 0, 0, ih, iw)
+        text_encoder.time_ids.copy_(torch.tensor(unet.ptqd_time_ids, dtype=torch.float32))
     return LoadedModel(unet=eps, facts=facts, class_embedding=class_embedding, first_stage=first_stage,
                        text_encoder=text_encoder, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
                        zero_empty_prompt=zero_empty)
@@ -252,9 +253,14 @@ def load_sdxl_conditioning(root: Path, unet):
     except (ValueError, TypeError) as e:
         raise ModelLoadError(f"{root.name}: {e}") from None
     index = _read_json(root / "model_index.json") if (root / "model_index.json").exists() else {}
+    if pooled + 6 <= dim:  # the time ids ride in the pooled token, after the projection: per call
+        enc.slot = (tokens, pooled)
 
     def call(m, x, t, c):
-        ids = torch.tensor([list(m.ptqd_time_ids)], dtype=x.dtype).expand(x.shape[0], 6)
+        if enc.slot is not None:
+            ids = c[:, tokens, pooled:pooled + 6]
+        else:  # no room in the context: the default call's ids, baked into the graph
+            ids = torch.tensor([list(m.ptqd_time_ids)], dtype=x.dtype).expand(x.shape[0], 6)
         return m(x, t, encoder_hidden_states=c[:, :tokens], return_dict=False,
                  added_cond_kwargs={"text_embeds": c[:, tokens, :pooled], "time_ids": ids})[0]
 

@@ -55,18 +55,37 @@ class SDXLTextEncoder(torch.nn.Module):
     Tokens 0..tokens-1: both encoders' penultimate hidden states concatenated (D = D₁ + D₂), what SDXL's UNet
     cross-attends to. The last token: the second encoder's pooled projection (``text_embeds``, P ≤ D values)
     padded with zeros to D, which the UNet's added conditions take. Carrying it as one more context token keeps
-    the UNet's signature (x, t, context) for every stage; the exported UNet slices it back out."""
+    the UNet's signature (x, t, context) for every stage; the exported UNet slices it back out.
+
+    Right after the pooled projection (where P + 6 ≤ D, as in SDXL: 1280 + 6 ≤ 2048), that token also carries
+    the six micro-conditioning ``time_ids`` (original size, crop top-left, target size): the encoder writes the
+    pipeline's default call's ids (``time_ids``), and a call with other sizes overwrites those six values
+    (``ptqd.runtime.text.set_time_ids``), so the exported UNet takes them per call."""
 
     def __init__(self, model, model_2):
         super().__init__()
         self.model, self.model_2 = model, model_2
+        self.register_buffer("time_ids", torch.zeros(6))
+        self.slot = None  # (token, offset) of the time ids in the context, where they fit
 
     def forward(self, input_ids, input_ids_2):
         h1 = self.model(input_ids=input_ids, output_hidden_states=True, return_dict=False)[2][-2]
         pooled, _, hidden = self.model_2(input_ids=input_ids_2, output_hidden_states=True, return_dict=False)[:3]
         ctx = torch.cat([h1, hidden[-2]], dim=-1)
+        if self.slot is not None:
+            pooled = torch.cat([pooled, self.time_ids.to(pooled.dtype).expand(pooled.shape[0], 6)], dim=-1)
         extra = torch.nn.functional.pad(pooled, (0, ctx.shape[-1] - pooled.shape[-1]))[:, None, :]
         return torch.cat([ctx, extra], dim=1)
+
+    def time_ids_record(self) -> dict | None:
+        """What the runtime needs to zero an empty prompt's context and to write per-call ids: the slot and the
+        default ids (None where the ids do not fit the context and stay baked into the UNet)."""
+        if self.slot is None:
+            return None
+        return {"token": int(self.slot[0]), "offset": int(self.slot[1]),
+                "default": [float(v) for v in self.time_ids.tolist()]}
+
+
 
 
 def load_sdxl_text_encoders(root: Path) -> SDXLTextEncoder:
@@ -105,11 +124,14 @@ def load_tokenizer(directory: Path):
                              f"{str(e).splitlines()[0][:300]}") from None
 
 
-def tokenizer_files(tokenizer, zero_empty_prompt: bool = False) -> tuple[str, dict]:
-    """(tokenizer.json text, settings) for the runtime: what ``tokenizers`` needs to give the pipeline's ids."""
+def tokenizer_files(tokenizer, zero_empty_prompt: bool = False, time_ids: dict | None = None) -> tuple[str, dict]:
+    """(tokenizer.json text, settings) for the runtime: what ``tokenizers`` needs to give the pipeline's ids, and,
+    for SDXL, where the context carries the time ids (``SDXLTextEncoder.time_ids_record``)."""
     config = {"max_length": int(tokenizer.model_max_length), "pad_token": str(tokenizer.pad_token),
               "pad_id": int(tokenizer.pad_token_id), "bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id,
               "zero_empty_prompt": bool(zero_empty_prompt)}
+    if time_ids is not None:
+        config["time_ids"] = time_ids
     return tokenizer.backend_tokenizer.to_str(), config
 
 
@@ -135,5 +157,8 @@ def encode_prompts(loaded, prompts: list[str], batch: int = 16) -> np.ndarray:
            for i in range(0, len(prompts), batch)]
     ctx = np.concatenate(out).astype(np.float32)
     if loaded.zero_empty_prompt:
-        ctx[[k for k, p in enumerate(prompts) if p == ""]] = 0.0
+        slot = getattr(loaded.text_encoder, "time_ids_record", lambda: None)()
+        from ptqd.runtime.text import zero_prompts
+
+        zero_prompts(ctx, [k for k, p in enumerate(prompts) if p == ""], slot)
     return ctx

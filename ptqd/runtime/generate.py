@@ -18,7 +18,8 @@ def sample(bundle, classes=None, num: int = 16, seed: int = 0, steps: int = 20, 
            guidance: float = 3.0, out: str | os.PathLike | None = None, precision: str = "fp32",
            batch: int = 64, progress: bool | None = None, correction: str = "auto",
            prompts: list[str] | None = None, negative_prompt: str = "", backend: str = "auto",
-           sampler: str = "auto", latents: np.ndarray | None = None, cluster=None, shard_size: int | None = None):
+           sampler: str = "auto", latents: np.ndarray | None = None, cluster=None, shard_size: int | None = None,
+           original_size=None, crops_coords_top_left=None, target_size=None):
     """Sample ``num`` images (labels cycle through ``classes``, or, for a text-to-image bundle, through
     ``prompts``, guided away from ``negative_prompt``). Returns (images uint8 NHWC, labels: class or
     prompt index). A text-to-image bundle without ``prompts`` samples its calibration prompts.
@@ -27,14 +28,16 @@ def sample(bundle, classes=None, num: int = 16, seed: int = 0, steps: int = 20, 
     a plan FILE.json. ``correction``: ``auto`` (what the end-to-end gate kept), ``on`` (PTQD's raw fit and
     VSC), ``conditional``, ``off``. ``sampler``: ``auto`` (the bundle's own: its pipeline's scheduler) or a
     name of ``ptqd.runtime.schedulers.SAMPLER_CHOICES``. ``latents``: the initial noise [num, C, H, W], as
-    diffusers' ``latents=`` takes it.
+    diffusers' ``latents=`` takes it. SDXL: ``original_size``, ``crops_coords_top_left``, ``target_size`` as
+    :class:`ptqd.runtime.pipe.Pipeline` takes them.
     ``out``: ``FILE.png`` writes a grid, ``FILE.npz`` writes ``images`` and ``labels``. Sample i's noise
     depends only on (seed, i): the same seed pairs samples across engines. A shell over
     :class:`ptqd.runtime.pipe.Pipeline`, which loads a bundle once for many calls.
     ``cluster``: a :class:`ptqd.cluster.Cluster` spreads shards of ``shard_size`` samples (default ``batch``;
     whole batches) over Ray workers, each with its own Pipeline; the images are bit-identical to this process's.
     """
-    from ptqd.runtime.pipe import Pipeline, check_latents
+    from ptqd.runtime.pipe import Pipeline, check_latents, sdxl_time_ids, time_ids_slot
+    from ptqd.runtime.text import set_time_ids
 
     sampling_counts(num=num, batch=batch, seed=seed)  # every option is checked before any work
     if correction not in CORRECTION_MODES:
@@ -55,6 +58,7 @@ def sample(bundle, classes=None, num: int = 16, seed: int = 0, steps: int = 20, 
     if not has_decoder and out is not None and Path(out).suffix == ".png":
         raise UserError(f"{b.root} has no first-stage decoder, so samples stay latents: write .npz instead")
     text = prompts is not None or facts.conditioning.kind == "text"
+    time_ids = sdxl_time_ids(b, original_size, crops_coords_top_left, target_size)
     if text:
         check_prompt_options(b, prompts, negative_prompt, classes)
     else:
@@ -62,12 +66,14 @@ def sample(bundle, classes=None, num: int = 16, seed: int = 0, steps: int = 20, 
     if cluster is not None:
         images, labels = sample_sharded(b, cluster, shard_size, precision, backend, correction, prompts,
                                         negative_prompt, labels if not text else None, num, seed, steps, eta, guidance,
-                                        sampler, latents, batch, progress)
+                                        sampler, latents, batch, progress, time_ids)
     else:
         pipe = Pipeline.from_bundle(b, precision, backend=backend, correction=correction)
         try:
             if text:
                 table = pipe.prompt_table(prompts, negative_prompt) if prompts is not None else pipe.table
+                if time_ids is not None:
+                    table = set_time_ids(table.copy(), time_ids_slot(b), time_ids)
                 labels = 1 + np.arange(num) % (len(table) - 1)
             else:
                 table = pipe.table
@@ -102,7 +108,7 @@ class SampleWorker:
 
 
 def sample_sharded(b, cluster, shard_size, precision, backend, correction, prompts, negative_prompt, labels, num,
-                   seed, steps, eta, guidance, sampler, latents, batch, progress):
+                   seed, steps, eta, guidance, sampler, latents, batch, progress, time_ids=None):
     """``sample`` on Ray workers: shards of whole batches, the images put back in index order."""
     import sys
 
@@ -116,6 +122,11 @@ def sample_sharded(b, cluster, shard_size, precision, backend, correction, promp
         from ptqd.runtime.text import PromptEncoder
 
         table = PromptEncoder(b).table(prompts, negative_prompt) if prompts is not None else layout.class_embedding(b)
+        if time_ids is not None:
+            from ptqd.runtime.pipe import time_ids_slot
+            from ptqd.runtime.text import set_time_ids
+
+            table = set_time_ids(table.copy(), time_ids_slot(b), time_ids)
         labels = 1 + np.arange(num) % (len(table) - 1)
     else:
         table = layout.class_embedding(b)

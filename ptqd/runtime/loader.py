@@ -111,7 +111,7 @@ def open_engine(b, precision: str = "fp32", threads: int | None = None, allow_sp
 def _check_cpu(b, precision: str, rec: dict, backend: str) -> None:
     """Refuse an engine whose build record says it needs what this CPU lacks (e.g. full-grid 8-bit weights
     without VNNI), naming the fix, instead of letting it compute wrong numbers."""
-    from ptqd.stages.common import check_requirements
+    from ptqd.resources import check_requirements
 
     check_requirements(rec.get("requires"), f"the {precision} engine ({backend}) of {b.root}, built on "
                                             f"{rec.get('built_on', 'another CPU')},",

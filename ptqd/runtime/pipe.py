@@ -78,14 +78,15 @@ class Pipeline:
 
     # -- conditioning --------------------------------------------------------------------------------------
 
-    def prompt_table(self, prompts: list[str], negative_prompt: str = "") -> np.ndarray:
-        """Encoded prompts, row 0 the negative prompt: what labels 1..len(prompts) index."""
+    def prompt_table(self, prompts: list[str], negative_prompt: str = "", time_ids=None) -> np.ndarray:
+        """Encoded prompts, row 0 the negative prompt: what labels 1..len(prompts) index. ``time_ids``: SDXL's six
+        micro-conditioning values (:func:`sdxl_time_ids`), None for the pipeline's default call."""
         if self.encoder is None:
             raise UserError(f"{self.bundle.root} is not a text-to-image bundle (its conditioning is "
                             f"{self.facts.conditioning.kind}); give class_labels= (or --classes) instead of prompts")
-        return self.encoder.table(list(prompts), negative_prompt)
+        return self.encoder.table(list(prompts), negative_prompt, time_ids=time_ids)
 
-    def _conditioning(self, prompt, negative_prompt, class_labels, per_prompt: int):
+    def _conditioning(self, prompt, negative_prompt, class_labels, per_prompt: int, time_ids=None):
         kind = self.facts.conditioning.kind
         if kind == "text":
             if class_labels is not None:
@@ -100,7 +101,7 @@ class Pipeline:
                     raise UserError("negative_prompt: give one negative prompt for the whole call (a list must "
                                     "repeat the same text)")
                 neg = negs[0] if negs else ""
-            table = self.prompt_table(prompts, neg)
+            table = self.prompt_table(prompts, neg, time_ids)
             return table, np.repeat(1 + np.arange(len(prompts)), per_prompt)
         if prompt is not None or negative_prompt is not None:
             raise UserError(f"prompt: {self.bundle.root} is conditioned on {kind if kind != 'none' else 'nothing'}, "
@@ -120,19 +121,23 @@ class Pipeline:
                  num_inference_steps: int = 20, guidance_scale: float | None = None, num_images_per_prompt: int = 1,
                  seed: int | None = None, latents: np.ndarray | None = None, class_labels=None, eta: float = 0.0,
                  sampler: str = "auto", output_type: str = "pil", batch: int = 64,
-                 progress: bool | None = False) -> PipelineOutput:
+                 progress: bool | None = False, original_size=None, crops_coords_top_left=None,
+                 target_size=None) -> PipelineOutput:
         """Sample, as a diffusers pipeline call does. ``latents``: the initial noise [N, C, H, W] (N = prompts ×
         num_images_per_prompt), taken as diffusers' ``latents=`` takes it. ``guidance_scale`` defaults to 7.5 for
         prompts (diffusers') and 3.0 for classes. ``sampler``: ``auto`` (the bundle's own) or a name
-        (``ptqd sample --help``). ``output_type``: ``pil`` or ``np``."""
+        (``ptqd sample --help``). ``output_type``: ``pil`` or ``np``. SDXL: ``original_size``,
+        ``crops_coords_top_left`` and ``target_size`` ((height, width), (top, left)) as diffusers' SDXL pipeline
+        takes them (default: the image size, no crop), for the prompts and the negative prompt alike."""
         if output_type not in ("pil", "np"):
             raise UserError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+        time_ids = sdxl_time_ids(self.bundle, original_size, crops_coords_top_left, target_size)
         integer("num_images_per_prompt", num_images_per_prompt, 1, 1 << 16)
         if guidance_scale is None:
             guidance_scale = TEXT_GUIDANCE if self.facts.conditioning.kind == "text" else CLASS_GUIDANCE
         if seed is None:
             seed = secrets.randbelow(2**31)
-        table, labels = self._conditioning(prompt, negative_prompt, class_labels, num_images_per_prompt)
+        table, labels = self._conditioning(prompt, negative_prompt, class_labels, num_images_per_prompt, time_ids)
         images = self.generate(table, labels, seed, num_inference_steps, eta, guidance_scale, sampler, latents,
                                batch, progress)
         if output_type == "pil" and self.decoder is not None:
@@ -171,6 +176,43 @@ class Pipeline:
         close = getattr(self.engine, "close", None)
         if close:
             close()
+
+
+def time_ids_slot(b) -> dict | None:
+    """Where an SDXL bundle's context carries the six time ids (``PromptEncoder.time_ids``), or None."""
+    return b.read_json(layout.TOKENIZER_CONFIG).get("time_ids") if b.has(layout.TOKENIZER_CONFIG) else None
+
+
+def sdxl_time_ids(b, original_size=None, crops_coords_top_left=None, target_size=None) -> list[float] | None:
+    """SDXL's six time ids for a call, diffusers' way: original size + crop top-left + target size, each
+    defaulting to the pipeline's default call's (image size, (0, 0), image size). None when none is given."""
+    given = {"original_size": original_size, "crops_coords_top_left": crops_coords_top_left,
+             "target_size": target_size}
+    if all(v is None for v in given.values()):
+        return None
+    slot = time_ids_slot(b)
+    if slot is None:
+        raise UserError(f"{', '.join(k for k, v in given.items() if v is not None)}: only an SDXL bundle exported by "
+                        "this ptqd takes them (its UNet reads the six time ids from the context); this bundle "
+                        + ("has them built in: re-export it" if b.has(layout.TOKENIZER_2_CONFIG)
+                           else "is not an SDXL bundle"))
+    default = slot["default"]
+    out = []
+    for (name, v), d in zip(given.items(), (default[0:2], default[2:4], default[4:6])):
+        if v is None:
+            out += list(d)
+            continue
+        try:
+            pair = [float(x) for x in v]
+        except (TypeError, ValueError):
+            pair = []
+        if len(pair) != 2 or not all(np.isfinite(pair)) or min(pair) < 0 or \
+                (name != "crops_coords_top_left" and min(pair) <= 0):
+            what = "non-negative numbers (top, left)" if name == "crops_coords_top_left" else \
+                "positive numbers (height, width)"
+            raise UserError(f"{name}: expected two {what}, got {v!r}")
+        out += pair
+    return out
 
 
 def check_latents(latents, n: int, latent_shape) -> np.ndarray:

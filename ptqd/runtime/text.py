@@ -24,7 +24,9 @@ class PromptEncoder:
         self.tokenizers = [self._tokenizer(b, layout.TOKENIZER_JSON, layout.TOKENIZER_CONFIG)]
         if b.has(layout.TOKENIZER_2_JSON):
             self.tokenizers.append(self._tokenizer(b, layout.TOKENIZER_2_JSON, layout.TOKENIZER_2_CONFIG))
-        self.zero_empty_prompt = bool(b.read_json(layout.TOKENIZER_CONFIG).get("zero_empty_prompt", False))
+        config = b.read_json(layout.TOKENIZER_CONFIG)
+        self.zero_empty_prompt = bool(config.get("zero_empty_prompt", False))
+        self.time_ids = config.get("time_ids")  # SDXL: where the context carries the six time ids (None: baked)
         self.session = ort_session(b.path(layout.TEXT_ENCODER_ONNX), threads)
 
     @staticmethod
@@ -47,21 +49,45 @@ class PromptEncoder:
             raise UserError(f"prompts must be text, got {bad[:3]}")
         return np.array([e.ids for e in self.tokenizers[which].encode_batch(list(prompts))], dtype=np.int64)
 
-    def encode(self, prompts: list[str], batch: int = 16) -> np.ndarray:
+    def encode(self, prompts: list[str], batch: int = 16, time_ids=None) -> np.ndarray:
         """Contexts [N, tokens, D]; an empty prompt is zeros where the pipeline says so (SDXL's
-        ``force_zeros_for_empty_prompt``: no negative prompt, zero embeddings)."""
+        ``force_zeros_for_empty_prompt``: no negative prompt, zero embeddings, the call's time ids).
+        ``time_ids``: SDXL's six micro-conditioning values for every row (default: the pipeline's default call's,
+        which the encoder writes)."""
         ids = [self.token_ids(prompts, k) for k in range(len(self.tokenizers))]
         names = ["input_ids", "input_ids_2"][:len(ids)]
         out = [self.session.run(["context"], {n: a[i:i + batch] for n, a in zip(names, ids)})[0]
                for i in range(0, len(prompts), batch)]
         ctx = np.concatenate(out).astype(np.float32)
+        if time_ids is not None:
+            if self.time_ids is None:
+                raise UserError("original_size / crops_coords_top_left / target_size: this bundle's UNet has the "
+                                "default call's time ids built in (an SDXL export by an older ptqd, or no room for "
+                                "them in the context): re-export it with this ptqd to pass them per call")
+            set_time_ids(ctx, self.time_ids, time_ids)
         if self.zero_empty_prompt:
-            ctx[[k for k, p in enumerate(prompts) if p == ""]] = 0.0
+            zero_prompts(ctx, [k for k, p in enumerate(prompts) if p == ""], self.time_ids)
         return ctx
 
-    def table(self, prompts: list[str], negative_prompt: str = "") -> np.ndarray:
+    def table(self, prompts: list[str], negative_prompt: str = "", time_ids=None) -> np.ndarray:
         """The table sampling indexes: row 0 the negative prompt, rows 1.. the prompts ([1 + N, tokens, D])."""
-        return self.encode([negative_prompt, *prompts])
+        return self.encode([negative_prompt, *prompts], time_ids=time_ids)
+
+
+def set_time_ids(ctx: np.ndarray, slot: dict, ids) -> np.ndarray:
+    """Write the six time ids into every row of ``ctx`` [N, tokens, D] (in place) at ``slot``; returns ``ctx``."""
+    ctx[:, slot["token"], slot["offset"]:slot["offset"] + 6] = np.asarray(ids, np.float32)
+    return ctx
+
+
+def zero_prompts(ctx: np.ndarray, rows: list[int], slot: dict | None) -> np.ndarray:
+    """``force_zeros_for_empty_prompt``: zero the embeddings of ``rows`` (in place), keeping their time ids (SDXL
+    feeds a zero negative prompt with the call's time ids, not with zero ids)."""
+    keep = None if slot is None else ctx[rows, slot["token"], slot["offset"]:slot["offset"] + 6].copy()
+    ctx[rows] = 0.0
+    if keep is not None:
+        ctx[rows, slot["token"], slot["offset"]:slot["offset"] + 6] = keep
+    return ctx
 
 
 def read_prompts(path: str | Path) -> list[str]:

@@ -16,10 +16,9 @@ from ptqd.engines.compare import validate_quantized, validation_inputs
 from ptqd.errors import UserError, ValidationError
 from ptqd.precision import CALIBRATED, OPENVINO_BUILDABLE, Precision
 from ptqd.progress import progress_bar
-from ptqd.resources import cpu_description
+from ptqd.resources import check_requirements, cpu_description
 from ptqd.stages.common import (
     calib_layers,
-    check_requirements,
     commit_build,
     engine_requirements,
     load_source,

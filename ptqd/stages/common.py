@@ -95,23 +95,12 @@ FULL_GRID_NEEDS = ("8-bit weights on the full ±127 grid (`--weight-grid full`):
 
 def engine_requirements(b: Bundle) -> dict:
     """What an engine built from ``b``'s calibration needs of the CPU it runs on, recorded in build.json as
-    ``requires`` and checked when it is built and loaded (:func:`check_requirements`): {} for the portable
+    ``requires`` and checked when it is built and loaded (``ptqd.resources.check_requirements``): {} for the portable
     ±63 grid, {"isa": "vnni", ...} for the full one."""
     cfg = (b.stage("calibrate") or {}).get("config") or {}
     if cfg.get("reduce_range", True):
         return {}
     return {"isa": "vnni", "flags_any": ["avx512_vnni", "avx_vnni", "amx_int8"], "why": FULL_GRID_NEEDS}
-
-
-def check_requirements(requires: dict | None, what: str, fix: str) -> None:
-    """UserError when this CPU lacks what ``requires`` (an engine's ``requires`` record) names."""
-    if not requires or requires.get("isa") != "vnni":
-        return
-    from ptqd.resources import cpu_description, has_vnni
-
-    if not has_vnni():
-        raise UserError(f"{what} has {requires['why']}; this CPU ({cpu_description()}) has neither, so it would "
-                        f"compute wrong numbers here. {fix}")
 
 
 def calib_layers(b: Bundle, precision: str, k: int = 0, buckets: int = 1):

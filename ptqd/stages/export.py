@@ -156,7 +156,8 @@ def write_text_side(w, loaded, prompt_list: list[str], ecfg, validate: bool) -> 
     path = w.file(layout.TEXT_ENCODER_ONNX)
     for extra in export_text_encoder(loaded, path, ecfg)[1:]:
         w.declare(extra.name)
-    text, settings = tokenizer_files(loaded.tokenizer, loaded.zero_empty_prompt)
+    slot = getattr(loaded.text_encoder, "time_ids_record", lambda: None)()
+    text, settings = tokenizer_files(loaded.tokenizer, loaded.zero_empty_prompt, slot)
     w.write_bytes(layout.TOKENIZER_JSON, text.encode())
     w.write_json(layout.TOKENIZER_CONFIG, settings)
     if loaded.tokenizer_2 is not None:  # SDXL's second encoder

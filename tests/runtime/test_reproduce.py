@@ -132,3 +132,53 @@ def test_sdxl_compiles_samples_w8a8_and_the_plan_and_evaluates(sdxl_pipeline, tm
     assert set(rows) == {"fp32", "w8a8", "plan"}
     for p in ("w8a8", "plan"):  # tiny random weights: far from a trained model's quality, but finite and paired
         assert np.isfinite(rows[p]["psnr_vs_fp"]) and rows[p]["psnr_vs_fp"] > 10
+
+
+def test_sdxl_size_conditioning_per_call_matches_diffusers(sdxl_pipeline, tmp_path):
+    """original_size / crops_coords_top_left / target_size reach the exported UNet per call (they ride in the
+    context's pooled token): the same sizes give diffusers' own image, and other sizes give another image."""
+    import diffusers
+    import torch
+
+    import ptqd
+    from ptqd.errors import UserError
+
+    bundle = tmp_path / "xl.bundle"
+    api.export(sdxl_pipeline, bundle, progress=False, prompts=["a red cat"])
+    facts = Bundle.open(bundle).facts
+    latents = np.random.default_rng(3).standard_normal((1, *facts.latent_shape), dtype=np.float32)
+    sizes = dict(original_size=(40, 24), crops_coords_top_left=(6, 2), target_size=(12, 20))
+    pipe = ptqd.Pipeline.from_bundle(bundle, precision="fp32")
+    call = dict(num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=latents, output_type="np")
+    ours = pipe(PROMPT, **call, **sizes).images
+    default = pipe(PROMPT, **call).images
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_pipeline, local_files_only=True)
+    ref.set_progress_bar_config(disable=True)
+    theirs = ref(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=torch.from_numpy(latents),
+                 output_type="np", **sizes).images
+    theirs = (theirs * 255).round().astype(np.uint8)
+    diff = np.abs(ours.astype(np.int16) - theirs)
+    assert diff.max() <= 2 and diff.mean() <= 0.5, (diff.max(), diff.mean())
+    assert np.abs(default.astype(np.int16) - ours).max() > 4  # the sizes matter: a test that can fail
+    # the CLI takes them too, and bad values are refused in one line
+    from ptqd.cli import main
+
+    np.save(tmp_path / "L.npy", latents)
+    out = tmp_path / "cli.npz"
+    assert main(["sample", str(bundle), "--prompt", PROMPT, "--latents", str(tmp_path / "L.npy"), "--precision",
+                 "fp32", "--steps", str(STEPS), "--guidance", str(GUIDANCE), "--original-size", "40,24",
+                 "--crop-top-left", "6,2", "--target-size", "12,20", "--out", str(out)]) == 0
+    np.testing.assert_array_equal(np.load(out)["images"], ours)
+    assert main(["sample", str(bundle), "--prompt", "x", "--original-size", "40"]) == 1
+    with pytest.raises(UserError, match="target_size: expected two positive numbers"):
+        pipe(PROMPT, num_inference_steps=2, target_size=(0, 16))
+
+
+def test_size_conditioning_is_refused_where_the_model_has_none(base_pipeline, tmp_path):
+    import ptqd
+    from ptqd.errors import UserError
+
+    bundle = tmp_path / "sd.bundle"
+    api.export(base_pipeline, bundle, progress=False, prompts=["a red cat"])
+    with pytest.raises(UserError, match="original_size: only an SDXL bundle"):
+        ptqd.Pipeline.from_bundle(bundle)(PROMPT, num_inference_steps=2, original_size=(32, 32))
