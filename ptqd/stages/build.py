@@ -108,6 +108,7 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
     engines it finished (``ptqd compile`` then builds only the rest)."""
     import sys
 
+    from ptqd.engines import graph_opt
     from ptqd.engines.graph_opt import optimize_for_ort
     from ptqd.engines.onnxruntime import build_engine, describe_engine, pack_4bit_weights, quantize_static_peer
     from ptqd.engines.qdq import write_qdq
@@ -138,6 +139,8 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
     # the peer first, before the torch model for the validation is loaded: their peaks do not add up
     precisions = tuple(sorted(precisions, key=lambda p: p != PEER))
     rows = layout.layer_rows(b)
+    if any(p != PEER for p in precisions):
+        graph_opt.prepare(b.path(layout.UNET_ONNX))
     loaded = None
     feeds = dict(np.load(b.path(layout.CALIB_FEEDS))) if validate or PEER in precisions else None
     val_inputs = validation_inputs(feeds) if validate else None
