@@ -110,7 +110,11 @@ def _fake_engine_builder(monkeypatch, started: threading.Event, delay: float):
         Path(eng_path).write_bytes(b"engine " + Path(qdq_path).read_bytes())
 
     monkeypatch.setattr(calibrate, "load_params", lambda meta, arrays: [])
-    monkeypatch.setattr(qdq, "write_qdq", lambda src, layers, path: Path(path).write_bytes(b"qdq"))
+    def write_qdq(src, layers, path, rewrite=None):
+        Path(path).write_bytes(b"qdq")
+        return {"quantized_nodes": 0, "graph": {}}
+
+    monkeypatch.setattr(qdq, "write_qdq", write_qdq)
     monkeypatch.setattr(ort_backend, "build_engine", build_engine)
     monkeypatch.setattr(ort_backend, "describe_engine", lambda path, rows: {
         "size_bytes": Path(path).stat().st_size, "integer_kernel_ops": {}, "integer_mac_share": 0.0})

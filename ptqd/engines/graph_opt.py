@@ -111,15 +111,17 @@ def _inputs_at(model, batch: int) -> dict[str, np.ndarray]:
         tt = i.type.tensor_type
         shape = [batch if not d.HasField("dim_value") else d.dim_value for d in tt.shape.dim]
         dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        feeds[i.name] = (np.full(shape, 500, dtype) if np.issubdtype(dtype, np.integer)
+        feeds[i.name] = (np.full(shape, 500, dtype) if np.issubdtype(dtype, np.integer) or i.name == "t"
                          else np.random.RandomState(0).standard_normal(shape).astype(dtype))
     return feeds
 
 
-def evaluate(model, values: list[str], shapes_of: list[str], batches=(1, 2)) -> dict[str, list[np.ndarray]]:
+def evaluate(model, values: list[str], shapes_of: list[str], batches=(1, 2),
+             feeds: dict[str, np.ndarray] | None = None) -> dict[str, list[np.ndarray]]:
     """The values of ``values`` and the shapes of ``shapes_of`` at each batch size, from ONNX Runtime runs of
     ``model`` with zero-filled stand-ins for its weights (no optimization, so every tensor keeps its name).
-    Keys: tensor names, and ``NAME__shape`` for the shapes."""
+    Keys: tensor names, and ``NAME__shape`` for the shapes. ``feeds``: the inputs to use (one batch size)
+    instead of seeded ones."""
     import onnxruntime as ort
 
     m = _standin_model(model, values, shapes_of)
@@ -132,7 +134,7 @@ def evaluate(model, values: list[str], shapes_of: list[str], batches=(1, 2)) -> 
     names = [o.name for o in sess.get_outputs()]
     out: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for b in batches:
-        for n, v in zip(names, sess.run(names, _inputs_at(model, b))):
+        for n, v in zip(names, sess.run(names, feeds if feeds is not None else _inputs_at(model, b))):
             out[n].append(np.asarray(v))
     return out
 

@@ -52,7 +52,17 @@ def _export(module: torch.nn.Module, args: tuple, input_names: list[str], output
     """Export and return the written files (the graph, plus its external data when large)."""
     cfg.validate()
     module = module.eval()
-    tmp = path.with_name(path.name + ".tmp")
+    work = path.with_name(path.name + ".export")  # torch writes a large model's tensors one file each, here
+    work.mkdir(exist_ok=True)
+    try:
+        return _export_in(module, args, input_names, output_names, path, cfg, work / path.name)
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _export_in(module, args, input_names, output_names, path: Path, cfg: ExportConfig, tmp: Path) -> list[Path]:
     if cfg.exporter == "torchscript":
         dyn = {n: {0: "batch"} for n in input_names + output_names}
         with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
@@ -69,9 +79,11 @@ def _export(module: torch.nn.Module, args: tuple, input_names: list[str], output
             prog.save(str(tmp))
     import onnx
 
+    model = onnx.load(str(tmp), load_external_data=False)
+    model.producer_name, model.producer_version = "ptqd", __import__("ptqd").__version__
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        return _gather_external(model, tmp.parent, path)  # over 2 GB: never the whole model in memory twice
     model = onnx.load(str(tmp), load_external_data=True)
-    for f in path.parent.glob(tmp.name + "*"):
-        f.unlink()
     model.producer_name, model.producer_version = "ptqd", __import__("ptqd").__version__
     weights = sum(t.ByteSize() for t in model.graph.initializer)
     if weights > EXTERNAL_DATA_THRESHOLD:
@@ -81,6 +93,47 @@ def _export(module: torch.nn.Module, args: tuple, input_names: list[str], output
         return [path, path.with_name(data)]
     onnx.save_model(model, str(path))
     return [path]
+
+
+ALIGN = 1 << 16  # external tensors start on 64 KiB boundaries: ONNX Runtime can map them instead of copying
+
+
+def _gather_external(model, src_dir: Path, path: Path) -> list[Path]:
+    """A model over 2 GB as torch's exporter leaves it (each tensor in its own file in ``src_dir``) -> ``path``
+    plus ONE ``<name>.data`` file, copied tensor by tensor (small tensors go there too), so that the export's
+    peak is the torch model plus one tensor, not the model twice."""
+    import onnx
+    from onnx import numpy_helper
+
+    data = path.with_name(path.name + ".data")
+    root = src_dir.resolve()
+    with open(data, "wb") as out:
+        for t in model.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                info = {e.key: e.value for e in t.external_data}
+                loc = info.get("location", "")
+                src = (root / loc).resolve()
+                if not loc or src.parent != root:
+                    raise ExportError(f"the exporter wrote tensor {t.name} outside its folder ({loc!r})",
+                                      check="ONNX export")
+                with open(src, "rb") as f:
+                    f.seek(int(info.get("offset", 0)))
+                    raw = f.read(int(info["length"])) if "length" in info else f.read()
+            elif t.ByteSize() > 1024:
+                raw = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
+                del t.float_data[:], t.int64_data[:], t.int32_data[:], t.double_data[:]
+            else:
+                continue
+            out.write(b"\0" * (-out.tell() % ALIGN))
+            offset = out.tell()
+            out.write(raw)
+            t.ClearField("raw_data")
+            del t.external_data[:]
+            for k, v in (("location", data.name), ("offset", str(offset)), ("length", str(len(raw)))):
+                t.external_data.add(key=k, value=v)
+            t.data_location = onnx.TensorProto.EXTERNAL
+    onnx.save_model(model, str(path))
+    return [path, data]
 
 
 def export_unet(loaded, path: Path, cfg: ExportConfig = ExportConfig(), batch: int = 2) -> list[Path]:

@@ -151,3 +151,60 @@ def write_tiny_sdxl_pipeline(out: str | Path, seed: int = 0, latent_size: int = 
         f.unlink()
     tok_dir.rmdir()
     return out
+
+
+# SDXL base 1.0's UNet (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json): 2.57 B parameters
+SDXL_BASE_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn", attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
+    cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, norm_num_groups=32, norm_eps=1e-5,
+    flip_sin_to_cos=True, freq_shift=0)
+
+
+def sdxl_base_unet(seed: int = 0, device: str = "cpu"):
+    """SDXL base's UNet architecture with diffusers' own initialisation under ``torch.manual_seed(seed)`` (random
+    weights; 10.3 GB in float32). ``device="meta"``: shapes only, no memory (for MAC counts)."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = diffusers.UNet2DConditionModel(**SDXL_BASE_UNET)
+    return unet.eval().requires_grad_(False)
+
+
+def write_sdxl_base_pipeline(out: str | Path, seed: int = 0) -> Path:
+    """An SDXL pipeline with the full-size base UNet (random weights) and small text encoders and VAE of the
+    widths SDXL's UNet needs (768 + 1280 hidden, a 1280 pooled projection; a 4-channel latent, 8x upsampling):
+    for exporting, measuring and compiling the real UNet architecture without downloading it."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    out = Path(out)
+    tok_dir = out / ".tiny-vocabulary"
+    vocab = write_tiny_vocabulary(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77, pad_token="!")
+    eos = vocab["<|endoftext|>"]
+    common = dict(vocab_size=len(vocab), intermediate_size=256, num_attention_heads=4, num_hidden_layers=2,
+                  max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos)
+    text_encoder = _seed(CLIPTextModel(CLIPTextConfig(**common, hidden_size=768)), seed)
+    text_encoder_2 = _seed(CLIPTextModelWithProjection(CLIPTextConfig(**common, hidden_size=1280,
+                                                                      projection_dim=1280)), seed + 4)
+    vae = _seed(diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 32, 32), latent_channels=4,
+        layers_per_block=1, sample_size=1024, norm_num_groups=32, scaling_factor=0.13025), seed + 2)
+    scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                 timestep_spacing="leading", steps_offset=1)
+    pipe = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                               tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=sdxl_base_unet(seed),
+                                               scheduler=scheduler, force_zeros_for_empty_prompt=True,
+                                               add_watermarker=False)
+    pipe.save_pretrained(out)
+    for f in tok_dir.iterdir():
+        f.unlink()
+    tok_dir.rmdir()
+    return out
