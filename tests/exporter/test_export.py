@@ -134,3 +134,84 @@ def test_dynamo_exporter_also_matches(tiny_cin_ckpt, tmp_path):
     tiny = json.loads((tmp_path / "b" / "unet.layers.json").read_text())
     assert table["macs_by_kind"] == _torch_macs(load_model(tiny_cin_ckpt)) == tiny["macs_by_kind"]
     assert all(r["module"] for r in table["layers"] if r["kind"] != "attention")
+
+
+def test_a_large_export_is_gathered_tensor_by_tensor_with_transposes_folded(tiny_cin_ckpt, tmp_path, monkeypatch):
+    """Over 2 GB, torch exports without constant folding and writes each tensor to its own file; ptqd folds the
+    linear layers' weight Transposes and gathers every tensor into one aligned .data file (shown here on the tiny
+    model, forced down that path): the graph computes what the normal export does, with the same layer table."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from ptqd.exporter import onnx_export
+    from ptqd.exporter.layers import build_layer_table
+
+    loaded = load_model(tiny_cin_ckpt)
+    normal = tmp_path / "normal" / "unet.onnx"
+    normal.parent.mkdir()
+    onnx_export.export_unet(loaded, normal)
+    # what torch leaves for a model over 2 GB: no folding, one file per tensor
+    monkeypatch.setattr(onnx_export, "LARGE", 0)
+    work = tmp_path / "torch-out"
+    work.mkdir()
+    raw = work / "unet.onnx"
+    c, h, w = loaded.facts.latent_shape
+    cond = loaded.facts.conditioning
+    args = (torch.randn(1, c, h, w), torch.tensor([500.0]), torch.randn(1, cond.context_tokens, cond.context_dim))
+    torch.onnx.export(loaded.unet.eval(), args, str(raw), input_names=["x", "t", "context"], output_names=["eps"],
+                      opset_version=18, dynamic_axes={n: {0: "batch"} for n in ("x", "t", "context", "eps")},
+                      dynamo=False, do_constant_folding=False)
+    m = onnx.load(str(raw))
+    onnx.save_model(m, str(raw), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    m = onnx.load(str(raw), load_external_data=False)
+    assert sum(n.op_type == "Transpose" and n.input[0] in {i.name for i in m.graph.initializer} for n in m.graph.node)
+    out = tmp_path / "gathered" / "unet.onnx"
+    out.parent.mkdir()
+    files = onnx_export._gather_external(m, work, out)
+    assert [f.name for f in files] == ["unet.onnx", "unet.onnx.data"]
+    g = onnx.load(str(out), load_external_data=False).graph
+    inits = {i.name for i in g.initializer}
+    assert not any(n.op_type == "Transpose" and n.input[0] in inits for n in g.node)
+    offsets = [int(e.value) for i in g.initializer for e in i.external_data if e.key == "offset"]
+    assert offsets and all(o % onnx_export.ALIGN == 0 for o in offsets)
+    feeds = {"x": np.random.RandomState(0).randn(3, c, h, w).astype(np.float32),
+             "t": np.array([10.0, 500.0, 990.0], np.float32),
+             "context": np.random.RandomState(1).randn(3, cond.context_tokens, cond.context_dim).astype(np.float32)}
+    run = {p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(["eps"], feeds)[0]
+           for p in (normal, out)}
+    np.testing.assert_allclose(run[out], run[normal], atol=1e-5, rtol=0)
+    a, b = build_layer_table(normal), build_layer_table(out)
+    assert [(r["kind"], r["macs"], r["weight_shape"], r["out_axis"]) for r in a["layers"]] == \
+        [(r["kind"], r["macs"], r["weight_shape"], r["out_axis"]) for r in b["layers"]]
+
+
+def test_a_model_over_2gb_is_exported_without_torch_holding_its_weights_twice(tiny_cin_ckpt, tmp_path, monkeypatch):
+    """Above LARGE, torch traces the graph without its weights and ptqd writes them one by one (forced here on
+    the tiny model): same outputs and layer table as the normal export, weights in one aligned .data file."""
+    import onnx
+    import onnxruntime as ort
+
+    from ptqd.exporter import onnx_export
+    from ptqd.exporter.layers import build_layer_table
+
+    loaded = load_model(tiny_cin_ckpt)
+    normal, large = tmp_path / "a" / "unet.onnx", tmp_path / "b" / "unet.onnx"
+    normal.parent.mkdir()
+    large.parent.mkdir()
+    onnx_export.export_unet(loaded, normal)
+    monkeypatch.setattr(onnx_export, "LARGE", 0)
+    files = onnx_export.export_unet(loaded, large)
+    assert [f.name for f in files] == ["unet.onnx", "unet.onnx.data"] and not (large.parent / "unet.onnx.export").exists()
+    g = onnx.load(str(large), load_external_data=False).graph
+    assert [i.name for i in g.input] == ["x", "t", "context"]
+    c, h, w = loaded.facts.latent_shape
+    cond = loaded.facts.conditioning
+    feeds = {"x": np.random.RandomState(0).randn(2, c, h, w).astype(np.float32), "t": np.array([3.0, 700.0], np.float32),
+             "context": np.random.RandomState(1).randn(2, cond.context_tokens, cond.context_dim).astype(np.float32)}
+    out = {p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(["eps"], feeds)[0]
+           for p in (normal, large)}
+    np.testing.assert_allclose(out[large], out[normal], atol=1e-5, rtol=0)
+    a, b = build_layer_table(normal), build_layer_table(large)
+    assert [(r["kind"], r["module"], r["macs"], r["weight_shape"]) for r in a["layers"]] == \
+        [(r["kind"], r["module"], r["macs"], r["weight_shape"]) for r in b["layers"]]
