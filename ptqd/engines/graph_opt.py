@@ -23,6 +23,7 @@ graph on unit-scale inputs), far inside the engines' validation tolerance agains
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from pathlib import Path
@@ -79,23 +80,57 @@ def _standin_model(model, extra_outputs: list[str], shapes_of: list[str]):
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
-    keep, standins = [], []
+    inits = {t.name for t in g.initializer}
+    # each stand-in is made right before its first reader: its shape depends (by a zero) on that reader's first
+    # activation input, so ONNX Runtime does not run every ConstantOfShape up front and hold all the weights
+    first_reader: dict[str, str] = {}
+    for n in g.node:
+        act = next((i for i in n.input if i and i not in inits), None)
+        for i in n.input:
+            if i in inits and i not in first_reader and act is not None:
+                first_reader[i] = act
+    keep, standins = [], {}
+    zero = numpy_helper.from_array(np.zeros(1, np.int64), "__standin_zero")
+    first = numpy_helper.from_array(np.zeros(1, np.int64), "__standin_first")
     for t in g.initializer:
         n = int(np.prod(t.dims)) if len(t.dims) else 1
         if n >= STANDIN_MIN or t.data_location == TensorProto.EXTERNAL:
             shp = numpy_helper.from_array(np.array(list(t.dims), np.int64), f"{t.name}__standin_shape")
             keep.append(shp)
-            standins.append(helper.make_node("ConstantOfShape", [shp.name], [t.name],
-                                             value=helper.make_tensor("v", t.data_type, [1], [0])))
+            made, src = [], shp.name
+            act = first_reader.get(t.name)
+            if act is not None:
+                made = [helper.make_node("Shape", [act], [f"{t.name}__s"]),
+                        helper.make_node("Gather", [f"{t.name}__s", first.name], [f"{t.name}__g"], axis=0),
+                        helper.make_node("Mul", [f"{t.name}__g", zero.name], [f"{t.name}__z"]),
+                        helper.make_node("Add", [shp.name, f"{t.name}__z"], [f"{t.name}__shape"])]
+                src = f"{t.name}__shape"
+            made.append(helper.make_node("ConstantOfShape", [src], [t.name],
+                                         value=helper.make_tensor("v", t.data_type, [1], [0])))
+            standins.setdefault(act, []).extend(made)
         else:
             keep.append(t)
     del g.initializer[:]
-    g.initializer.extend(keep)
-    nodes = standins + list(g.node)
-    outs = []
-    for name in shapes_of:
-        nodes.append(helper.make_node("Shape", [name], [f"{name}__shape"]))
-        outs.append(f"{name}__shape")
+    g.initializer.extend(keep + [zero, first])
+    nodes = list(standins.pop(None, []))
+    produced = {i.name for i in g.input} | {t.name for t in keep}
+    for name in list(standins):  # stand-ins reading a graph input or an initializer go first
+        if name in produced:
+            nodes += standins.pop(name)
+    # each watched tensor's Shape right after the node that makes it: at the end, they would keep every watched
+    # activation alive to the end of the run (a 1024x1024 SDXL forward's would not fit)
+    outs = [f"{name}__shape" for name in shapes_of]
+    shape_nodes = {name: helper.make_node("Shape", [name], [f"{name}__shape"]) for name in shapes_of}
+    nodes += [shape_nodes.pop(name) for name in list(shape_nodes) if name in produced]
+    for n in g.node:
+        nodes.append(n)
+        for o in n.output:
+            nodes += standins.pop(o, [])
+            if o in shape_nodes:
+                nodes.append(shape_nodes.pop(o))
+    for rest in standins.values():
+        nodes += rest
+    nodes += list(shape_nodes.values())
     del g.node[:]
     g.node.extend(nodes)
     del g.output[:]
@@ -116,6 +151,27 @@ def _inputs_at(model, batch: int) -> dict[str, np.ndarray]:
     return feeds
 
 
+@contextlib.contextmanager
+def large_allocations_returned():
+    """While active, glibc serves every allocation over 128 KiB by mmap, so that freed tensors go back to the
+    system. Its default raises that threshold as large blocks are freed (up to 32 MiB), and an evaluation that
+    makes and frees each weight of a 2.57 B-parameter UNet in turn then keeps them all in fragmented heap: 23 GB
+    instead of 1.3 (SDXL at 1024x1024). Afterwards the threshold stays at 32 MiB, the default's ceiling."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        yield
+        return
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 1 << 17)
+    try:
+        yield
+    finally:
+        libc.mallopt(m_mmap_threshold, 32 << 20)
+
+
 def evaluate(model, values: list[str], shapes_of: list[str], batches=(1, 2),
              feeds: dict[str, np.ndarray] | None = None) -> dict[str, list[np.ndarray]]:
     """The values of ``values`` and the shapes of ``shapes_of`` at each batch size, from ONNX Runtime runs of
@@ -130,12 +186,16 @@ def evaluate(model, values: list[str], shapes_of: list[str], batches=(1, 2),
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.enable_cpu_mem_arena = False  # every buffer back to the system when the session goes: a build's peak
     so.enable_mem_pattern = False
+    # nodes in the graph's order (each Shape right after its tensor): the default order may run them last and
+    # keep every watched activation alive to the end
+    so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     out: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for b in batches:
-        for n, v in zip(names, sess.run(names, feeds if feeds is not None else _inputs_at(model, b))):
-            out[n].append(np.asarray(v))
+    with large_allocations_returned():
+        for b in batches:
+            for n, v in zip(names, sess.run(names, feeds if feeds is not None else _inputs_at(model, b))):
+                out[n].append(np.asarray(v))
     return out
 
 

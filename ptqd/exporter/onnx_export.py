@@ -74,8 +74,8 @@ def _export_in(module, args, input_names, output_names, path: Path, cfg: ExportC
     large = param_bytes(module) > LARGE
     if cfg.exporter == "torchscript":
         dyn = {n: {0: "batch"} for n in input_names + output_names}
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), torch.no_grad():
+            warnings.simplefilter("ignore")  # no_grad: a trace that records autograd keeps every activation
             torch.onnx.export(module, args, str(tmp), input_names=input_names, output_names=output_names,
                               opset_version=cfg.opset, dynamic_axes=dyn, dynamo=False, do_constant_folding=not large,
                               export_params=not large)
