@@ -6,6 +6,7 @@ around scaled-dot-product attention, on the ``meta`` device (shapes only: a 2.57
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -39,7 +40,7 @@ def count_macs(module: torch.nn.Module, *args, **kwargs) -> dict[str, int]:
     totals = {"conv": 0, "linear": 0, "attention": 0}
 
     def conv_hook(m, inp, out):
-        totals["conv"] += out.numel() * (m.weight.shape[1] * int(torch.tensor(m.weight.shape[2:]).prod()))
+        totals["conv"] += out.numel() * math.prod(m.weight.shape[1:])
 
     def linear_hook(m, inp, out):
         totals["linear"] += out.numel() * m.in_features

@@ -56,6 +56,15 @@ def _seed(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module.eval()
 
 
+def _save(pipe, out: Path, tok_dir: Path) -> Path:
+    """``save_pretrained`` the pipeline, then drop the vocabulary folder its tokenizers were read from."""
+    pipe.save_pretrained(out)
+    for f in tok_dir.iterdir():
+        f.unlink()
+    tok_dir.rmdir()
+    return out
+
+
 def write_tiny_sd_pipeline(out: str | Path, seed: int = 0, latent_size: int = 8, context_dim: int = 32) -> Path:
     """Write the pipeline to ``out``; the UNet's output conv is rescaled to unit-std ε (see
     ``ptqd.models.tiny.unit_eps_state_dict``), so DDIM trajectories stay where a trained model's do."""
@@ -93,11 +102,7 @@ def write_tiny_sd_pipeline(out: str | Path, seed: int = 0, latent_size: int = 8,
     pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                              scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                              requires_safety_checker=False)
-    pipe.save_pretrained(out)
-    for f in tok_dir.iterdir():
-        f.unlink()
-    tok_dir.rmdir()
-    return out
+    return _save(pipe, out, tok_dir)
 
 
 def write_tiny_sdxl_pipeline(out: str | Path, seed: int = 0, latent_size: int = 8, width: int = 32) -> Path:
@@ -146,11 +151,7 @@ def write_tiny_sdxl_pipeline(out: str | Path, seed: int = 0, latent_size: int = 
                          added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample.std())
         unet.conv_out.weight /= std
         unet.conv_out.bias /= std
-    pipe.save_pretrained(out)
-    for f in tok_dir.iterdir():
-        f.unlink()
-    tok_dir.rmdir()
-    return out
+    return _save(pipe, out, tok_dir)
 
 
 # SDXL base 1.0's UNet (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json): 2.57 B parameters
@@ -203,8 +204,4 @@ def write_sdxl_base_pipeline(out: str | Path, seed: int = 0) -> Path:
                                                tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=sdxl_base_unet(seed),
                                                scheduler=scheduler, force_zeros_for_empty_prompt=True,
                                                add_watermarker=False)
-    pipe.save_pretrained(out)
-    for f in tok_dir.iterdir():
-        f.unlink()
-    tok_dir.rmdir()
-    return out
+    return _save(pipe, out, tok_dir)

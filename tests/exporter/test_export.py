@@ -141,11 +141,9 @@ def test_a_large_export_is_gathered_tensor_by_tensor_with_transposes_folded(tiny
     linear layers' weight Transposes and gathers every tensor into one aligned .data file (shown here on the tiny
     model, forced down that path): the graph computes what the normal export does, with the same layer table."""
     import onnx
-    import onnxruntime as ort
     import torch
 
     from ptqd.exporter import onnx_export
-    from ptqd.exporter.layers import build_layer_table
 
     loaded = load_model(tiny_cin_ckpt)
     normal = tmp_path / "normal" / "unet.onnx"
@@ -175,25 +173,15 @@ def test_a_large_export_is_gathered_tensor_by_tensor_with_transposes_folded(tiny
     assert not any(n.op_type == "Transpose" and n.input[0] in inits for n in g.node)
     offsets = [int(e.value) for i in g.initializer for e in i.external_data if e.key == "offset"]
     assert offsets and all(o % onnx_export.ALIGN == 0 for o in offsets)
-    feeds = {"x": np.random.RandomState(0).randn(3, c, h, w).astype(np.float32),
-             "t": np.array([10.0, 500.0, 990.0], np.float32),
-             "context": np.random.RandomState(1).randn(3, cond.context_tokens, cond.context_dim).astype(np.float32)}
-    run = {p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(["eps"], feeds)[0]
-           for p in (normal, out)}
-    np.testing.assert_allclose(run[out], run[normal], atol=1e-5, rtol=0)
-    a, b = build_layer_table(normal), build_layer_table(out)
-    assert [(r["kind"], r["macs"], r["weight_shape"], r["out_axis"]) for r in a["layers"]] == \
-        [(r["kind"], r["macs"], r["weight_shape"], r["out_axis"]) for r in b["layers"]]
+    same_graph(loaded, normal, out, [10.0, 500.0, 990.0])
 
 
 def test_a_model_over_2gb_is_exported_without_torch_holding_its_weights_twice(tiny_cin_ckpt, tmp_path, monkeypatch):
     """Above LARGE, torch traces the graph without its weights and ptqd writes them one by one (forced here on
     the tiny model): same outputs and layer table as the normal export, weights in one aligned .data file."""
     import onnx
-    import onnxruntime as ort
 
     from ptqd.exporter import onnx_export
-    from ptqd.exporter.layers import build_layer_table
 
     loaded = load_model(tiny_cin_ckpt)
     normal, large = tmp_path / "a" / "unet.onnx", tmp_path / "b" / "unet.onnx"
@@ -205,13 +193,23 @@ def test_a_model_over_2gb_is_exported_without_torch_holding_its_weights_twice(ti
     assert [f.name for f in files] == ["unet.onnx", "unet.onnx.data"] and not (large.parent / "unet.onnx.export").exists()
     g = onnx.load(str(large), load_external_data=False).graph
     assert [i.name for i in g.input] == ["x", "t", "context"]
+    same_graph(loaded, normal, large, [3.0, 700.0])
+
+
+def same_graph(loaded, normal, other, ts):
+    """``other`` computes what the normal export ``normal`` does at timesteps ``ts``, and has its layer table."""
+    import onnxruntime as ort
+
+    from ptqd.exporter.layers import build_layer_table
+
     c, h, w = loaded.facts.latent_shape
     cond = loaded.facts.conditioning
-    feeds = {"x": np.random.RandomState(0).randn(2, c, h, w).astype(np.float32), "t": np.array([3.0, 700.0], np.float32),
-             "context": np.random.RandomState(1).randn(2, cond.context_tokens, cond.context_dim).astype(np.float32)}
+    n = len(ts)
+    feeds = {"x": np.random.RandomState(0).randn(n, c, h, w).astype(np.float32), "t": np.array(ts, np.float32),
+             "context": np.random.RandomState(1).randn(n, cond.context_tokens, cond.context_dim).astype(np.float32)}
     out = {p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(["eps"], feeds)[0]
-           for p in (normal, large)}
-    np.testing.assert_allclose(out[large], out[normal], atol=1e-5, rtol=0)
-    a, b = build_layer_table(normal), build_layer_table(large)
-    assert [(r["kind"], r["module"], r["macs"], r["weight_shape"]) for r in a["layers"]] == \
-        [(r["kind"], r["module"], r["macs"], r["weight_shape"]) for r in b["layers"]]
+           for p in (normal, other)}
+    np.testing.assert_allclose(out[other], out[normal], atol=1e-5, rtol=0)
+    a, b = build_layer_table(normal), build_layer_table(other)
+    assert [(r["kind"], r["module"], r["macs"], r["weight_shape"], r["out_axis"]) for r in a["layers"]] == \
+        [(r["kind"], r["module"], r["macs"], r["weight_shape"], r["out_axis"]) for r in b["layers"]]
