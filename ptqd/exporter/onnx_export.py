@@ -94,7 +94,7 @@ def _export_in(module, args, input_names, output_names, path: Path, cfg: ExportC
     if large and cfg.exporter == "torchscript":  # the graph came without its weights: ptqd writes them
         return _attach_params(model, module, path)
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        return _gather_external(model, tmp.parent, path)  # never the whole model in memory twice
+        return gather_external(model, tmp.parent, path)  # never the whole model in memory twice
     model = onnx.load(str(tmp), load_external_data=True)
     model.producer_name, model.producer_version = "ptqd", __import__("ptqd").__version__
     weights = sum(t.ByteSize() for t in model.graph.initializer)
@@ -110,7 +110,7 @@ def _export_in(module, args, input_names, output_names, path: Path, cfg: ExportC
 ALIGN = 1 << 16  # external tensors start on 64 KiB boundaries: ONNX Runtime can map them instead of copying
 
 
-def _gather_external(model, src_dir: Path, path: Path) -> list[Path]:
+def gather_external(model, src_dir: Path, path: Path) -> list[Path]:
     """A model over 2 GB as an exporter leaves it (each tensor in its own file in ``src_dir``) -> ``path`` plus ONE
     ``<name>.data`` file, written tensor by tensor, so that the model is never in memory twice."""
     import onnx

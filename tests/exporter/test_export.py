@@ -166,7 +166,7 @@ def test_a_large_export_is_gathered_tensor_by_tensor_with_transposes_folded(tiny
     assert sum(n.op_type == "Transpose" and n.input[0] in {i.name for i in m.graph.initializer} for n in m.graph.node)
     out = tmp_path / "gathered" / "unet.onnx"
     out.parent.mkdir()
-    files = onnx_export._gather_external(m, work, out)
+    files = onnx_export.gather_external(m, work, out)
     assert [f.name for f in files] == ["unet.onnx", "unet.onnx.data"]
     g = onnx.load(str(out), load_external_data=False).graph
     inits = {i.name for i in g.initializer}
