@@ -36,8 +36,7 @@ def sample(bundle, classes=None, num: int = 16, seed: int = 0, steps: int = 20, 
     ``cluster``: a :class:`ptqd.cluster.Cluster` spreads shards of ``shard_size`` samples (default ``batch``;
     whole batches) over Ray workers, each with its own Pipeline; the images are bit-identical to this process's.
     """
-    from ptqd.runtime.pipe import Pipeline, check_latents, sdxl_time_ids, time_ids_slot
-    from ptqd.runtime.text import set_time_ids
+    from ptqd.runtime.pipe import Pipeline, check_latents, sdxl_time_ids, with_time_ids
 
     sampling_counts(num=num, batch=batch, seed=seed)  # every option is checked before any work
     if correction not in CORRECTION_MODES:
@@ -72,8 +71,7 @@ def sample(bundle, classes=None, num: int = 16, seed: int = 0, steps: int = 20, 
         try:
             if text:
                 table = pipe.prompt_table(prompts, negative_prompt) if prompts is not None else pipe.table
-                if time_ids is not None:
-                    table = set_time_ids(table.copy(), time_ids_slot(b), time_ids)
+                table = with_time_ids(b, table, time_ids)
                 labels = 1 + np.arange(num) % (len(table) - 1)
             else:
                 table = pipe.table
@@ -122,11 +120,9 @@ def sample_sharded(b, cluster, shard_size, precision, backend, correction, promp
         from ptqd.runtime.text import PromptEncoder
 
         table = PromptEncoder(b).table(prompts, negative_prompt) if prompts is not None else layout.class_embedding(b)
-        if time_ids is not None:
-            from ptqd.runtime.pipe import time_ids_slot
-            from ptqd.runtime.text import set_time_ids
+        from ptqd.runtime.pipe import with_time_ids
 
-            table = set_time_ids(table.copy(), time_ids_slot(b), time_ids)
+        table = with_time_ids(b, table, time_ids)
         labels = 1 + np.arange(num) % (len(table) - 1)
     else:
         table = layout.class_embedding(b)

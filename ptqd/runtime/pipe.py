@@ -78,13 +78,12 @@ class Pipeline:
 
     # -- conditioning --------------------------------------------------------------------------------------
 
-    def prompt_table(self, prompts: list[str], negative_prompt: str = "", time_ids=None) -> np.ndarray:
-        """Encoded prompts, row 0 the negative prompt: what labels 1..len(prompts) index. ``time_ids``: SDXL's six
-        micro-conditioning values (:func:`sdxl_time_ids`), None for the pipeline's default call."""
+    def prompt_table(self, prompts: list[str], negative_prompt: str = "") -> np.ndarray:
+        """Encoded prompts, row 0 the negative prompt: what labels 1..len(prompts) index."""
         if self.encoder is None:
             raise UserError(f"{self.bundle.root} is not a text-to-image bundle (its conditioning is "
                             f"{self.facts.conditioning.kind}); give class_labels= (or --classes) instead of prompts")
-        return self.encoder.table(list(prompts), negative_prompt, time_ids=time_ids)
+        return self.encoder.table(list(prompts), negative_prompt)
 
     def _conditioning(self, prompt, negative_prompt, class_labels, per_prompt: int, time_ids=None):
         kind = self.facts.conditioning.kind
@@ -101,7 +100,7 @@ class Pipeline:
                     raise UserError("negative_prompt: give one negative prompt for the whole call (a list must "
                                     "repeat the same text)")
                 neg = negs[0] if negs else ""
-            table = self.prompt_table(prompts, neg, time_ids)
+            table = with_time_ids(self.bundle, self.prompt_table(prompts, neg), time_ids)
             return table, np.repeat(1 + np.arange(len(prompts)), per_prompt)
         if prompt is not None or negative_prompt is not None:
             raise UserError(f"prompt: {self.bundle.root} is conditioned on {kind if kind != 'none' else 'nothing'}, "
@@ -181,6 +180,16 @@ class Pipeline:
 def time_ids_slot(b) -> dict | None:
     """Where an SDXL bundle's context carries the six time ids (``PromptEncoder.time_ids``), or None."""
     return b.read_json(layout.TOKENIZER_CONFIG).get("time_ids") if b.has(layout.TOKENIZER_CONFIG) else None
+
+
+def with_time_ids(b, table: np.ndarray, time_ids) -> np.ndarray:
+    """``table`` (encoded prompts) with a call's SDXL time ids (:func:`sdxl_time_ids`) in every row, the zero
+    negative prompt's too, as diffusers feeds them; ``table`` itself when ``time_ids`` is None."""
+    if time_ids is None:
+        return table
+    from ptqd.runtime.text import set_time_ids
+
+    return set_time_ids(table.copy(), time_ids_slot(b), time_ids)
 
 
 def sdxl_time_ids(b, original_size=None, crops_coords_top_left=None, target_size=None) -> list[float] | None:

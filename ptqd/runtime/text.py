@@ -49,29 +49,22 @@ class PromptEncoder:
             raise UserError(f"prompts must be text, got {bad[:3]}")
         return np.array([e.ids for e in self.tokenizers[which].encode_batch(list(prompts))], dtype=np.int64)
 
-    def encode(self, prompts: list[str], batch: int = 16, time_ids=None) -> np.ndarray:
+    def encode(self, prompts: list[str], batch: int = 16) -> np.ndarray:
         """Contexts [N, tokens, D]; an empty prompt is zeros where the pipeline says so (SDXL's
-        ``force_zeros_for_empty_prompt``: no negative prompt, zero embeddings, the call's time ids).
-        ``time_ids``: SDXL's six micro-conditioning values for every row (default: the pipeline's default call's,
-        which the encoder writes)."""
+        ``force_zeros_for_empty_prompt``: no negative prompt, zero embeddings, the default call's time ids, which
+        ``ptqd.runtime.pipe.with_time_ids`` replaces for a call with other sizes)."""
         ids = [self.token_ids(prompts, k) for k in range(len(self.tokenizers))]
         names = ["input_ids", "input_ids_2"][:len(ids)]
         out = [self.session.run(["context"], {n: a[i:i + batch] for n, a in zip(names, ids)})[0]
                for i in range(0, len(prompts), batch)]
         ctx = np.concatenate(out).astype(np.float32)
-        if time_ids is not None:
-            if self.time_ids is None:
-                raise UserError("original_size / crops_coords_top_left / target_size: this bundle's UNet has the "
-                                "default call's time ids built in (an SDXL export by an older ptqd, or no room for "
-                                "them in the context): re-export it with this ptqd to pass them per call")
-            set_time_ids(ctx, self.time_ids, time_ids)
         if self.zero_empty_prompt:
             zero_prompts(ctx, [k for k, p in enumerate(prompts) if p == ""], self.time_ids)
         return ctx
 
-    def table(self, prompts: list[str], negative_prompt: str = "", time_ids=None) -> np.ndarray:
+    def table(self, prompts: list[str], negative_prompt: str = "") -> np.ndarray:
         """The table sampling indexes: row 0 the negative prompt, rows 1.. the prompts ([1 + N, tokens, D])."""
-        return self.encode([negative_prompt, *prompts], time_ids=time_ids)
+        return self.encode([negative_prompt, *prompts])
 
 
 def set_time_ids(ctx: np.ndarray, slot: dict, ids) -> np.ndarray:

@@ -14,11 +14,11 @@ from ptqd.engines.compare import validate_quantized, validation_inputs
 from ptqd.errors import UserError, ValidationError
 from ptqd.precision import CALIBRATED, ORT_BUILDABLE, PEER, Backend, Precision
 from ptqd.progress import progress_bar
-from ptqd.resources import check_requirements, cpu_description
+from ptqd.resources import cpu_description
 from ptqd.stages.common import (
+    buildable_here,
     calib_layers,
     commit_build,
-    engine_requirements,
     load_source,
     require_calibrated,
 )
@@ -109,7 +109,6 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
     import sys
 
     from ptqd.engines import graph_opt
-    from ptqd.engines.graph_opt import optimize_for_ort
     from ptqd.engines.onnxruntime import build_engine, describe_engine, pack_4bit_weights, quantize_static_peer
     from ptqd.engines.qdq import write_qdq
 
@@ -130,11 +129,7 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
     precisions = tuple(Precision(p) for p in precisions)
     b = Bundle.open(bundle)
     require_calibrated(b)
-    requires = engine_requirements(b)
-    if any(p != PEER for p in precisions):
-        check_requirements(requires, f"the calibration of {b.root}",
-                           f"Build on a CPU with VNNI or AMX, or recalibrate with `ptqd calibrate {b.root} "
-                           "--weight-grid portable`.")
+    requires = buildable_here(b) if any(p != PEER for p in precisions) else {}
     precisions, chunk = plan_precisions(b, precisions, log or (lambda msg: print(msg, file=sys.stderr)))
     # the peer first, before the torch model for the validation is loaded: their peaks do not add up
     precisions = tuple(sorted(precisions, key=lambda p: p != PEER))
@@ -170,7 +165,7 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
                     else:
                         layers = calib_layers(b, p.value, k, len(buckets))
                         fp = b.path(layout.UNET_ONNX)
-                        wrote = write_qdq(fp, layers, qdq_path, rewrite=lambda m, fp=fp: optimize_for_ort(m, fp))
+                        wrote = write_qdq(fp, layers, qdq_path, rewrite=lambda m, fp=fp: graph_opt.optimize_for_ort(m, fp))
                         if k == 0:
                             rec["graph_rewrites"] = wrote["graph"]
                     build_engine(qdq_path, eng_path)

@@ -16,11 +16,11 @@ from ptqd.engines.compare import validate_quantized, validation_inputs
 from ptqd.errors import UserError, ValidationError
 from ptqd.precision import CALIBRATED, OPENVINO_BUILDABLE, Precision
 from ptqd.progress import progress_bar
-from ptqd.resources import check_requirements, cpu_description
+from ptqd.resources import cpu_description
 from ptqd.stages.common import (
+    buildable_here,
     calib_layers,
     commit_build,
-    engine_requirements,
     load_source,
     require_calibrated,
 )
@@ -56,9 +56,7 @@ def build_openvino(bundle, precisions=None, validate: bool = True, progress: boo
     precisions = _open_params(precisions)
     b = Bundle.open(bundle)
     require_calibrated(b)
-    requires = engine_requirements(b)
-    check_requirements(requires, f"the calibration of {b.root}", f"Build on a CPU with VNNI or AMX, or recalibrate "
-                                                                 f"with `ptqd calibrate {b.root} --weight-grid portable`.")
+    requires = buildable_here(b)
     loaded = load_source(b) if validate else None
     val_inputs = validation_inputs(dict(np.load(b.path(layout.CALIB_FEEDS)))) if validate else None
     records: dict[str, Any] = {}

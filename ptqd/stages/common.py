@@ -97,10 +97,22 @@ def engine_requirements(b: Bundle) -> dict:
     """What an engine built from ``b``'s calibration needs of the CPU it runs on, recorded in build.json as
     ``requires`` and checked when it is built and loaded (``ptqd.resources.check_requirements``): {} for the portable
     ±63 grid, {"isa": "vnni", ...} for the full one."""
+    from ptqd.resources import VNNI_FLAGS
+
     cfg = (b.stage("calibrate") or {}).get("config") or {}
     if cfg.get("reduce_range", True):
         return {}
-    return {"isa": "vnni", "flags_any": ["avx512_vnni", "avx_vnni", "amx_int8"], "why": FULL_GRID_NEEDS}
+    return {"isa": "vnni", "flags_any": list(VNNI_FLAGS), "why": FULL_GRID_NEEDS}
+
+
+def buildable_here(b: Bundle) -> dict:
+    """:func:`engine_requirements`, after refusing (with the fix) a build on a CPU that lacks them."""
+    from ptqd.resources import check_requirements
+
+    requires = engine_requirements(b)
+    check_requirements(requires, f"the calibration of {b.root}", f"Build on a CPU with VNNI or AMX, or recalibrate "
+                                                                 f"with `ptqd calibrate {b.root} --weight-grid portable`.")
+    return requires
 
 
 def calib_layers(b: Bundle, precision: str, k: int = 0, buckets: int = 1):
