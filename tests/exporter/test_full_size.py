@@ -54,6 +54,10 @@ def test_sdxl_base_unet_exports_and_its_layer_table_counts_the_macs_at_1024(tmp_
     from ptqd.models.macs import count_macs
     from ptqd.models.tiny_sd import sdxl_base_unet
 
+    import shutil
+
+    if shutil.disk_usage(tmp_path).free < 25e9:  # the pipeline and the bundle: 10.3 GB each
+        pytest.skip("needs 25 GB of free disk for the 2.57 B-parameter pipeline and its bundle")
     src = tmp_path / "sdxl"
     code = f"from ptqd.models.tiny_sd import write_sdxl_base_pipeline as w; w({str(src)!r})"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0  # its 10 GB freed before the export
