@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ptqd.runtime.correction import as_t
+
 
 # The fitted slope is clamped from below at K_FLOOR (see the module doc). Measured with the slope left
 # negative (benchmarks/correction_negative_k.py, paper-like recipe, demo, 500 samples, seeds 2 and 3): + k
@@ -115,7 +117,7 @@ def fit_precision(eps_steps: list[np.ndarray], delta_steps: list[np.ndarray], ti
     rows = []
     for t, e, d, cut in holdout_split(eps_steps, delta_steps, timesteps, holdout):
         f = fit_step(e[:cut], d[:cut])
-        row = {"t": int(t), **f.to_json(), "gate": "k+bias", "raw": f.to_json(), "fit": assess(f, e[:cut], d[:cut])}
+        row = {"t": as_t(t), **f.to_json(), "gate": "k+bias", "raw": f.to_json(), "fit": assess(f, e[:cut], d[:cut])}
         if holdout:
             row["holdout"] = assess(f, e[cut:], d[cut:])
             if gate:
@@ -132,8 +134,10 @@ def fit_precision(eps_steps: list[np.ndarray], delta_steps: list[np.ndarray], ti
 
 
 def sample_snr(alphas_cumprod: np.ndarray, timesteps) -> list[float]:
+    """SNR_F(t) = ᾱ_t / (1 − ᾱ_t); ᾱ linear between integer timesteps (σ-space samplers visit fractional t)."""
     a = np.asarray(alphas_cumprod, np.float64)
-    return [float(a[int(t)] / (1.0 - a[int(t)])) for t in timesteps]
+    ab = [float(np.interp(float(t), np.arange(len(a)), a)) for t in timesteps]
+    return [x / (1.0 - x) for x in ab]
 
 
 def make_plan(corrections: dict[str, dict], cost: dict[str, float], alphas_cumprod, margin: float = 1.0,
@@ -151,47 +155,70 @@ def make_plan(corrections: dict[str, dict], cost: dict[str, float], alphas_cumpr
     for i, t in enumerate(ts):
         ok = [p for p in precs if curves[p][i] >= margin * snr_f[i]]
         p = ok[0] if ok else max(precs, key=lambda q: curves[q][i])
-        steps.append({"t": int(t), "precision": p, "snr_f": snr_f[i], "snr_q": {q: curves[q][i] for q in precs},
+        steps.append({"t": as_t(t), "precision": p, "snr_f": snr_f[i], "snr_q": {q: curves[q][i] for q in precs},
                       "qualified": bool(ok)})
     return {"criterion": f"cheapest precision with SNR_Q(p, t) >= {margin:g} * SNR_F(t) ({split} samples), "
                          "else the best SNR_Q; SNR_Q = |eps|^2 / |corrected eps - eps|^2, SNR_F = abar/(1-abar)",
             "margin": margin, "precisions_by_cost": precs, "cost_bops": {p: cost[p] for p in precs}, "steps": steps}
 
 
-def collect(fp_runner, quant_runner_for_step: dict, facts, class_embedding, labels: np.ndarray, seed: int, cfg,
+def collect(fp_runner, quant_runner_at: dict, facts, class_embedding, labels: np.ndarray, seed: int, cfg,
             batch: int = 64, progress=None, start: int = 0):
-    """Run FP trajectories; at every step, every quantized model sees the same x_t.
+    """Run FP trajectories of ``cfg``'s sampler; at every UNet call, every quantized model sees the same x_t.
 
-    ``quant_runner_for_step``: precision -> callable(step index) -> runner (timestep buckets have
-    one model each). Returns (timesteps, [ε per step, N×C×H×W], {precision: [Δ per step]}), ε and
-    Δ after classifier-free guidance, as the sampler uses them. ``labels[k]`` is trajectory ``start + k``
-    (its noise seed): a shard of a longer run."""
+    ``quant_runner_at``: precision -> callable(timestep) -> runner (timestep buckets have one model each).
+    Returns (timesteps, [ε per timestep, N×C×H×W], {precision: [Δ per timestep]}), one entry per distinct
+    timestep in the order the sampler visits them (PNDM's second call at a repeated timestep is not kept),
+    ε and Δ after classifier-free guidance, as the sampler uses them. ``labels[k]`` is trajectory
+    ``start + k`` (its noise seed): a shard of a longer run."""
     from ptqd.runtime.pipeline import guided_eps, sample_latents
 
-    eps: list[list[np.ndarray]] = [[] for _ in range(cfg.steps)]
-    delta = {p: [[] for _ in range(cfg.steps)] for p in quant_runner_for_step}
+    calls = trajectory_timesteps(facts, cfg, distinct=False)
+    keep = set(first_calls(calls))
+    eps: list[list[np.ndarray]] = [[] for _ in calls]
+    delta = {p: [[] for _ in calls] for p in quant_runner_at}
     for s0 in range(0, len(labels), batch):
         idx = np.arange(s0, min(len(labels), s0 + batch))
 
         def observe(i, t, x, ctx, e_fp, idx=idx):
-            eps[i].append(e_fp)
-            for p, runner_at in quant_runner_for_step.items():
-                delta[p][i].append(guided_eps(runner_at(i), x, t, ctx) - e_fp)
-            if progress is not None:
-                progress.update(len(idx))
+            if i in keep:
+                eps[i].append(e_fp)
+                for p, runner_at in quant_runner_at.items():
+                    delta[p][i].append(guided_eps(runner_at(t), x, t, ctx) - e_fp)
+                if progress is not None:
+                    progress.update(len(idx))
 
         sample_latents(fp_runner, facts, class_embedding, labels[idx], start + idx, seed, cfg, observe=observe)
-    return (trajectory_timesteps(facts, cfg), [np.concatenate(e) for e in eps],
-            {p: [np.concatenate(d) for d in v] for p, v in delta.items()})
+    order = sorted(keep)
+    return ([calls[i] for i in order], [np.concatenate(eps[i]) for i in order],
+            {p: [np.concatenate(v[i]) for i in order] for p, v in delta.items()})
 
 
-def trajectory_timesteps(facts, cfg) -> list[int]:
-    """The timesteps ``collect``'s trajectories visit (DDIM on the calibrated spacing)."""
-    from ptqd.runtime.sampler import DDIMSampler
+def first_calls(timesteps) -> list[int]:
+    """Indices of the first UNet call at each distinct timestep."""
+    seen: set = set()
+    out = []
+    for i, t in enumerate(timesteps):
+        if t not in seen:
+            seen.add(t)
+            out.append(i)
+    return out
 
-    sampler = DDIMSampler(facts.schedule.alphas_cumprod, cfg.spacing)
-    sampler.set_timesteps(cfg.steps)
-    return [int(t) for t in sampler.timesteps]
+
+def trajectory_timesteps(facts, cfg, distinct: bool = True) -> list:
+    """The timesteps ``cfg``'s sampler visits (DDIM on the calibrated spacing where ``cfg.spec`` is None):
+    one per UNet call, or with ``distinct`` one per distinct timestep (what the fit, the gate and the plan
+    key on)."""
+    from ptqd.runtime.pipeline import scheduler_for
+
+    ts = [as_t(t) for t in scheduler_for(facts, cfg).timesteps]
+    return [ts[i] for i in first_calls(ts)] if distinct else ts
+
+
+def resumable(cfg) -> bool:
+    """Whether ``sample_latents(start=(i, x))`` can resume ``cfg``'s sampler mid-trajectory (DDIM only:
+    multistep samplers keep history)."""
+    return cfg.spec is None or cfg.spec.cls == "DDIMScheduler"
 
 
 def budget_plan(damage: dict[str, list[float]], cost: dict[str, float], reference: str, budget: float) -> list[str]:
@@ -269,7 +296,7 @@ def fit_conditional(eps_steps: list[np.ndarray], delta_steps: list[np.ndarray], 
     Returns {"steps": [{"t", "a": [C], "b": [C], "sigma_q", "holdout": {mse_uncorrected, mse_corrected}}]}."""
     rows = []
     for t, e, d, cut in holdout_split(eps_steps, delta_steps, timesteps, holdout):
-        row = {"t": int(t), **fit_conditional_step(e[:cut], d[:cut])}
+        row = {"t": as_t(t), **fit_conditional_step(e[:cut], d[:cut])}
         if holdout:
             after = conditional_error(row, e[cut:], d[cut:])
             row["holdout"] = {"mse_uncorrected": float((np.asarray(d[cut:], np.float64) ** 2).mean()),

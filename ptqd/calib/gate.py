@@ -23,15 +23,19 @@ ranges, in sampling order (early steps first: their choice sets the later steps'
      PTQD's raw fit halved w4a4's FD vs FP for +0.2 dB of PSNR, which the paired test alone could not
      resolve on the gate's samples. The best candidate is kept (those lowering the paired error first,
      by their delta); otherwise the range stays as it is.
-  2. VSC (η > 0 only): per range, adding "vsc" to the kept parts, same rule at η = 1.
+  2. VSC (where the sampler injects noise: DDIM at η = 1, Euler ancestral): per range, adding "vsc" to the
+     kept parts, same rule there.
   3. The final config against the uncorrected one, same rule; if it fails, nothing is applied.
 
 A part that does not clearly help is not applied: "all off" is a valid, honest outcome. Every
 measured mean and standard error is returned as evidence (``correction.json``, ``gate``).
 
-A candidate for range r resumes from the cached latents at r's start (``ResumedError``), so it
-costs the steps from r to the end, not a full run: on the demo (20 steps, 4 ranges, 4 candidates,
-η ∈ {0, 1}, VSC pass, final check) about 500 sampler steps per precision, 25 full runs.
+The gate runs the sampler the correction was fitted on (the bundle's own; ``stages.common.fit_sampler_config``).
+η ∈ {0, 1} is DDIM's; another sampler is gated at its one setting (η 0), and VSC is tried there where it is
+stochastic (Euler ancestral). On DDIM a candidate for range r resumes from the cached latents at r's start
+(``ResumedError``), so it costs the steps from r to the end, not a full run: on the demo (20 steps, 4 ranges,
+4 candidates, η ∈ {0, 1}, VSC pass, final check) about 500 sampler steps per precision, 25 full runs. Multistep
+samplers keep history and cannot resume: each candidate runs whole.
 """
 
 from __future__ import annotations
@@ -126,10 +130,12 @@ def _score(row: dict) -> tuple[int, float]:
 
 
 def gate(error: ErrorFn, steps: int, ranges: list[tuple[int, int]],
-         candidates=DEFAULT_CANDIDATES, etas=(0.0, 1.0), z: float = Z, vsc: bool = True, finals=None) -> dict:
+         candidates=DEFAULT_CANDIDATES, etas=(0.0, 1.0), z: float = Z, vsc: bool = True, finals=None,
+         noisy: tuple[float, ...] | None = None) -> dict:
     """Decide the parts applied per step (see the module doc). ``error(config, eta)``: per-sample
     paired error of the final samples; ``finals(config, eta)`` -> (final latents, FP's), for the
-    distribution criterion of :func:`compare` (None: paired error only). Returns {"parts": [tuple per
+    distribution criterion of :func:`compare` (None: paired error only). ``noisy``: the η's at which the
+    sampler injects noise, where VSC is tried (None: those > 0, DDIM's rule). Returns {"parts": [tuple per
     step], "ranges": [...evidence], "vsc": [...], "final": {...}, "reference_error": {eta: mean error
     uncorrected}}."""
     cache: dict = {}
@@ -161,7 +167,7 @@ def gate(error: ErrorFn, steps: int, ranges: list[tuple[int, int]],
             parts = list(with_range(r, best["parts"]))
         evidence.append({"steps": list(r), "candidates": rows, "kept": best["parts"] if best else []})
     vsc_rows = []
-    noisy = tuple(e for e in etas if e > 0)
+    noisy = tuple(e for e in etas if e > 0) if noisy is None else tuple(noisy)
     if vsc and noisy:
         for r in ranges:
             cur = tuple(parts)
@@ -210,7 +216,7 @@ class ResumedError:
             if i in self.keep and i > first:
                 self.states.setdefault((eta, config[:i]), np.array(x, copy=True))
 
-        out = np.asarray(self.sample(config, eta, start, observe), np.float64)
+        out = np.asarray(self.sample(config, eta, start, observe if self.keep else None), np.float64)
         self.steps_run += len(config) - first
         self.finals[(config, eta)] = out
         return paired_error(out, self.refs[eta])
@@ -228,21 +234,32 @@ MIN_GATE_SAMPLES = 16
 NARROW_CANDIDATES: tuple[tuple[str, ...], ...] = (("bias",), ("k", "bias"))  # the two parts gates ever kept
 
 
-def gate_runs(ranges: int, candidates: int, etas: int = 2) -> float:
+def gate_etas(cfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(η's the gate compares at, those where the sampler injects noise) for ``cfg``'s sampler: DDIM at η 0
+    and 1 (noise at 1); another sampler at its one setting, η 0, noisy where it is stochastic (Euler ancestral)."""
+    if cfg.spec is None or cfg.spec.cls == "DDIMScheduler":
+        return (0.0, 1.0), (1.0,)
+    return (0.0,), ((0.0,) if cfg.spec.cls == "EulerAncestralDiscreteScheduler" else ())
+
+
+def gate_runs(ranges: int, candidates: int, etas: int = 2, resume: bool = True, noisy: int = 1) -> float:
     """Sampling runs of :func:`gate_engine` for one precision, in whole runs (a candidate resumed at its
     range's start counts the part it runs): per η the FP reference, the uncorrected engine and every
-    candidate of every range; the VSC pass at η > 0 (the final check reuses what those ran)."""
-    return etas * (2 + candidates * (ranges + 1) / 2) + (ranges + 1) / 2
+    candidate of every range; the VSC pass at the ``noisy`` η's (the final check reuses what those ran).
+    ``resume`` False (multistep samplers): every candidate runs whole."""
+    share = (ranges + 1) / 2 if resume else ranges
+    return etas * (2 + candidates * share) + noisy * share
 
 
 def size_gate(samples: int, ranges: int, candidates, seconds_per_sample_run: float, precisions: int,
-              budget_s: float) -> tuple[int, int, tuple, float, list[str]]:
+              budget_s: float, etas: int = 2, resume: bool = True,
+              noisy: int = 1) -> tuple[int, int, tuple, float, list[str]]:
     """Narrow the gate until its estimated time fits ``budget_s``: first the two candidates gates ever
     kept, then one step range, then fewer held-out samples (not below 16). ``seconds_per_sample_run``:
     one sample through every step (CFG included), measured on the engine. Returns (samples, ranges,
-    candidates, estimated seconds, what was narrowed)."""
+    candidates, estimated seconds, what was narrowed). ``etas``, ``resume``, ``noisy``: as :func:`gate_runs`."""
     def cost(n, r, c):
-        return precisions * gate_runs(r, len(c)) * n * seconds_per_sample_run
+        return precisions * gate_runs(r, len(c), etas, resume, noisy) * n * seconds_per_sample_run
 
     candidates, changed = tuple(candidates), []
     if budget_s <= 0 or cost(samples, ranges, candidates) <= budget_s:
@@ -278,21 +295,23 @@ def sample_run_seconds(runner, facts, class_embedding, labels, seed: int, cfg, b
 
 
 def gate_engine(runner, fp_runner, table, facts, class_embedding, labels, seed: int, cfg, ranges: int = 4,
-                candidates=DEFAULT_CANDIDATES, etas=(0.0, 1.0), z: float = Z, batch: int = 64,
+                candidates=DEFAULT_CANDIDATES, etas=None, z: float = Z, batch: int = 64,
                 distribution: bool = True) -> dict:
     """The gate for one engine (ONNX Runtime or any runner) and its fitted ``CorrectionTable``:
     final latents of ``labels`` with noise seed ``seed`` (held out: neither the fit's nor an
-    evaluation's), on the sampler config ``cfg`` at each η. Returns :func:`gate`'s record plus
-    ``steps`` = [{"t", "parts"}] for correction.json."""
+    evaluation's), on the sampler config ``cfg`` (the fit's) at each η (None: :func:`gate_etas`'s).
+    Returns :func:`gate`'s record plus ``steps`` = [{"t", "parts"}] for correction.json, one per distinct
+    timestep of the sampler."""
     import dataclasses
 
+    from ptqd.calib.correction import resumable, trajectory_timesteps
     from ptqd.runtime.correction import Plan, StepEngines
     from ptqd.runtime.pipeline import sample_latents
-    from ptqd.runtime.sampler import DDIMSampler
 
-    sampler = DDIMSampler(facts.schedule.alphas_cumprod, cfg.spacing)
-    sampler.set_timesteps(cfg.steps)
-    ts = [int(t) for t in sampler.timesteps]
+    ts = trajectory_timesteps(facts, cfg)
+    default_etas, noisy = gate_etas(cfg)
+    etas = default_etas if etas is None else tuple(etas)
+    noisy = tuple(e for e in etas if e in noisy)
     labels = np.asarray(labels)
     rs = step_ranges(len(ts), ranges)
     if table.a is None:
@@ -317,28 +336,29 @@ def gate_engine(runner, fp_runner, table, facts, class_embedding, labels, seed: 
         return np.concatenate(out)
 
     def sample(config, eta, start, observe):
-        parts = {t: p for t, p in zip(ts, config)}
-        table.parts = [parts.get(int(t), ()) for t in table.t]
+        parts = {float(t): p for t, p in zip(ts, config)}
+        table.parts = [parts.get(float(t), ()) for t in table.t]
         eng = StepEngines({"q": runner}, Plan.fixed("q"), {"q": table}, use=("k", "bias", "vsc", "cond"))
         return run(eng, eta, start, observe)
 
     def reference(eta):
         return run(fp_runner, eta)
 
-    fn = ResumedError(sample, reference, [r[0] for r in rs])
+    fn = ResumedError(sample, reference, [r[0] for r in rs] if resumable(cfg) else [])
     try:
-        rec = gate(fn, len(ts), rs, candidates, etas, z, finals=fn.final if distribution else None)
+        rec = gate(fn, len(ts), rs, candidates, etas, z, finals=fn.final if distribution else None, noisy=noisy)
     finally:
         table.parts = None
     rec["steps"] = [{"t": t, "parts": list(p)} for t, p in zip(ts, rec.pop("parts"))]
     rec["engine_steps_run"] = fn.steps_run
     rec["seed"] = seed
     rec["etas"] = list(etas)
+    rec["sampler"] = cfg.sampler_name
     return rec
 
 
 def gate_plan(engines_on, engines_off, fp_runner, facts, class_embedding, labels, seed: int, cfg,
-              etas=(0.0, 1.0), z: float = Z, batch: int = 64) -> dict:
+              etas=None, z: float = Z, batch: int = 64) -> dict:
     """The mixed-precision plan with each precision's gated correction (``engines_on``, a
     ``StepEngines``) against the same plan uncorrected (``engines_off``), on final samples of the
     gate's held-out seed, by :func:`compare`'s two routes (paired error, distribution): the gates were
@@ -349,6 +369,7 @@ def gate_plan(engines_on, engines_off, fp_runner, facts, class_embedding, labels
     from ptqd.runtime.pipeline import sample_latents
 
     labels = np.asarray(labels)
+    etas = gate_etas(cfg)[0] if etas is None else tuple(etas)
 
     def final(engine, eta):
         c = dataclasses.replace(cfg, eta=eta)

@@ -216,10 +216,11 @@ def cmd_correct(args) -> int:
     rec = api.correct(args.bundle, samples=args.samples, holdout=args.holdout, seed=args.seed, batch=args.batch,
                       device=args.device,
                       preset=args.preset, gate_samples=args.gate_samples, gate_ranges=args.gate_ranges,
-                      gate_budget=args.gate_budget, cluster=cluster_options(args), shard_size=args.shard_size)
+                      gate_budget=args.gate_budget, cluster=cluster_options(args), shard_size=args.shard_size,
+                      sampler=args.sampler)
     c = rec["config"]
     where = f"; FP trajectories on {rec['sharded']}" if rec.get("sharded") else ""
-    print(f"fitted k_t, bias_t, sigma_q,t over {c['steps']} steps on {c['samples'] - c['holdout']} "
+    print(f"fitted k_t, bias_t, sigma_q,t over {c['steps']} steps of {c['sampler']} on {c['samples'] - c['holdout']} "
           f"trajectories ({c['holdout']} held out; {rec['seconds']:.0f} s on {rec['device']}{where})")
     for p, sm in rec["summary"].items():
         print(f"  {p}: held-out eps MSE {sm['eps_mse_uncorrected_holdout']:.3e} -> "
@@ -264,7 +265,7 @@ def cmd_compile(args) -> int:
                       budget=args.budget, force=args.force, device=args.device, preset=args.preset,
                       prompts=args.prompts, recipe=args.recipe, gate_samples=args.gate_samples,
                       gate_ranges=args.gate_ranges, gate_budget=args.gate_budget, backend=args.backend,
-                      cluster=cluster_options(args), weight_grid=args.weight_grid)
+                      cluster=cluster_options(args), weight_grid=args.weight_grid, sampler=args.sampler)
     bo = res["bops"]
     print(f"bundle  {res['bundle']}")
     print(f"plan    {' '.join(res['plan'])}")

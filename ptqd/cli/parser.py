@@ -88,6 +88,16 @@ def _sampler_arg(p) -> None:
                         "scheduler config as diffusers' from_config does")
 
 
+def _fit_sampler_arg(p) -> None:
+    from ptqd.runtime.schedulers import SAMPLER_CHOICES
+
+    p.add_argument("--sampler", default="auto", choices=("auto",) + SAMPLER_CHOICES, metavar="NAME",
+                   help="the sampler the correction, its gate and the plan are fitted on, at the timesteps it visits: "
+                        "auto (default: the bundle's own, what `ptqd sample` runs; for a diffusers pipeline its "
+                        "scheduler, else DDIM on CompVis spacing) or one of " + ", ".join(SAMPLER_CHOICES)
+                        + ", for a bundle you will sample with another (`ptqd sample --sampler` the same)")
+
+
 def _ray_args(p, batch: int | None, shards: bool = True) -> None:
     g = p.add_argument_group("spread over Ray workers (pip install 'ptqd[cluster]')")
     g.add_argument("--ray", metavar="ADDRESS",
@@ -181,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--recipe", choices=("default", "ptqd-paper"), default=None,
                     help="calibration recipe: ptqd-paper = per-tensor weights, nearest rounding, min-max ranges")
     _weight_grid_arg(cp)
+    _fit_sampler_arg(cp)
     _gate_args(cp)
     cp.add_argument("--force", action="store_true", help="rerun every stage")
     _ray_args(cp, None, shards=False)
@@ -321,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="of those, held out to measure the fit (default: the preset's, 16 for the demo)")
     co.add_argument("--seed", type=int, default=1, help="trajectory seed (default 1; calibration uses 0)")
     co.add_argument("--batch", type=int, default=None, help="trajectories per model call (default: the preset's)")
+    _fit_sampler_arg(co)
     _gate_args(co)
     _plan_args(co)
     _effort_args(co)

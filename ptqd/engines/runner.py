@@ -69,6 +69,15 @@ def unet_feeds(input_names, x, t, context, what: str) -> dict[str, np.ndarray]:
     return feeds
 
 
+def nearest_bucket(t: float, ranges) -> int:
+    """Index of the t-range (lo, hi) that holds t, else of the nearest one (the first of a tie)."""
+    def distance(rng):
+        lo, hi = rng
+        return 0.0 if lo <= t <= hi else min(abs(t - lo), abs(t - hi))
+
+    return min(range(len(ranges)), key=lambda k: distance(ranges[k]))
+
+
 class BucketedRunner(Runner):
     """One engine per timestep bucket (each with its own activation scales). A call goes to the bucket
     whose t-range holds its timestep, or the nearest one when sampling with another step count."""
@@ -81,11 +90,7 @@ class BucketedRunner(Runner):
         self.buckets = sorted(buckets, key=lambda b: b[0][0])
 
     def pick(self, t: float) -> Runner:
-        def distance(rng):
-            lo, hi = rng
-            return 0.0 if lo <= t <= hi else min(abs(t - lo), abs(t - hi))
-
-        return min(self.buckets, key=lambda b: distance(b[0]))[1]
+        return self.buckets[nearest_bucket(t, [b[0] for b in self.buckets])][1]
 
     def infer(self, x, t, context):
         if not np.all(t == t[0]):

@@ -67,11 +67,18 @@ class StepCorrection:
         return self.sigma_q / (1.0 + self.k) if use_k else self.sigma_q
 
 
+def as_t(t) -> int | float:
+    """A timestep as the records keep it: an int where it is whole (DDIM, PNDM, DPM-Solver), else the float
+    (Euler's interpolated timesteps)."""
+    t = float(t)
+    return int(t) if t.is_integer() else t
+
+
 @dataclass
 class CorrectionTable:
     """One precision's coefficients over the calibrated timesteps (ascending t)."""
 
-    t: np.ndarray  # [S] int
+    t: np.ndarray  # [S] the fit's timesteps (whole for DDIM, PNDM and DPM-Solver; Euler's may be fractional)
     k: np.ndarray  # [S]
     bias: np.ndarray  # [S, C]
     sigma_q: np.ndarray  # [S]
@@ -91,15 +98,15 @@ class CorrectionTable:
                   np.array([r["bias"] for r in raw], np.float64), np.array([r["sigma_q"] for r in raw], np.float64))
         cond = rec.get("conditional")
         if cond:
-            cs = {int(c["t"]): c for c in cond["steps"]}
-            if set(cs) == {int(t) for t in tab.t}:
-                rows = [cs[int(t)] for t in tab.t]
+            cs = {float(c["t"]): c for c in cond["steps"]}
+            if set(cs) == {float(t) for t in tab.t}:
+                rows = [cs[float(t)] for t in tab.t]
                 tab.a = np.array([c["a"] for c in rows], np.float64)
                 tab.b = np.array([c["b"] for c in rows], np.float64)
                 tab.sigma_c = np.array([c["sigma_q"] for c in rows], np.float64)
         if applied:
-            gs = {int(g["t"]): tuple(g["parts"]) for g in (rec.get("gate") or {}).get("steps", [])}
-            tab.parts = [gs.get(int(t), ()) for t in tab.t]
+            gs = {float(g["t"]): tuple(g["parts"]) for g in (rec.get("gate") or {}).get("steps", [])}
+            tab.parts = [gs.get(float(t), ()) for t in tab.t]
         return tab
 
     def at(self, t: float) -> StepCorrection:
@@ -124,7 +131,7 @@ class CorrectionTable:
 class Plan:
     """A precision per calibrated timestep (step-aware mixed precision)."""
 
-    t: list[int]
+    t: list[int | float]
     precision: list[str]
     rank: dict[str, int] = field(default_factory=dict)  # higher = more bits; breaks ties toward it
 
@@ -144,7 +151,7 @@ class Plan:
         by_cost = rec.get("precisions_by_cost", [])
         if not isinstance(by_cost, list) or not all(isinstance(p, str) for p in by_cost):
             raise ValueError('"precisions_by_cost" must be a list of precision names')
-        return cls([int(s["t"]) for s in steps], [s["precision"] for s in steps],
+        return cls([as_t(s["t"]) for s in steps], [s["precision"] for s in steps],
                    {p: i for i, p in enumerate(by_cost)})
 
     @classmethod

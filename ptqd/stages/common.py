@@ -124,18 +124,53 @@ def calib_layers(b: Bundle, precision: str, k: int = 0, buckets: int = 1):
 
 
 def fake_quant_runners(b: Bundle, loaded, precisions, device=None) -> dict:
-    """precision -> (step index -> torch runner of that step's timestep bucket)."""
+    """precision -> (timestep -> torch runner of its timestep bucket: the one whose t-range holds it, or the
+    nearest, as ``BucketedRunner`` picks the engine)."""
     from ptqd.calib.fakequant import fake_quant_model
+    from ptqd.engines.runner import nearest_bucket
     from ptqd.engines.torch_ref import TorchRunner
 
-    buckets = b.stage("calibrate").get("buckets") or [{"steps": None}]
+    buckets = b.stage("calibrate").get("buckets") or [{}]
+    ranges = [tuple(bk.get("t_range") or (0, 0)) for bk in buckets]
     out = {}
     for p in precisions:
-        runners, step_to_bucket = [], {}
-        for k, bk in enumerate(buckets):
-            layers = calib_layers(b, p, k, len(buckets))
-            runners.append(TorchRunner(fake_quant_model(loaded.unet, layers), device))
-            for s in bk.get("steps") or []:
-                step_to_bucket[s] = k
-        out[p] = (lambda rs, m: (lambda i: rs[m.get(i, 0)]))(runners, step_to_bucket)
+        runners = [TorchRunner(fake_quant_model(loaded.unet, calib_layers(b, p, k, len(buckets))), device)
+                   for k in range(len(buckets))]
+        out[p] = (lambda rs: (lambda t: rs[nearest_bucket(float(t), ranges)]))(runners)
     return out
+
+
+def check_sampler_option(sampler: str | None) -> None:
+    """One-line error for a ``--sampler`` that is not auto or a name ptqd reproduces."""
+    from ptqd.runtime.schedulers import SAMPLER_CHOICES
+
+    if sampler not in (None, "auto") and sampler not in SAMPLER_CHOICES:
+        raise UserError(f"--sampler {sampler!r}: choose auto or one of {', '.join(SAMPLER_CHOICES)}")
+
+
+def fit_sampler_config(facts, steps: int, eta: float, guidance: float, sampler: str | None = "auto"):
+    """The sampler that the correction's fit, its gate and the plan run. ``sampler`` auto (or None): the bundle's
+    own (its pipeline's scheduler and config, what ``ptqd sample`` runs by default), so k_t and bias_t are fitted
+    at the timesteps its samples visit; DDIM on CompVis spacing for a CompVis bundle, for a scheduler ptqd does
+    not reproduce, or for calibration trajectories with η > 0 (η is DDIM's). Else a name of
+    ``SAMPLER_CHOICES``, configured from the bundle's scheduler config (``ptqd correct --sampler``)."""
+    from ptqd.runtime.loader import sampler_config
+
+    if sampler not in (None, "auto"):
+        return sampler_config(facts, steps, eta, guidance, sampler)
+    if facts.sampler is None or eta > 0:
+        return sampler_config(facts, steps, eta, guidance)
+    try:
+        return sampler_config(facts, steps, eta, guidance, "auto")
+    except UserError:
+        return sampler_config(facts, steps, eta, guidance)
+
+
+def correction_sampler_config(b: Bundle, eta: float = 0.0):
+    """The sampler ``correct`` fitted the bundle's correction on (its ``--sampler``; older records: auto), at the
+    calibrated steps and guidance: what the plan measures on."""
+    c = require_calibrated(b)["config"]
+    choice = "auto"
+    if b.has(layout.CORRECTION_JSON):
+        choice = b.read_json(layout.CORRECTION_JSON)["config"].get("sampler_option", "auto")
+    return fit_sampler_config(b.facts, c["steps"], eta, c["guidance"], choice)

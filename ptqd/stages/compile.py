@@ -11,7 +11,7 @@ from ptqd.errors import UserError
 from ptqd.precision import CALIBRATED_NAMES
 from ptqd.stages.build import build
 from ptqd.stages.calibrate import calibrate
-from ptqd.stages.common import reusable, source_bytes, source_digest
+from ptqd.stages.common import check_sampler_option, fit_sampler_config, reusable, source_bytes, source_digest
 from ptqd.stages.correct import check_gate_options, correct, gate_config
 from ptqd.stages.export import export
 from ptqd.stages.plan import bops_table, plan
@@ -24,7 +24,8 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
             device: str = "auto", preset: str = "auto", progress: bool | None = None, log=print,
             prompts=None, recipe: str | None = None, gate_samples: int | None = None,
             gate_ranges: int | None = None, gate_budget: float | None = None,
-            backend: str = "onnxruntime", cluster=None, weight_grid: str = "portable") -> dict[str, Any]:
+            backend: str = "onnxruntime", cluster=None, weight_grid: str = "portable",
+            sampler: str = "auto") -> dict[str, Any]:
     """export -> calibrate -> build -> correct -> plan, into one bundle. ``cluster``: calibrate's and correct's FP
     trajectories run on Ray workers (:mod:`ptqd.cluster`). Resumable: a stage whose
     inputs (the sha256 of the files it reads) and settings are unchanged is reused, so a rerun after an
@@ -33,6 +34,9 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
     ``preset`` sets the trajectories of calibrate, correct and plan by model size (``ptqd.budget``);
     explicit ``samples``/``steps``/``correction_samples``/``holdout`` override it. Each stage's time
     and peak resident memory are printed and recorded in the manifest (stage "compile").
+
+    ``sampler``: what the correction, its gate and the plan are fitted on (auto: the bundle's own; see
+    ``ptqd.stages.common.fit_sampler_config``).
 
     ``backend="auto"``: after the plan, OpenVINO's engines too (where openvino is installed) and a short timing
     that records the faster backend for sampling (``ptqd.stages.choose``); calibration, correction and the
@@ -54,6 +58,7 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
     real("--margin", margin, 0, lo_open=True)  # the plan's options, checked before the stages before it run
     real("--budget", budget, 0, lo_open=True)
     check_gate_options(gate_samples, gate_ranges, gate_budget)
+    check_sampler_option(sampler)
     resolve_device(device)  # refuse a missing GPU before any work
     preset_for(preset)  # and an unknown preset
     from ptqd.calib.calibrate import recipe as recipe_options
@@ -130,11 +135,14 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
     old_gate = {"candidates": ["+".join(c) for c in GATE_CANDIDATES], "ranges": 0, "budget_s": 0.0,
                 **old_gate}  # older records (no budget: the preset's whole gate)
     same_gate = {k: old_gate[k] for k in gate_cfg} == gate_cfg or gate_cfg["samples"] == old_gate["samples"] == 0
+    cal = b.stage("calibrate")["config"]
+    fit_on = fit_sampler_config(b.facts, cal["steps"], cal["eta"], cal["guidance"], sampler).sampler_name
     stage("correct", same_gate and reusable(b, "correct", layout.CALIB_FILES,
-                                            config={"samples": correction_samples, "holdout": holdout}),
+                                            config={"samples": correction_samples, "holdout": holdout,
+                                                    "sampler": fit_on}),
           lambda: correct(out, samples=correction_samples, holdout=holdout, device=device, preset=preset,
                           progress=progress, gate_samples=gate_cfg["samples"], gate_ranges=gate_cfg["ranges"],
-                          gate_budget=gate_cfg["budget_s"], log=log, cluster=cluster))
+                          gate_budget=gate_cfg["budget_s"], log=log, cluster=cluster, sampler=sampler))
     b = Bundle.open(out)
     stage("plan", reusable(b, "plan", layout.PLAN_INPUTS, margin=margin,
                             criterion=criterion, budget=budget),

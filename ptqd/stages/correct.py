@@ -8,8 +8,9 @@ from ptqd.bundle import Bundle, layout, writes_bundle
 from ptqd.errors import UserError
 from ptqd.progress import progress_bar
 from ptqd.runtime.correction import CorrectionTable
-from ptqd.runtime.loader import default_labels, open_engine, sampler_config
-from ptqd.stages.common import digest, fake_quant_runners, load_source, require_calibrated
+from ptqd.runtime.loader import default_labels, open_engine
+from ptqd.stages.common import (check_sampler_option, digest, fake_quant_runners, fit_sampler_config, load_source,
+                                require_calibrated)
 from ptqd.validate import real
 
 
@@ -43,12 +44,14 @@ def gate_config(pre, samples: int, gate_samples: int | None = None, gate_ranges:
 def sized_gate(engine, facts, table, scfg, batch: int, seed: int, gcfg: dict, precisions: int, log) -> dict:
     """The gate's settings narrowed to its time budget (``calib.gate.size_gate``) from a timed short run
     on ``engine``; one line through ``log`` when they were narrowed. The record correction.json keeps."""
-    from ptqd.calib.gate import sample_run_seconds, size_gate
+    from ptqd.calib.correction import resumable
+    from ptqd.calib.gate import gate_etas, sample_run_seconds, size_gate
 
     per_run = sample_run_seconds(engine, facts, table, default_labels(facts, None, batch), seed, scfg, batch)
     cands = tuple(tuple(c.split("+")) for c in gcfg["candidates"])
+    etas, noisy = gate_etas(scfg)
     n, ranges, cands, est, narrowed = size_gate(gcfg["samples"], gcfg["ranges"], cands, per_run, precisions,
-                                                gcfg["budget_s"])
+                                                gcfg["budget_s"], len(etas), resumable(scfg), len(noisy))
     if narrowed:
         (log or print)(f"correct: gate narrowed to fit its {gcfg['budget_s']:.0f} s budget ({', '.join(narrowed)}; "
                        f"{per_run * 1e3:.1f} ms per sample run, about {est:.0f} s); --gate-budget 0 for the "
@@ -62,10 +65,11 @@ def correct(bundle, samples: int | None = None, holdout: int | None = None, seed
             batch: int | None = None, device: str = "auto", preset: str = "auto",
             progress: bool | None = None, gate: bool = True, gate_samples: int | None = None,
             gate_seed: int = 101, gate_ranges: int | None = None, gate_budget: float | None = None,
-            log=None, cluster=None, shard_size: int | None = None) -> dict[str, Any]:
+            log=None, cluster=None, shard_size: int | None = None, sampler: str = "auto") -> dict[str, Any]:
     """Fit PTQD's correction (k_t, bias_t[c], σ_q,t) for every calibrated precision; write
     calib/correction.json. Runs the source FP model and each precision's fake-quant model on the
-    same x_t along FP trajectories of the calibrated schedule (steps, guidance), seeds distinct from
+    same x_t along FP trajectories of the calibrated steps and guidance on ``sampler`` (auto: the bundle's own,
+    a pipeline's scheduler, else DDIM on CompVis spacing; see ``fit_sampler_config``), seeds distinct from
     the calibration's; the last ``holdout`` samples only measure the fit. ``samples``, ``holdout`` and
     ``batch`` default to the compute ``preset`` (``ptqd.budget``); the torch models run on ``device``.
 
@@ -89,6 +93,7 @@ def correct(bundle, samples: int | None = None, holdout: int | None = None, seed
     from ptqd.calib.gate import gate_engine
     from ptqd.engines.torch_ref import TorchRunner
 
+    check_sampler_option(sampler)
     b = Bundle.open(bundle)
     cal = require_calibrated(b)
     pre = preset_for(preset, b.read_json(layout.UNET_LAYERS))
@@ -102,7 +107,7 @@ def correct(bundle, samples: int | None = None, holdout: int | None = None, seed
         raise UserError(f"--samples must be >= 2 and --holdout in [1, samples - 1], got {samples} and {holdout}")
     c = cal["config"]
     facts = b.facts
-    scfg = sampler_config(facts, c["steps"], c["eta"], c["guidance"])
+    scfg = fit_sampler_config(facts, c["steps"], c["eta"], c["guidance"], sampler)
     precisions = layout.calibrated_precisions(b)
     dev = resolve_device(device)
     memory.require_stage("correct", memory.ModelCost.from_bundle(b), replace(pre, correct_batch=batch))
@@ -164,6 +169,7 @@ def correct(bundle, samples: int | None = None, holdout: int | None = None, seed
     record = {"config": {"samples": samples, "holdout": holdout, "seed": seed, "steps": scfg.steps,
                          "gate": {**gcfg, "seed": gate_seed} if gate else None,
                          "eta": scfg.eta, "guidance": scfg.guidance, "spacing": scfg.spacing,
+                         "sampler": scfg.sampler_name, "sampler_option": sampler or "auto",
                          "model": "fake-quant torch model of each precision (engines match it; see build.json)"},
               "summary": summary, "precisions": fits, "seconds": round(time.perf_counter() - t0, 1),
               "collect_seconds": collect_seconds, "sharded": cluster.describe() if cluster is not None else None,

@@ -10,8 +10,8 @@ from ptqd.bundle import Bundle, layout, writes_bundle
 from ptqd.errors import UserError
 from ptqd.precision import CALIBRATED_NAMES, PEER
 from ptqd.progress import progress_bar
-from ptqd.runtime.loader import default_labels, load_plan, open_engine, sampler_config
-from ptqd.stages.common import digest, require_calibrated
+from ptqd.runtime.loader import default_labels, load_plan, open_engine
+from ptqd.stages.common import correction_sampler_config, digest, require_calibrated
 
 
 def precision_bops(b: Bundle, precision: str, rows: list[dict] | None = None) -> float:
@@ -63,22 +63,23 @@ def measure_damage(b: Bundle, candidates, reference: str, samples: int = 64, see
                    progress: bool | None = None) -> dict[str, Any]:
     """For every step i and precision p: how much the final latents move away from FP's when step i
     alone runs p instead of ``reference`` (mean squared difference, same noise), with the PTQD
-    correction on. Runs the built ONNX Runtime engines on the calibrated schedule.
+    correction on. Runs the built ONNX Runtime engines on the calibrated steps and guidance, on the
+    sampler the correction was fitted on (``correction_sampler_config``); a step is a distinct
+    timestep (PNDM's repeated one counts once).
 
-    The steps before i are the reference's own, so each variant resumes from the reference
-    trajectory's x at step i: S(S+1)/2 engine steps per precision instead of S²."""
+    The steps before i are the reference's own, so on DDIM each variant resumes from the reference
+    trajectory's x at step i: S(S+1)/2 engine steps per precision instead of S² (multistep samplers keep
+    history: each variant runs whole)."""
     import numpy as np
 
+    from ptqd.calib.correction import resumable, trajectory_timesteps
     from ptqd.runtime.correction import CORRECTION_PARTS, CorrectionTable, Plan, StepEngines
     from ptqd.runtime.pipeline import sample_latents
-    from ptqd.runtime.sampler import DDIMSampler
 
-    c = require_calibrated(b)["config"]
     facts = b.facts
-    cfg = sampler_config(facts, c["steps"], 0.0, c["guidance"])
-    sampler = DDIMSampler(facts.schedule.alphas_cumprod, cfg.spacing)
-    sampler.set_timesteps(cfg.steps)
-    ts = [int(t) for t in sampler.timesteps]
+    cfg = correction_sampler_config(b)
+    ts = trajectory_timesteps(facts, cfg)
+    resume = resumable(cfg)
     table = layout.class_embedding(b)
     labels, idx = default_labels(facts, None, samples), np.arange(samples)
     fitted = b.read_json(layout.CORRECTION_JSON)["precisions"]
@@ -91,7 +92,8 @@ def measure_damage(b: Bundle, candidates, reference: str, samples: int = 64, see
         states.append(x.copy())
 
     ref = StepEngines(runners, Plan(ts, [reference] * len(ts)), tables, CORRECTION_PARTS)
-    base = float(np.mean((sample_latents(ref, facts, table, labels, idx, seed, cfg, observe=keep) - fp) ** 2))
+    base = float(np.mean((sample_latents(ref, facts, table, labels, idx, seed, cfg,
+                                         observe=keep if resume else None) - fp) ** 2))
     damage = {}
     others = [p for p in candidates if p != reference]
     with progress_bar(len(others) * len(ts), "plan", progress) as bar:
@@ -101,12 +103,13 @@ def measure_damage(b: Bundle, candidates, reference: str, samples: int = 64, see
             for i in range(len(ts)):
                 eng = StepEngines(runners, Plan(ts, [p if j == i else reference for j in range(len(ts))]), tables,
                                   CORRECTION_PARTS)
-                x0 = sample_latents(eng, facts, table, labels, idx, seed, cfg, start=(i, states[i]))
+                x0 = sample_latents(eng, facts, table, labels, idx, seed, cfg,
+                                    start=(i, states[i]) if resume else None)
                 damage[p].append(float(np.mean((x0 - fp) ** 2)) - base)
                 bar.update()
     for r in runners.values():
         r.close()
-    return {"reference_error": base, "damage": damage, "samples": samples, "seed": seed}
+    return {"reference_error": base, "damage": damage, "samples": samples, "seed": seed, "timesteps": ts}
 
 
 @writes_bundle()
@@ -147,6 +150,9 @@ def plan(bundle, margin: float = 1.0, precisions=None, criterion: str = "sensiti
         if samples is None:
             samples = preset_for(preset, b.read_json(layout.UNET_LAYERS)).plan_samples
         meas = measure_damage(b, cands, reference, samples, progress=progress)
+        if [float(t) for t in meas["timesteps"]] != [float(s["t"]) for s in rec["steps"]]:
+            raise UserError(f"{b.root}'s correction was fitted at other timesteps than its sampler visits now (a "
+                            f"correction.json from an older ptqd, fitted on DDIM): run `ptqd correct {b.root}` again")
         try:
             chosen = budget_plan(meas["damage"], cost, reference, budget)
         except ValueError as e:
@@ -185,8 +191,7 @@ def gate_plan_correction(b: Bundle, rec: dict) -> dict:
                if p in tables and t in tables[p].t)
     if not g or not used:
         return {"helps": bool(used), "note": "no gate record" if not g else "the gated parts never run in this plan"}
-    c = require_calibrated(b)["config"]
-    cfg = sampler_config(b.facts, c["steps"], 0.0, c["guidance"])
+    cfg = correction_sampler_config(b)
     runners = {p: open_engine(b, p, allow_spinning=False) for p in ["fp32", *pl.precisions]}
     try:
         return gate_plan(StepEngines(runners, pl, tables, CORRECTION_PARTS), StepEngines(runners, pl, {}, ()),
