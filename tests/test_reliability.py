@@ -720,7 +720,7 @@ def test_fuzz_200_mutated_cli_argument_sets(cin, tmp_path, monkeypatch):
 def test_a_stage_locks_its_own_bundle_whatever_the_path_type(tmp_path, kind):
     """A Path's ``.root`` is "/": a stage given a Path once locked "/..lock", so two writers of one bundle
     did not exclude each other (and writers of different bundles did)."""
-    from ptqd.bundle import Bundle, writes_bundle
+    from ptqd.bundle import writes_bundle
     from ptqd.bundle.lock import bundle_lock
 
     from tests.conftest import make_bundle

@@ -42,6 +42,8 @@ def export(model: str | os.PathLike, out: str | os.PathLike, config: str | os.Pa
 
     from ptqd.exporter import ExportConfig, export_first_stage, export_unet, validate_first_stage, validate_unet
     from ptqd.exporter.layers import build_layer_table
+    from ptqd.exporter.onnx_export import LARGE, param_bytes
+    from ptqd.exporter.validate import LARGE_VALIDATION, ValidationConfig
     from ptqd.facts import seeded_unet_inputs
     from ptqd.models import load_model
 
@@ -81,7 +83,9 @@ def export(model: str | os.PathLike, out: str | os.PathLike, config: str | os.Pa
                 reports.update(write_text_side(w, loaded, prompt_list, ecfg, validate))
             if validate:
                 bar.set_postfix_str("validating UNet vs torch")
-                reports["unet"] = validate_unet(loaded, path, class_rows=loaded.class_embedding)
+                large = param_bytes(loaded.unet) > LARGE  # checked at fewer points, torch's weights freed first
+                reports["unet"] = validate_unet(loaded, path, LARGE_VALIDATION if large else ValidationConfig(),
+                                                class_rows=loaded.class_embedding, release=large)
                 bar.update()
             bar.set_postfix_str("layer table")
             feeds = seeded_unet_inputs(loaded.facts, 1, 500.0, 0)

@@ -11,7 +11,7 @@ from ptqd.errors import UserError
 from ptqd.precision import CALIBRATED_NAMES, PEER
 from ptqd.progress import progress_bar
 from ptqd.runtime.loader import default_labels, load_plan, open_engine
-from ptqd.stages.common import correction_sampler_config, digest, require_calibrated
+from ptqd.stages.common import correction_sampler_config, digest
 
 
 def precision_bops(b: Bundle, precision: str, rows: list[dict] | None = None) -> float:

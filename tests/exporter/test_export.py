@@ -213,3 +213,34 @@ def same_graph(loaded, normal, other, ts):
     a, b = build_layer_table(normal), build_layer_table(other)
     assert [(r["kind"], r["module"], r["macs"], r["weight_shape"], r["out_axis"]) for r in a["layers"]] == \
         [(r["kind"], r["module"], r["macs"], r["weight_shape"], r["out_axis"]) for r in b["layers"]]
+
+
+def test_a_large_export_validates_on_torch_first_then_frees_its_weights(tiny_cin_ckpt, tmp_path, monkeypatch):
+    """Over 2 GB the UNet check takes torch's outputs first, frees torch's weights, then loads ONNX Runtime's copy
+    (one copy of a 10 GB model at a time), at two timesteps of batch 1 (forced here on the tiny model)."""
+    from ptqd.exporter import onnx_export, validate
+
+    monkeypatch.setattr(onnx_export, "LARGE", 0)
+    released = []
+    real_release = validate.release_weights
+    monkeypatch.setattr(validate, "release_weights", lambda m: (released.append(m), real_release(m)))
+    out = tmp_path / "large.bundle"
+    api.export(tiny_cin_ckpt, out, progress=False)
+    rep = Bundle.open(out).read_json("reports/export_validation.json")["unet"]
+    assert rep["passed"] and rep["batch"] == 1 and [r["t"] for r in rep["per_timestep"]] == [1.0, 999.0]
+    assert len(released) == 1 and all(p.is_meta for p in released[0].parameters())
+
+
+def test_validation_after_freeing_torch_still_catches_a_graph_that_differs(tiny_cin_ckpt, tmp_path):
+    from ptqd.errors import ExportError
+    from ptqd.exporter import onnx_export
+    from ptqd.exporter.validate import LARGE_VALIDATION, validate_unet
+
+    loaded = load_model(tiny_cin_ckpt)
+    path = tmp_path / "unet.onnx"
+    onnx_export.export_unet(loaded, path)
+    with torch.no_grad():
+        next(p for p in loaded.unet.parameters() if p.ndim == 4).add_(0.05)  # torch no longer what was exported
+    with pytest.raises(ExportError, match="does not match torch"):
+        validate_unet(loaded, path, LARGE_VALIDATION, release=True)
+    assert all(p.is_meta for p in loaded.unet.parameters())

@@ -1,5 +1,7 @@
 """Full-size LDM-4 ImageNet (cin256-v2) UNet: MACs per forward vs the published count (slow: ~2.5 min, 10 GB)."""
 
+import json
+
 import pytest
 
 
@@ -42,9 +44,10 @@ def test_cin256_v2_macs_within_2_percent(tmp_path):
 
 @pytest.mark.slow
 def test_sdxl_base_unet_exports_and_its_layer_table_counts_the_macs_at_1024(tmp_path):
-    """The full-size SDXL base UNet (2.57 B parameters, random weights; ~4 min, 10 GB of disk twice, 14 GB of
-    memory): `ptqd export` writes it with external data, and the layer table's MACs per forward at 1024x1024
-    equal an independent count (forward hooks on diffusers' model, on the meta device), kind by kind."""
+    """The full-size SDXL base UNet (2.57 B parameters, random weights; ~6 min, 10 GB of disk twice, 14 GB of
+    memory): `ptqd export` writes it with external data and validates it against torch at 1024x1024, and the layer
+    table's MACs per forward at 1024x1024 equal an independent count (forward hooks on diffusers' model, on the meta
+    device), kind by kind."""
     import subprocess
     import sys
 
@@ -61,7 +64,9 @@ def test_sdxl_base_unet_exports_and_its_layer_table_counts_the_macs_at_1024(tmp_
     src = tmp_path / "sdxl"
     code = f"from ptqd.models.tiny_sd import write_sdxl_base_pipeline as w; w({str(src)!r})"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0  # its 10 GB freed before the export
-    api.export(src, tmp_path / "b", first_stage=False, validate=False, progress=False)
+    api.export(src, tmp_path / "b", first_stage=False, progress=False)  # validated: torch first, then its weights freed
+    rep = json.loads((tmp_path / "b" / "reports/export_validation.json").read_text())["unet"]
+    assert rep["passed"] and len(rep["per_timestep"]) == 2 and rep["worst_abs_error"] < 1e-4
     info = api.inspect(tmp_path / "b")
     unet = sdxl_base_unet(device="meta")
     with torch.device("meta"):
