@@ -149,3 +149,41 @@ def test_engine_size_counts_its_external_data(tmp_path):
     d = describe_engine(path, [])
     assert d["size_bytes"] == path.stat().st_size + (tmp_path / "e.onnx.data").stat().st_size
     assert d["size_bytes"] > 256 * 256 * 4
+
+
+def test_the_fake_quant_copy_borrows_the_float_weights_it_replaces(built, monkeypatch):
+    """Making a fake-quant model copies only the parameters it keeps, not the float weights its integer twins
+    replace (a second float copy of SDXL's UNet is 10.3 GB), computes what a full copy would, and leaves the
+    source model as it was."""
+    import copy
+
+    import torch
+
+    from ptqd.calib.calibrate import load_params
+    from ptqd.calib import fakequant
+    from ptqd.stages.common import load_source
+
+    b = Bundle.open(built[0])
+    layers = load_params(b.read_json("calib/w8a8.json"), np.load(b.path("calib/w8a8.npz")))
+    src = load_source(b).unet
+    before = {k: v.clone() for k, v in src.state_dict().items()}
+    copied = []
+    real = torch.nn.Parameter.__deepcopy__
+    monkeypatch.setattr(torch.nn.Parameter, "__deepcopy__", lambda p, memo: (copied.append(p.numel()), real(p, memo))[1])
+    model = fakequant.fake_quant_model(src, layers)
+    monkeypatch.undo()
+    replaced = sum(src.unet.get_submodule(lq.module).weight.numel() for lq in layers)
+    total = sum(p.numel() for p in src.parameters())
+    assert replaced > 0.5 * total and sum(copied) == total - replaced
+    # the old way: a whole copy, then the same replacement
+    full = copy.deepcopy(src)
+    monkeypatch.setattr(copy, "deepcopy", lambda m, memo=None: full)
+    reference = fakequant.fake_quant_model(src, layers)
+    monkeypatch.undo()
+    x = torch.from_numpy(np.random.RandomState(0).standard_normal((2, *b.facts.latent_shape)).astype(np.float32))
+    t = torch.tensor([500.0, 20.0])
+    args = (x, t) + ((torch.from_numpy(np.load(b.path("cond/class_embedding.npy"))[[1, 2]][:, None]),)
+                     if src.has_context else ())
+    with torch.no_grad():
+        assert torch.equal(model(*args), reference(*args))
+    assert all(torch.equal(before[k], v) for k, v in src.state_dict().items())
