@@ -13,18 +13,34 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def load_model(path: str | Path):
-    """``onnx.load(path)`` with its external data read in (see the module doc)."""
+# Above 1 GiB of initializers a graph ptqd writes keeps them in <name>.data beside it (one protobuf cannot pass
+# 2 GB: SDXL's int8 weights alone are 2.6 GB)
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+
+
+def load_model(path: str | Path, skip=()):
+    """``onnx.load(path)`` with its external data read in (see the module doc), except for the initializers
+    named in ``skip`` (left pointing at their file: a caller that replaces them, and never saves them,
+    need not hold them; the QDQ writer and a layer's float weight)."""
     import onnx
-    from onnx import TensorProto
 
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
+    read_external(model, path, skip)
+    return model
+
+
+def read_external(model, path: str | Path, skip=()) -> None:
+    """Read in, in place, the external data of ``model`` (loaded from ``path`` without it), but ``skip``'s."""
+    from onnx import TensorProto
+
+    path = Path(path)
+    skip = set(skip)
     root = path.parent.resolve()
     handles: dict[str, object] = {}
     try:
         for t in _tensors(model.graph):
-            if t.data_location != TensorProto.EXTERNAL:
+            if t.data_location != TensorProto.EXTERNAL or t.name in skip:
                 continue
             info = {e.key: e.value for e in t.external_data}
             loc = info.get("location", "")
@@ -42,7 +58,26 @@ def load_model(path: str | Path):
     finally:
         for f in handles.values():
             f.close()
-    return model
+
+
+def save_model(model, path: str | Path) -> list[Path]:
+    """Save ``model`` at ``path``; above :data:`EXTERNAL_DATA_THRESHOLD` of initializers, with them in
+    ``<name>.data`` beside it (a stale one from an earlier save is removed otherwise). Checks the model, by
+    path where it is external (the in-memory checker cannot pass 2 GB). Returns the files written."""
+    import onnx
+
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    if sum(t.ByteSize() for t in model.graph.initializer) <= EXTERNAL_DATA_THRESHOLD:
+        onnx.checker.check_model(model)
+        onnx.save_model(model, str(path))
+        data.unlink(missing_ok=True)
+        return [path]
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+                    size_threshold=1024)
+    onnx.checker.check_model(str(path))
+    return [path, data]
 
 
 def _tensors(graph):

@@ -32,6 +32,11 @@ def build_engine(model_path: Path, engine_path: Path) -> None:
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     so.optimized_model_filepath = str(engine_path)
+    data = Path(engine_path).with_name(Path(engine_path).name + ".data")
+    data.unlink(missing_ok=True)
+    if Path(model_path).with_name(Path(model_path).name + ".data").is_file():  # a graph over 1 GiB: so is the engine
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", data.name)
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     # MatMulAddFusion would turn a quantized 2-D linear layer (MatMul + bias Add: the embedding Gemms, see
     # ``qdq``) back into a Gemm on dequantized weights before the QDQ fusions see it: it must become
     # MatMulIntegerToFloat like every other linear layer
@@ -42,18 +47,17 @@ def pack_4bit_weights(engine_path: Path, layers) -> dict:
     """Rewrite a built engine with the int8 weights of its 4-bit layers stored two per byte (INT4
     initializers, ``ptqd.engines.packed``); the runners expand them when the engine is loaded.
     Layers on 8-bit grids (first/last, role "w8") keep int8 weights. Returns what was packed."""
-    import onnx
-
-    from ptqd.engines.onnx_io import load_model
+    from ptqd.engines.onnx_io import load_model, save_model
     from ptqd.engines.packed import pack_initializers
 
     model = load_model(engine_path)
     present = {i.name for i in model.graph.initializer}
     names = [f"{node_key(lq.name)}_w_int8" for lq in layers if lq.w_bits <= 4]
     names = [n for n in names if n in present]
-    before = engine_path.stat().st_size
+    data = engine_path.with_name(engine_path.name + ".data")
+    before = engine_path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
     saved = pack_initializers(model, names)
-    onnx.save_model(model, str(engine_path))
+    save_model(model, engine_path)
     return {"packed_int4_weights": len(names), "packed_bytes_saved": saved, "unpacked_size_bytes": before}
 
 

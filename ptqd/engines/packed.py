@@ -91,9 +91,9 @@ def expand_initializers(model) -> int:
 
 def load_expanded(path: str | os.PathLike):
     """The engine's ModelProto with its packed weights expanded to int8."""
-    import onnx
+    from ptqd.engines.onnx_io import load_model
 
-    model = onnx.load(str(path))
+    model = load_model(path)
     expand_initializers(model)
     return model
 

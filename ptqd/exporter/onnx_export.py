@@ -32,7 +32,7 @@ import torch
 from ptqd.errors import ExportError
 
 DEFAULT_OPSET = 18
-EXTERNAL_DATA_THRESHOLD = 1 << 30  # above 1 GiB of weights, tensors go to <name>.onnx.data
+EXTERNAL_DATA_THRESHOLD = 1 << 30  # above 1 GiB of weights, tensors go to <name>.onnx.data (engines: onnx_io's)
 LARGE = 2 << 30  # above 2 GiB of parameters, torch exports the graph without its weights and without constant
 #                  folding (its serialized and folded copies would hold the weights two and three times: SDXL's
 #                  10.3 GB UNet was killed at 23.6 GB); ptqd then writes each weight to the .data file itself,

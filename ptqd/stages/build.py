@@ -169,10 +169,10 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
                         if k == 0:
                             rec["graph_rewrites"] = wrote["graph"]
                     build_engine(qdq_path, eng_path)
-                    for rel in (qdq_rel, eng_rel):  # external data beside a graph over 2 GB (quantize_static's)
+                    packed = pack_4bit_weights(eng_path, layers) if layers and p.w_bits == 4 else {}
+                    for rel in (qdq_rel, eng_rel):  # external data beside a graph over 1 GiB
                         if (w.staging / f"{rel}.data").is_file():
                             w.declare(f"{rel}.data")
-                    packed = pack_4bit_weights(eng_path, layers) if layers and p.w_bits == 4 else {}
                     desc = describe_engine(eng_path, rows)
                     if k == 0:
                         rec.update(desc, **packed)
