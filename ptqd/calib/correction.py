@@ -168,7 +168,8 @@ def collect(fp_runner, quant_runner_at: dict, facts, class_embedding, labels: np
 
     ``quant_runner_at``: precision -> callable(timestep) -> runner (timestep buckets have one model each).
     Returns (timesteps, [ε per timestep, N×C×H×W], {precision: [Δ per timestep]}), one entry per distinct
-    timestep in the order the sampler visits them (PNDM's second call at a repeated timestep is not kept),
+    timestep in the order the sampler visits them (PNDM's second call at its repeated timestep, on the corrected
+    x, is not kept: the first, on the provisional x, stands for it),
     ε and Δ after classifier-free guidance, as the sampler uses them. ``labels[k]`` is trajectory
     ``start + k`` (its noise seed): a shard of a longer run."""
     from ptqd.runtime.pipeline import guided_eps, sample_latents

@@ -156,7 +156,14 @@ def fake_quant_model(eps_model, layers):
     for lq in layers:
         w = eps_model.unet.get_submodule(lq.module).weight
         memo[id(w)] = w
-    model = copy.deepcopy(eps_model, memo)
+    borrowed = set(memo)
+    model = _with_twins(copy.deepcopy(eps_model, memo), layers)
+    if any(id(p) in borrowed for p in model.parameters()):  # a borrowed weight another module shares: copy all
+        model = _with_twins(copy.deepcopy(eps_model), layers)
+    return model.cpu().eval()  # after the replacement: moving a borrowed weight would move the source's
+
+
+def _with_twins(model, layers):
     for lq in layers:
         parent_name, _, leaf = lq.module.rpartition(".")
         parent = model.unet.get_submodule(parent_name) if parent_name else model.unet
@@ -166,4 +173,4 @@ def fake_quant_model(eps_model, layers):
             parent[int(leaf)] = new
         else:
             setattr(parent, leaf, new)
-    return model.cpu().eval()  # after the replacement: moving a borrowed weight would move the source's
+    return model

@@ -283,7 +283,7 @@ def sample_run_seconds(runner, facts, class_embedding, labels, seed: int, cfg, b
     import dataclasses
     import time
 
-    from ptqd.runtime.pipeline import sample_latents
+    from ptqd.runtime.pipeline import sample_latents, scheduler_for
 
     n = int(min(batch, len(labels)))
     short = dataclasses.replace(cfg, steps=2, eta=0.0)
@@ -291,7 +291,8 @@ def sample_run_seconds(runner, facts, class_embedding, labels, seed: int, cfg, b
     sample_latents(runner, facts, class_embedding, np.asarray(labels)[:1], idx[:1], seed, short)  # warm-up
     t0 = time.perf_counter()
     sample_latents(runner, facts, class_embedding, np.asarray(labels)[:n], idx, seed, short)
-    return (time.perf_counter() - t0) / (2 * n) * cfg.steps
+    calls = len(scheduler_for(facts, short).timesteps), len(scheduler_for(facts, cfg).timesteps)  # PNDM: steps + 1
+    return (time.perf_counter() - t0) / (calls[0] * n) * calls[1]
 
 
 def gate_engine(runner, fp_runner, table, facts, class_embedding, labels, seed: int, cfg, ranges: int = 4,
@@ -311,7 +312,8 @@ def gate_engine(runner, fp_runner, table, facts, class_embedding, labels, seed: 
     ts = trajectory_timesteps(facts, cfg)
     default_etas, noisy = gate_etas(cfg)
     etas = default_etas if etas is None else tuple(etas)
-    noisy = tuple(e for e in etas if e in noisy)
+    ddim = cfg.spec is None or cfg.spec.cls == "DDIMScheduler"
+    noisy = tuple(e for e in etas if (e > 0 if ddim else e in noisy))  # DDIM injects noise at every η > 0
     labels = np.asarray(labels)
     rs = step_ranges(len(ts), ranges)
     if table.a is None:

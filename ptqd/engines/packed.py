@@ -99,5 +99,14 @@ def load_expanded(path: str | os.PathLike):
 
 
 def load_session_bytes(path: str | os.PathLike) -> bytes:
-    """The serialized model ONNX Runtime can load: packed weights expanded (in memory; the file stays packed)."""
-    return load_expanded(path).SerializeToString()
+    """The serialized model ONNX Runtime can load: packed weights expanded (in memory; the file stays packed).
+    One protobuf cannot pass 2 GB: a larger expanded engine is refused in one line."""
+    model = load_expanded(path)
+    size = model.ByteSize()
+    if size >= 2**31:
+        from ptqd.errors import UserError
+
+        raise UserError(f"{path}: its 4-bit weights expand to {size / 1e9:.2f} GB, and ONNX Runtime takes a model "
+                        "passed in memory only below 2 GB; packed 4-bit engines of a model this large cannot be "
+                        "loaded yet (8-bit engines can)")
+    return model.SerializeToString()

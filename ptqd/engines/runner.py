@@ -70,12 +70,13 @@ def unet_feeds(input_names, x, t, context, what: str) -> dict[str, np.ndarray]:
 
 
 def nearest_bucket(t: float, ranges) -> int:
-    """Index of the t-range (lo, hi) that holds t, else of the nearest one (the first of a tie)."""
-    def distance(rng):
-        lo, hi = rng
-        return 0.0 if lo <= t <= hi else min(abs(t - lo), abs(t - hi))
+    """Index of the t-range (lo, hi) that holds t, else of the nearest one; a tie goes to the range of lower t,
+    whatever the order of ``ranges`` (the engines and the fake-quant models list them in different orders)."""
+    def key(k):
+        lo, hi = ranges[k]
+        return (0.0 if lo <= t <= hi else min(abs(t - lo), abs(t - hi)), lo, hi)
 
-    return min(range(len(ranges)), key=lambda k: distance(ranges[k]))
+    return min(range(len(ranges)), key=key)
 
 
 class BucketedRunner(Runner):

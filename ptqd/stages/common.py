@@ -155,22 +155,26 @@ def fit_sampler_config(facts, steps: int, eta: float, guidance: float, sampler: 
     not reproduce, or for calibration trajectories with η > 0 (η is DDIM's). Else a name of
     ``SAMPLER_CHOICES``, configured from the bundle's scheduler config (``ptqd correct --sampler``)."""
     from ptqd.runtime.loader import sampler_config
+    from ptqd.runtime.schedulers import resolve
 
     if sampler not in (None, "auto"):
         return sampler_config(facts, steps, eta, guidance, sampler)
     if facts.sampler is None or eta > 0:
         return sampler_config(facts, steps, eta, guidance)
     try:
-        return sampler_config(facts, steps, eta, guidance, "auto")
-    except UserError:
+        resolve(facts.sampler, "auto")
+    except UserError:  # a scheduler ptqd does not reproduce (other errors, e.g. too many steps, are the user's)
         return sampler_config(facts, steps, eta, guidance)
+    return sampler_config(facts, steps, eta, guidance, "auto")
 
 
-def correction_sampler_config(b: Bundle, eta: float = 0.0):
-    """The sampler ``correct`` fitted the bundle's correction on (its ``--sampler``; older records: auto), at the
-    calibrated steps and guidance: what the plan measures on."""
+def correction_sampler_config(b: Bundle):
+    """The sampler ``correct`` fitted the bundle's correction on (its ``--sampler``; older records: auto), chosen as
+    ``correct`` chose it (from the calibrated steps, η and guidance), run at η 0: what the plan measures on."""
+    from dataclasses import replace
+
     c = require_calibrated(b)["config"]
     choice = "auto"
     if b.has(layout.CORRECTION_JSON):
         choice = b.read_json(layout.CORRECTION_JSON)["config"].get("sampler_option", "auto")
-    return fit_sampler_config(b.facts, c["steps"], eta, c["guidance"], choice)
+    return replace(fit_sampler_config(b.facts, c["steps"], c["eta"], c["guidance"], choice), eta=0.0)

@@ -137,9 +137,10 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
     same_gate = {k: old_gate[k] for k in gate_cfg} == gate_cfg or gate_cfg["samples"] == old_gate["samples"] == 0
     cal = b.stage("calibrate")["config"]
     fit_on = fit_sampler_config(b.facts, cal["steps"], cal["eta"], cal["guidance"], sampler).sampler_name
-    stage("correct", same_gate and reusable(b, "correct", layout.CALIB_FILES,
-                                            config={"samples": correction_samples, "holdout": holdout,
-                                                    "sampler": fit_on}),
+    same_sampler = ((b.stage("correct") or {}).get("config") or {}).get("sampler", "ddim") == fit_on  # older: DDIM
+    stage("correct", same_gate and same_sampler and reusable(b, "correct", layout.CALIB_FILES,
+                                                             config={"samples": correction_samples,
+                                                                     "holdout": holdout}),
           lambda: correct(out, samples=correction_samples, holdout=holdout, device=device, preset=preset,
                           progress=progress, gate_samples=gate_cfg["samples"], gate_ranges=gate_cfg["ranges"],
                           gate_budget=gate_cfg["budget_s"], log=log, cluster=cluster, sampler=sampler))

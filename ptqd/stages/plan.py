@@ -149,10 +149,13 @@ def plan(bundle, margin: float = 1.0, precisions=None, criterion: str = "sensiti
 
         if samples is None:
             samples = preset_for(preset, b.read_json(layout.UNET_LAYERS)).plan_samples
-        meas = measure_damage(b, cands, reference, samples, progress=progress)
-        if [float(t) for t in meas["timesteps"]] != [float(s["t"]) for s in rec["steps"]]:
+        from ptqd.calib.correction import trajectory_timesteps
+
+        visits = trajectory_timesteps(b.facts, correction_sampler_config(b))
+        if [float(t) for t in visits] != [float(s["t"]) for s in rec["steps"]]:
             raise UserError(f"{b.root}'s correction was fitted at other timesteps than its sampler visits now (a "
                             f"correction.json from an older ptqd, fitted on DDIM): run `ptqd correct {b.root}` again")
+        meas = measure_damage(b, cands, reference, samples, progress=progress)
         try:
             chosen = budget_plan(meas["damage"], cost, reference, budget)
         except ValueError as e:

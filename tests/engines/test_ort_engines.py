@@ -187,3 +187,10 @@ def test_the_fake_quant_copy_borrows_the_float_weights_it_replaces(built, monkey
     with torch.no_grad():
         assert torch.equal(model(*args), reference(*args))
     assert all(torch.equal(before[k], v) for k, v in src.state_dict().items())
+    # a replaced weight that an unquantized module shares (tied) is copied, never left shared with the source
+    lin = next(src.unet.get_submodule(lq.module) for lq in layers if lq.op != "Conv")
+    src.unet.tied = torch.nn.Linear(lin.in_features, lin.out_features)
+    src.unet.tied.weight = lin.weight
+    tied = fakequant.fake_quant_model(src, layers)
+    ids = {id(p) for p in src.parameters()}
+    assert not any(id(p) in ids for p in tied.parameters())

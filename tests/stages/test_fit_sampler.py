@@ -93,5 +93,26 @@ def test_correction_gate_and_plan_use_the_bundles_own_sampler(base_pipeline, tmp
 def test_fake_quant_buckets_are_picked_by_timestep_as_the_engines_pick_them():
     from ptqd.engines.runner import nearest_bucket
 
-    ranges = [(500, 999), (0, 450)]
+    ranges = [(500, 999), (0, 450)]  # calibrate's order; BucketedRunner sorts them ascending
     assert [nearest_bucket(t, ranges) for t in (999, 500, 480.5, 470, 450, 0)] == [0, 0, 0, 1, 1, 1]
+    # a timestep halfway between two buckets: the same (lower) bucket whichever order they come in
+    assert nearest_bucket(475, ranges) == 1 and nearest_bucket(475, ranges[::-1]) == 0
+
+
+def test_calibrated_with_eta_the_fit_and_the_plan_both_run_ddim(base_pipeline, tmp_path):
+    """η is DDIM's: trajectories calibrated at η > 0 fit the correction on DDIM even for a DPM-Solver++ pipeline,
+    and the plan measures on the same DDIM timesteps (it used to ask for the pipeline's, and refuse)."""
+    from ptqd.calib.correction import trajectory_timesteps
+    from ptqd.runtime.loader import sampler_config
+
+    src = with_scheduler(base_pipeline, tmp_path / "pipe", *CASES["dpm++2m-karras"])
+    out = tmp_path / "b.bundle"
+    api.export(src, out, progress=False, prompts=["a red cat", "the dog on a photo"])
+    api.calibrate(out, samples=4, steps=STEPS, eta=0.5, preset="minimal", progress=False)
+    api.build(out, precisions=("w8a8", "w4a8", "w4a4"), progress=False)
+    rec = api.correct(out, samples=4, holdout=2, preset="minimal", gate_samples=4, gate_ranges=1, progress=False)
+    assert rec["config"]["sampler"] == "ddim"
+    plan = api.plan(out, preset="minimal", progress=False)
+    facts = Bundle.open(out).facts
+    ddim = trajectory_timesteps(facts, sampler_config(facts, STEPS, 0.0, 3.0))
+    assert [s["t"] for s in plan["steps"]] == ddim
