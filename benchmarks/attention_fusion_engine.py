@@ -38,8 +38,7 @@ def main(argv=None) -> int:
     fp = b.path(layout.UNET_ONNX)
     layers = calib_layers(b, args.precision, 0, 1)
     graph_opt.prepare(fp)
-    st = fp.stat()
-    values, _ = graph_opt._evaluated(str(fp), st.st_mtime, st.st_size)
+    values, _ = graph_opt.evaluated(fp)
     variants = {"fused attention": lambda m: graph_opt.optimize_for_ort(m, fp),
                 "unfused": lambda m: graph_opt.fold_shapes(m, values)}
     work = Path(args.work or tempfile.mkdtemp(prefix="attn-engine-"))

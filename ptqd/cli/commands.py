@@ -60,6 +60,10 @@ def cmd_inspect(args) -> int:
     print(f"schedule    {s['kind']} beta {s.get('beta_start', '-')} -> {s.get('beta_end', '-')}, "
           f"T={s['num_train_timesteps']}, {m['prediction_type']}")
     print(f"sampler     {_sampler_line(m.get('sampler'))}")
+    if info.get("correction"):
+        c = info["correction"]
+        print(f"correction  fitted on {c['sampler']}, {c['steps']} steps, {c['trajectories']} trajectories "
+              f"({c['held_out']} held out); other samplers and step counts read it interpolated in t")
     if "macs_per_forward" in info:
         by = info["macs_by_kind"]
         n = info["layer_count"]

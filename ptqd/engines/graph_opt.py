@@ -444,13 +444,19 @@ def prepare(fp_onnx: str | os.PathLike) -> None:
         _evaluated(str(p), st.st_mtime, st.st_size)
 
 
-def optimize_for_ort(model, fp_onnx: str | os.PathLike) -> dict:
-    """Both rewrites on ``model`` (a QDQ graph written from ``fp_onnx``), in place. Returns what was done."""
+def evaluated(fp_onnx: str | os.PathLike) -> tuple[dict, dict]:
+    """(shape values, attention shapes) of the exported graph at ``fp_onnx``: evaluated once per file version
+    (:func:`prepare` does it before a build holds its models)."""
     p = Path(fp_onnx)
     st = p.stat()
+    return _evaluated(str(p), st.st_mtime, st.st_size)
+
+
+def optimize_for_ort(model, fp_onnx: str | os.PathLike) -> dict:
+    """Both rewrites on ``model`` (a QDQ graph written from ``fp_onnx``), in place. Returns what was done."""
     if not batch_only(model):
         return {"folded": 0, "fused_attention": 0, "skipped": "a dynamic axis other than the batch"}
-    values, shapes = _evaluated(str(p), st.st_mtime, st.st_size)
+    values, shapes = evaluated(fp_onnx)
     rec = fold_shapes(model, values)
     att = fuse_attention(model, shapes)
     return {"folded_shape_values": rec["folded"], "fused_attention": att["fused_attention"],

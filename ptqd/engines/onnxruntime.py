@@ -121,9 +121,11 @@ def ort_session(path: str | os.PathLike, threads: int | None = None, allow_spinn
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     from ptqd.engines.packed import is_packed, load_session_bytes
 
-    # 4-bit weights stored two per byte: expanded to int8 in memory
-    src = load_session_bytes(path) if is_packed(path) else str(path)
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"], disabled_optimizers=LOAD_DISABLED)
+    # 4-bit weights stored two per byte: expanded to int8 in memory (over 2 GB, the largest handed over as arrays)
+    src, arrays = load_session_bytes(path, so) if is_packed(path) else (str(path), [])
+    sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"], disabled_optimizers=LOAD_DISABLED)
+    del arrays  # ONNX Runtime has copied them in
+    return sess
 
 
 # QLinearConv stays NCHW (its kernel transposes internally) instead of NHWC with a Transpose node on each

@@ -98,15 +98,42 @@ def load_expanded(path: str | os.PathLike):
     return model
 
 
-def load_session_bytes(path: str | os.PathLike) -> bytes:
+PROTOBUF_LIMIT = 2**31 - 1 - (64 << 20)  # a serialized ModelProto stays below 2 GB (with room for its graph)
+IN_MEMORY = "ptqd-in-memory"  # the external-data location of an initializer handed to ONNX Runtime in memory
+
+
+def load_session_bytes(path: str | os.PathLike, so=None, limit: int = PROTOBUF_LIMIT):
     """The serialized model ONNX Runtime can load: packed weights expanded (in memory; the file stays packed).
-    One protobuf cannot pass 2 GB: a larger expanded engine is refused in one line."""
+
+    One protobuf cannot pass 2 GB. Above ``limit``, with the session options ``so`` given, the largest int8
+    weights leave the protobuf and go to ONNX Runtime as arrays (``add_external_initializers``: it copies them in
+    before it optimizes the graph); returns (bytes, the arrays, to be kept until the session exists) then.
+    Without ``so`` returns the bytes, and a larger engine is refused in one line."""
     model = load_expanded(path)
     size = model.ByteSize()
-    if size >= 2**31:
+    if size <= limit:
+        return model.SerializeToString() if so is None else (model.SerializeToString(), [])
+    if so is None:
         from ptqd.errors import UserError
 
-        raise UserError(f"{path}: its 4-bit weights expand to {size / 1e9:.2f} GB, and ONNX Runtime takes a model "
-                        "passed in memory only below 2 GB; packed 4-bit engines of a model this large cannot be "
-                        "loaded yet (8-bit engines can)")
-    return model.SerializeToString()
+        raise UserError(f"{path}: its 4-bit weights expand to {size / 1e9:.2f} GB, over the 2 GB a model passed "
+                        "in memory may take; load it through ptqd.engines.onnxruntime.ort_session")
+    from onnx import TensorProto, numpy_helper
+    from onnxruntime import OrtValue
+
+    names, values = [], []
+    big = sorted((t for t in model.graph.initializer if t.data_type == TensorProto.INT8 and len(t.raw_data) >= 1024),
+                 key=lambda t: -len(t.raw_data))
+    for init in big:
+        if size <= limit:
+            break
+        size -= len(init.raw_data)
+        values.append(OrtValue.ortvalue_from_numpy(numpy_helper.to_array(init).copy()))
+        names.append(init.name)
+        init.ClearField("raw_data")
+        init.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", IN_MEMORY), ("offset", "0"), ("length", str(values[-1].numpy().nbytes))):
+            entry = init.external_data.add()
+            entry.key, entry.value = key, value
+    so.add_external_initializers(names, values)
+    return model.SerializeToString(), values

@@ -35,5 +35,9 @@ def inspect(bundle: str | os.PathLike) -> dict[str, Any]:
     export = b.stage("export")
     if export:
         info["export"] = export
+    if b.has(layout.CORRECTION_JSON):  # older records: fitted on DDIM
+        c = b.read_json(layout.CORRECTION_JSON)["config"]
+        info["correction"] = {"sampler": c.get("sampler", "ddim"), "steps": c.get("steps"),
+                              "trajectories": c.get("samples"), "held_out": c.get("holdout")}
     info["bops"] = bops_table(b)
     return info

@@ -117,3 +117,30 @@ def test_tiny_cin_w4_engine_is_packed_under_a_seventh_of_fp32_and_quantizes_ever
     ctx = None if ctx_shape is None else np.random.RandomState(1).standard_normal(
         (2, *[d_ or 1 for d_ in ctx_shape[1:]])).astype(np.float32)
     assert np.array_equal(OrtRunner(eng)(x, t, ctx), OrtRunner(unpacked)(x, t, ctx))
+
+
+def test_a_packed_engine_over_the_protobuf_limit_hands_its_weights_over_as_arrays(tmp_path, monkeypatch):
+    """Expanded, a large model's 4-bit weights pass the 2 GB one protobuf may hold (SDXL's: 2.6 GB): its largest
+    int8 weights then go to ONNX Runtime as arrays. Forced on the demo's w4a8 engine: the same outputs."""
+    from ptqd import api
+    from ptqd.engines import packed
+    from ptqd.engines.onnxruntime import OrtRunner
+
+    d = tmp_path / "demo.bundle"
+    api.export("demo", d, progress=False)
+    api.calibrate(d, samples=4, steps=4, progress=False)
+    api.build(d, precisions=("w4a8",), progress=False)
+    eng = d / "engines/onnxruntime/w4a8.onnx"
+    assert is_packed(eng)
+    x = np.random.RandomState(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    t = np.array([500.0, 20.0], np.float32)
+    ctx = np.random.RandomState(1).standard_normal((2, 1, 64)).astype(np.float32)
+    whole = OrtRunner(eng)(x, t, ctx)
+    with pytest.raises(Exception, match="over the 2 GB"):
+        load_session_bytes(eng, limit=0)
+    handed = []
+    real = packed.load_session_bytes
+    monkeypatch.setattr(packed, "load_session_bytes",
+                        lambda p, so=None: (lambda r: (handed.extend(r[1]), r)[1])(real(p, so, limit=0)))
+    split = OrtRunner(eng)(x, t, ctx)
+    assert len(handed) > 10 and np.array_equal(whole, split)

@@ -62,7 +62,7 @@ def test_correction_gate_and_plan_use_the_bundles_own_sampler(base_pipeline, tmp
         assert any(not t.is_integer() for t in want)
 
     corr = b.read_json("calib/correction.json")
-    assert corr["config"]["sampler"] == own.sampler_name
+    assert corr["config"]["sampler"] == own.sampler_name == api.inspect(out)["correction"]["sampler"]
     fit = corr["precisions"]["w8a8"]
     assert [float(s["t"]) for s in fit["steps"]] == want
     assert [float(s["t"]) for s in fit["conditional"]["steps"]] == want
