@@ -234,12 +234,14 @@ MIN_GATE_SAMPLES = 16
 NARROW_CANDIDATES: tuple[tuple[str, ...], ...] = (("bias",), ("k", "bias"))  # the two parts gates ever kept
 
 
-def gate_etas(cfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(η's the gate compares at, those where the sampler injects noise) for ``cfg``'s sampler: DDIM at η 0
-    and 1 (noise at 1); another sampler at its one setting, η 0, noisy where it is stochastic (Euler ancestral)."""
+def gate_etas(cfg, etas=None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(η's the gate compares at: ``etas``, or by default DDIM's 0 and 1 and another sampler's one setting, η 0;
+    those of them where ``cfg``'s sampler injects noise: DDIM's η > 0, every η of Euler ancestral)."""
     if cfg.spec is None or cfg.spec.cls == "DDIMScheduler":
-        return (0.0, 1.0), (1.0,)
-    return (0.0,), ((0.0,) if cfg.spec.cls == "EulerAncestralDiscreteScheduler" else ())
+        etas = (0.0, 1.0) if etas is None else tuple(etas)
+        return etas, tuple(e for e in etas if e > 0)
+    etas = (0.0,) if etas is None else tuple(etas)
+    return etas, (etas if cfg.spec.cls == "EulerAncestralDiscreteScheduler" else ())
 
 
 def gate_runs(ranges: int, candidates: int, etas: int = 2, resume: bool = True, noisy: int = 1) -> float:
@@ -310,10 +312,7 @@ def gate_engine(runner, fp_runner, table, facts, class_embedding, labels, seed: 
     from ptqd.runtime.pipeline import sample_latents
 
     ts = trajectory_timesteps(facts, cfg)
-    default_etas, noisy = gate_etas(cfg)
-    etas = default_etas if etas is None else tuple(etas)
-    ddim = cfg.spec is None or cfg.spec.cls == "DDIMScheduler"
-    noisy = tuple(e for e in etas if (e > 0 if ddim else e in noisy))  # DDIM injects noise at every η > 0
+    etas, noisy = gate_etas(cfg, etas)
     labels = np.asarray(labels)
     rs = step_ranges(len(ts), ranges)
     if table.a is None:
@@ -371,7 +370,7 @@ def gate_plan(engines_on, engines_off, fp_runner, facts, class_embedding, labels
     from ptqd.runtime.pipeline import sample_latents
 
     labels = np.asarray(labels)
-    etas = gate_etas(cfg)[0] if etas is None else tuple(etas)
+    etas = gate_etas(cfg, etas)[0]
 
     def final(engine, eta):
         c = dataclasses.replace(cfg, eta=eta)
