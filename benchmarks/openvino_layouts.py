@@ -7,14 +7,17 @@ calibrated precisions, e.g. without the conv outputs' requantization).
 
 Timed in one process, interleaved rounds, median of ``--runs`` after 3 warm-up, batch 1 and 2:
 
-  ptqd            the bundle's calibration as ptqd's OpenVINO engine is built (QDQ graph -> IR, i4 weights)
-  ptqd-no-out     the same without the conv outputs' requantization (Q/DQ on conv and matmul inputs only)
-  ptqd-no-out-sym the same with symmetric activation grids (zero point 0, or 128 for signed tensors)
+  ptqd-requant    the bundle's calibration in ONNX Runtime's layout (conv outputs requantized), as IR, i4 weights
+  ptqd            as ptqd's OpenVINO engine is built (``openvino_layers``: conv outputs left in float)
+  ptqd-sym        the same with symmetric activation grids (zero point 0, or 128 for signed tensors)
+  ptqd-attn       ptqd plus Q/DQ on attention's q/k/v projections' outputs and softmax outputs, so QKᵀ and AV can
+                  run in int8 (speed only: fixed scales, not calibrated, not validated; ptqd does not build it)
   nncf-default    NNCF quantize() with its default recipe on the bundle's calibration inputs (8 items)
   nncf-mixed      NNCF quantize(), mixed preset and transformer model type
 
 Then, for NNCF's default graph: every FakeQuantize by (producer op, consumer ops, grid), the census that
-says which tensors NNCF keeps in int8 between layers; and the executed-graph summary of each variant.
+says which tensors NNCF keeps in int8 between layers; the executed-graph summary of each variant; and, for
+ptqd, ptqd-attn and NNCF's default, the executed layer time by (layer type, precision), where the gap is.
 Needs openvino and nncf.
 """
 
@@ -39,6 +42,62 @@ def symmetric(a):
         return ActQuant(hi / a.qmax, 0, a.bits)
     half = 2 ** (a.bits - 1)
     return ActQuant(max(-lo, hi) / (half - 1), half, a.bits)
+
+
+ATTENTION_PROJ = ("/to_q/", "/to_k/", "/to_v/")
+
+
+def with_attention_qdq(src: Path, dst: Path) -> dict:
+    """``src`` (a QDQ ONNX) with Q/DQ after every Softmax (u8, scale 1/255) and after the MatMul of every attention
+    q/k/v projection (u8, a fixed scale): the layout in which OpenVINO can run QKᵀ and AV in int8."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from ptqd.engines.onnx_io import read_external, save_model
+
+    m = onnx.load(str(src), load_external_data=False)
+    read_external(m, src)
+    g = m.graph
+    readers: dict = collections.defaultdict(list)
+    for n in g.node:
+        for i in n.input:
+            readers[i].append(n)
+    after, counts = {}, collections.Counter()
+    for n in g.node:
+        kind = "softmax" if n.op_type == "Softmax" else "qkv" if n.op_type == "MatMul" and any(
+            a in n.name for a in ATTENTION_PROJ) else None
+        if kind is None:
+            continue
+        t, tag = n.output[0], f"attnq{sum(counts.values())}"
+        scale, zp = (1 / 255, 0) if kind == "softmax" else (0.05, 128)
+        g.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), f"{tag}_s"),
+                              numpy_helper.from_array(np.array(zp, np.uint8), f"{tag}_z")])
+        for r in readers[t]:
+            r.input[:] = [f"{tag}_dq" if i == t else i for i in r.input]
+        after[n.name] = [helper.make_node("QuantizeLinear", [t, f"{tag}_s", f"{tag}_z"], [f"{tag}_q"], name=f"{tag}_Q"),
+                         helper.make_node("DequantizeLinear", [f"{tag}_q", f"{tag}_s", f"{tag}_z"], [f"{tag}_dq"],
+                                          name=f"{tag}_DQ")]
+        counts[kind] += 1
+    nodes = [x for n in g.node for x in [n] + after.get(n.name, [])]
+    del g.node[:]
+    g.node.extend(nodes)
+    save_model(m, dst)
+    return dict(counts)
+
+
+def time_by_type(compiled, feeds: dict, runs: int = 3) -> collections.Counter:
+    """Executed layer ms by "layer type:precision" (OpenVINO's per-layer counters, mean of ``runs``)."""
+    from ptqd.engines.openvino import exec_precision
+
+    req = compiled.create_infer_request()
+    req.infer(feeds)
+    out: collections.Counter = collections.Counter()
+    for _ in range(runs):
+        req.infer(feeds)
+        for p in req.get_profiling_info():
+            if str(p.status).endswith("EXECUTED") and not str(p.status).endswith("NOT_EXECUTED"):
+                out[f"{p.node_type}:{exec_precision(str(p.exec_type))}"] += p.real_time.total_seconds() * 1e3 / runs
+    return out
 
 
 def fq_census(model) -> list[tuple[int, tuple]]:
@@ -72,7 +131,7 @@ def main(argv=None) -> int:
     import openvino as ov
 
     from ptqd.bundle import Bundle, layout
-    from ptqd.engines.openvino import OvRunner, convert_qdq
+    from ptqd.engines.openvino import OvRunner, convert_qdq, openvino_layers
     from ptqd.engines.qdq import write_qdq
     from ptqd.engines.runner import round_robin
     from ptqd.facts import seeded_unet_inputs
@@ -81,9 +140,8 @@ def main(argv=None) -> int:
 
     b = Bundle.open(args.bundle)
     layers = calib_layers(b, args.precision, 0, len(layout.calib_buckets(b)))
-    variants = {"ptqd": layers,
-                "ptqd-no-out": [dataclasses.replace(lq, act_out=None) for lq in layers],
-                "ptqd-no-out-sym": [dataclasses.replace(lq, act_out=None, act_in=symmetric(lq.act_in)) for lq in layers]}
+    variants = {"ptqd-requant": layers, "ptqd": openvino_layers(layers),
+                "ptqd-sym": [dataclasses.replace(lq, act_in=symmetric(lq.act_in)) for lq in openvino_layers(layers)]}
     runners = {}
     with tempfile.TemporaryDirectory(prefix="ptqd-ovl-") as tmp:
         for name, ls in variants.items():
@@ -91,6 +149,11 @@ def main(argv=None) -> int:
             write_qdq(b.path(layout.UNET_ONNX), ls, qdq)
             convert_qdq(qdq, Path(tmp) / f"{name}.xml.gz")
             runners[name] = OvRunner(Path(tmp) / f"{name}.xml.gz", args.threads)  # read whole: the folder goes away
+            if name == "ptqd":
+                added = with_attention_qdq(qdq, Path(tmp) / "attn.qdq.onnx")
+                print(f"ptqd-attn: Q/DQ added after {added}", file=sys.stderr)
+                convert_qdq(Path(tmp) / "attn.qdq.onnx", Path(tmp) / "attn.xml.gz")
+                runners["ptqd-attn"] = OvRunner(Path(tmp) / "attn.xml.gz", args.threads)
         fp = ov.Core().read_model(str(b.path(layout.UNET_ONNX)))
         data = np.load(b.path(layout.CALIB_FEEDS))
         names = [i.get_any_name() for i in fp.inputs]
@@ -117,11 +180,26 @@ def main(argv=None) -> int:
         f = seeded_unet_inputs(b.facts, 1, 501.0, 0)
         print("\nexecuted graph at batch 1 (OpenVINO PERF_COUNT, mean of 3): int8 / float convs+matmuls, reorders, "
               "layer ms, time shares")
-        for k in ("ptqd", "ptqd-no-out", "ptqd-no-out-sym", "nncf-default"):
+        for k in ("ptqd-requant", "ptqd", "ptqd-sym", "ptqd-attn", "nncf-default"):
             r = runners[k]
             s = r.executed_summary({n: f[n] for n in r.input_names}, runs=3)
             shares = ", ".join(f"{a} {v:.0%}" for a, v in s["time_share"].items())
             print(f"  {k:16s} {s['compute_layers']}  reorders {s['reorders']}  {s['layer_ms']:.1f} ms  ({shares})")
+        cols = ("ptqd", "ptqd-attn", "nncf-default")
+        by_type = {}
+        for k in cols:
+            r = runners[k]
+            m = r.model.clone()
+            m.reshape({n: list(f[n].shape) for n in r.input_names})
+            cm = r.core.compile_model(m, "CPU", dict(r.config, PERF_COUNT=True))
+            by_type[k] = time_by_type(cm, {n: f[n] for n in r.input_names})
+        print("\nexecuted layer ms at batch 1 by layer type and precision (Subgraph: OpenVINO's fused eltwise chains)")
+        print(f"  {'layer:precision':32s}" + "".join(f"{k:>14s}" for k in cols))
+        kinds = sorted({t for c in by_type.values() for t in c}, key=lambda t: -max(c[t] for c in by_type.values()))
+        for t in kinds:
+            if max(c[t] for c in by_type.values()) >= 0.5:
+                print(f"  {t:32s}" + "".join(f"{by_type[k][t]:14.2f}" for k in cols))
+        print(f"  {'total':32s}" + "".join(f"{sum(by_type[k].values()):14.2f}" for k in cols))
         print("\nNNCF default: activation FakeQuantize by producer -> consumers (grid, levels)")
         for (prod, cons, grid, levels), n in fq_census(default):
             print(f"  {n:4d}  {prod} -> {', '.join(cons)}  ({grid}, {levels})")

@@ -12,8 +12,8 @@ rounds (each round runs every engine once), the median of ``--runs`` after ``--w
 
   ort-fp32       the exported FP32 ONNX in a plain ONNX Runtime session (what a user gets)
   w8a8 ...       ptqd's engines through the runtime's own runner (4-bit engines: packed weights)
-  w8a8-openvino  the same engines on ptqd's OpenVINO backend (`ptqd build --backend openvino`: the same QDQ
-                 graph as OpenVINO IR, 4-bit weights as i4; where openvino is installed)
+  w8a8-openvino  the same calibration on ptqd's OpenVINO backend (`ptqd build --backend openvino`: its QDQ
+                 graph with conv outputs in float, as OpenVINO IR, 4-bit weights as i4; where openvino is installed)
   ort-int8       ONNX Runtime quantize_static (QDQ, U8/S8 per channel, reduce_range)
   torch-fp32     PyTorch eager (``--no-torch`` skips it)
   ov-fp32        OpenVINO on the same FP32 ONNX, f32 inference precision (optional: pip install ptqd[peers])
@@ -78,7 +78,8 @@ def prepare(work: Path, size: str, samples: int, steps: int, rounding: str, vali
         b = Bundle.open(out)
         st = b.stage("build_openvino")
         ov = b.read_json("engines/openvino/build.json") if b.has("engines/openvino/build.json") else {}
-        stale = any(not e["engine"].endswith(".xml.gz") for r in ov.values() for e in r["buckets"])
+        stale = any(not e["engine"].endswith(".xml.gz") for r in ov.values() for e in r["buckets"]) or any(
+            r.get("conv_outputs") != "float" for r in ov.values())  # built before OpenVINO's own layout
         if st is None or stale or set(st["precisions"]) != set(OURS) or st.get("inputs") != _build_inputs(b):
             t0 = time.perf_counter()
             api.build(out, backend="openvino", precisions=OURS, validate=validate, progress=False)

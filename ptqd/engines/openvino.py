@@ -1,8 +1,11 @@
 """OpenVINO engines (CPU): ptqd's QDQ graph converted to OpenVINO IR, 4-bit weights stored as i4.
 
-OpenVINO reads the same QDQ graph that ONNX Runtime's engine is built from; its low-precision
-transformations run the quantized convs and matmuls on int8 kernels (VNNI/AMX where the CPU has them)
-and everything else in f32 (``INFERENCE_PRECISION_HINT=f32``: on CPUs with AMX-BF16, OpenVINO would
+OpenVINO reads ptqd's QDQ graph of the calibration with one change from ONNX Runtime's: conv outputs are
+not requantized (:func:`openvino_layers`). ONNX Runtime needs that requantization to fuse a conv into its
+integer kernel (QLinearConv); OpenVINO's CPU plugin does not, and skipping it is ~9 % faster there
+(``benchmarks/openvino_layouts.py``) and one rounding fewer per conv. The engine is validated against the
+fake-quant model of exactly these layers. Its low-precision transformations run the quantized convs and
+matmuls on int8 kernels (VNNI/AMX where the CPU has them) and everything else in f32 (``INFERENCE_PRECISION_HINT=f32``: on CPUs with AMX-BF16, OpenVINO would
 otherwise run the float parts in bf16, which is not what the engine was validated as).
 
 4-bit weights: every int8 weight tensor (2-D or more) whose values all lie in [-8, 7] is stored as an ``i4``
@@ -16,6 +19,7 @@ engine is compiled at load, once per input shape. ``openvino`` is imported only 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import os
@@ -31,6 +35,14 @@ from ptqd.errors import MissingDependencyError
 # compile settings of every ptqd OpenVINO engine: one stream, latency, float parts in f32
 COMPILE_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "f32"}
 MIN_PACKED = 64  # smaller constants (scales' companions, zero points) are not worth a node
+
+
+def openvino_layers(layers) -> list:
+    """The calibrated layers as ptqd's OpenVINO engine computes them: the same input quantizers and integer
+    weights, each conv's output left in float (``act_out=None``: y = Σ (q_x − z_x)·q_w · s_x·s_w[c] + b, as the
+    matmuls already are). Both the OpenVINO graph and the fake-quant model it is validated against are made
+    from this list."""
+    return [dataclasses.replace(lq, act_out=None) for lq in layers]
 
 
 @functools.cache

@@ -1,5 +1,6 @@
 """``ptqd build --backend openvino``: one OpenVINO IR per calibrated precision (and timestep bucket),
-converted from the same QDQ graph as the ONNX Runtime engine, 4-bit weights stored as i4, each
+converted from ptqd's QDQ graph with the conv outputs left in float (``engines.openvino.openvino_layers``:
+what OpenVINO runs fastest; ONNX Runtime's engine requantizes them), 4-bit weights stored as i4, each
 validated end to end against its fake-quant model. OpenVINO is imported only when a build starts."""
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ NO_KERNEL_CHECK = {"passed": True, "kernels": 0, "mismatched": [], "constant_mis
 
 
 def numerics(p: Precision) -> str:
-    return (f"w{p.w_bits}a{p.a_bits}: ptqd's QDQ graph (the ONNX Runtime engine's) on OpenVINO's int8 kernels, "
-            "float parts in f32" + (", 4-bit weights stored as i4" if p.w_bits == 4 else ""))
+    return (f"w{p.w_bits}a{p.a_bits}: ptqd's QDQ graph on OpenVINO's int8 kernels, conv outputs not requantized "
+            "(ONNX Runtime's engine requantizes them), float parts in f32"
+            + (", 4-bit weights stored as i4" if p.w_bits == 4 else ""))
 
 
 def _open_params(precisions) -> tuple[Precision, ...]:
@@ -49,7 +51,7 @@ def _open_params(precisions) -> tuple[Precision, ...]:
 @writes_bundle()
 def build_openvino(bundle, precisions=None, validate: bool = True, progress: bool | None = None) -> dict:
     """OpenVINO engines from the calibration; each validated against its fake-quant model."""
-    from ptqd.engines.openvino import OvRunner, convert_qdq, engine_bytes, require_openvino
+    from ptqd.engines.openvino import OvRunner, convert_qdq, engine_bytes, openvino_layers, require_openvino
     from ptqd.engines.qdq import write_qdq
 
     ov = require_openvino()
@@ -69,10 +71,11 @@ def build_openvino(bundle, precisions=None, validate: bool = True, progress: boo
             bar.set_postfix_str(p.value)
             for rel in w.listed(f"{layout.OV_DIR}/{p.value}."):
                 w.remove(rel)  # a rebuild replaces every bucket's engine of this precision
-            rec: dict[str, Any] = {"numerics": numerics(p), "openvino": ov.__version__, "buckets": [],
+            rec: dict[str, Any] = {"numerics": numerics(p), "conv_outputs": "float", "openvino": ov.__version__,
+                                   "buckets": [],
                                    "built_on": cpu_description(), **({"requires": requires} if requires else {})}
             for k, bucket in enumerate(calib_buckets if p in CALIBRATED else [None]):
-                layers = calib_layers(b, p.value, k, len(calib_buckets))
+                layers = openvino_layers(calib_layers(b, p.value, k, len(calib_buckets)))
                 qdq = Path(tmp) / f"{p.value}.{k}.qdq.onnx"
                 write_qdq(b.path(layout.UNET_ONNX), layers, qdq)
                 rel, bin_rel = layout.ov_engine(p.value, k, len(calib_buckets))

@@ -227,3 +227,34 @@ def test_backend_auto_times_both_and_the_runtime_follows_the_choice(ov_bundle, t
     b = Bundle.open(out)
     assert resolve_backend(b, "auto", log=notes.append, needs=["w8a8", "ort-int8"]) == "onnxruntime"
     assert "no ort-int8 engine" in notes[0]
+
+
+def test_openvino_engines_leave_conv_outputs_in_float_and_validate_as_such(ov_bundle):
+    """OpenVINO's layout: no requantization after a quantized conv (ONNX Runtime's QLinearConv needs it, OpenVINO's
+    plugin does not, and it costs ~9 % there); every input quantizer stays. The build validated each engine
+    against the fake-quant model of exactly that layout (the fixture's build would have failed otherwise)."""
+    from ptqd.bundle import Bundle, layout
+    from ptqd.engines.openvino import read_engine, shared_core
+    from ptqd.stages.common import calib_layers
+
+    def producer(node) -> str:
+        return node.input(0).get_source_output().get_node().get_type_name()
+
+    out, recs = ov_bundle
+    b = Bundle.open(out)
+    for p in ("w8a8", "w4a4"):
+        assert "not requantized" in recs[p]["numerics"] and recs[p]["conv_outputs"] == "float"
+        model = read_engine(shared_core(), b.path(layout.ov_engine(p)[0]))
+        after_conv = inputs = 0
+        for op in model.get_ordered_ops():
+            if op.get_type_name() != "FakeQuantize":
+                continue
+            src = op.input(0).get_source_output().get_node()
+            if src.get_type_name() == "Constant":
+                continue  # a weight's
+            inputs += 1
+            feeds = [src] + [i.get_source_output().get_node() for i in src.inputs()]  # a conv, or its bias Add
+            after_conv += any(n.get_type_name() == "Convolution" and producer(n) == "FakeQuantize" for n in feeds)
+        assert after_conv == 0, p
+        n_layers = len(calib_layers(b, p))
+        assert 0.5 * n_layers < inputs <= n_layers, (p, inputs, n_layers)  # shared Q per tensor: at most one each
