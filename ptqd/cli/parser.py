@@ -249,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the same calibration inputs, for comparison.")
     bl.add_argument("bundle")
     bl.add_argument("--backend", choices=("onnxruntime", "openvino", "tensorrt", "auto"), default="onnxruntime",
-                    help="onnxruntime (default; any CPU), openvino (Intel CPUs: the same QDQ graph as OpenVINO IR, "
-                         "4-bit weights stored as i4; pip install 'ptqd[openvino]'), tensorrt (NVIDIA GPUs), auto "
+                    help="onnxruntime (default; any CPU), openvino (Intel CPUs: the same calibration as OpenVINO IR, "
+                         "conv outputs left in float, 4-bit weights stored as i4; pip install 'ptqd[openvino]'), tensorrt (NVIDIA GPUs), auto "
                          "(onnxruntime and, where installed, openvino, then a short timing on this machine records the "
                          "faster in engines/backend.json: sample, eval and ptqd.Pipeline run it by default)")
     bl.add_argument("--precisions", default=None,

@@ -165,21 +165,24 @@ SDXL_BASE_UNET = dict(
     flip_sin_to_cos=True, freq_shift=0)
 
 
-def sdxl_base_unet(seed: int = 0, device: str = "cpu"):
+def sdxl_base_unet(seed: int = 0, device: str = "cpu", sample_size: int | None = None):
     """SDXL base's UNet architecture with diffusers' own initialisation under ``torch.manual_seed(seed)`` (random
-    weights; 10.3 GB in float32). ``device="meta"``: shapes only, no memory (for MAC counts)."""
+    weights; 10.3 GB in float32). ``device="meta"``: shapes only, no memory (for MAC counts). ``sample_size``: the
+    latent size the pipeline declares (default SDXL's 128); the architecture and weights do not depend on it."""
     import diffusers
 
     torch.manual_seed(seed)
     with torch.device(device):
-        unet = diffusers.UNet2DConditionModel(**SDXL_BASE_UNET)
+        unet = diffusers.UNet2DConditionModel(**{**SDXL_BASE_UNET, **({"sample_size": sample_size} if sample_size
+                                                                      else {})})
     return unet.eval().requires_grad_(False)
 
 
-def write_sdxl_base_pipeline(out: str | Path, seed: int = 0) -> Path:
+def write_sdxl_base_pipeline(out: str | Path, seed: int = 0, sample_size: int = 128) -> Path:
     """An SDXL pipeline with the full-size base UNet (random weights) and small text encoders and VAE of the
     widths SDXL's UNet needs (768 + 1280 hidden, a 1280 pooled projection; a 4-channel latent, 8x upsampling):
-    for exporting, measuring and compiling the real UNet architecture without downloading it."""
+    for exporting, measuring and compiling the real UNet architecture without downloading it. ``sample_size``:
+    the latent size (128: SDXL's 1024x1024; 32: the same architecture compiled at 256x256)."""
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -197,11 +200,12 @@ def write_sdxl_base_pipeline(out: str | Path, seed: int = 0) -> Path:
     vae = _seed(diffusers.AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 32, 32), latent_channels=4,
-        layers_per_block=1, sample_size=1024, norm_num_groups=32, scaling_factor=0.13025), seed + 2)
+        layers_per_block=1, sample_size=8 * sample_size, norm_num_groups=32, scaling_factor=0.13025), seed + 2)
     scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                                  timestep_spacing="leading", steps_offset=1)
     pipe = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                               tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=sdxl_base_unet(seed),
+                                               tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+                                               unet=sdxl_base_unet(seed, sample_size=sample_size),
                                                scheduler=scheduler, force_zeros_for_empty_prompt=True,
                                                add_watermarker=False)
     return _save(pipe, out, tok_dir)
