@@ -250,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("bundle")
     bl.add_argument("--backend", choices=("onnxruntime", "openvino", "tensorrt", "auto"), default="onnxruntime",
                     help="onnxruntime (default; any CPU), openvino (Intel CPUs: the same calibration as OpenVINO IR, "
-                         "conv outputs left in float, 4-bit weights stored as i4; pip install 'ptqd[openvino]'), tensorrt (NVIDIA GPUs), auto "
+                         "conv outputs left in float, 4-bit weights stored as i4; pip install 'ptqd[openvino]'), "
+                         "tensorrt (NVIDIA GPUs), auto "
                          "(onnxruntime and, where installed, openvino, then a short timing on this machine records the "
                          "faster in engines/backend.json: sample, eval and ptqd.Pipeline run it by default)")
     bl.add_argument("--precisions", default=None,

@@ -2,11 +2,12 @@
 
 OpenVINO reads ptqd's QDQ graph of the calibration with one change from ONNX Runtime's: conv outputs are
 not requantized (:func:`openvino_layers`). ONNX Runtime needs that requantization to fuse a conv into its
-integer kernel (QLinearConv); OpenVINO's CPU plugin does not, and skipping it is ~9 % faster there
+integer kernel (QLinearConv); OpenVINO's CPU plugin does not, and skipping it is 2-9 % faster there
 (``benchmarks/openvino_layouts.py``) and one rounding fewer per conv. The engine is validated against the
 fake-quant model of exactly these layers. Its low-precision transformations run the quantized convs and
-matmuls on int8 kernels (VNNI/AMX where the CPU has them) and everything else in f32 (``INFERENCE_PRECISION_HINT=f32``: on CPUs with AMX-BF16, OpenVINO would
-otherwise run the float parts in bf16, which is not what the engine was validated as).
+matmuls on int8 kernels (VNNI/AMX where the CPU has them) and everything else in f32
+(``INFERENCE_PRECISION_HINT=f32``: on CPUs with AMX-BF16, OpenVINO would otherwise run the float parts in
+bf16, which is not what the engine was validated as).
 
 4-bit weights: every int8 weight tensor (2-D or more) whose values all lie in [-8, 7] is stored as an ``i4``
 constant (two per byte in the ``.bin``) followed by a Convert to i8, so the graph the plugin compiles
