@@ -19,11 +19,12 @@ wrong kernel; this check can:
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from ptqd.engines.onnx_io import load_model
+from ptqd.engines.onnx_io import external_size, load_model, save_model
 from ptqd.engines.packed import expand_initializers
 from ptqd.engines.qdq import node_key
 
@@ -48,9 +49,13 @@ def check_kernels(engine_path: str | Path, layers, feeds: dict) -> dict:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the engine is already optimized
     so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory(prefix="ptqd-kernels-") as tmp:
+        # over 2 GB, protobuf cannot serialize the model: ONNX Runtime reads it from a file with external data
+        src = str(save_model(model, Path(tmp) / "k.onnx", check=False)[0]) if external_size(model) else model.SerializeToString()
+        sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
     names = {i.name for i in sess.get_inputs()}
     vals = dict(zip(need, sess.run(need, {k: v for k, v in feeds.items() if k in names})))
+    del sess
 
     def get(x):
         return inits[x] if x in inits else vals[x]

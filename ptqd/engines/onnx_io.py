@@ -60,23 +60,32 @@ def read_external(model, path: str | Path, skip=()) -> None:
             f.close()
 
 
-def save_model(model, path: str | Path) -> list[Path]:
+def external_size(model) -> bool:
+    """Whether ``model``'s initializers pass :data:`EXTERNAL_DATA_THRESHOLD`: it is saved with a ``.data`` file,
+    and cannot be serialized to bytes (protobuf's 2 GB limit) on its way to ONNX Runtime."""
+    return sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+
+
+def save_model(model, path: str | Path, check: bool = True) -> list[Path]:
     """Save ``model`` at ``path``; above :data:`EXTERNAL_DATA_THRESHOLD` of initializers, with them in
-    ``<name>.data`` beside it (a stale one from an earlier save is removed otherwise). Checks the model, by
-    path where it is external (the in-memory checker cannot pass 2 GB). Returns the files written."""
+    ``<name>.data`` beside it (a stale one from an earlier save is removed otherwise). Checks the model (unless
+    ``check`` is false: a scratch graph whose extra outputs carry no types), by path where it is external (the
+    in-memory checker cannot pass 2 GB). Returns the files written."""
     import onnx
 
     path = Path(path)
     data = path.with_name(path.name + ".data")
-    if sum(t.ByteSize() for t in model.graph.initializer) <= EXTERNAL_DATA_THRESHOLD:
-        onnx.checker.check_model(model)
+    if not external_size(model):
+        if check:
+            onnx.checker.check_model(model)
         onnx.save_model(model, str(path))
         data.unlink(missing_ok=True)
         return [path]
     data.unlink(missing_ok=True)  # onnx appends to an existing data file
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
                     size_threshold=1024)
-    onnx.checker.check_model(str(path))
+    if check:
+        onnx.checker.check_model(str(path))
     return [path, data]
 
 
