@@ -60,6 +60,13 @@ def read_external(model, path: str | Path, skip=()) -> None:
             f.close()
 
 
+def model_size(model) -> int:
+    """About the serialized size of ``model`` (its initializers and nodes; ``ModelProto.ByteSize`` itself
+    raises past protobuf's 2 GB, which is what callers need to know the model is near)."""
+    g = model.graph
+    return sum(t.ByteSize() for t in g.initializer) + sum(n.ByteSize() for n in g.node)
+
+
 def external_size(model) -> bool:
     """Whether ``model``'s initializers pass :data:`EXTERNAL_DATA_THRESHOLD`: it is saved with a ``.data`` file,
     and cannot be serialized to bytes (protobuf's 2 GB limit) on its way to ONNX Runtime."""

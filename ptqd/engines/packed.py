@@ -109,8 +109,10 @@ def load_session_bytes(path: str | os.PathLike, so=None, limit: int = PROTOBUF_L
     weights leave the protobuf and go to ONNX Runtime as arrays (``add_external_initializers``: it copies them in
     before it optimizes the graph); returns (bytes, the arrays, to be kept until the session exists) then.
     Without ``so`` returns the bytes, and a larger engine is refused in one line."""
+    from ptqd.engines.onnx_io import model_size
+
     model = load_expanded(path)
-    size = model.ByteSize()
+    size = model_size(model)
     if size <= limit:
         return model.SerializeToString() if so is None else (model.SerializeToString(), [])
     if so is None:
