@@ -192,11 +192,12 @@ def test_compile_killed_during_build_resumes_with_the_same_engines(compiled, tmp
 
 def test_estimates_at_sdxl_size_cover_the_measured_peaks_and_fit_a_24_gb_machine():
     """SDXL's 2.57 B-parameter UNet at a 32x32 latent (benchmarks/sdxl_compile_small.py, W = 9.59 GiB, A = 0.58
-    GiB per item): build w8a8 peaked at 15.95 GiB, correct's fit and gate (batch 2) at 21.90 GiB, whole tree.
+    GiB per item): build w4a8 (packed, over 2 GB expanded) peaked at 18.58 GiB, correct's fit and gate (batch 2)
+    at 21.90 GiB, whole tree.
     The old 3.5 W / 3.0 W lines said 35.5 / 31.8 GiB and refused both on the machine they ran on."""
     gib = 1 << 30
     m = memory.ModelCost(weight_bytes=int(9.59 * gib), act_bytes=int(0.58 * gib), hessian_bytes=0, max_k=0)
-    assert 15.95 * gib <= memory.build_peak(m) <= 20 * gib
+    assert 18.58 * gib <= memory.build_peak(m) <= 20 * gib
     assert 21.90 * gib <= memory.sample_peak(m, 2) <= 23.5 * gib
     small = memory.ModelCost(weight_bytes=int(1.6e9), act_bytes=0, hessian_bytes=0, max_k=0)
     assert memory.build_peak(small) == memory.BASE + int(3.5 * 1.6e9)  # fitted sizes keep their lines
