@@ -6,7 +6,8 @@ quantized. The first and last layers, and the layers PTQD kept float for its bas
 quantized with 8-bit weights and activations whatever the precision (role "w8"): cheap in size,
 and they keep the 4-bit engines' storage at 4-bit + 6 % x 8-bit. Exception: w8a8 keeps the skip
 and downsample convs float (``FLOAT_IN_W8A8``: measured, their requantized outputs cost it 2.3 dB). The attention matmuls
-(activation x activation) and softmax stay float: quantizing softmax and elementwise ops costs more
+(activation x activation) stay float by default; ``--attention qk|int8`` puts Q·Kᵀ (and P·V) on 8-bit inputs in
+every precision (``calib/attention.py``). Softmax and elementwise ops stay float: quantizing them costs more
 than it saves on CPUs (MEASURED.md). ``keep_fp`` patterns still keep layers float.
 
 Numerics of a quantized layer (what the fake-quant model and the engines compute):
@@ -54,6 +55,7 @@ class CalibConfig:
     reduce_range: bool = True  # 8-bit weights on ±63 (exact on AVX2 u8s8 kernels); 4-bit weights unaffected
     keep_fp: tuple[str, ...] = DEFAULT_KEEP_FP
     precisions: tuple[str, ...] = tuple(PRECISIONS)
+    attention: str = "float"  # attention matmuls: float | qk | int8 (calib/attention.py)
 
     def validate(self) -> None:
         if self.method not in ("mse", "minmax", "percentile"):
@@ -68,6 +70,9 @@ class CalibConfig:
             raise UserError(f"--steps must be between 1 and 1000, got {self.steps}")
         if not 1 <= self.buckets <= self.steps:
             raise UserError(f"--buckets must be between 1 and --steps ({self.steps}), got {self.buckets}")
+        from ptqd.calib.attention import check_mode
+
+        check_mode(self.attention)
         bad = [p for p in self.precisions if p not in PRECISIONS]
         if bad:
             raise UserError(f"unknown precision(s) {bad}; ptqd calibrates {', '.join(PRECISIONS)}")
@@ -290,6 +295,18 @@ def quantize_layers(loaded, selected: list[dict], obs: dict, cfg: CalibConfig, p
     return out
 
 
+def quantize_attention(picked: list[dict], rec, cfg: CalibConfig, steps: list[int] | None = None,
+                       range_cache: dict | None = None) -> list:
+    """The quantized attention matmuls (``calib.attention.MatMulQuant``) of ``picked`` rows: 8-bit input ranges
+    by ``cfg.method`` from ``rec.attention`` (of these ``steps`` only: a timestep bucket); the same in every
+    precision (the cache is shared)."""
+    from ptqd.calib.attention import quantize_matmuls
+
+    cache = {} if range_cache is None else range_cache
+    return quantize_matmuls(picked, rec.attention,
+                            lambda stats, key: _act_range(stats, 8, cfg.method, cache, ("attention",) + key), steps)
+
+
 def save_params(layers: list[LayerQuant]) -> tuple[dict, dict[str, np.ndarray]]:
     """(JSON meta, arrays) for the bundle's calib/<precision>.json + .npz."""
     meta, arrays = [], {}
@@ -315,5 +332,5 @@ def load_params(meta: dict, arrays) -> list[LayerQuant]:
     return out
 
 
-__all__ = ["CalibConfig", "PRECISIONS", "EIGHT_BIT_ROLES", "select_layers", "quantized_in", "with_inputs", "quantize_layers", "save_params", "load_params",
-           "LayerQuant", "act_params"]
+__all__ = ["CalibConfig", "PRECISIONS", "EIGHT_BIT_ROLES", "select_layers", "quantized_in", "with_inputs",
+           "quantize_layers", "quantize_attention", "save_params", "load_params", "LayerQuant", "act_params"]

@@ -146,8 +146,9 @@ class FakeQuantLinear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
-def fake_quant_model(eps_model, layers):
-    """A copy of the EpsModel with every calibrated layer replaced by its fake-quant twin (on the CPU).
+def fake_quant_model(eps_model, layers, attention=()):
+    """A copy of the EpsModel with every calibrated layer replaced by its fake-quant twin (on the CPU), and
+    ``attention``'s quantized attention matmuls (``calib.attention.MatMulQuant``) fake-quantized in its forward.
 
     The replaced layers' float weights are not copied: the copy borrows them until their twins (which hold
     the integer weights) replace those layers. So making it costs the unquantized parameters and the integer
@@ -160,6 +161,9 @@ def fake_quant_model(eps_model, layers):
     model = _with_twins(copy.deepcopy(eps_model, memo), layers)
     if any(id(p) in borrowed for p in model.parameters()):  # a borrowed weight another module shares: copy all
         model = _with_twins(copy.deepcopy(eps_model), layers)
+    from ptqd.calib.attention import hook_factory
+
+    model.attention_hook = hook_factory(list(attention))
     return model.cpu().eval()  # after the replacement: moving a borrowed weight would move the source's
 
 

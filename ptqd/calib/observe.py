@@ -76,6 +76,10 @@ class Recording:
     obs: dict  # node name -> LayerObservation
     feeds: list  # [(x, t, context | None)] numpy, one per UNet call, as the sampler sent them
     order: list  # node names in the order their layers first ran
+    # attention matmul inputs (``calib.attention``): (index, "a" | "b") -> step -> TensorStats, and the
+    # attention matmuls the UNet calls ran (their input shapes, each distinct sequence once)
+    attention: dict = field(default_factory=dict)
+    attention_seen: list = field(default_factory=list)
 
     @staticmethod
     def merge(parts: list["Recording"]) -> "Recording":
@@ -92,7 +96,15 @@ class Recording:
                         acc.lo, acc.hi = min(acc.lo, st.lo), max(acc.hi, st.hi)
                         acc.samples.extend(st.samples)
             obs[name] = m
-        return Recording(obs, [f for part in parts for f in part.feeds], list(first.order))
+        att: dict = {}
+        for part in parts:
+            for key, per_step in part.attention.items():
+                for step, st in per_step.items():
+                    acc = att.setdefault(key, {}).setdefault(step, TensorStats())
+                    acc.lo, acc.hi = min(acc.lo, st.lo), max(acc.hi, st.hi)
+                    acc.samples.extend(st.samples)
+        return Recording(obs, [f for part in parts for f in part.feeds], list(first.order), att,
+                         [c for part in parts for c in part.attention_seen])
 
 
 def trajectory_chunks(labels: np.ndarray, seeds, batch: int) -> list[tuple[int, int, int]]:
@@ -135,9 +147,11 @@ def patch_rows(torch, mod, x, positions: int, gen):
 
 
 def record_trajectories(loaded, layers: list[dict], labels: np.ndarray, seeds, cfg, device, batch: int = 32,
-                        per_call: int = 2048, progress=None, chunks: list | None = None) -> Recording:
+                        per_call: int = 2048, progress=None, chunks: list | None = None,
+                        attention: list[int] | None = None) -> Recording:
     """Pass 1: run FP trajectories with statistics hooks on ``layers`` (layer-table rows; their
     ``module`` names address the torch modules). ``progress`` advances by one per trajectory chunk.
+    ``attention``: indices of the attention matmuls whose inputs to observe (``calib.attention``).
     ``chunks``: run only these of :func:`trajectory_chunks` (a shard); each chunk subsamples with its own
     random stream, so shards merged in order (:meth:`Recording.merge`) equal one run over every chunk."""
 
@@ -175,10 +189,22 @@ def record_trajectories(loaded, layers: list[dict], labels: np.ndarray, seeds, c
     sampler.set_timesteps(cfg.steps)
     step_of_t = {int(t): i for i, t in enumerate(sampler.timesteps)}
 
+    att_stats: dict = {}
+    att_seen: list = []
+
     def stepped(x, t, c=None):
         state["step"] = step_of_t[int(t[0])]
         feeds.append((x.copy(), t.copy(), None if c is None else c.copy()))
-        return runner(x, t, c)
+        if not attention:
+            return runner(x, t, c)
+        from ptqd.calib.attention import Observer
+        from ptqd.models.attention import hooked
+
+        obs_hook = Observer(att_stats, state["step"], state["rng"], per_call, set(attention), att_seen, TensorStats)
+        with hooked(obs_hook):
+            out = runner(x, t, c)
+        obs_hook.close()
+        return out
 
     try:
         for s, s0, stop in trajectory_chunks(labels, seeds, batch) if chunks is None else chunks:
@@ -190,7 +216,7 @@ def record_trajectories(loaded, layers: list[dict], labels: np.ndarray, seeds, c
     finally:
         for h in handles:
             h.remove()
-    return Recording(obs, feeds, order)
+    return Recording(obs, feeds, order, att_stats, att_seen)
 
 
 class _GroupDone(Exception):

@@ -71,6 +71,12 @@ def cmd_inspect(args) -> int:
               f"linear {_human(by['linear'], 'MAC')}, attention {_human(by['attention'], 'MAC')}")
         print(f"layers      {sum(n.values())}: {n['conv']} conv, {n['linear']} linear, {n['attention']} attention "
               f"matmuls; {info['weight_params'] / 1e6:.2f} M weight parameters")
+    if info.get("calibration"):
+        c = info["calibration"]
+        att = {"float": "float", "qk": "Q·Kᵀ on 8-bit inputs, P·V float", "int8": "Q·Kᵀ and P·V on 8-bit inputs"}
+        print(f"calibrated  preset {c['preset']}, {c['method']} ranges, {c['rounding']} weights on the "
+              f"{c['weight_grid']} "
+              f"grid; attention matmuls {att.get(c['attention'], c['attention'])}")
     if info.get("bops"):
         bo = info["bops"]
         print(f"BOPs/fwd    FP32 {_human(bo['fp32'], 'BOPs')} (conv + linear MACs x 32 x 32; attention matmuls not counted)")
@@ -269,7 +275,8 @@ def cmd_compile(args) -> int:
                       budget=args.budget, force=args.force, device=args.device, preset=args.preset,
                       prompts=args.prompts, recipe=args.recipe, gate_samples=args.gate_samples,
                       gate_ranges=args.gate_ranges, gate_budget=args.gate_budget, backend=args.backend,
-                      cluster=cluster_options(args), weight_grid=args.weight_grid, sampler=args.sampler)
+                      cluster=cluster_options(args), weight_grid=args.weight_grid, sampler=args.sampler,
+                      attention=args.attention)
     bo = res["bops"]
     print(f"bundle  {res['bundle']}")
     print(f"plan    {' '.join(res['plan'])}")
@@ -285,9 +292,10 @@ def cmd_calibrate(args) -> int:
     rec = api.calibrate(args.bundle, samples=args.samples, steps=args.steps, eta=args.eta, guidance=args.guidance,
                         method=args.method, rounding=args.rounding, buckets=args.buckets, device=args.device,
                         preset=args.preset, recipe=args.recipe, cluster=cluster_options(args),
-                        weight_grid=args.weight_grid)
+                        weight_grid=args.weight_grid, attention=args.attention)
     sec = rec["seconds"]
-    print(f"calibrated {rec['layers']} layers on {rec['calibration_inputs']} UNet inputs on {rec['device']}, "
+    att = f" and {rec['attention_matmuls']} attention matmuls" if rec.get("attention_matmuls") else ""
+    print(f"calibrated {rec['layers']} layers{att} on {rec['calibration_inputs']} UNet inputs on {rec['device']}, "
           f"preset {rec['preset']} ({sec['total']:.0f} s: observe {sec['observe']:.0f}, H + weights "
           f"{sec['weights']:.0f}, ranges + write {sec['ranges_and_write']:.0f})")
     for p, r in rec["precisions"].items():

@@ -139,6 +139,13 @@ def _weight_grid_arg(p) -> None:
                         "engines are refused elsewhere), auto = full where this CPU has VNNI or AMX")
 
 
+def _attention_arg(p) -> None:
+    p.add_argument("--attention", choices=("float", "qk", "int8"), default="float",
+                   help="attention matmuls (activation x activation): float (default), qk = Q·Kᵀ on 8-bit q and k, "
+                        "int8 = Q·Kᵀ and P·V on 8-bit inputs, in every precision (ONNX Runtime and OpenVINO "
+                        "engines; TensorRT's keep attention float). Speed and error: docs/speed-and-size.md")
+
+
 def _gate_args(p) -> None:
     p.add_argument("--gate-samples", type=int, default=None,
                    help="held-out trajectories on which the end-to-end gate decides what --correction auto applies "
@@ -191,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--recipe", choices=("default", "ptqd-paper"), default=None,
                     help="calibration recipe: ptqd-paper = per-tensor weights, nearest rounding, min-max ranges")
     _weight_grid_arg(cp)
+    _attention_arg(cp)
     _fit_sampler_arg(cp)
     _gate_args(cp)
     cp.add_argument("--force", action="store_true", help="rerun every stage")
@@ -239,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replaces --method/--rounding: ptqd-paper = per-tensor weights, nearest rounding, min-max")
     c.add_argument("--buckets", type=int, default=1, help="timestep buckets, each with its own activation scales and engine (default 1)")
     _weight_grid_arg(c)
+    _attention_arg(c)
     _effort_args(c)
     _ray_args(c, None, shards=False)
     c.set_defaults(func=cmd_calibrate)

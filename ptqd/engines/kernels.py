@@ -13,8 +13,13 @@ wrong kernel; this check can:
 
   QLinearConv            q_y = clamp(round(float32(Σ (q_x − z_x)·q_w + q_b) · M_c) + z_y, 0, 255),
                          M_c = float32(s_x·s_w[c]) / s_y: identical integers required
-  MatMulIntegerToFloat   y = float32(Σ (q_x − z_x)·q_w) · float32(s_x·s_w[c]) (+ bias): within 1e-6
-  constants              s_x, z_x, s_w, q_w of every quantized layer equal the calibration's
+  MatMulIntegerToFloat   y = float32(Σ (q_x − z_x)·(q_w − z_w)) · float32(s_x·s_w[c]) (+ bias): within 1e-6
+                         (z_w = 0 for weights; a quantized attention matmul's second input has its own)
+  QLinearMatMul          q_y = clamp(round(float32(Σ (q_a − z_a)·(q_b − z_b)) · M) + z_y, 0, 255),
+                         M = float32(s_a·s_b) / s_y (an attention P·V whose output ONNX Runtime requantizes
+                         for the next layer's input quantizer): identical integers required
+  constants              s_x, z_x, s_w, q_w of every quantized layer, and both input grids of every
+                         quantized attention matmul, equal the calibration's
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from ptqd.engines.qdq import node_key
 FLOAT_KERNEL_RTOL = 1e-6
 
 
-def check_kernels(engine_path: str | Path, layers, feeds: dict) -> dict:
+def check_kernels(engine_path: str | Path, layers, feeds: dict, attention=()) -> dict:
     """Run the engine once on ``feeds`` with every integer kernel's inputs and outputs exposed; recompute
     each kernel (torch, float64 exact integers). Returns {"kernels", "mismatched": [...], "constants_ok",
     "constant_mismatches": [...], "passed"}."""
@@ -42,7 +47,7 @@ def check_kernels(engine_path: str | Path, layers, feeds: dict) -> dict:
     model = load_model(engine_path)
     expand_initializers(model)  # packed 4-bit weights (ptqd.engines.packed): the int8 tensors the kernels read
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    kernels = [n for n in model.graph.node if n.op_type in ("QLinearConv", "MatMulIntegerToFloat")]
+    kernels = [n for n in model.graph.node if n.op_type in ("QLinearConv", "MatMulIntegerToFloat", "QLinearMatMul")]
     need = sorted({x for n in kernels for x in [*n.input, *n.output] if x and x not in inits})
     del model.graph.output[:]
     model.graph.output.extend([helper.make_empty_tensor_value_info(x) for x in need])
@@ -79,11 +84,24 @@ def check_kernels(engine_path: str | Path, layers, feeds: dict) -> dict:
             ref = torch.clamp(torch.round(acc.float() * torch.from_numpy(mult).view(view)) + float(yz), 0, 255).numpy()
             got = get(n.output[0]).astype(np.float32)
             bad = int((ref != got).sum())
+        elif n.op_type == "QLinearMatMul":
+            aq, as_, az, bq, bs, bz, ys, yz = (get(i) for i in n.input[:8])
+            # a, y per tensor; b per tensor (an activation) or per output column (a weight ONNX Runtime fused
+            # with the next quantizer: a linear layer feeding a quantized attention matmul)
+            as_, az, ys, yz = (np.asarray(v).reshape(-1)[0] for v in (as_, az, ys, yz))
+            acc = torch.from_numpy(aq.astype(np.float64) - float(az)) @ torch.from_numpy(
+                bq.astype(np.float64) - np.asarray(bz, np.float64).reshape(-1))
+            mult = (np.float32(as_) * np.asarray(bs, np.float32).reshape(-1)).astype(np.float32) / np.float32(ys)
+            ref = torch.clamp(torch.round(acc.float() * torch.from_numpy(mult.astype(np.float32))) + float(yz),
+                              0, 255).numpy()
+            got = get(n.output[0]).astype(np.float32)
+            bad = int((ref != got).sum())
         else:
-            xq, w, xs, ws, xz, _wz = (get(i) for i in n.input[:6])
+            xq, w, xs, ws, xz, wz = (get(i) for i in n.input[:6])
             bias = get(n.input[6]) if len(n.input) > 6 and n.input[6] else None
-            acc = torch.from_numpy(xq.astype(np.float64) - float(xz)) @ torch.from_numpy(w.astype(np.float64))
-            ref = (acc.float() * torch.from_numpy((np.float32(xs) * np.asarray(ws, np.float32)).astype(np.float32)))
+            acc = torch.from_numpy(xq.astype(np.float64) - float(xz)) @ torch.from_numpy(w.astype(np.float64)
+                                                                         - np.asarray(wz, np.float64))
+            ref = acc.float() * torch.from_numpy(np.asarray(np.float32(xs) * np.asarray(ws, np.float32), np.float32))
             if bias is not None:
                 ref = ref + torch.from_numpy(bias)
             ref = ref.numpy()
@@ -100,5 +118,13 @@ def check_kernels(engine_path: str | Path, layers, feeds: dict) -> dict:
             if key in inits and not np.array_equal(inits[key], np.asarray(want, inits[key].dtype)):
                 constant_mismatches.append({"constant": key, "engine": inits[key].tolist(),
                                             "calibration": np.asarray(want).tolist()})
+    for mq in attention:
+        base = node_key(mq.name)
+        for side, q in (("a", mq.a), ("b", mq.b)):
+            for key, want in ((f"{base}_{side}_scale", np.float32(q.scale)),
+                              (f"{base}_{side}_zp", np.uint8(q.zero_point))):
+                if key in inits and not np.array_equal(inits[key], np.asarray(want, inits[key].dtype)):
+                    constant_mismatches.append({"constant": key, "engine": inits[key].tolist(),
+                                                "calibration": np.asarray(want).tolist()})
     return {"kernels": len(kernels), "mismatched": mismatched, "constant_mismatches": constant_mismatches,
             "passed": not mismatched and not constant_mismatches}

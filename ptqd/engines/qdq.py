@@ -8,6 +8,10 @@ For each quantized node (addressed by its layer-table name):
 
 ONNX Runtime fuses these into QLinearConv and MatMulIntegerToFloat (int8 kernels); 4-bit numerics
 run on those int8 kernels with values restricted to the 4-bit grid. Scales are constants.
+
+A quantized attention matmul (``calib.attention``, ``--attention qk|int8``) gets a QuantizeLinear(u8) ─
+DequantizeLinear pair on each of its two activation inputs and no output Q: MatMulIntegerToFloat on ONNX
+Runtime, an integer MatMul on OpenVINO.
 """
 
 from __future__ import annotations
@@ -49,9 +53,29 @@ def _gemm_as_matmul(node, inits, base) -> list:
     return [helper.make_node("Add", [f"{base}_mm", bias], [y], name=f"{base}_Add_bias")]
 
 
-def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None) -> dict:
+LAYOUT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
+
+
+def _layout_source(node, slot: int, producer: dict, readers: dict):
+    """(reader, input slot) where input ``slot`` of ``node`` comes from through layout ops alone: each step up
+    needs a layout op whose output only its one reader uses (Shape readers aside: they read no values)."""
+    while True:
+        t = node.input[slot]
+        src = producer.get(t)
+        values_read_by = [r for r in readers.get(t, []) if r.op_type != "Shape"]
+        if src is None or src.op_type not in LAYOUT_OPS or len(values_read_by) != 1:
+            return node, slot
+        node, slot = src, 0
+
+
+def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None, attention=(), attention_at: str = "input") -> dict:
     """Write the QDQ model; returns {"quantized_nodes": n} and what ``rewrite(model)`` (a graph rewrite applied
-    before saving, e.g. :func:`ptqd.engines.graph_opt.optimize_for_ort`) returned, under "graph"."""
+    before saving, e.g. :func:`ptqd.engines.graph_opt.optimize_for_ort`) returned, under "graph".
+    ``attention``: the quantized attention matmuls (``calib.attention.MatMulQuant``). ``attention_at``: where
+    their Q/DQ pairs go: "input" (on the matmul's inputs) or "source" (moved up through the layout ops that feed
+    each input, Reshape/Transpose/..., to where the tensor is made: the q/k/v projection's or the Softmax's
+    output, where OpenVINO can fuse the quantizer into its producer). Per-tensor quantization commutes with
+    layout ops, so both compute the same values."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -131,6 +155,31 @@ def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None) -> dict:
             post.append(helper.make_node("QuantizeLinear", [raw, sy, zy], [f"{base}_yq"], name=f"{base}_QuantizeLinear_y"))
             post.append(helper.make_node("DequantizeLinear", [f"{base}_yq", sy, zy], [y], name=f"{base}_DequantizeLinear_y"))
         inserted_before[lq.name], inserted_after[lq.name] = pre, post
+    if attention_at not in ("input", "source"):
+        raise ValueError(f"attention_at must be 'input' or 'source', got {attention_at!r}")
+    producer = {o: n for n in g.node for o in n.output}
+    readers: dict = {}
+    for n in g.node:
+        for x in n.input:
+            readers.setdefault(x, []).append(n)
+    for mq in attention:  # both inputs of a quantized attention matmul on their 8-bit grids
+        node = nodes.get(mq.name)
+        if node is None or node.op_type != "MatMul":
+            raise ValueError(f"attention matmul {mq.name!r} from the calibration is not in {fp_onnx.name}: "
+                             "re-run calibrate")
+        base = node_key(mq.name)
+        for i, (side, a) in enumerate((("a", mq.a), ("b", mq.b))):
+            reader, slot = node, i
+            if attention_at == "source":
+                reader, slot = _layout_source(node, i, producer, readers)
+            sx = const(f"{base}_{side}_scale", np.array(a.scale, np.float32))
+            zx = const(f"{base}_{side}_zp", np.array(a.zero_point, np.uint8))
+            inserted_before.setdefault(reader.name, []).extend([
+                helper.make_node("QuantizeLinear", [reader.input[slot], sx, zx], [f"{base}_{side}q"],
+                                 name=f"{base}_QuantizeLinear_{side}"),
+                helper.make_node("DequantizeLinear", [f"{base}_{side}q", sx, zx], [f"{base}_{side}d"],
+                                 name=f"{base}_DequantizeLinear_{side}")])
+            reader.input[slot] = f"{base}_{side}d"
     # rebuild the node list in topological order, dropping weights no longer used
     ordered = []
     for n in g.node:
@@ -142,7 +191,7 @@ def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None) -> dict:
     del g.initializer[:]
     g.initializer.extend(keep + new_inits)
     read_external(model, fp_onnx)  # a skipped weight that another node still reads (none in ptqd's graphs)
-    rec = {"quantized_nodes": len(layers)}
+    rec = {"quantized_nodes": len(layers), **({"quantized_attention_matmuls": len(attention)} if attention else {})}
     if rewrite is not None:
         rec["graph"] = rewrite(model)
     rec["files"] = [f.name for f in save_model(model, out_path)]

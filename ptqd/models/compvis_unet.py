@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptqd.errors import ModelLoadError
+from ptqd.models import attention
 
 
 @dataclass(frozen=True)
@@ -244,8 +245,8 @@ class AttentionBlock(nn.Module):
             q, k, v = qkv.reshape(b * n, 3 * ch, t).split(ch, dim=1)
         scale = 1.0 / math.sqrt(math.sqrt(ch))
         # The reference's einsums as batched matmuls (ONNX MatMul, not Einsum): w [B*n, Tq, Tk], a [B*n, ch, Tq]
-        w = torch.softmax(torch.bmm((q * scale).transpose(1, 2), k * scale), dim=-1)
-        a = torch.bmm(v, w.transpose(1, 2)).reshape(b, c, t)
+        w = torch.softmax(attention.bmm((q * scale).transpose(1, 2), k * scale), dim=-1)
+        a = attention.bmm(v, w.transpose(1, 2)).reshape(b, c, t)
         return (x + self.proj_out(a)).reshape(b, c, hh, ww)
 
 
@@ -266,8 +267,8 @@ class CrossAttention(nn.Module):
         h = self.heads
         # [B, N, h*d] -> [B*h, N, d]
         q, k, v = (z.reshape(b, z.shape[1], h, -1).transpose(1, 2).reshape(b * h, z.shape[1], -1) for z in (q, k, v))
-        attn = torch.softmax(torch.bmm(q, k.transpose(1, 2)) * self.scale, dim=-1)
-        out = torch.bmm(attn, v).reshape(b, h, n, -1).transpose(1, 2).reshape(b, n, -1)
+        attn = torch.softmax(attention.bmm(q, k.transpose(1, 2)) * self.scale, dim=-1)
+        out = attention.bmm(attn, v).reshape(b, h, n, -1).transpose(1, 2).reshape(b, n, -1)
         return self.to_out(out)
 
 

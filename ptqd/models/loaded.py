@@ -28,13 +28,22 @@ class EpsModel(nn.Module):
         self.unet = unet
         self._call = call
         self.has_context = has_context
+        # a fake-quant twin's attention quantizers: a callable giving each forward a fresh hook for
+        # ptqd.models.attention (its matmuls counted from the first); None for the FP model
+        self.attention_hook = None
         self.v_prediction = v_alphas_cumprod is not None
         if self.v_prediction:  # σ_t = √((1-ᾱ)/ᾱ), interpolated linearly in t between integers as diffusers' σ samplers do
             ab = np.asarray(v_alphas_cumprod, np.float64)
             self.register_buffer("sigmas", torch.from_numpy(np.sqrt((1 - ab) / ab)).float(), persistent=False)
 
     def forward(self, x, t, context=None):
-        out = self._call(self.unet, x, t, context)
+        if self.attention_hook is None:
+            out = self._call(self.unet, x, t, context)
+        else:
+            from ptqd.models import attention
+
+            with attention.hooked(self.attention_hook()):
+                out = self._call(self.unet, x, t, context)
         if not self.v_prediction:
             return out
         # ε = √ᾱ·v + √(1-ᾱ)·x_t with √ᾱ = 1/√(1+σ²), √(1-ᾱ) = σ/√(1+σ²); a fractional t (Euler on Karras

@@ -17,6 +17,7 @@ from ptqd.progress import progress_bar
 from ptqd.resources import cpu_description
 from ptqd.stages.common import (
     buildable_here,
+    calib_attention,
     calib_layers,
     commit_build,
     load_source,
@@ -24,7 +25,7 @@ from ptqd.stages.common import (
 )
 
 
-def numerics(p: Precision, portable: bool = True) -> str:
+def numerics(p: Precision, portable: bool = True, attention: int = 0) -> str:
     """What an ONNX Runtime engine of precision ``p`` computes, in words (recorded in build.json)."""
     if p == PEER:
         return ("ONNX Runtime quantize_static: QDQ, U8 activations (MinMax), S8 per-channel weights, reduce_range; "
@@ -35,11 +36,13 @@ def numerics(p: Precision, portable: bool = True) -> str:
                 ": 8-bit weights on the full grid ±127 (exact with VNNI or AMX only)"))
             + (", activations clipped to the 4-bit grid" if p.a_bits == 4 else "")
             + "; conv outputs requantized to 8 bits; first/last layers and embedding Gemms 8-bit; skip and "
-              "downsample convs " + ("float" if p == Precision.W8A8 else "8-bit") + "; attention matmuls float "
-              "(one MultiHeadAttention kernel where the graph's attention has the standard layout)")
+              "downsample convs " + ("float" if p == Precision.W8A8 else "8-bit") + "; "
+            + (f"{attention} attention matmuls on 8-bit inputs (MatMulIntegerToFloat), the rest float" if attention
+               else "attention matmuls float (one MultiHeadAttention kernel where the graph's attention has the "
+                    "standard layout)"))
 
 
-def validate_built(b: Bundle, eng_path, loaded, layers, inputs: list[dict], act_bits: int) -> dict:
+def validate_built(b: Bundle, eng_path, loaded, layers, inputs: list[dict], act_bits: int, attention=()) -> dict:
     """The engine at ``eng_path`` vs its fake-quant model end to end, and every integer kernel on its
     own inputs (see :func:`ptqd.engines.compare.validate_quantized`)."""
     from ptqd.calib.fakequant import fake_quant_model
@@ -47,8 +50,8 @@ def validate_built(b: Bundle, eng_path, loaded, layers, inputs: list[dict], act_
     from ptqd.engines.onnxruntime import OrtRunner
     from ptqd.engines.torch_ref import TorchRunner
 
-    ref = TorchRunner(fake_quant_model(loaded.unet, layers))
-    kernels = check_kernels(eng_path, layers, inputs[len(inputs) // 2])
+    ref = TorchRunner(fake_quant_model(loaded.unet, layers, attention))
+    kernels = check_kernels(eng_path, layers, inputs[len(inputs) // 2], attention)
     return validate_quantized(OrtRunner(eng_path), ref, lambda: OrtRunner(b.path(layout.UNET_ONNX)), kernels,
                               inputs, act_bits)
 
@@ -164,10 +167,13 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
                         rec["calibration_items_per_run"] = chunk
                     else:
                         layers = calib_layers(b, p.value, k, len(buckets))
+                        attention = calib_attention(b, p.value, k, len(buckets))
                         fp = b.path(layout.UNET_ONNX)
-                        wrote = write_qdq(fp, layers, qdq_path, rewrite=lambda m, fp=fp: graph_opt.optimize_for_ort(m, fp))
+                        wrote = write_qdq(fp, layers, qdq_path, attention=attention,
+                                          rewrite=lambda m, fp=fp: graph_opt.optimize_for_ort(m, fp))
                         if k == 0:
                             rec["graph_rewrites"] = wrote["graph"]
+                            rec["numerics"] = numerics(p, not requires, len(attention))
                     build_engine(qdq_path, eng_path)
                     packed = pack_4bit_weights(eng_path, layers) if layers and p.w_bits == 4 else {}
                     for rel in (qdq_rel, eng_rel):  # external data beside a graph over 1 GiB
@@ -181,7 +187,7 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
                     if validate and layers is not None:
                         if loaded is None:
                             loaded = load_source(b)
-                        val = validate_built(b, eng_path, loaded, layers, val_inputs, p.a_bits)
+                        val = validate_built(b, eng_path, loaded, layers, val_inputs, p.a_bits, attention)
                         entry["validation_vs_fake_quant"] = val
                         if k == 0:
                             rec["validation_vs_fake_quant"] = val

@@ -20,6 +20,7 @@ from ptqd.progress import progress_bar
 from ptqd.resources import cpu_description
 from ptqd.stages.common import (
     buildable_here,
+    calib_attention,
     calib_layers,
     commit_build,
     load_source,
@@ -32,10 +33,11 @@ NO_KERNEL_CHECK = {"passed": True, "kernels": 0, "mismatched": [], "constant_mis
                    "note": "not available on openvino: judged end to end against the fake-quant model"}
 
 
-def numerics(p: Precision) -> str:
+def numerics(p: Precision, attention: int = 0) -> str:
     return (f"w{p.w_bits}a{p.a_bits}: ptqd's QDQ graph on OpenVINO's int8 kernels, conv outputs not requantized "
             "(ONNX Runtime's engine requantizes them), float parts in f32"
-            + (", 4-bit weights stored as i4" if p.w_bits == 4 else ""))
+            + (", 4-bit weights stored as i4" if p.w_bits == 4 else "")
+            + (f", {attention} attention matmuls on 8-bit inputs" if attention else ", attention matmuls float"))
 
 
 def _open_params(precisions) -> tuple[Precision, ...]:
@@ -76,8 +78,14 @@ def build_openvino(bundle, precisions=None, validate: bool = True, progress: boo
                                    "built_on": cpu_description(), **({"requires": requires} if requires else {})}
             for k, bucket in enumerate(calib_buckets if p in CALIBRATED else [None]):
                 layers = openvino_layers(calib_layers(b, p.value, k, len(calib_buckets)))
+                attention = calib_attention(b, p.value, k, len(calib_buckets))
+                if attention:
+                    rec["attention_matmuls_int8"] = len(attention)
+                    rec["numerics"] = numerics(p, len(attention))
                 qdq = Path(tmp) / f"{p.value}.{k}.qdq.onnx"
-                write_qdq(b.path(layout.UNET_ONNX), layers, qdq)
+                # attention's Q/DQ where q/k/v and P are made (OpenVINO fuses them into their producers): the
+                # same values as on the matmul inputs (ptqd.engines.qdq.write_qdq)
+                write_qdq(b.path(layout.UNET_ONNX), layers, qdq, attention=attention, attention_at="source")
                 rel, bin_rel = layout.ov_engine(p.value, k, len(calib_buckets))
                 w.file(bin_rel)  # detached from the live bundle before OpenVINO writes it
                 packed = convert_qdq(qdq, w.file(rel))
@@ -90,7 +98,8 @@ def build_openvino(bundle, precisions=None, validate: bool = True, progress: boo
                     from ptqd.engines.onnxruntime import OrtRunner
                     from ptqd.engines.torch_ref import TorchRunner
 
-                    val = validate_quantized(OvRunner(xml), TorchRunner(fake_quant_model(loaded.unet, layers)),
+                    ref = TorchRunner(fake_quant_model(loaded.unet, layers, attention))
+                    val = validate_quantized(OvRunner(xml), ref,
                                              lambda: OrtRunner(b.path(layout.UNET_ONNX)), NO_KERNEL_CHECK,
                                              val_inputs, p.a_bits)
                     entry["validation_vs_fake_quant"] = val

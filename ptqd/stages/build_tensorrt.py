@@ -115,7 +115,11 @@ def build_tensorrt(bundle, precisions=None, validate: bool = True, progress: boo
                                           f"rel-L2 median {val['median_rel_l2']:.3g}, worst {val['worst_rel_l2']:.3g} "
                                           f"(tolerance {med:g} / {worst:g})")
                 if not rec["buckets"]:
-                    rec.update({"numerics": numerics_summary(graph), "tensorrt": desc["tensorrt"], "gpu": desc["gpu"],
+                    calibrated_attention = (b.stage("calibrate") or {}).get("config", {}).get("attention", "float")
+                    att = "" if p == "fp16" or calibrated_attention == "float" else (
+                        "; attention matmuls float (TensorRT's graph does not use the calibration's 8-bit attention)")
+                    rec.update({"numerics": numerics_summary(graph) + att, "tensorrt": desc["tensorrt"],
+                                "gpu": desc["gpu"],
                                 "graph": {k: v for k, v in graph.items() if k != "per_layer"},
                                 "per_layer_graph": graph["per_layer"], "per_layer_engine": desc["per_layer"],
                                 "layer_precisions": desc["layer_precisions"], "size_bytes": desc["size_bytes"],

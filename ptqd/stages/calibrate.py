@@ -15,12 +15,13 @@ from ptqd.stages.common import digest, load_source
 def calibrate(bundle, samples: int | None = None, steps: int | None = None, eta: float = 0.0,
               guidance: float = 3.0, method: str = "mse", rounding: str = "gptq", buckets: int = 1,
               device: str = "auto", preset: str = "auto", progress: bool | None = None,
-              recipe: str | None = None, cluster=None, weight_grid: str = "portable") -> dict:
+              recipe: str | None = None, cluster=None, weight_grid: str = "portable", attention: str = "float") -> dict:
     """Observe activations along FP trajectories; write quantization parameters per precision.
     ``cluster``: pass 1's trajectory chunks run on Ray workers (:class:`ObserveWorker`), merged in chunk order.
 
     ``recipe`` (``calib.calibrate.RECIPES``, e.g. "ptqd-paper") replaces ``method`` and ``rounding``
     and sets the weight scales' granularity. ``weight_grid``: the 8-bit weights' grid (``reduce_range_for``).
+    ``attention``: which attention matmuls run on 8-bit inputs in every precision (``calib.attention``).
 
     ``samples``/``steps`` default to the compute ``preset`` for the model's size (see ``ptqd.budget``).
     Memory is bounded: statistics for every layer, but second moments (H) only for one group of
@@ -35,6 +36,7 @@ def calibrate(bundle, samples: int | None = None, steps: int | None = None, eta:
     from ptqd.calib.calibrate import (
         CalibConfig,
         bucket_steps,
+        quantize_attention,
         quantize_layers,
         quantize_weights,
         reduce_range_for,
@@ -52,7 +54,7 @@ def calibrate(bundle, samples: int | None = None, steps: int | None = None, eta:
     cfg = CalibConfig(samples=pre.calib_samples if samples is None else samples,
                       steps=pre.steps if steps is None else steps, eta=eta, guidance=guidance, method=method,
                       rounding=rounding, buckets=buckets, batch=pre.calib_batch,
-                      reduce_range=reduce_range_for(weight_grid))
+                      reduce_range=reduce_range_for(weight_grid), attention=attention)
     if recipe is not None:
         import dataclasses
 
@@ -68,17 +70,23 @@ def calibrate(bundle, samples: int | None = None, steps: int | None = None, eta:
     t0 = time.perf_counter()
     loaded = load_source(b)
     selected = with_inputs(select_layers(table["layers"], cfg.keep_fp), b.path(layout.UNET_ONNX))
+    from ptqd.calib.attention import check_order, selected_matmuls
+
+    matmuls = selected_matmuls(table["layers"], cfg.attention, b.path(layout.UNET_ONNX))
+    watch = [r["index"] for r in matmuls]
     labels = default_labels(facts, None, cfg.samples)
     chunks = cfg.seeds * -(-cfg.samples // cfg.batch)
     with progress_bar(chunks + len(selected), "calibrate", progress) as bar:
         bar.set_postfix_str(f"observing {len(selected)} layers over {cfg.steps} steps on {describe(dev)}")
         if cluster is None:
             rec = record_trajectories(loaded, selected, labels, np.arange(cfg.seeds), scfg, dev, batch=cfg.batch,
-                                      progress=bar)
+                                      progress=bar, attention=watch)
         else:
             rec = observe_sharded(b, cluster, selected, labels, np.arange(cfg.seeds), scfg, device, cfg.batch,
-                                  progress)
+                                  progress, attention=watch)
             bar.update(chunks)
+        if watch:
+            check_order(rec.attention_seen, table["layers"])
         seconds["observe"] = round(time.perf_counter() - t0, 1)
         t1 = time.perf_counter()
         bar.set_postfix_str(f"H + {cfg.rounding} weights, layer groups of <= {pre.hessian_mb} MB")
@@ -88,6 +96,7 @@ def calibrate(bundle, samples: int | None = None, steps: int | None = None, eta:
         t1 = time.perf_counter()
         feeds = rec.feeds
         record: dict[str, Any] = {"config": {k: v for k, v in cfg.__dict__.items()}, "layers": len(selected),
+                                  "attention_matmuls": len(matmuls),
                                   "calibration_inputs": sum(len(f[0]) for f in feeds), "precisions": {},
                                   "device": describe(dev), "preset": pre.name}
         sampler = DDIMSampler(facts.schedule.alphas_cumprod, scfg.spacing)
@@ -108,6 +117,9 @@ def calibrate(bundle, samples: int | None = None, steps: int | None = None, eta:
                                              steps=None if buckets == 1 else g, range_cache=ranges)
                     first = first or layers
                     meta, arrays = save_params(layers)
+                    if matmuls:
+                        meta["attention"] = [q.to_json() for q in quantize_attention(
+                            matmuls, rec, cfg, steps=None if buckets == 1 else g, range_cache=ranges)]
                     meta["bucket"] = record["buckets"][k]
                     meta_rel, arrays_rel = layout.calib_params(p, k, buckets)
                     w.write_json(meta_rel, meta)
@@ -137,7 +149,7 @@ class ObserveWorker:
     chunks exactly as one process does (each chunk subsamples with its own random stream)."""
 
     def __init__(self, root: str, digest: str, selected: list, labels, seeds, cfg, device: str, threads: int,
-                 batch: int):
+                 batch: int, attention: list | None = None):
         import torch
 
         from ptqd.calib.device import resolve_device
@@ -147,22 +159,24 @@ class ObserveWorker:
         b.check_digest(digest)
         self.loaded, self.dev = load_source(b), resolve_device(device)
         self.selected, self.labels, self.seeds, self.cfg, self.batch = selected, labels, seeds, cfg, batch
+        self.attention = attention
 
     def run(self, chunks):
         from ptqd.calib.observe import record_trajectories
 
         rec = record_trajectories(self.loaded, self.selected, self.labels, self.seeds, self.cfg, self.dev,
-                                  batch=self.batch, chunks=chunks)
+                                  batch=self.batch, chunks=chunks, attention=self.attention)
         return rec, sum(stop - s0 for _, s0, stop in chunks)
 
 
-def observe_sharded(b, cluster, selected, labels, seeds, scfg, device: str, batch: int, progress):
+def observe_sharded(b, cluster, selected, labels, seeds, scfg, device: str, batch: int, progress, attention=None):
     """Pass 1 on Ray workers: one trajectory chunk per shard, recordings merged in chunk order."""
     from ptqd.calib.observe import Recording, trajectory_chunks
     from ptqd.cluster import run_shards
 
     chunks = trajectory_chunks(labels, seeds, batch)
-    init = (str(b.root.resolve()), b.digest(), selected, labels, seeds, scfg, device, cluster.threads, batch)
+    init = (str(b.root.resolve()), b.digest(), selected, labels, seeds, scfg, device, cluster.threads, batch,
+            attention)
     parts = run_shards(cluster, ObserveWorker, init, [[c] for c in chunks], len(seeds) * len(labels),
                        "calibrate (FP trajectories)", progress)
     return Recording.merge(parts)

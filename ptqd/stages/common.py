@@ -64,12 +64,17 @@ def digest(b: Bundle, prefixes: tuple[str, ...]) -> dict[str, str]:
     return {rel: rec["sha256"] for rel, rec in sorted(b.files.items()) if rel.startswith(prefixes)}
 
 
+# settings added to a stage's config after bundles were made: what a record without them ran
+CONFIG_DEFAULTS = {"attention": "float"}
+
+
 def reusable(b: Bundle, stage: str, inputs: tuple[str, ...], **config) -> bool:
     """A finished stage is reused when its record's inputs (sha256) and settings are unchanged."""
     rec = b.stage(stage)
     if not rec or rec.get("inputs") != digest(b, inputs):
         return False
-    return all(rec.get(k) == v if k != "config" else all(rec["config"].get(ck) == cv for ck, cv in v.items())
+    return all(rec.get(k) == v if k != "config" else all(rec["config"].get(ck, CONFIG_DEFAULTS.get(ck)) == cv
+                                                         for ck, cv in v.items())
                for k, v in config.items())
 
 
@@ -123,6 +128,15 @@ def calib_layers(b: Bundle, precision: str, k: int = 0, buckets: int = 1):
     return load_params(b.read_json(meta), np.load(b.path(arrays)))
 
 
+def calib_attention(b: Bundle, precision: str, k: int = 0, buckets: int = 1) -> list:
+    """The quantized attention matmuls (``calib.attention.MatMulQuant``) of one precision and timestep bucket
+    (none unless the bundle was calibrated with ``--attention qk`` or ``int8``)."""
+    from ptqd.calib import attention
+
+    meta, _ = layout.calib_params(precision, k, buckets)
+    return attention.load(b.read_json(meta))
+
+
 def fake_quant_runners(b: Bundle, loaded, precisions, device=None) -> dict:
     """precision -> (timestep -> torch runner of its timestep bucket: the one whose t-range holds it, or the
     nearest, as ``BucketedRunner`` picks the engine)."""
@@ -134,7 +148,8 @@ def fake_quant_runners(b: Bundle, loaded, precisions, device=None) -> dict:
     ranges = [tuple(bk.get("t_range") or (0, 0)) for bk in buckets]
     out = {}
     for p in precisions:
-        runners = [TorchRunner(fake_quant_model(loaded.unet, calib_layers(b, p, k, len(buckets))), device)
+        runners = [TorchRunner(fake_quant_model(loaded.unet, calib_layers(b, p, k, len(buckets)),
+                                                calib_attention(b, p, k, len(buckets))), device)
                    for k in range(len(buckets))]
         out[p] = (lambda rs: (lambda t: rs[nearest_bucket(float(t), ranges)]))(runners)
     return out

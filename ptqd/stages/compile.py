@@ -25,7 +25,7 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
             prompts=None, recipe: str | None = None, gate_samples: int | None = None,
             gate_ranges: int | None = None, gate_budget: float | None = None,
             backend: str = "onnxruntime", cluster=None, weight_grid: str = "portable",
-            sampler: str = "auto") -> dict[str, Any]:
+            sampler: str = "auto", attention: str = "float") -> dict[str, Any]:
     """export -> calibrate -> build -> correct -> plan, into one bundle. ``cluster``: calibrate's and correct's FP
     trajectories run on Ray workers (:mod:`ptqd.cluster`). Resumable: a stage whose
     inputs (the sha256 of the files it reads) and settings are unchanged is reused, so a rerun after an
@@ -67,6 +67,9 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
     from ptqd.calib.calibrate import reduce_range_for
 
     reduce_range = reduce_range_for(weight_grid)  # and an unknown weight grid
+    from ptqd.calib.attention import check_mode
+
+    check_mode(attention)
     out = Path(out)
     done: dict[str, Any] = {}
     costs: dict[str, Any] = {}
@@ -117,10 +120,11 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
     precisions, _ = plan_precisions(b, precisions, log)
     precisions = tuple(p.value for p in precisions)
     ccfg = {"samples": samples, "steps": steps, "guidance": guidance, "reduce_range": reduce_range,
-            **recipe_options(recipe or "default")}
+            "attention": attention, **recipe_options(recipe or "default")}
     stage("calibrate", reusable(b, "calibrate", (layout.UNET_ONNX, layout.UNET_LAYERS), config=ccfg),
           lambda: calibrate(out, samples=samples, steps=steps, guidance=guidance, device=device, preset=preset,
-                                progress=progress, recipe=recipe, cluster=cluster, weight_grid=weight_grid))
+                                progress=progress, recipe=recipe, cluster=cluster, weight_grid=weight_grid,
+                                attention=attention))
     b = Bundle.open(out)
     built = set((b.stage("build") or {}).get("precisions", []))
     same = reusable(b, "build", layout.BUILD_INPUTS) and not force

@@ -39,5 +39,12 @@ def inspect(bundle: str | os.PathLike) -> dict[str, Any]:
         c = b.read_json(layout.CORRECTION_JSON)["config"]
         info["correction"] = {"sampler": c.get("sampler", "ddim"), "steps": c.get("steps"),
                               "trajectories": c.get("samples"), "held_out": c.get("holdout")}
+    cal = b.stage("calibrate")
+    if cal:
+        cfg = cal.get("config", {})
+        info["calibration"] = {"preset": cal.get("preset"), "method": cfg.get("method"),
+                               "rounding": cfg.get("rounding"), "weight_grid": "portable ±63" if cfg.get(
+                                   "reduce_range", True) else "full ±127",
+                               "attention": cfg.get("attention", "float")}
     info["bops"] = bops_table(b)
     return info
