@@ -40,13 +40,16 @@ class MatMulQuant:
     index: int
     a: ActQuant
     b: ActQuant
+    shape: tuple = ()  # the first input's shape past the batch-and-heads axis (the layer table's, batch 1)
 
     def to_json(self) -> dict:
-        return {"name": self.name, "index": self.index, "a": self.a.to_json(), "b": self.b.to_json()}
+        return {"name": self.name, "index": self.index, "a": self.a.to_json(), "b": self.b.to_json(),
+                "shape": list(self.shape)}
 
     @staticmethod
     def from_json(m: dict) -> "MatMulQuant":
-        return MatMulQuant(m["name"], int(m["index"]), ActQuant(**m["a"]), ActQuant(**m["b"]))
+        return MatMulQuant(m["name"], int(m["index"]), ActQuant(**m["a"]), ActQuant(**m["b"]),
+                           tuple(int(d) for d in m.get("shape", ())))
 
 
 def check_mode(mode: str) -> str:
@@ -66,7 +69,7 @@ def softmax_fed(onnx_path) -> set[str]:
 
     g = onnx.load(str(onnx_path), load_external_data=False).graph
     producer = {o: n for n in g.node for o in n.output}
-    passthrough = {"Transpose", "Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze"}
+    passthrough = {"Transpose", "Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze", "Dropout"}
 
     def from_softmax(t: str) -> bool:
         for _ in range(8):
@@ -150,7 +153,7 @@ def quantize_matmuls(picked: list[dict], stats: dict, choose, steps=None) -> lis
                 raise UserError(f"attention matmul {r['name']} never ran along the calibration trajectories")
             sel = [v for k, v in per_step.items() if steps is None or k in steps]
             qs.append(choose(sel, (r["name"], side, None if steps is None else tuple(steps))))
-        out.append(MatMulQuant(r["name"], r["index"], qs[0], qs[1]))
+        out.append(MatMulQuant(r["name"], r["index"], qs[0], qs[1], tuple(int(d) for d in r["in_shape"][1:])))
     return out
 
 
@@ -169,19 +172,39 @@ class FakeQuantHook:
     ``float32(acc)·float32(s_a·s_b)``."""
 
     def __init__(self, by_index: dict):
-        self.by_index, self.i = by_index, 0
+        self.by_index, self.i, self.done = by_index, 0, 0
 
     def __call__(self, a, b, matmul):
         q = self.by_index.get(self.i)
         self.i += 1
         if q is None:
             return matmul(a, b)
+        if q.shape and tuple(a.shape[1:]) != q.shape:
+            raise ModelMismatch(f"attention matmul {q.index} ({q.name}) read {list(a.shape[1:])} where the calibration's "
+                                f"read {list(q.shape)}")
+        self.done += 1
         ia, ib = _centered(a, q.a), _centered(b, q.b)
         if _bound(q.a) * _bound(q.b) * a.shape[-1] >= EXACT_F32 or a.device.type != "cpu":
             acc = matmul(ia.double(), ib.double()).float()
         else:
             acc = matmul(ia, ib)
         return acc * float(np.float32(q.a.scale) * np.float32(q.b.scale))
+
+
+    def close(self) -> None:
+        """After the forward: every quantized attention matmul ran (else the model's attention path is not the
+        one calibrated, and the fake-quant model would silently miss quantizers the engines have)."""
+        if self.done != len(self.by_index):
+            raise ModelMismatch(f"the forward ran {self.done} of the {len(self.by_index)} quantized attention matmuls "
+                                f"({self.i} attention matmuls in all)")
+
+
+class ModelMismatch(UserError):
+    """The model's attention path is not the one its calibration saw (count, order or shapes): recalibrate."""
+
+    def __init__(self, why: str):
+        super().__init__(f"{why}; the model's attention is not the one calibrated (a changed torch or diffusers "
+                         "attention path?): recalibrate, or calibrate with --attention float")
 
 
 def _centered(x, q: ActQuant):

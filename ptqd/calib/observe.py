@@ -200,7 +200,8 @@ def record_trajectories(loaded, layers: list[dict], labels: np.ndarray, seeds, c
         from ptqd.calib.attention import Observer
         from ptqd.models.attention import hooked
 
-        obs_hook = Observer(att_stats, state["step"], state["rng"], per_call, set(attention), att_seen, TensorStats)
+        obs_hook = Observer(att_stats, state["step"], state["att_rng"], per_call, set(attention), att_seen,
+                            TensorStats)
         with hooked(obs_hook):
             out = runner(x, t, c)
         obs_hook.close()
@@ -210,6 +211,7 @@ def record_trajectories(loaded, layers: list[dict], labels: np.ndarray, seeds, c
         for s, s0, stop in trajectory_chunks(labels, seeds, batch) if chunks is None else chunks:
             idx = np.arange(s0, stop)
             state["rng"] = np.random.RandomState([s, s0])  # the chunk's own stream: shards merge to one run
+            state["att_rng"] = np.random.RandomState([s, s0, 1])  # attention's: layers subsample as without it
             sample_latents(stepped, loaded.facts, loaded.class_embedding, labels[idx], idx, s, cfg)
             if progress is not None:
                 progress.update(1)

@@ -75,8 +75,7 @@ def cmd_inspect(args) -> int:
         c = info["calibration"]
         att = {"float": "float", "qk": "Q·Kᵀ on 8-bit inputs, P·V float", "int8": "Q·Kᵀ and P·V on 8-bit inputs"}
         print(f"calibrated  preset {c['preset']}, {c['method']} ranges, {c['rounding']} weights on the "
-              f"{c['weight_grid']} "
-              f"grid; attention matmuls {att.get(c['attention'], c['attention'])}")
+              f"{c['weight_grid']} grid; attention matmuls {att.get(c['attention'], c['attention'])}")
     if info.get("bops"):
         bo = info["bops"]
         print(f"BOPs/fwd    FP32 {_human(bo['fp32'], 'BOPs')} (conv + linear MACs x 32 x 32; attention matmuls not counted)")

@@ -143,7 +143,7 @@ def _attention_arg(p) -> None:
     p.add_argument("--attention", choices=("float", "qk", "int8"), default="float",
                    help="attention matmuls (activation x activation): float (default), qk = Q·Kᵀ on 8-bit q and k, "
                         "int8 = Q·Kᵀ and P·V on 8-bit inputs, in every precision (ONNX Runtime and OpenVINO "
-                        "engines; TensorRT's keep attention float). Speed and error: docs/speed-and-size.md")
+                        "engines; TensorRT builds need float). Speed and error: docs/speed-and-size.md")
 
 
 def _gate_args(p) -> None:

@@ -93,6 +93,13 @@ def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None, attention=(),
         return name
 
     order = {n.name: i for i, n in enumerate(g.node)}  # graph order: a shared Q comes before its readers
+    # who makes and reads each tensor in the graph as exported (before the layers' quantizers rename inputs):
+    # a tensor that also feeds a quantized layer stops an attention quantizer's move to its source
+    producer = {o: n for n in g.node for o in n.output}
+    readers: dict = {}
+    for n in g.node:
+        for x in n.input:
+            readers.setdefault(x, []).append(n)
     for lq in sorted(layers, key=lambda lq: order.get(lq.name, -1)):
         node = nodes.get(lq.name)
         if node is None:
@@ -157,11 +164,6 @@ def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None, attention=(),
         inserted_before[lq.name], inserted_after[lq.name] = pre, post
     if attention_at not in ("input", "source"):
         raise ValueError(f"attention_at must be 'input' or 'source', got {attention_at!r}")
-    producer = {o: n for n in g.node for o in n.output}
-    readers: dict = {}
-    for n in g.node:
-        for x in n.input:
-            readers.setdefault(x, []).append(n)
     for mq in attention:  # both inputs of a quantized attention matmul on their 8-bit grids
         node = nodes.get(mq.name)
         if node is None or node.op_type != "MatMul":

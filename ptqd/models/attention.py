@@ -18,9 +18,9 @@ its speed are untouched. A hook is per thread: models used from several threads 
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -47,9 +47,17 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     if attn_mask is not None or is_causal or dropout_p or kwargs.get("enable_gqa"):
         raise NotImplementedError("attention hooks cover scaled_dot_product_attention without masks, causality, "
                                   "dropout or grouped queries (what diffusers' UNets call)")
-    r = math.sqrt(scale if scale is not None else 1.0 / math.sqrt(query.shape[-1]))
+    r = float(sqrt_scale(query.shape[-1], scale))
     w = torch.softmax(hook(query * r, key.transpose(-2, -1) * r, torch.matmul), dim=-1)
     return hook(w, value, torch.matmul)
+
+
+def sqrt_scale(head_dim: int, scale: float | None = None) -> np.float32:
+    """√s as the exported graph computes it, in float32: s = 1/√d from the head width (``Cast(Shape)``, ``Sqrt``,
+    ``Div``) unless given, then ``Sqrt(s)``. In float64 it can land one ulp away (d = 80: 0.33437017 against
+    0.33437014), and a few q·√s values would then round to another grid step than the engine's."""
+    s = np.float32(1.0) / np.sqrt(np.float32(head_dim)) if scale is None else np.float32(scale)
+    return np.sqrt(np.float32(s))
 
 
 @contextlib.contextmanager

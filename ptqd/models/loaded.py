@@ -29,7 +29,8 @@ class EpsModel(nn.Module):
         self._call = call
         self.has_context = has_context
         # a fake-quant twin's attention quantizers: a callable giving each forward a fresh hook for
-        # ptqd.models.attention (its matmuls counted from the first); None for the FP model
+        # ptqd.models.attention (its matmuls counted from the first; ``close()`` after the forward checks
+        # that it ran what the hook was made for); None for the FP model
         self.attention_hook = None
         self.v_prediction = v_alphas_cumprod is not None
         if self.v_prediction:  # σ_t = √((1-ᾱ)/ᾱ), interpolated linearly in t between integers as diffusers' σ samplers do
@@ -42,8 +43,10 @@ class EpsModel(nn.Module):
         else:
             from ptqd.models import attention
 
-            with attention.hooked(self.attention_hook()):
+            hook = self.attention_hook()
+            with attention.hooked(hook):
                 out = self._call(self.unet, x, t, context)
+            hook.close()  # checks that the forward ran what the hook was made for
         if not self.v_prediction:
             return out
         # ε = √ᾱ·v + √(1-ᾱ)·x_t with √ᾱ = 1/√(1+σ²), √(1-ᾱ) = σ/√(1+σ²); a fractional t (Euler on Karras

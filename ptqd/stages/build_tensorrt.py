@@ -36,6 +36,11 @@ def _tensorrt_graphs(b: Bundle, precisions, path_for, options) -> list[tuple]:
         raise UserError(f"unknown precision(s) {bad} for tensorrt; choose from {', '.join(TRT_PRECISIONS)}")
     if b.stage("calibrate") is None and any(p != "fp16" for p in precisions):
         raise UserError(f"{b.root} is not calibrated: run `ptqd calibrate {b.root}` first")
+    attention = (b.stage("calibrate") or {}).get("config", {}).get("attention", "float")
+    if attention != "float" and any(p != "fp16" for p in precisions):
+        raise UserError(f"{b.root} is calibrated with --attention {attention}, and TensorRT's graphs keep attention "
+                        "float: its correction and plan were fitted to numerics TensorRT would not compute. "
+                        f"Recalibrate with `ptqd calibrate {b.root} --attention float` for TensorRT engines")
     buckets = (b.stage("calibrate") or {}).get("buckets") or [None]
     out = []
     for p in precisions:
@@ -115,11 +120,7 @@ def build_tensorrt(bundle, precisions=None, validate: bool = True, progress: boo
                                           f"rel-L2 median {val['median_rel_l2']:.3g}, worst {val['worst_rel_l2']:.3g} "
                                           f"(tolerance {med:g} / {worst:g})")
                 if not rec["buckets"]:
-                    calibrated_attention = (b.stage("calibrate") or {}).get("config", {}).get("attention", "float")
-                    att = "" if p == "fp16" or calibrated_attention == "float" else (
-                        "; attention matmuls float (TensorRT's graph does not use the calibration's 8-bit attention)")
-                    rec.update({"numerics": numerics_summary(graph) + att, "tensorrt": desc["tensorrt"],
-                                "gpu": desc["gpu"],
+                    rec.update({"numerics": numerics_summary(graph), "tensorrt": desc["tensorrt"], "gpu": desc["gpu"],
                                 "graph": {k: v for k, v in graph.items() if k != "per_layer"},
                                 "per_layer_graph": graph["per_layer"], "per_layer_engine": desc["per_layer"],
                                 "layer_precisions": desc["layer_precisions"], "size_bytes": desc["size_bytes"],

@@ -129,6 +129,26 @@ def test_int8_attention_engines_compute_the_fake_quant_model(fixture, request, t
 
     assert rel(eng, with_att) < 1e-4
     assert rel(without, with_att) > 30 * rel(eng, with_att)
+    # TensorRT's graphs keep attention float: its lint (and build) refuse this calibration, with the fix
+    from ptqd.stages.build_tensorrt import lint
+
+    with pytest.raises(UserError, match="--attention float"):
+        lint(d)
+    # the fake-quant model refuses a model whose attention is not the one calibrated, instead of missing quantizers
+    import dataclasses
+
+    for bad in ([dataclasses.replace(quants[0], shape=(3, 3))], [dataclasses.replace(quants[0], index=10_000)]):
+        with pytest.raises(att.ModelMismatch, match="recalibrate"):
+            _eps(TorchRunner(fake_quant_model(loaded.unet, layers, bad)), feeds)
+
+
+def test_sdpa_scale_is_computed_as_the_exported_graph_computes_it():
+    from ptqd.models.attention import sqrt_scale
+
+    for d in (8, 40, 64, 80, 160):
+        s = np.float32(1.0) / np.sqrt(np.float32(d))
+        assert sqrt_scale(d) == np.sqrt(s) and sqrt_scale(d).dtype == np.float32
+    assert float(sqrt_scale(80)) != float(np.float32((1 / 80 ** 0.5) ** 0.5))  # float64 lands one ulp away here
 
 
 def test_float_attention_is_the_default_and_builds_as_before(tiny_cin_bundle, tmp_path):
