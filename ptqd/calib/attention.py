@@ -24,11 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ptqd.calib.quant import ActQuant
+from ptqd.calib.quant import EXACT_F32, ActQuant
 from ptqd.errors import UserError
 
 ATTENTION_MODES = ("float", "qk", "int8")
-EXACT_F32 = 2**24
 
 
 @dataclass(frozen=True)
@@ -155,10 +154,6 @@ def quantize_matmuls(picked: list[dict], stats: dict, choose, steps=None) -> lis
             qs.append(choose(sel, (r["name"], side, None if steps is None else tuple(steps))))
         out.append(MatMulQuant(r["name"], r["index"], qs[0], qs[1], tuple(int(d) for d in r["in_shape"][1:])))
     return out
-
-
-def save(quants: list[MatMulQuant]) -> list[dict]:
-    return [q.to_json() for q in quants]
 
 
 def load(meta: dict) -> list[MatMulQuant]:

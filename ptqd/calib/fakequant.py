@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptqd.calib.quant import ActQuant
+from ptqd.calib.quant import EXACT_F32, ActQuant
 
 
 def fake_quant(x: torch.Tensor, q: ActQuant) -> torch.Tensor:
@@ -49,7 +49,6 @@ def _quant_uint(x: torch.Tensor, q: ActQuant) -> torch.Tensor:
     return torch.clamp(torch.round(x / s) + q.zero_point, 0, q.qmax)
 
 
-EXACT_F32 = 2**24  # float32 adds integers exactly while every partial sum stays below this
 
 
 def digit_bits(qmax: int, abs_row_sum: float) -> int:

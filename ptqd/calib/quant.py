@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 CLIP_RATIOS = np.linspace(0.3, 1.0, 36)
+EXACT_F32 = 2**24  # float32 adds integers exactly while every partial sum stays below this
 
 
 def weight_qmax(bits: int) -> int:
