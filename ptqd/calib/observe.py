@@ -221,7 +221,7 @@ def record_trajectories(loaded, layers: list[dict], labels: np.ndarray, seeds, c
     return Recording(obs, feeds, order, att_stats, att_seen)
 
 
-class _GroupDone(Exception):
+class GroupDone(Exception):
     """Raised inside the replay once the group's last layer has run (the rest of the UNet is not needed)."""
 
 
@@ -239,9 +239,6 @@ def hessians(loaded, layers: list[dict], feeds: list[tuple], device, rows: int =
     import torch
 
     positions = max(1, -(-rows // max(len(feeds), 1)))
-
-    from ptqd.engines.torch_ref import TorchRunner
-
     unet = loaded.unet.unet
     gen = torch.Generator().manual_seed(seed)
     acc: dict[str, list] = {}
@@ -258,24 +255,33 @@ def hessians(loaded, layers: list[dict], feeds: list[tuple], device, rows: int =
                 slot[0].addmm_(cols.T, cols)  # in place: no second K x K matrix
                 slot[1] += cols.shape[0]
             if row["name"] == last:
-                raise _GroupDone
+                raise GroupDone
 
         handles.append(mod.register_forward_pre_hook(pre))
 
     for r in layers:
         make_hook(r, unet.get_submodule(r["module"]))
+    replay(loaded, feeds, device, items, handles)
+    return {name: h.div_(max(n, 1)) for name, (h, n) in acc.items()}
+
+
+def replay(loaded, feeds: list[tuple], device, items: int, handles: list) -> None:
+    """Run the recorded UNet calls, each on ``items`` of its batch items (spread over the batch, so both halves of
+    a guided batch take part), for the forward hooks ``handles``; a hook raising :class:`GroupDone` ends that call.
+    The hooks are removed afterwards."""
+    from ptqd.engines.torch_ref import TorchRunner
+
     runner = TorchRunner(loaded.unet, device)
     try:
         for x, t, c in feeds:
             pick = np.unique(np.linspace(0, len(x) - 1, min(items, len(x))).round().astype(int))
             try:
                 runner(x[pick], t[pick], None if c is None else c[pick])
-            except _GroupDone:
+            except GroupDone:
                 pass
     finally:
         for h in handles:
             h.remove()
-    return {name: h.div_(max(n, 1)) for name, (h, n) in acc.items()}
 
 
 def groups_by_memory(rows: list[dict], budget_bytes: int) -> list[list[dict]]:

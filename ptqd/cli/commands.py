@@ -6,6 +6,7 @@ import json
 import sys
 
 from ptqd.cli.cluster import cluster_options
+from ptqd.cli.tables import fmt, print_eval
 
 
 def _dumps(obj) -> str:
@@ -27,9 +28,9 @@ def cmd_export(args) -> int:
     from ptqd import api
 
     schedule = api.parse_schedule(args.schedule) if args.schedule else None
-    rec = api.export(args.model, args.out, config=args.config, schedule=schedule,
-                     first_stage=not args.no_first_stage, validate=not args.no_validate, opset=args.opset,
-                     exporter=args.exporter, prompts=args.prompts)
+    rec = api.export(args.model, args.out, config=args.config, schedule=schedule, first_stage=not args.no_first_stage,
+                     validate=not args.no_validate, opset=args.opset, exporter=args.exporter, prompts=args.prompts,
+                     outliers=args.outliers, rank_budget=args.rank_budget)
     val = rec.get("validation", {})
     checks = ", ".join(f"{k} max|onnx-torch| {v['worst_abs_error']:.2e}" for k, v in val.items()) or "validation off"
     print(f"exported {args.model} -> {args.out} ({checks})")
@@ -76,6 +77,10 @@ def cmd_inspect(args) -> int:
         att = {"float": "float", "qk": "Q·Kᵀ on 8-bit inputs, P·V float", "int8": "Q·Kᵀ and P·V on 8-bit inputs"}
         print(f"calibrated  preset {c['preset']}, {c['method']} ranges, {c['rounding']} weights on the "
               f"{c['weight_grid']} grid; attention matmuls {att.get(c['attention'], c['attention'])}")
+    if info.get("outliers"):
+        o, e = info["outliers"], info["outliers"]["w4a4_layer_rel_error"]
+        print(f"outliers    {o['mode']}: {o['layers']} layers rewritten, {o['smoothed']} smoothed, 8-bit low-rank branches "
+              f"({o['branch_macs_share']:.1%} of MACs); w4a4 layer error {e['before']:.4f} -> {e['after']:.4f}")
     if info.get("bops"):
         bo = info["bops"]
         print(f"BOPs/fwd    FP32 {_human(bo['fp32'], 'BOPs')} (conv + linear MACs x 32 x 32; attention matmuls not counted)")
@@ -111,34 +116,6 @@ def _emit(args, obj, pretty) -> int:
     else:
         pretty(obj)
     return 0
-
-
-def _fmt(v, width: int, spec: str, suffix: str = "") -> str:
-    return ("-" if v is None else format(v, spec) + suffix).rjust(width)
-
-
-def print_eval(report: dict) -> None:
-    cfg, ref = report["config"], report.get("reference", {})
-    print(f"{cfg['num']} samples, seed {cfg['seed']}, {cfg['steps']} {cfg.get('sampler', 'ddim')} steps, eta {cfg['eta']}, "
-          f"guidance {cfg['guidance']}" + (f", quantized rows on {report['backend']}" if report.get("backend") else ""))
-    rows = report["rows"]
-    w = max(12, 2 + max(len(r["precision"]) for r in rows))
-    lat = any("unet_ms" in r for r in rows)
-    print(f"{'precision':<{w}}{'FD':>9}{'FD vs FP':>10}{'class acc':>11}{'PSNR vs FP':>12}{'eps MSE':>11}"
-          f"{'BOPs saving':>13}" + (f"{'UNet ms':>9}" if lat else f"{'seconds':>9}")
-          + (f"{'img/s':>8}" if any("images_per_s" in r for r in rows) else ""))
-    for r in rows:
-        acc = None if r.get("class_acc") is None else 100 * r["class_acc"]
-        print(f"{r['precision']:<{w}}{_fmt(r.get('fd'), 9, '.2f')}{_fmt(r.get('fd_vs_fp'), 10, '.2f')}"
-              f"{_fmt(acc, 11, '.1f', '%')}"
-              f"{_fmt(r.get('psnr_vs_fp'), 12, '.2f')}{_fmt(r.get('eps_mse_mean'), 11, '.2e')}"
-              f"{_fmt(r.get('bops_saving'), 12, '.1f', 'x')}"
-              + (_fmt(r.get("unet_ms"), 9, ".2f") if lat else f"{r['seconds']:9.1f}")
-              + (_fmt(r.get("images_per_s"), 8, ".1f") if any("images_per_s" in r for r in rows) else ""))
-    if ref:
-        print(f"for scale: FD real vs real {ref['fd_real_half_vs_half']:.2f} (two halves of all digits), "
-              f"{ref['fd_real_train_vs_held_out']:.2f} (train vs held-out at this sample count); "
-              f"classifier accuracy on held-out digits {100 * ref['classifier_acc_held_out']:.1f}%")
 
 
 def _sampler_line(stored) -> str:
@@ -275,7 +252,7 @@ def cmd_compile(args) -> int:
                       prompts=args.prompts, recipe=args.recipe, gate_samples=args.gate_samples,
                       gate_ranges=args.gate_ranges, gate_budget=args.gate_budget, backend=args.backend,
                       cluster=cluster_options(args), weight_grid=args.weight_grid, sampler=args.sampler,
-                      attention=args.attention)
+                      attention=args.attention, outliers=args.outliers, rank_budget=args.rank_budget)
     bo = res["bops"]
     print(f"bundle  {res['bundle']}")
     print(f"plan    {' '.join(res['plan'])}")
@@ -332,7 +309,7 @@ def print_ov_build(recs: dict) -> None:
     for p, r in recs.items():
         v = r.get("validation_vs_fake_quant")
         print(f"{p:<10}{_human(r['size_bytes']):>10}{r['i4_constants']:>14}"
-              f"{_fmt(v and v['median_rel_l2'], 24, '.2e')}  {(v or {}).get('verdict', 'not validated')}")
+              f"{fmt(v and v['median_rel_l2'], 24, '.2e')}  {(v or {}).get('verdict', 'not validated')}")
 
 
 def print_ort_build(recs: dict) -> None:
@@ -341,7 +318,7 @@ def print_ort_build(recs: dict) -> None:
         v = r.get("validation_vs_fake_quant")
         ops = ", ".join(f"{k} {n}" for k, n in r["integer_kernel_ops"].items())
         print(f"{p:<10}{100 * r['integer_mac_share']:8.1f}%{_human(r['size_bytes']):>10}"
-              f"{_fmt(v and v['median_rel_l2'], 24, '.2e')}  {ops}")
+              f"{fmt(v and v['median_rel_l2'], 24, '.2e')}  {ops}")
 
 
 def cmd_lint(args) -> int:
@@ -367,7 +344,7 @@ def print_trt_build(recs: dict) -> None:
         lp = r["layer_precisions"]
         v = r["buckets"][0].get("validation_vs_onnxruntime")
         mix = "/".join(str(lp.get(k, 0)) for k in ("int8", "int4", "fp16", "fp32"))
-        print(f"{p:<10}{_human(r['size_bytes']):>10}{mix:>28}{_fmt(v and v['median_rel_l2'], 17, '.2e')}  "
+        print(f"{p:<10}{_human(r['size_bytes']):>10}{mix:>28}{fmt(v and v['median_rel_l2'], 17, '.2e')}  "
               f"{r['tensorrt']}, {r['gpu'].get('name')}")
 
 
@@ -430,8 +407,8 @@ def print_bench(res: dict) -> None:
         mem = r.get("peak_rss_mb")
         extra = None if mem is None else mem - eng.get("_process_baseline_mb", 0)
         print(f"{p:<15}{cells}{big['samples_per_s']:12.0f}{big['speedup_vs_ort_fp32']:6.2f}"
-              f"{_fmt(big['gflops'], 9, '.1f')}{r['load_s']:8.2f}{_fmt(extra, 7, '.0f')}"
-              f"{(_human(r['size_bytes']) if r['size_bytes'] else '-'):>10}{_fmt(r.get('bops_saving'), 7, '.1f', 'x')}")
+              f"{fmt(big['gflops'], 9, '.1f')}{r['load_s']:8.2f}{fmt(extra, 7, '.0f')}"
+              f"{(_human(r['size_bytes']) if r['size_bytes'] else '-'):>10}{fmt(r.get('bops_saving'), 7, '.1f', 'x')}")
     print_executed({p: eng[p]["executed"] for p in names if eng[p].get("executed")})
     if "_process_baseline_mb" in eng:
         print(f"+MB: peak resident memory of a fresh process with the engine, over "
@@ -445,7 +422,7 @@ def print_bench(res: dict) -> None:
     for k, r in res["sampling"].items():
         print(f"{k:<14}{r['seconds_per_image']:9.4f}{r['speedup_vs_ort_fp32']:6.2f}{100 * r['engine_share']:7.1f}%"
               f"{100 * r['decoder_share']:8.1f}%{100 * r['runtime_overhead_share']:8.1f}%{r['engine_switches']:10d}"
-              f"{_fmt(r.get('bops_saving'), 7, '.1f', 'x')}")
+              f"{fmt(r.get('bops_saving'), 7, '.1f', 'x')}")
     print("runtime = sampler arithmetic, guidance, PTQD correction and engine switching (all but engine and decoder)")
     for n in res.get("notes", []):
         print(f"note: {n}")

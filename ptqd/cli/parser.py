@@ -146,6 +146,16 @@ def _attention_arg(p) -> None:
                         "engines; TensorRT builds need float). Speed and error: docs/speed-and-size.md")
 
 
+def _outliers_args(p) -> None:
+    p.add_argument("--outliers", choices=("none", "smooth", "lowrank", "svd"), default="none",
+                   help="rewrite the 4-bit layers before export (fitted on FP trajectories): smooth = activation outliers "
+                        "moved into the weights per input channel (SmoothQuant, alpha searched per layer), lowrank = a "
+                        "float low-rank branch beside each layer (SVDQuant), svd = both; none (default). For w4a4: "
+                        "docs/calibration.md#outliers")
+    p.add_argument("--rank-budget", type=float, default=0.05,
+                   help="the low-rank branch's MACs as a share of its layer's (default 0.05)")
+
+
 def _gate_args(p) -> None:
     p.add_argument("--gate-samples", type=int, default=None,
                    help="held-out trajectories on which the end-to-end gate decides what --correction auto applies "
@@ -199,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="calibration recipe: ptqd-paper = per-tensor weights, nearest rounding, min-max ranges")
     _weight_grid_arg(cp)
     _attention_arg(cp)
+    _outliers_args(cp)
     _fit_sampler_arg(cp)
     _gate_args(cp)
     cp.add_argument("--force", action="store_true", help="rerun every stage")
@@ -221,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch exporter (default torchscript: fast, module-scoped node names)")
     e.add_argument("--prompts", help="text-to-image models: calibration prompts, one a line (default: a built-in "
                                       "list of 8)")
+    _outliers_args(e)
     e.set_defaults(func=cmd_export)
 
     i = sub.add_parser("inspect", help="model facts, MACs, layers and files of a bundle",

@@ -47,6 +47,12 @@ def load_source(b: Bundle):
     if rec.get("source_sha256") and source_digest(src) != rec["source_sha256"]:
         raise UserError(f"{src} changed since it was exported to {b.root}; export again")
     loaded = load_model(src, with_first_stage=False)
+    if rec.get("outliers"):  # the body layers' rewrite the graph was exported with
+        import numpy as np
+
+        from ptqd.calib import outliers
+
+        outliers.apply(loaded, outliers.load(b.read_json(layout.OUTLIERS_JSON), np.load(b.path(layout.OUTLIERS_NPZ))))
     facts = b.facts
     for name in ("latent_shape", "conditioning", "schedule"):  # what the UNet's inputs and the sampler use
         mine, theirs = getattr(loaded.facts, name), getattr(facts, name)

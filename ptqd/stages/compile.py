@@ -17,6 +17,12 @@ from ptqd.stages.export import export
 from ptqd.stages.plan import bops_table, plan
 
 
+def exported_outliers(rec: dict) -> dict | None:
+    """The ``--outliers`` settings an export record was made with (None: no rewrite)."""
+    o = rec.get("outliers")
+    return {"mode": o["mode"], "rank_budget": o["rank_budget"]} if o else None
+
+
 @writes_bundle("out", create=True)
 def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int | None = None, steps: int | None = None,
             guidance: float = 3.0, correction_samples: int | None = None, holdout: int | None = None,
@@ -25,7 +31,8 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
             prompts=None, recipe: str | None = None, gate_samples: int | None = None,
             gate_ranges: int | None = None, gate_budget: float | None = None,
             backend: str = "onnxruntime", cluster=None, weight_grid: str = "portable",
-            sampler: str = "auto", attention: str = "float") -> dict[str, Any]:
+            sampler: str = "auto", attention: str = "float", outliers: str = "none",
+            rank_budget: float = 0.05) -> dict[str, Any]:
     """export -> calibrate -> build -> correct -> plan, into one bundle. ``cluster``: calibrate's and correct's FP
     trajectories run on Ray workers (:mod:`ptqd.cluster`). Resumable: a stage whose
     inputs (the sha256 of the files it reads) and settings are unchanged is reused, so a rerun after an
@@ -70,6 +77,9 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
     from ptqd.calib.attention import check_mode
 
     check_mode(attention)
+    from ptqd.calib.outliers import check_mode as check_outliers
+
+    check_outliers(outliers, rank_budget)
     out = Path(out)
     done: dict[str, Any] = {}
     costs: dict[str, Any] = {}
@@ -92,7 +102,8 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
         b = Bundle.open(out)
         rec = b.stage("export") or {}
         fresh = rec.get("source") == str(model) and rec.get("source_sha256") == source_digest(model) \
-            and rec.get("source_sha256") is not None
+            and rec.get("source_sha256") is not None and exported_outliers(rec) == (
+                None if outliers == "none" else {"mode": outliers, "rank_budget": rank_budget})
     except BundleError:
         fresh = False
     if prompts is not None:  # text-to-image: new calibration prompts mean a new export (their encoded table)
@@ -104,7 +115,8 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
     if not fresh:
         memory.require("export", memory.export_peak(source_bytes(model)),
                        "free memory (other jobs), or export on a machine with more")
-    stage("export", fresh, lambda: export(model, out, config=config, progress=progress, prompts=prompts))
+    stage("export", fresh, lambda: export(model, out, config=config, progress=progress, prompts=prompts,
+                                         outliers=outliers, rank_budget=rank_budget))
     b = Bundle.open(out)
     pre = preset_for(preset, b.read_json(layout.UNET_LAYERS))
     samples = pre.calib_samples if samples is None else samples

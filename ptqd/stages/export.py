@@ -28,12 +28,17 @@ def parse_schedule(spec: str) -> NoiseSchedule:
 def export(model: str | os.PathLike, out: str | os.PathLike, config: str | os.PathLike | dict | None = None,
            schedule: NoiseSchedule | None = None, first_stage: bool = True, validate: bool = True,
            opset: int = 18, exporter: str = "torchscript", progress: bool | None = None,
-           prompts: list[str] | str | os.PathLike | None = None) -> dict[str, Any]:
+           prompts: list[str] | str | os.PathLike | None = None, outliers: str = "none",
+           rank_budget: float = 0.05) -> dict[str, Any]:
     """Export ``model`` to a new bundle at ``out``: FP32 UNet ONNX + layer table (+ decoder).
 
     Text-to-image pipelines also get the text encoder (ONNX), the tokenizer (a ``tokenizers`` file) and
     the calibration ``prompts`` (a list or a file, one a line; default ``ptqd.models.text.DEFAULT_PROMPTS``)
     encoded as the table later stages index like classes, row 0 the negative prompt "".
+
+    ``outliers`` (``calib.outliers``): smooth | lowrank | svd rewrites the body layers before export (activation
+    outliers into the weights, a float low-rank branch of at most ``rank_budget`` of a layer's MACs), fitted on
+    FP trajectories of the model; everything after export sees ordinary layers.
 
     The bundle at ``out`` is replaced only if every step, validation included, succeeds.
     Returns the export record written to the manifest.
@@ -47,6 +52,9 @@ def export(model: str | os.PathLike, out: str | os.PathLike, config: str | os.Pa
     from ptqd.facts import seeded_unet_inputs
     from ptqd.models import load_model
 
+    from ptqd.calib.outliers import check_mode
+
+    check_mode(outliers, rank_budget)
     ecfg = ExportConfig(opset=opset, exporter=exporter)
     try:
         ecfg.validate()
@@ -67,6 +75,9 @@ def export(model: str | os.PathLike, out: str | os.PathLike, config: str | os.Pa
                             f"{loaded.facts.conditioning.kind}); drop --prompts")
         with Bundle.transaction(out, create=True) as w:
             reports: dict[str, Any] = {}
+            if outliers != "none":
+                bar.set_postfix_str(f"fitting the {outliers} rewrite on FP trajectories")
+                record["outliers"] = rewrite_outliers(w, loaded, outliers, rank_budget, bar.set_postfix_str)
             bar.set_postfix_str("exporting UNet")
             path = w.file(layout.UNET_ONNX)
             for extra in export_unet(loaded, path, ecfg)[1:]:
@@ -114,6 +125,28 @@ def export(model: str | os.PathLike, out: str | os.PathLike, config: str | os.Pa
             w.set_stage("export", record)
         bar.set_postfix_str("done")
     return record
+
+
+def rewrite_outliers(w, loaded, mode: str, rank_budget: float, status=None) -> dict[str, Any]:
+    """Fit and apply ``calib.outliers``' rewrite to ``loaded``; its parameters go into the bundle (``load_source``
+    applies them again). Returns the export record's summary."""
+    import time
+
+    import numpy as np
+
+    from ptqd.calib import outliers as ol
+
+    t0 = time.perf_counter()
+    rewrites = ol.fit(loaded, mode, rank_budget, status=status)
+    ol.apply(loaded, rewrites)
+    meta, arrays = ol.save(rewrites)
+    w.write_json(layout.OUTLIERS_JSON, {"mode": mode, "rank_budget": rank_budget, **meta})
+    w.write_bytes(layout.OUTLIERS_NPZ, layout.npz_bytes(arrays))
+    errs = {k: float(np.mean([rw.errors[k] for rw in rewrites])) if rewrites else 0.0 for k in ("before", "after")}
+    return {"mode": mode, "rank_budget": rank_budget, "layers": len(rewrites),
+            "smoothed": sum(rw.alpha is not None for rw in rewrites),
+            "branch_ranks": sum(rw.rank for rw in rewrites), "w4a4_layer_rel_error": errs,
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def write_demo_eval_assets(w) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import os
 from typing import Any
 
@@ -35,6 +36,12 @@ def inspect(bundle: str | os.PathLike) -> dict[str, Any]:
     export = b.stage("export")
     if export:
         info["export"] = export
+    if export and export.get("outliers") and "macs_per_forward" in info:
+        from ptqd.calib.calibrate import BRANCH_PATTERN
+
+        branch = sum(r["macs"] for r in table["layers"] if r["module"] and re.search(BRANCH_PATTERN, r["module"]))
+        counted = sum(r["macs"] for r in table["layers"] if r["kind"] in ("conv", "linear"))
+        info["outliers"] = {**export["outliers"], "branch_macs_share": branch / max(counted, 1)}
     if b.has(layout.CORRECTION_JSON):  # older records: fitted on DDIM
         c = b.read_json(layout.CORRECTION_JSON)["config"]
         info["correction"] = {"sampler": c.get("sampler", "ddim"), "steps": c.get("steps"),
