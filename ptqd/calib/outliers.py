@@ -198,14 +198,15 @@ def body_layers(loaded, feed) -> list[tuple[str, object]]:
 
 
 def _quant_act(x, bits: int):
-    """Fake-quantized x (torch) on the per-tensor asymmetric grid the MSE range search picks (a subsample)."""
+    """Fake-quantized x (torch) on a per-tensor asymmetric grid: the MSE range search's (on a subsample) below 8
+    bits, min/max at 8 (where clipping matters little and the search would cost the fit most of its time)."""
     import torch
 
     from ptqd.calib.quant import choose_act_range
 
     flat = x.reshape(-1).numpy()
-    sub = flat[np.random.RandomState(0).choice(flat.size, min(flat.size, 32768), replace=False)]
-    q = choose_act_range(sub, float(flat.min()), float(flat.max()), bits, "mse")
+    sub = flat[np.random.RandomState(0).randint(0, flat.size, 16384)]
+    q = choose_act_range(sub, float(flat.min()), float(flat.max()), bits, "mse" if bits < 8 else "minmax")
     s = torch.tensor(q.scale, dtype=torch.float32)
     return (torch.clamp(torch.round(x / s) + q.zero_point, 0, q.qmax) - q.zero_point) * s
 
@@ -222,7 +223,13 @@ def _svd(w, r: int):
     """(A [r, K], B [C_out, r]) with B·A the best rank-r approximation of w, √σ on each side."""
     import torch
 
-    u, sv, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    if min(w.shape) > max(256, 4 * (r + 10)):  # large: randomized (Halko et al.), seeded, the same on every run
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            u, sv, v = torch.svd_lowrank(w.double(), q=r + 10, niter=4)
+        vh = v.T
+    else:
+        u, sv, vh = torch.linalg.svd(w.double(), full_matrices=False)
     root = sv[:r].sqrt()
     a = (root[:, None] * vh[:r]).float()
     b = (u[:, :r] * root[None]).float()

@@ -36,8 +36,8 @@ def export(model: str | os.PathLike, out: str | os.PathLike, config: str | os.Pa
     the calibration ``prompts`` (a list or a file, one a line; default ``ptqd.models.text.DEFAULT_PROMPTS``)
     encoded as the table later stages index like classes, row 0 the negative prompt "".
 
-    ``outliers`` (``calib.outliers``): smooth | lowrank | svd rewrites the body layers before export (activation
-    outliers into the weights, a float low-rank branch of at most ``rank_budget`` of a layer's MACs), fitted on
+    ``outliers`` (``calib.outliers``): smooth | lowrank | svd rewrites the 4-bit layers before export (activation
+    outliers moved into the weights; a low-rank branch of at most ``rank_budget`` of a layer's MACs), fitted on
     FP trajectories of the model; everything after export sees ordinary layers.
 
     The bundle at ``out`` is replaced only if every step, validation included, succeeds.
