@@ -150,8 +150,8 @@ def _outliers_args(p) -> None:
     p.add_argument("--outliers", choices=("none", "smooth", "lowrank", "svd"), default="none",
                    help="rewrite the 4-bit layers before export (fitted on FP trajectories): smooth = activation outliers "
                         "moved into the weights per input channel (SmoothQuant, alpha searched per layer), lowrank = a "
-                        "float low-rank branch beside each layer (SVDQuant), svd = both; none (default). For w4a4: "
-                        "docs/calibration.md#outliers")
+                        "low-rank branch beside each layer on 8-bit kernels (SVDQuant; float in w8a8), svd = both; none "
+                        "(default). Quality and cost: docs/calibration.md, 'W4A4: outliers out of the 4-bit path'")
     p.add_argument("--rank-budget", type=float, default=0.05,
                    help="the low-rank branch's MACs as a share of its layer's (default 0.05)")
 

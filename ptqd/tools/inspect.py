@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-import re
 import os
+import re
 from typing import Any
 
 from ptqd.bundle import Bundle, layout
