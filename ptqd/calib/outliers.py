@@ -200,15 +200,13 @@ def body_layers(loaded, feed) -> list[tuple[str, object]]:
 def _quant_act(x, bits: int):
     """Fake-quantized x (torch) on a per-tensor asymmetric grid: the MSE range search's (on a subsample) below 8
     bits, min/max at 8 (where clipping matters little and the search would cost the fit most of its time)."""
-    import torch
-
+    from ptqd.calib.fakequant import fake_quant
     from ptqd.calib.quant import choose_act_range
 
     flat = x.reshape(-1).numpy()
     sub = flat[np.random.RandomState(0).randint(0, flat.size, 16384)]
     q = choose_act_range(sub, float(flat.min()), float(flat.max()), bits, "mse" if bits < 8 else "minmax")
-    s = torch.tensor(q.scale, dtype=torch.float32)
-    return (torch.clamp(torch.round(x / s) + q.zero_point, 0, q.qmax) - q.zero_point) * s
+    return fake_quant(x, q)
 
 
 def _quant_weight(w, bits: int):
@@ -240,8 +238,8 @@ def fit_layer(name: str, mod, X, amax, mode: str, rank_budget: float, bits: int 
               guard: tuple[int, int] = (7, 8)) -> LayerRewrite:
     """Choose α (and the branch) for one layer from its sampled input rows X [N, K] (im2col order: C_in-major)
     and the per-channel max |x| ``amax`` [C_in], minimizing the ``bits``-bit output error
-    ‖X Wᵀ − (Q(X') Q(R)ᵀ + Q₈(Q₈(X') Q₇(A)ᵀ) Q₇(B)ᵀ)‖² / ‖X Wᵀ‖² (the branch on 8-bit kernels) among the candidates that do not raise the error on the ``guard``
-    grid (weight bits, activation bits: w8a8's 7-bit portable weights by default): the rewrite serves every
+    ‖X Wᵀ − (Q(X') Q(R)ᵀ + Q₈(Q₈(X') Q₇(A)ᵀ) Q₇(B)ᵀ)‖² / ‖X Wᵀ‖² (the branch on 8-bit kernels) among the
+    candidates that do not raise the error on the ``guard`` grid (weight bits, activation bits: w8a8's 7-bit portable weights by default): the rewrite serves every
     precision of the bundle, and a smoothing that helps 4 bits can cost 8."""
     import torch
 
@@ -268,6 +266,8 @@ def fit_layer(name: str, mod, X, amax, mode: str, rank_budget: float, bits: int 
     before_guard = error(X, w, None, None, *guard)
     best = (before, None, None, None, None, before_guard)
     for alpha in (None,) + (ALPHAS if mode in ("smooth", "svd") else ()):
+        if alpha is None and r == 0:
+            continue  # the layer as it is: ``best`` already
         if alpha is None:
             s = torch.ones(c_in)
         else:
@@ -276,8 +276,6 @@ def fit_layer(name: str, mod, X, amax, mode: str, rank_budget: float, bits: int 
         inv_s = (1.0 / s).float()
         s_k = (1.0 / inv_s.double()).float().repeat_interleave(taps)
         wp, xp = w * s_k[None], X * inv_s.repeat_interleave(taps)[None]
-        if alpha is None and r == 0:
-            continue  # the layer as it is: ``best`` already
         a = b = None
         resid = wp
         if r > 0:
