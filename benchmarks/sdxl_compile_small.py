@@ -1,9 +1,10 @@
 """The full SDXL base UNet architecture (2.57 B parameters, random weights) compiled stage by stage at a small
 latent: time and peak memory of the whole process tree per stage (polled every 50 ms, ``ptqd.resources.TreePeak``).
 
-    python benchmarks/sdxl_compile_small.py [--work DIR] [--latent 32] [--stages export,calibrate,build,correct,plan]
+    python benchmarks/sdxl_compile_small.py [--work DIR] [--latent 32]
+        [--stages export,calibrate,build,correct,plan,sample] [--export-args "--no-first-stage"]
         [--calibrate-args "--samples 2 --steps 4"] [--build-args "--precisions w8a8"] [--correct-args "..."]
-        [--memory-available 64G]
+        [--sample-args "--prompt P --precision auto"] [--memory-available 64G]
 
 Writes DIR/sdxl-<latent> (the pipeline: the real UNet, small text encoders and VAE; 10.3 GB) once, then runs each
 stage as its own ``ptqd`` command on DIR/sdxl-<latent>.bundle, stopping at the first that fails, and writes
@@ -23,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-STAGES = ("export", "calibrate", "build", "correct", "plan")
+STAGES = ("export", "calibrate", "build", "correct", "plan", "sample")
 
 
 def main(argv=None) -> int:
@@ -31,10 +32,14 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="sdxl-bench")
     ap.add_argument("--latent", type=int, default=32, help="latent size (default 32: 256x256 images)")
     ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--export-args", default="", help='e.g. "--no-first-stage" (then sample writes latents: '
+                    'give it --out X.npz)')
     ap.add_argument("--calibrate-args", default="--samples 2 --steps 4")
     ap.add_argument("--build-args", default="--precisions w8a8")
     ap.add_argument("--correct-args", default="--samples 2 --steps 4")
     ap.add_argument("--plan-args", default="")
+    ap.add_argument("--sample-args", default='--prompt "a lighthouse on a cliff at dusk" --precision auto --num 1',
+                    help="the sample stage's flags (its --out defaults to DIR/sdxl-<latent>.png)")
     ap.add_argument("--memory-available", default=None, help="PTQD_MEMORY_AVAILABLE for the stages, e.g. 64G")
     args = ap.parse_args(argv)
     from ptqd.resources import TreePeak, cpu_description
@@ -61,12 +66,14 @@ def main(argv=None) -> int:
     env = dict(os.environ)
     if args.memory_available:
         env["PTQD_MEMORY_AVAILABLE"] = args.memory_available
-    extra = {"calibrate": args.calibrate_args, "build": args.build_args, "correct": args.correct_args,
-             "plan": args.plan_args}
+    extra = {"export": args.export_args, "calibrate": args.calibrate_args, "build": args.build_args,
+             "correct": args.correct_args, "plan": args.plan_args, "sample": args.sample_args}
     for stage in stages:
         cmd = [sys.executable, "-m", "ptqd.cli", stage]
-        cmd += [str(src), "--out", str(bundle), "--no-first-stage"] if stage == "export" else [str(bundle)]
+        cmd += [str(src), "--out", str(bundle)] if stage == "export" else [str(bundle)]
         cmd += shlex.split(extra.get(stage, ""))
+        if stage == "sample" and "--out" not in cmd:
+            cmd += ["--out", str(work / f"sdxl-{args.latent}.png")]
         t0 = time.perf_counter()
         with TreePeak() as peak:
             r = subprocess.run(cmd, env=env)

@@ -275,7 +275,8 @@ def cmd_calibrate(args) -> int:
           f"preset {rec['preset']} ({sec['total']:.0f} s: observe {sec['observe']:.0f}, H + weights "
           f"{sec['weights']:.0f}, ranges + write {sec['ranges_and_write']:.0f})")
     for p, r in rec["precisions"].items():
-        errs = ", ".join(f"{k} {v:.2e}" for k, v in r["mean_layer_rel_error"].items())
+        errs = (", ".join(f"{k} {v:.2e}" for k, v in r["mean_layer_rel_error"].items())
+                or "not measured (nearest rounding runs no H pass)")
         print(f"  {p}: mean layer output error (relative) {errs}")
     return 0
 

@@ -89,7 +89,8 @@ def calibrate(bundle, samples: int | None = None, steps: int | None = None, eta:
             check_order(rec.attention_seen, table["layers"])
         seconds["observe"] = round(time.perf_counter() - t0, 1)
         t1 = time.perf_counter()
-        bar.set_postfix_str(f"H + {cfg.rounding} weights, layer groups of <= {pre.hessian_mb} MB")
+        bar.set_postfix_str(f"H + {cfg.rounding} weights, layer groups of <= {pre.hessian_mb} MB"
+                            if cfg.rounding != "nearest" else "nearest weights (no H)")
         weights = quantize_weights(loaded, selected, rec, cfg, dev, feeds_items=pre.hessian_items,
                                    budget_bytes=pre.hessian_mb << 20, progress=bar)
         seconds["weights"] = round(time.perf_counter() - t1, 1)

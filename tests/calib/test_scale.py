@@ -160,3 +160,28 @@ def test_sampling_resumed_mid_trajectory_equals_the_full_run(tiny_cin_bundle):
         for i in (0, 3, 5):
             again = sample_latents(runner, b.facts, table, labels, idx, 0, cfg, start=(i, states[i]))
             np.testing.assert_array_equal(again, full)
+
+
+def test_nearest_rounding_runs_no_hessian_pass_and_reports_no_layer_error(tiny_cin_bundle, tmp_path, monkeypatch):
+    import shutil
+
+    from ptqd import api
+    from ptqd.calib import observe
+
+    d = tmp_path / "b"
+    shutil.copytree(tiny_cin_bundle, d)
+
+    def no_h(*_a, **_k):
+        raise AssertionError("nearest rounding replayed the calls for H")
+
+    monkeypatch.setattr(observe, "hessians", no_h)
+    rec = api.calibrate(d, samples=2, steps=2, rounding="nearest", progress=False)
+    assert all(r["mean_layer_rel_error"] == {} for r in rec["precisions"].values())
+    with np.load(d / "calib" / "w4a8.npz") as z:
+        near = {k: z[k] for k in z.files}
+    monkeypatch.undo()
+    rec = api.calibrate(d, samples=2, steps=2, rounding="gptq", progress=False)
+    assert set(rec["precisions"]["w4a8"]["mean_layer_rel_error"]) == {"nearest", "gptq"}
+    with np.load(d / "calib" / "w4a8.npz") as z:
+        assert z.files == list(near)
+        assert any(not np.array_equal(z[k], near[k]) for k in z.files)  # GPTQ moved some weights: H was used
