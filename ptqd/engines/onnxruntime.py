@@ -147,6 +147,10 @@ class OrtRunner(Runner):
     def infer(self, x, t, context):
         return self.session.run(["eps"], unet_feeds(self.input_names, x, t, context, self.path.name))[0]
 
+    def close(self) -> None:
+        """Let go of the session (its weights: GBs for a large UNet) even while this object is referenced."""
+        self.session = None
+
 
 class OrtDecoder:
     """First-stage decoder engine: latent z -> image in [-1, 1]."""

@@ -98,6 +98,10 @@ class BucketedRunner(Runner):
             raise ValueError("a bucketed engine runs one timestep per call (the sampler's batches share t)")
         return self.pick(float(t[0])).infer(x, t, context)
 
+    def close(self) -> None:
+        for _, r in self.buckets:
+            r.close()
+
 
 def round_robin(calls: dict, runs: int = 20, warmup: int = 3) -> dict[str, list[float]]:
     """``calls``: name -> zero-argument callable, run interleaved (each round calls every one once, so drift in

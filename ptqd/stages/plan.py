@@ -84,8 +84,11 @@ def measure_damage(b: Bundle, candidates, reference: str, samples: int = 64, see
     labels, idx = default_labels(facts, None, samples), np.arange(samples)
     fitted = b.read_json(layout.CORRECTION_JSON)["precisions"]
     tables = {p: CorrectionTable.from_json(fitted[p], applied=True) for p in candidates if p in fitted}
-    runners = {p: open_engine(b, p, allow_spinning=False) for p in ["fp32", *candidates]}
-    fp = sample_latents(runners["fp32"], facts, table, labels, idx, seed, cfg)
+    # at most two engines open at once (FP32 first, then the reference and one candidate): on SDXL's UNet the
+    # FP32 graph and three engines together passed 23 GiB
+    with open_engine(b, "fp32", allow_spinning=False) as fp_runner:
+        fp = sample_latents(fp_runner, facts, table, labels, idx, seed, cfg)
+    runners = {reference: open_engine(b, reference, allow_spinning=False)}
     states: list[np.ndarray] = []  # the reference trajectory's x before each step
 
     def keep(i, t, x, ctx, eps):
@@ -100,6 +103,7 @@ def measure_damage(b: Bundle, candidates, reference: str, samples: int = 64, see
         for p in others:
             damage[p] = []
             bar.set_postfix_str(f"damage of {p} per step, {samples} samples")
+            runners[p] = open_engine(b, p, allow_spinning=False)
             for i in range(len(ts)):
                 eng = StepEngines(runners, Plan(ts, [p if j == i else reference for j in range(len(ts))]), tables,
                                   CORRECTION_PARTS)
@@ -107,8 +111,8 @@ def measure_damage(b: Bundle, candidates, reference: str, samples: int = 64, see
                                     start=(i, states[i]) if resume else None)
                 damage[p].append(float(np.mean((x0 - fp) ** 2)) - base)
                 bar.update()
-    for r in runners.values():
-        r.close()
+            runners.pop(p).close()
+    runners[reference].close()
     return {"reference_error": base, "damage": damage, "samples": samples, "seed": seed, "timesteps": ts}
 
 
@@ -147,6 +151,15 @@ def plan(bundle, margin: float = 1.0, precisions=None, criterion: str = "sensiti
             raise UserError(f"--reference {reference} has no engine and correction; choose from {', '.join(cands)}")
         from ptqd.budget import preset_for
 
+        if min(cost.values()) > budget * cost[reference] * (1 + 1e-9):  # before minutes of measuring, not after
+            cheaper = [p for p in corr if p not in cands and precision_bops(b, p) <= budget * cost[reference]]
+            unbuilt = [p for p in cheaper if p not in built]
+            fix = "".join([f"add {p} to --precisions, or " for p in cheaper if p in built] + (
+                [f"build {','.join(unbuilt)} (`ptqd build {b.root} --precisions {','.join(unbuilt)}`), or "]
+                if unbuilt else []))
+            raise UserError(f"no plan fits --budget {budget:g} x {reference}'s BOPs with the engines built "
+                            f"({', '.join(cands)}): {fix}raise --budget to at least "
+                            f"{min(cost.values()) / cost[reference]:.3g}")
         if samples is None:
             samples = preset_for(preset, b.read_json(layout.UNET_LAYERS)).plan_samples
         from ptqd.calib.correction import trajectory_timesteps

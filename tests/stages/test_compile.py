@@ -212,3 +212,19 @@ def test_compile_backend_is_onnxruntime_or_auto(tmp_path):
     with pytest.raises(UserError, match="onnxruntime or auto"):
         api.compile("demo", tmp_path / "x.bundle", backend="openvino", log=lambda m: None)
     assert not (tmp_path / "x.bundle").exists()
+
+
+def test_a_budget_no_built_engine_can_meet_is_refused_before_measuring(compiled, tmp_path, monkeypatch):
+    import shutil
+
+    from ptqd.stages import plan as plan_stage
+
+    out = tmp_path / "p.bundle"
+    shutil.copytree(compiled[0], out)
+
+    def measured(*_a, **_k):
+        raise AssertionError("measured the damage of a plan that cannot fit")
+
+    monkeypatch.setattr(plan_stage, "measure_damage", measured)
+    with pytest.raises(UserError, match=r"add w4a4 to --precisions.*raise --budget to at least 1"):
+        api.plan(out, precisions=["w8a8", "w4a8"], budget=0.9)
