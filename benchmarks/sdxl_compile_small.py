@@ -3,7 +3,7 @@ latent: time and peak memory of the whole process tree per stage (polled every 5
 
     python benchmarks/sdxl_compile_small.py [--work DIR] [--latent 32]
         [--stages export,calibrate,build,correct,plan,sample] [--export-args "--no-first-stage"]
-        [--calibrate-args "--samples 2 --steps 4"] [--build-args "--precisions w8a8"] [--correct-args "..."]
+        [--calibrate-args "--samples 2 --steps 4"] [--build-args "--precisions w8a8"] [--correct-args "--samples 2"]
         [--sample-args "--prompt P --precision auto"] [--memory-available 64G]
 
 Writes DIR/sdxl-<latent> (the pipeline: the real UNet, small text encoders and VAE; 10.3 GB) once, then runs each
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
                     'give it --out X.npz)')
     ap.add_argument("--calibrate-args", default="--samples 2 --steps 4")
     ap.add_argument("--build-args", default="--precisions w8a8")
-    ap.add_argument("--correct-args", default="--samples 2 --steps 4")
+    ap.add_argument("--correct-args", default="")
     ap.add_argument("--plan-args", default="")
     ap.add_argument("--sample-args", default='--prompt "a lighthouse on a cliff at dusk" --precision auto --num 1',
                     help="the sample stage's flags (its --out defaults to DIR/sdxl-<latent>.png)")

@@ -95,7 +95,8 @@ def peer_peak(m: ModelCost, chunk: int) -> int:
 def sample_peak(m: ModelCost, batch: int) -> int:
     """correct and plan: the torch model and the engines of every precision, ``batch`` trajectories
     (CFG doubles them). Measured: 1.42 GB at 47 M, 5.68 GB at 400.9 M, 21.90 GiB for correct's fit and gate
-    on SDXL's 2.57 B-parameter UNet at a 32x32 latent (W = 9.6 GiB)."""
+    on SDXL's 2.57 B-parameter UNet at a 32x32 latent (W = 9.6 GiB), 13.0 GiB for its plan alone (which holds
+    two engines at a time)."""
     return BASE + past_large(m.weight_bytes, 3.0, 1.9) + 2 * batch * m.act_bytes
 
 
