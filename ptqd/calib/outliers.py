@@ -239,8 +239,9 @@ def fit_layer(name: str, mod, X, amax, mode: str, rank_budget: float, bits: int 
     """Choose α (and the branch) for one layer from its sampled input rows X [N, K] (im2col order: C_in-major)
     and the per-channel max |x| ``amax`` [C_in], minimizing the ``bits``-bit output error
     ‖X Wᵀ − (Q(X') Q(R)ᵀ + Q₈(Q₈(X') Q₇(A)ᵀ) Q₇(B)ᵀ)‖² / ‖X Wᵀ‖² (the branch on 8-bit kernels) among the
-    candidates that do not raise the error on the ``guard`` grid (weight bits, activation bits: w8a8's 7-bit portable weights by default): the rewrite serves every
-    precision of the bundle, and a smoothing that helps 4 bits can cost 8."""
+    candidates that do not raise the error on the ``guard`` grid (weight bits, activation bits: w8a8's 7-bit
+    portable weights by default): the rewrite serves every precision of the bundle, and a smoothing that helps
+    4 bits can cost 8."""
     import torch
 
     w = mod.weight.detach().float().cpu().reshape(mod.weight.shape[0], -1)

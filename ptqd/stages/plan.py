@@ -154,11 +154,11 @@ def plan(bundle, margin: float = 1.0, precisions=None, criterion: str = "sensiti
         if min(cost.values()) > budget * cost[reference] * (1 + 1e-9):  # before minutes of measuring, not after
             cheaper = [p for p in corr if p not in cands and precision_bops(b, p) <= budget * cost[reference]]
             unbuilt = [p for p in cheaper if p not in built]
-            fix = "".join([f"add {p} to --precisions, or " for p in cheaper if p in built] + (
-                [f"build {','.join(unbuilt)} (`ptqd build {b.root} --precisions {','.join(unbuilt)}`), or "]
-                if unbuilt else []))
+            fixes = [f"add {p} to --precisions" for p in cheaper if p in built]
+            if unbuilt:
+                fixes.append(f"build {','.join(unbuilt)} (`ptqd build {b.root} --precisions {','.join(unbuilt)}`)")
             raise UserError(f"no plan fits --budget {budget:g} x {reference}'s BOPs with the engines built "
-                            f"({', '.join(cands)}): {fix}raise --budget to at least "
+                            f"({', '.join(cands)}): {''.join(f + ', or ' for f in fixes)}raise --budget to at least "
                             f"{min(cost.values()) / cost[reference]:.3g}")
         if samples is None:
             samples = preset_for(preset, b.read_json(layout.UNET_LAYERS)).plan_samples
