@@ -15,7 +15,8 @@ Transpose, MatMul, Mul, Softmax, MatMul, Transpose, Reshape, where ONNX Runtime 
   has no reader and is dropped. Only for graphs whose one dynamic axis is the batch.
 * :func:`fuse_attention` replaces each attention core whose layout it can prove, from the same evaluated
   shapes, to be the standard head split (``[B, L, H*d] -> [B*H, L, d]`` for q, k, v and back) by one
-  ``MultiHeadAttention`` node (ONNX Runtime only: OpenVINO and TensorRT read standard ONNX).
+  ``MultiHeadAttention`` node (ONNX Runtime only: OpenVINO and TensorRT read standard ONNX); with one head
+  (cin256-v2) by the bare matmuls on ``[B, L, C]``, which ONNX Runtime runs faster than its fused kernel there.
 
 Both keep the float numerics: the attention kernel sums in another order (within 5e-6 of the decomposed
 graph on unit-scale inputs), far inside the engines' validation tolerance against the fake-quant model.
@@ -369,9 +370,18 @@ def find_attention(g, shapes: dict[str, np.ndarray]) -> list[dict]:
     return found
 
 
-def fuse_attention(model, shapes: dict[str, np.ndarray] | None = None) -> dict:
-    """Replace, in place, each attention core :func:`find_attention` proves by one com.microsoft
-    MultiHeadAttention node. Returns counts."""
+def fuse_attention(model, shapes: dict[str, np.ndarray] | None = None, bare_single_head: bool = True) -> dict:
+    """Rewrite, in place, each attention core :func:`find_attention` proves: one com.microsoft
+    MultiHeadAttention node where it has several heads, and the bare ``Softmax(q·kᵀ·scale)·v`` on the [B, L, C]
+    tensors where it has one. Returns counts.
+
+    A single head is cin256-v2's case (``num_heads: 1``). ONNX Runtime's CPU MultiHeadAttention kernel spreads
+    its work over batch x heads, so one head at batch 1 runs on one thread; the head split's Reshape/Transpose
+    chain is then pure copying (``H = 1``), and without it ONNX Runtime fuses kᵀ into one multi-threaded matmul.
+    At the full-size model's shapes (L 1024, C 384; 2 threads) that is 0.71x MultiHeadAttention's time at batch 1
+    and 0.87x at batch 2 (``benchmarks/attention_fused.py --shapes``). The bare form runs the same ops in the
+    same order as the exported graph, so its numbers are those of the decomposed graph. ``bare_single_head=False``
+    fuses single heads too (``benchmarks/attention_fusion_engine.py`` times both)."""
     from onnx import helper
 
     g = model.graph
@@ -379,25 +389,37 @@ def fuse_attention(model, shapes: dict[str, np.ndarray] | None = None) -> dict:
         shapes = attention_shapes(model)
     matches = find_attention(g, shapes)
     if not matches:
-        return {"fused_attention": 0}
+        return {"fused_attention": 0, "single_head_attention": 0}
+    producer = {o: n for n in g.node for o in n.output}
     drop = {x for m in matches for x in m["nodes"]}
     at = {m["name"]: m for m in matches}
     nodes = []
     for n in g.node:
         if n.op_type == "Softmax" and n.name in at:
             m = at[n.name]
-            kw = {} if m["default_scale"] else {"scale": float(m["scale"])}
-            nodes.append(helper.make_node("MultiHeadAttention", [m["q"], m["k"], m["v"]], [m["out"]],
-                                          name=f"{n.name}_MultiHeadAttention", domain="com.microsoft",
-                                          num_heads=int(m["heads"]), **kw))
+            if m["heads"] > 1 or not bare_single_head:
+                kw = {} if m["default_scale"] else {"scale": float(m["scale"])}
+                nodes.append(helper.make_node("MultiHeadAttention", [m["q"], m["k"], m["v"]], [m["out"]],
+                                              name=f"{n.name}_MultiHeadAttention", domain="com.microsoft",
+                                              num_heads=int(m["heads"]), **kw))
+                continue
+            scaled = producer[n.input[0]]  # Mul or Div by the matched scalar, kept as it was
+            p = f"{n.name}_single_head"
+            nodes += [helper.make_node("Transpose", [m["k"]], [f"{p}_kT"], name=f"{p}_kT", perm=[0, 2, 1]),
+                      helper.make_node("MatMul", [m["q"], f"{p}_kT"], [f"{p}_qk"], name=f"{p}_qk"),
+                      helper.make_node(scaled.op_type, [f"{p}_qk", scaled.input[1]], [f"{p}_scaled"],
+                                       name=f"{p}_scale"),
+                      helper.make_node("Softmax", [f"{p}_scaled"], [f"{p}_p"], name=f"{p}_softmax", axis=-1),
+                      helper.make_node("MatMul", [f"{p}_p", m["v"]], [m["out"]], name=f"{p}_av")]
         elif (n.name or n.output[0]) not in drop:
             nodes.append(n)
     del g.node[:]
     g.node.extend(nodes)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+    fused = sum(m["heads"] > 1 or not bare_single_head for m in matches)
+    if fused and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     removed = prune(g)
-    return {"fused_attention": len(matches), "removed_nodes": removed}
+    return {"fused_attention": fused, "single_head_attention": len(matches) - fused, "removed_nodes": removed}
 
 
 def attention_candidates(g) -> list[str]:
@@ -460,4 +482,5 @@ def optimize_for_ort(model, fp_onnx: str | os.PathLike) -> dict:
     rec = fold_shapes(model, values)
     att = fuse_attention(model, shapes)
     return {"folded_shape_values": rec["folded"], "fused_attention": att["fused_attention"],
+            "single_head_attention": att["single_head_attention"],
             "removed_nodes": rec.get("removed_nodes", 0) + att.get("removed_nodes", 0)}

@@ -1,5 +1,6 @@
 """The ONNX Runtime engines' graph rewrites (``ptqd.engines.graph_opt``): shape arithmetic folded to constants and
-attention as one MultiHeadAttention node compute what the exported graph computes, at every batch size."""
+attention as one MultiHeadAttention node (several heads) or bare matmuls (one head) compute what the exported graph
+computes, at every batch size."""
 
 import collections
 
@@ -48,19 +49,35 @@ def test_folding_removes_the_shape_arithmetic_and_keeps_every_batch(exported):
         np.testing.assert_array_equal(run(m, f), run(exported, f))
 
 
-def test_attention_fuses_into_one_kernel_per_block_within_float_rounding(exported):
+def test_single_head_attention_drops_its_head_split_and_keeps_the_numbers(exported):
+    """The tiny CompVis UNet has one head per block, as cin256-v2 does: each core becomes the bare
+    Softmax(q·kᵀ·s)·v on [B, L, C] (ONNX Runtime's MultiHeadAttention runs one head on one thread)."""
     m = onnx.ModelProto()
     m.CopyFrom(exported)
-    n_softmax = sum(n.op_type == "Softmax" for n in exported.graph.node)
+    before = collections.Counter(n.op_type for n in exported.graph.node)
     rec = go.fuse_attention(m)
     ops = collections.Counter(n.op_type for n in m.graph.node)
-    assert n_softmax > 0 and rec["fused_attention"] == n_softmax and ops["MultiHeadAttention"] == n_softmax
-    assert ops["Softmax"] == 0 and ops["Transpose"] < collections.Counter(
-        n.op_type for n in exported.graph.node)["Transpose"]
+    assert before["Softmax"] > 0 and rec["single_head_attention"] == before["Softmax"] and rec["fused_attention"] == 0
+    assert ops["MultiHeadAttention"] == 0 and ops["Softmax"] == before["Softmax"]
+    # per core: the q, k, v and output head splits (3 Reshapes, 1 Transpose each) are gone, k's transpose stays
+    assert before["Transpose"] - ops["Transpose"] == 4 * before["Softmax"], (before, ops)
     for batch in (1, 3):
         f = unet_feeds(exported, batch, seed=batch)
         ref = run(exported, f)
         np.testing.assert_allclose(run(m, f), ref, atol=2e-5 * max(1.0, float(np.abs(ref).max())), rtol=0)
+
+
+def test_multi_head_attention_fuses_into_one_kernel_at_every_batch():
+    m = attention_graph(heads=4, d=8, L=10)
+    ref = onnx.ModelProto()
+    ref.CopyFrom(m)
+    rec = go.fuse_attention(m)
+    ops = collections.Counter(n.op_type for n in m.graph.node)
+    assert rec["fused_attention"] == 1 and rec["single_head_attention"] == 0
+    assert ops == {"MultiHeadAttention": 1}, ops
+    for batch in (1, 3):
+        f = {x: np.random.default_rng(i).standard_normal((batch, 10, 32)).astype(np.float32) for i, x in enumerate("qkv")}
+        np.testing.assert_allclose(run(m, f), run(ref, f), atol=1e-5, rtol=0)
 
 
 def attention_graph(perm_q=(0, 2, 1, 3), scale=0.125, heads=2, d=8, L=6):
