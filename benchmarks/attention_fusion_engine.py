@@ -1,7 +1,8 @@
 """Whole ONNX Runtime engines with and without the attention fusion (``graph_opt.fuse_attention``): one precision
 of a calibrated bundle written three times (shape folding in all): every attention core as one MultiHeadAttention
 node ("fused attention"), the exported decomposition ("unfused"), and as ``ptqd build`` writes it ("as built":
-MultiHeadAttention for several heads, bare matmuls for one), timed interleaved in one process.
+MultiHeadAttention for several heads, bare matmuls for one, v itself for one key), timed interleaved in one
+process.
 
     python benchmarks/attention_fusion_engine.py BUNDLE [--precision w8a8] [--runs 12] [--work DIR]
 
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
 
     def mha_everywhere(m):
         graph_opt.fold_shapes(m, values)
-        graph_opt.fuse_attention(m, shapes, bare_single_head=False)
+        graph_opt.fuse_attention(m, shapes, fuse_all=True)
 
     variants = {"fused attention": mha_everywhere, "unfused": lambda m: graph_opt.fold_shapes(m, values),
                 "as built": lambda m: graph_opt.optimize_for_ort(m, fp)}

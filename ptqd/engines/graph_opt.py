@@ -364,13 +364,16 @@ def find_attention(g, shapes: dict[str, np.ndarray]) -> list[dict]:
         if shapes.get(v_src) is None or shapes[v_src][2] != qs[2]:
             continue  # MultiHeadAttention here: v's width equal to q's
         d = int(qs[2]) // heads
+        ks = shapes.get(k_src)
         found.append({"q": q_src, "k": k_src, "v": v_src, "out": tail[2].output[0], "heads": heads, "scale": scale,
+                      "tokens": int(qs[1]), "keys": int(ks[1]) if ks is not None and len(ks) == 3 else None,
                       "default_scale": abs(scale - d ** -0.5) <= 1e-6 * d ** -0.5, "name": sm.name,
                       "nodes": [n.name or n.output[0] for n in q[0] + k[0] + v[0] + [qk, scaled, sm, av] + tail]})
     return found
 
 
-def fuse_attention(model, shapes: dict[str, np.ndarray] | None = None, bare_single_head: bool = True) -> dict:
+def fuse_attention(model, shapes: dict[str, np.ndarray] | None = None, fuse_all: bool = False,
+                   one_key_only: bool = False) -> dict:
     """Rewrite, in place, each attention core :func:`find_attention` proves: one com.microsoft
     MultiHeadAttention node where it has several heads, and the bare ``Softmax(q·kᵀ·scale)·v`` on the [B, L, C]
     tensors where it has one. Returns counts.
@@ -380,16 +383,28 @@ def fuse_attention(model, shapes: dict[str, np.ndarray] | None = None, bare_sing
     chain is then pure copying (``H = 1``), and without it ONNX Runtime fuses kᵀ into one multi-threaded matmul.
     At the full-size model's shapes (L 1024, C 384; 2 threads) that is 0.71x MultiHeadAttention's time at batch 1
     and 0.87x at batch 2 (``benchmarks/attention_fused.py --shapes``). The bare form runs the same ops in the
-    same order as the exported graph, so its numbers are those of the decomposed graph. ``bare_single_head=False``
-    fuses single heads too (``benchmarks/attention_fusion_engine.py`` times both)."""
-    from onnx import helper
+    same order as the exported graph, so its numbers are those of the decomposed graph.
+
+    A core with one key (a class-conditional model's cross-attention on its one class token: cin256-v2's
+    ``attn2``, half its attention blocks) computes softmax over one value, which is exactly 1: its output is v,
+    broadcast over the tokens (``Expand``). Its q and k projections then have no reader and are pruned, with
+    their quantizers (full size: 1.5 GMAC of int8 matmuls per forward). Same numbers, bit for bit, for finite
+    inputs (the runners refuse others).
+
+    ``fuse_all=True`` fuses every core into MultiHeadAttention (``benchmarks/attention_fusion_engine.py``
+    times both); ``one_key_only=True`` rewrites only the one-key cores (OpenVINO: :func:`optimize_for_openvino`)."""
+    from onnx import TensorProto, helper
 
     g = model.graph
     if shapes is None:
         shapes = attention_shapes(model)
     matches = find_attention(g, shapes)
+    for m in matches:
+        m["form"] = "mha" if fuse_all or (m["heads"] > 1 and m["keys"] != 1) else "one_key" if m["keys"] == 1 else "bare"
+    if one_key_only:
+        matches = [m for m in matches if m["form"] == "one_key"]
     if not matches:
-        return {"fused_attention": 0, "single_head_attention": 0}
+        return {"fused_attention": 0, "single_head_attention": 0, "single_key_attention": 0}
     producer = {o: n for n in g.node for o in n.output}
     drop = {x for m in matches for x in m["nodes"]}
     at = {m["name"]: m for m in matches}
@@ -397,29 +412,35 @@ def fuse_attention(model, shapes: dict[str, np.ndarray] | None = None, bare_sing
     for n in g.node:
         if n.op_type == "Softmax" and n.name in at:
             m = at[n.name]
-            if m["heads"] > 1 or not bare_single_head:
+            p = f"{n.name}_single_head"
+            if m["form"] == "one_key":
+                # one key (a class-conditional model's cross-attention): its softmax is exactly 1, out = v
+                g.initializer.append(helper.make_tensor(f"{p}_shape", TensorProto.INT64, [3],
+                                                        [1, m["tokens"], int(shapes[m["v"]][2])]))
+                nodes.append(helper.make_node("Expand", [m["v"], f"{p}_shape"], [m["out"]], name=f"{p}_expand"))
+            elif m["form"] == "mha":
                 kw = {} if m["default_scale"] else {"scale": float(m["scale"])}
                 nodes.append(helper.make_node("MultiHeadAttention", [m["q"], m["k"], m["v"]], [m["out"]],
                                               name=f"{n.name}_MultiHeadAttention", domain="com.microsoft",
                                               num_heads=int(m["heads"]), **kw))
-                continue
-            scaled = producer[n.input[0]]  # Mul or Div by the matched scalar, kept as it was
-            p = f"{n.name}_single_head"
-            nodes += [helper.make_node("Transpose", [m["k"]], [f"{p}_kT"], name=f"{p}_kT", perm=[0, 2, 1]),
-                      helper.make_node("MatMul", [m["q"], f"{p}_kT"], [f"{p}_qk"], name=f"{p}_qk"),
-                      helper.make_node(scaled.op_type, [f"{p}_qk", scaled.input[1]], [f"{p}_scaled"],
-                                       name=f"{p}_scale"),
-                      helper.make_node("Softmax", [f"{p}_scaled"], [f"{p}_p"], name=f"{p}_softmax", axis=-1),
-                      helper.make_node("MatMul", [f"{p}_p", m["v"]], [m["out"]], name=f"{p}_av")]
+            else:
+                scaled = producer[n.input[0]]  # Mul or Div by the matched scalar, kept as it was
+                nodes += [helper.make_node("Transpose", [m["k"]], [f"{p}_kT"], name=f"{p}_kT", perm=[0, 2, 1]),
+                          helper.make_node("MatMul", [m["q"], f"{p}_kT"], [f"{p}_qk"], name=f"{p}_qk"),
+                          helper.make_node(scaled.op_type, [f"{p}_qk", scaled.input[1]], [f"{p}_scaled"],
+                                           name=f"{p}_scale"),
+                          helper.make_node("Softmax", [f"{p}_scaled"], [f"{p}_p"], name=f"{p}_softmax", axis=-1),
+                          helper.make_node("MatMul", [f"{p}_p", m["v"]], [m["out"]], name=f"{p}_av")]
         elif (n.name or n.output[0]) not in drop:
             nodes.append(n)
     del g.node[:]
     g.node.extend(nodes)
-    fused = sum(m["heads"] > 1 or not bare_single_head for m in matches)
-    if fused and not any(o.domain == "com.microsoft" for o in model.opset_import):
+    forms = [m["form"] for m in matches]
+    if "mha" in forms and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     removed = prune(g)
-    return {"fused_attention": fused, "single_head_attention": len(matches) - fused, "removed_nodes": removed}
+    return {"fused_attention": forms.count("mha"), "single_head_attention": forms.count("bare"),
+            "single_key_attention": forms.count("one_key"), "removed_nodes": removed}
 
 
 def attention_candidates(g) -> list[str]:
@@ -474,6 +495,16 @@ def evaluated(fp_onnx: str | os.PathLike) -> tuple[dict, dict]:
     return _evaluated(str(p), st.st_mtime, st.st_size)
 
 
+def optimize_for_openvino(model, fp_onnx: str | os.PathLike) -> dict:
+    """The one-key attention rewrite of :func:`fuse_attention` on ``model`` (an OpenVINO QDQ graph written from
+    ``fp_onnx``), in place: OpenVINO runs the rest of attention, and the shape arithmetic, itself."""
+    if not batch_only(model):
+        return {"single_key_attention": 0, "skipped": "a dynamic axis other than the batch"}
+    _, shapes = evaluated(fp_onnx)
+    rec = fuse_attention(model, shapes, one_key_only=True)
+    return {"single_key_attention": rec["single_key_attention"], "removed_nodes": rec.get("removed_nodes", 0)}
+
+
 def optimize_for_ort(model, fp_onnx: str | os.PathLike) -> dict:
     """Both rewrites on ``model`` (a QDQ graph written from ``fp_onnx``), in place. Returns what was done."""
     if not batch_only(model):
@@ -482,5 +513,5 @@ def optimize_for_ort(model, fp_onnx: str | os.PathLike) -> dict:
     rec = fold_shapes(model, values)
     att = fuse_attention(model, shapes)
     return {"folded_shape_values": rec["folded"], "fused_attention": att["fused_attention"],
-            "single_head_attention": att["single_head_attention"],
+            "single_head_attention": att["single_head_attention"], "single_key_attention": att["single_key_attention"],
             "removed_nodes": rec.get("removed_nodes", 0) + att.get("removed_nodes", 0)}

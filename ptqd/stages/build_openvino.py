@@ -54,6 +54,7 @@ def _open_params(precisions) -> tuple[Precision, ...]:
 def build_openvino(bundle, precisions=None, validate: bool = True, progress: bool | None = None) -> dict:
     """OpenVINO engines from the calibration; each validated against its fake-quant model."""
     from ptqd.engines.openvino import OvRunner, convert_qdq, engine_bytes, openvino_layers, require_openvino
+    from ptqd.engines import graph_opt
     from ptqd.engines.qdq import write_qdq
 
     ov = require_openvino()
@@ -61,6 +62,7 @@ def build_openvino(bundle, precisions=None, validate: bool = True, progress: boo
     b = Bundle.open(bundle)
     require_calibrated(b)
     requires = buildable_here(b)
+    graph_opt.prepare(b.path(layout.UNET_ONNX))  # shapes for the one-key attention rewrite, before the models load
     loaded = load_source(b) if validate else None
     val_inputs = validation_inputs(dict(np.load(b.path(layout.CALIB_FEEDS)))) if validate else None
     records: dict[str, Any] = {}
@@ -85,7 +87,11 @@ def build_openvino(bundle, precisions=None, validate: bool = True, progress: boo
                 qdq = Path(tmp) / f"{p.value}.{k}.qdq.onnx"
                 # attention's Q/DQ where q/k/v and P are made (OpenVINO fuses them into their producers): the
                 # same values as on the matmul inputs (ptqd.engines.qdq.write_qdq)
-                write_qdq(b.path(layout.UNET_ONNX), layers, qdq, attention=attention, attention_at="source")
+                fp = b.path(layout.UNET_ONNX)
+                wrote = write_qdq(fp, layers, qdq, attention=attention, attention_at="source",
+                                  rewrite=lambda m, fp=fp: graph_opt.optimize_for_openvino(m, fp))
+                if k == 0:
+                    rec["graph_rewrites"] = wrote["graph"]
                 rel, bin_rel = layout.ov_engine(p.value, k, len(calib_buckets))
                 w.file(bin_rel)  # detached from the live bundle before OpenVINO writes it
                 packed = convert_qdq(qdq, w.file(rel))

@@ -49,18 +49,23 @@ def test_folding_removes_the_shape_arithmetic_and_keeps_every_batch(exported):
         np.testing.assert_array_equal(run(m, f), run(exported, f))
 
 
-def test_single_head_attention_drops_its_head_split_and_keeps_the_numbers(exported):
-    """The tiny CompVis UNet has one head per block, as cin256-v2 does: each core becomes the bare
-    Softmax(q·kᵀ·s)·v on [B, L, C] (ONNX Runtime's MultiHeadAttention runs one head on one thread)."""
+def test_single_head_attention_drops_its_head_split_and_one_key_attention_is_v(exported):
+    """The tiny CompVis UNet has one head per block, as cin256-v2 does: each self-attention core becomes the bare
+    Softmax(q·kᵀ·s)·v on [B, L, C] (ONNX Runtime's MultiHeadAttention runs one head on one thread), and each
+    cross-attention on the one class token (one key: softmax is exactly 1) becomes v broadcast, its q and k
+    projections pruned."""
     m = onnx.ModelProto()
     m.CopyFrom(exported)
     before = collections.Counter(n.op_type for n in exported.graph.node)
     rec = go.fuse_attention(m)
     ops = collections.Counter(n.op_type for n in m.graph.node)
-    assert before["Softmax"] > 0 and rec["single_head_attention"] == before["Softmax"] and rec["fused_attention"] == 0
-    assert ops["MultiHeadAttention"] == 0 and ops["Softmax"] == before["Softmax"]
-    # per core: the q, k, v and output head splits (3 Reshapes, 1 Transpose each) are gone, k's transpose stays
-    assert before["Transpose"] - ops["Transpose"] == 4 * before["Softmax"], (before, ops)
+    assert before["Softmax"] == 8 and rec["fused_attention"] == 0, rec
+    assert rec["single_head_attention"] == 4 and rec["single_key_attention"] == 4, rec
+    assert ops["MultiHeadAttention"] == 0 and ops["Softmax"] == 4 and ops["Expand"] == 4, ops
+    # self-attention: q, k, v and output head splits gone (4 Transposes), k's transpose kept; one key: all 5 gone
+    assert before["Transpose"] - ops["Transpose"] == 4 * 4 + 4 * 5, (before, ops)
+    # one key: q·kᵀ, p·v and the q and k projections (MatMuls on the tokens and on the context) pruned
+    assert before["MatMul"] - ops["MatMul"] == 4 * 4, (before, ops)
     for batch in (1, 3):
         f = unet_feeds(exported, batch, seed=batch)
         ref = run(exported, f)
