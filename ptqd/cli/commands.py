@@ -271,8 +271,9 @@ def cmd_calibrate(args) -> int:
                         weight_grid=args.weight_grid, attention=args.attention)
     sec = rec["seconds"]
     att = f" and {rec['attention_matmuls']} attention matmuls" if rec.get("attention_matmuls") else ""
+    weights = "weights" if rec.get("config", {}).get("rounding") == "nearest" else "H + weights"
     print(f"calibrated {rec['layers']} layers{att} on {rec['calibration_inputs']} UNet inputs on {rec['device']}, "
-          f"preset {rec['preset']} ({sec['total']:.0f} s: observe {sec['observe']:.0f}, H + weights "
+          f"preset {rec['preset']} ({sec['total']:.0f} s: observe {sec['observe']:.0f}, {weights} "
           f"{sec['weights']:.0f}, ranges + write {sec['ranges_and_write']:.0f})")
     for p, r in rec["precisions"].items():
         errs = (", ".join(f"{k} {v:.2e}" for k, v in r["mean_layer_rel_error"].items())

@@ -162,7 +162,8 @@ def test_sampling_resumed_mid_trajectory_equals_the_full_run(tiny_cin_bundle):
             np.testing.assert_array_equal(again, full)
 
 
-def test_nearest_rounding_runs_no_hessian_pass_and_reports_no_layer_error(tiny_cin_bundle, tmp_path, monkeypatch):
+def test_nearest_rounding_runs_no_hessian_pass_and_reports_no_layer_error(tiny_cin_bundle, tmp_path, monkeypatch,
+                                                                           capsys):
     import shutil
 
     from ptqd import api
@@ -175,6 +176,11 @@ def test_nearest_rounding_runs_no_hessian_pass_and_reports_no_layer_error(tiny_c
         raise AssertionError("nearest rounding replayed the calls for H")
 
     monkeypatch.setattr(observe, "hessians", no_h)
+    from ptqd.cli import main
+
+    assert main(["calibrate", str(d), "--samples", "2", "--steps", "2", "--rounding", "nearest", "--preset", "quick"]) == 0
+    out = capsys.readouterr().out
+    assert "H + weights" not in out and ", weights " in out and "not measured (nearest rounding runs no H pass)" in out
     rec = api.calibrate(d, samples=2, steps=2, rounding="nearest", progress=False)
     assert all(r["mean_layer_rel_error"] == {} for r in rec["precisions"].values())
     with np.load(d / "calib" / "w4a8.npz") as z:
