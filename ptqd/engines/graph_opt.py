@@ -388,8 +388,8 @@ def fuse_attention(model, shapes: dict[str, np.ndarray] | None = None, fuse_all:
     A core with one key (a class-conditional model's cross-attention on its one class token: cin256-v2's
     ``attn2``, half its attention blocks) computes softmax over one value, which is exactly 1: its output is v,
     broadcast over the tokens (``Expand``). Its q and k projections then have no reader and are pruned, with
-    their quantizers (full size: 1.5 GMAC of int8 matmuls per forward). Same numbers, bit for bit, for finite
-    inputs (the runners refuse others).
+    their quantizers (full size: 1.5 GMAC of int8 matmuls per forward; their node names are returned under
+    ``pruned_layers``). Same numbers, bit for bit, for finite inputs (the runners refuse others).
 
     ``fuse_all=True`` fuses every core into MultiHeadAttention (``benchmarks/attention_fusion_engine.py``
     times both); ``one_key_only=True`` rewrites only the one-key cores (OpenVINO: :func:`optimize_for_openvino`)."""
@@ -438,9 +438,11 @@ def fuse_attention(model, shapes: dict[str, np.ndarray] | None = None, fuse_all:
     forms = [m["form"] for m in matches]
     if "mha" in forms and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    layers = {n.name for n in g.node if n.op_type in ("Conv", "MatMul", "Gemm")}
     removed = prune(g)
+    pruned = sorted(layers - {n.name for n in g.node})
     return {"fused_attention": forms.count("mha"), "single_head_attention": forms.count("bare"),
-            "single_key_attention": forms.count("one_key"), "removed_nodes": removed}
+            "single_key_attention": forms.count("one_key"), "removed_nodes": removed, "pruned_layers": pruned}
 
 
 def attention_candidates(g) -> list[str]:
@@ -502,7 +504,8 @@ def optimize_for_openvino(model, fp_onnx: str | os.PathLike) -> dict:
         return {"single_key_attention": 0, "skipped": "a dynamic axis other than the batch"}
     _, shapes = evaluated(fp_onnx)
     rec = fuse_attention(model, shapes, one_key_only=True)
-    return {"single_key_attention": rec["single_key_attention"], "removed_nodes": rec.get("removed_nodes", 0)}
+    return {"single_key_attention": rec["single_key_attention"], "removed_nodes": rec.get("removed_nodes", 0),
+            "pruned_layers": rec.get("pruned_layers", [])}
 
 
 def optimize_for_ort(model, fp_onnx: str | os.PathLike) -> dict:
@@ -514,4 +517,5 @@ def optimize_for_ort(model, fp_onnx: str | os.PathLike) -> dict:
     att = fuse_attention(model, shapes)
     return {"folded_shape_values": rec["folded"], "fused_attention": att["fused_attention"],
             "single_head_attention": att["single_head_attention"], "single_key_attention": att["single_key_attention"],
-            "removed_nodes": rec.get("removed_nodes", 0) + att.get("removed_nodes", 0)}
+            "removed_nodes": rec.get("removed_nodes", 0) + att.get("removed_nodes", 0),
+            "pruned_layers": att.get("pruned_layers", [])}

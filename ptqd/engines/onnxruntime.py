@@ -66,6 +66,8 @@ def describe_engine(engine_path: Path, layer_rows: list[dict]) -> dict:
 
     A layer runs on an integer kernel when an integer op consumes its int8 weight (QDQ writer
     names: ``<node>_w_int8``) or, for ORT's own quantizer, the layer's original weight name.
+    ``layer_rows``: the layers the engine computes (a build leaves out the ones ``graph_opt`` pruned: a one-key
+    attention's q and k projections).
     """
     import onnx
     import onnxruntime as ort

@@ -179,7 +179,8 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
                     for rel in (qdq_rel, eng_rel):  # external data beside a graph over 1 GiB
                         if (w.staging / f"{rel}.data").is_file():
                             w.declare(f"{rel}.data")
-                    desc = describe_engine(eng_path, rows)
+                    pruned = set((wrote["graph"] or {}).get("pruned_layers", ())) if layers is not None else set()
+                    desc = describe_engine(eng_path, [r for r in rows if r["name"] not in pruned])
                     if k == 0:
                         rec.update(desc, **packed)
                     entry = {"t_range": bucket["t_range"] if bucket else None,

@@ -66,6 +66,8 @@ def test_single_head_attention_drops_its_head_split_and_one_key_attention_is_v(e
     assert before["Transpose"] - ops["Transpose"] == 4 * 4 + 4 * 5, (before, ops)
     # one key: q·kᵀ, p·v and the q and k projections (MatMuls on the tokens and on the context) pruned
     assert before["MatMul"] - ops["MatMul"] == 4 * 4, (before, ops)
+    # the pruned projections are named (a build leaves them out of its integer-MAC share)
+    assert len(rec["pruned_layers"]) == 8 and all("attn2/to_q" in x or "attn2/to_k" in x for x in rec["pruned_layers"])
     for batch in (1, 3):
         f = unet_feeds(exported, batch, seed=batch)
         ref = run(exported, f)
