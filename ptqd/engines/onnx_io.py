@@ -104,3 +104,21 @@ def _tensors(graph):
                 yield attr.t
             for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
                 yield from _tensors(g)
+
+
+def prune(g) -> int:
+    """Drop nodes whose outputs nothing reads (iterated) and initializers nothing reads. Returns nodes dropped."""
+    before = len(g.node)
+    needed = {o.name for o in g.output}
+    keep = []
+    for n in reversed(list(g.node)):
+        if any(o in needed for o in n.output):
+            keep.append(n)
+            needed.update(i for i in n.input if i)
+    keep.reverse()
+    del g.node[:]
+    g.node.extend(keep)
+    inits = [i for i in g.initializer if i.name in needed]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    return before - len(keep)
