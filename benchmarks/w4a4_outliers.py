@@ -14,6 +14,13 @@ calibration's sampler settings, seeds 500+ so not the calibration's), the relati
   lowrank     rtn of R = W − L, L the top-r SVD of W kept in float and fed the unquantized input; r the largest
               rank whose branch stays within --rank-budget of the layer's MACs
   both        smoothing, then the low-rank split of the smoothed weight
+  rotate      rtn after rotating the input channels (QuaRot's idea): x' = Qᵀx per pixel/token, W' = W·Q, Q a
+              random orthogonal matrix (seeded; dense, so an engine would run it as an online C x C matmul)
+  hadamard    the same with Q block-diagonal: randomly signed Hadamard blocks of the largest power of two
+              dividing C (cheap online: a fast Walsh-Hadamard transform per block)
+  a4_only     4-bit activations, float weights; w4_only: RTN 4-bit weights, float activations (the split of rtn)
+  group16/32  rtn with one activation range per group of 16 / 32 input channels (finer activation groups; needs
+              a kernel that sums one integer product per group)
 
 A layer-level study (no engine, no end-to-end sample): it says which of issue 24's two mechanisms pays on this
 model, and where, before the graph work.
@@ -102,6 +109,41 @@ def split_lowrank(w, rank: int):
     return low, w - low
 
 
+def rotation(c: int, kind: str, seed: int = 0):
+    """An orthogonal c x c matrix: "dense" random (QR of a Gaussian), or "hadamard" block-diagonal randomly signed
+    Hadamard blocks of the largest power of two dividing c."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    if kind == "dense":
+        q, r = torch.linalg.qr(torch.randn(c, c, generator=g, dtype=torch.float64))
+        return (q * torch.sign(torch.diagonal(r))).float()
+    n = c & -c  # largest power of two dividing c
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    h = h / np.sqrt(n)
+    signs = torch.where(torch.rand(c, generator=g) < 0.5, -1.0, 1.0).double()
+    return (torch.block_diag(*[h] * (c // n)) * signs[:, None]).float()
+
+
+def move_channels(x, cdim: int, q):
+    """x with its channel axis ``cdim`` multiplied by q (x' = Qᵀx per position)."""
+    return (x.movedim(cdim, -1) @ q).movedim(-1, cdim)
+
+
+def group_act_quant(xs, cdim: int, size: int):
+    """One 4-bit activation range (MSE-searched) per group of ``size`` channels: a fake-quant function."""
+    import torch
+
+    from ptqd.calib.fakequant import fake_quant
+
+    c = xs[0].shape[cdim]
+    groups = [(i, min(c, i + size)) for i in range(0, c, size)]
+    qs = [act_quant([x.narrow(cdim, a, b - a) for x in xs]) for a, b in groups]
+    return lambda x: torch.cat([fake_quant(x.narrow(cdim, a, b - a), q) for (a, b), q in zip(groups, qs)], cdim)
+
+
 def study_layer(mod, xs, lq, rank_budget: float) -> dict:
     import torch
 
@@ -115,6 +157,8 @@ def study_layer(mod, xs, lq, rank_budget: float) -> dict:
     aq = act_quant(xs)
     w_rtn = rtn(w)
     out["rtn"] = rel_err(mod, xs, w, lambda x: apply(mod, fake_quant(x, aq), w_rtn))
+    out["a4_only"] = rel_err(mod, xs, w, lambda x: apply(mod, fake_quant(x, aq), w))
+    out["w4_only"] = rel_err(mod, xs, w, lambda x: apply(mod, x, w_rtn))
     a_max = channel_absmax(xs, cdim).clamp_min(1e-5)
     w_max = w.abs().amax(dim=[d for d in range(w.dim()) if d != 1]).clamp_min(1e-5)
     shape_x = [1] * xs[0].dim()
@@ -136,6 +180,17 @@ def study_layer(mod, xs, lq, rank_budget: float) -> dict:
         if best is None or err < best[1]:
             best = (alpha, err)
     out["smooth"], out["alpha"] = best[1], best[0]
+    if w.dim() == 2 or mod.groups == 1:
+        for kind, key in (("dense", "rotate"), ("hadamard", "hadamard")):
+            q = rotation(w.shape[1], kind)
+            xs_r = [move_channels(x, cdim, q) for x in xs]
+            w_r = rtn(move_channels(w, 1, q))
+            aq_r = act_quant(xs_r)
+            out[key] = rel_err(mod, xs, w, lambda x, q=q, aq_r=aq_r, w_r=w_r: apply(
+                mod, fake_quant(move_channels(x, cdim, q), aq_r), w_r))
+    for size in (16, 32):
+        gq = group_act_quant(xs, cdim, size)
+        out[f"group{size}"] = rel_err(mod, xs, w, lambda x, gq=gq: apply(mod, gq(x), w_rtn))
     k = int(np.prod(w.shape[1:]))
     rank = int(rank_budget * w.shape[0] * k // (k + w.shape[0]))  # branch MACs r·(k + C_out) <= budget · C_out·k
     out["rank"] = rank
@@ -181,14 +236,16 @@ def main(argv=None) -> int:
         rows.append({"layer": lq.name, **r})
         print(f"{lq.name[:48]:48s} ptqd {r['ptqd']:.4f} rtn {r['rtn']:.4f} smooth {r['smooth']:.4f} "
               f"(a {r['alpha']}) lowrank {r['lowrank'] if r['lowrank'] is None else round(r['lowrank'], 4)} "
-              f"both {r['both'] if r['both'] is None else round(r['both'], 4)} r {r['rank']}", file=sys.stderr)
+              f"both {r['both'] if r['both'] is None else round(r['both'], 4)} r {r['rank']} "
+              f"rot {r.get('rotate', float('nan')):.4f} had {r.get('hadamard', float('nan')):.4f} "
+              f"g16 {r['group16']:.4f} g32 {r['group32']:.4f}", file=sys.stderr)
     summary = {}
-    for key in ("ptqd", "rtn", "smooth", "lowrank", "both"):
-        vals = [r[key] if r[key] is not None else r["rtn"] for r in rows]
+    for key in ("a4_only", "w4_only", "ptqd", "rtn", "smooth", "lowrank", "both", "rotate", "hadamard", "group16", "group32"):
+        vals = [r[key] if r.get(key) is not None else r["rtn"] for r in rows]
         summary[key] = {"mean_rel_err": float(np.mean(vals)), "median_rel_err": float(np.median(vals))}
-    for key in ("smooth", "lowrank", "both"):
+    for key in ("smooth", "lowrank", "both", "rotate", "hadamard", "group16", "group32"):
         summary[key]["layers_better_than_rtn"] = sum(
-            1 for r in rows if r[key] is not None and r[key] < r["rtn"])
+            1 for r in rows if r.get(key) is not None and r[key] < r["rtn"])
     out = {"bundle": args.bundle, "layers": len(rows), "samples": args.samples, "rank_budget": args.rank_budget,
            "summary": summary, "rows": rows}
     print(json.dumps({k: v for k, v in out.items() if k != "rows"}, indent=2))
