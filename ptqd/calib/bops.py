@@ -10,6 +10,8 @@ Bits are nominal: an 8-bit weight on the reduce-range grid (±63) counts as 8 bi
 
 from __future__ import annotations
 
+from ptqd.precision import PEER_NAMES
+
 COUNTED_KINDS = ("conv", "linear")
 
 
@@ -20,7 +22,7 @@ def layer_bits(rows: list[dict], precision: str, calibrated: list[dict] | None =
     it, ptqd's default layer selection predicts them (``ptqd inspect`` on a bundle not calibrated)."""
     if precision in ("fp32", "fp16"):
         return {}
-    if precision == "ort-int8":  # quantize_static over every Conv / linear MatMul / Gemm
+    if precision in PEER_NAMES:  # quantize_static or NNCF: every Conv / linear MatMul / Gemm at 8 bits
         return {r["name"]: (8, 8) for r in rows if r["kind"] in COUNTED_KINDS}
     if calibrated is not None:
         return {m["name"]: (int(m["w_bits"]), int(m["a_bits"])) for m in calibrated}

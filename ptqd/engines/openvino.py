@@ -93,19 +93,53 @@ def weights_path(engine: str | os.PathLike) -> Path:
 
 
 def convert_qdq(qdq_path: str | os.PathLike, engine_path: str | os.PathLike) -> dict:
-    """The QDQ ONNX graph at ``qdq_path`` as OpenVINO IR: ``NAME.xml.gz`` (the topology, gzip-compressed:
-    the XML of a UNet is mostly shape arithmetic and compresses 20x) and ``NAME.bin`` (weights, 4-bit
-    ones packed). Returns what was packed and the two files' names."""
+    """The QDQ ONNX graph at ``qdq_path`` as OpenVINO IR (:func:`save_engine`), 4-bit weights packed. Returns
+    what was packed and the two files' names."""
     ov = require_openvino()
     model = ov.Core().read_model(str(qdq_path))
     rec = pack_i4_constants(model)
+    return {**rec, "files": save_engine(model, engine_path)}
+
+
+NNCF_RECIPES = {"default": "NNCF's default recipe", "mixed": "NNCF's mixed preset, transformer model type"}
+
+
+def nncf_quantize(model, feeds: dict, items: int, recipe: str = "default"):
+    """NNCF's post-training quantization (``nncf.quantize``) of the OpenVINO ``model`` on ``items`` calibration
+    inputs spread over ``feeds`` (the bundle's recorded UNet inputs, one item per call): what a user who picks
+    NNCF + OpenVINO instead of ptqd gets. ``recipe``: "default", or "mixed" (its mixed preset with the
+    transformer model type). NNCF's progress bars go to stderr."""
+    import contextlib
+    import sys
+
+    try:
+        import nncf
+    except ImportError:
+        raise MissingDependencyError("NNCF is not installed: pip install 'ptqd[peers]' (nncf)") from None
+    names = [i.get_any_name() for i in model.inputs]
+    missing = [n for n in names if n not in feeds]
+    if missing:
+        raise ValueError(f"the calibration feeds have no {missing} for the model's inputs {names}")
+    count = len(feeds[names[0]])
+    idx = np.linspace(0, count - 1, min(items, count)).round().astype(int)
+    data = [{n: feeds[n][i:i + 1] for n in names} for i in idx]
+    kw = {"preset": nncf.QuantizationPreset.MIXED, "model_type": nncf.ModelType.TRANSFORMER} \
+        if recipe == "mixed" else {}
+    with contextlib.redirect_stdout(sys.stderr):  # stdout stays the command's (--json)
+        return nncf.quantize(model, nncf.Dataset(data), subset_size=len(data), **kw)
+
+
+def save_engine(model, engine_path: str | os.PathLike) -> list[str]:
+    """``model`` as ``NAME.xml.gz`` (the topology, gzip-compressed: the XML of a UNet is mostly shape arithmetic
+    and compresses 20x) + ``NAME.bin`` (weights, as they are). Returns the two files' names."""
+    ov = require_openvino()
     engine_path, bin_path = Path(engine_path), weights_path(engine_path)
     plain = bin_path.with_suffix(".xml")
     ov.save_model(model, str(plain), compress_to_fp16=False)
     with open(plain, "rb") as src, gzip.open(engine_path, "wb", compresslevel=6) as dst:
         shutil.copyfileobj(src, dst)
     plain.unlink()
-    return {**rec, "files": [engine_path.name, bin_path.name]}
+    return [engine_path.name, bin_path.name]
 
 
 def engine_bytes(engine_path: str | os.PathLike) -> int:

@@ -1,7 +1,10 @@
 """``ptqd build --backend openvino``: one OpenVINO IR per calibrated precision (and timestep bucket),
 converted from ptqd's QDQ graph with the conv outputs left in float (``engines.openvino.openvino_layers``:
 what OpenVINO runs fastest; ONNX Runtime's engine requantizes them), 4-bit weights stored as i4, each
-validated end to end against its fake-quant model. OpenVINO is imported only when a build starts."""
+validated end to end against its fake-quant model. On request (``--precisions nncf-int8``), the peer a user
+would pick instead: NNCF's default recipe on the exported graph, calibrated on the same recorded inputs, so
+``ptqd eval`` and ``ptqd bench`` can put it beside ptqd's engines. OpenVINO is imported only when a build
+starts."""
 
 from __future__ import annotations
 
@@ -13,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from ptqd.bundle import Bundle, layout, writes_bundle
-from ptqd.engines.compare import validate_quantized, validation_inputs
-from ptqd.errors import UserError, ValidationError
-from ptqd.precision import CALIBRATED, OPENVINO_BUILDABLE, Precision
+from ptqd.engines.compare import validate_engine, validate_quantized, validation_inputs
+from ptqd.errors import MissingDependencyError, UserError, ValidationError
+from ptqd.precision import CALIBRATED, CALIBRATED_NAMES, OPENVINO_BUILDABLE, OV_PEERS, Precision
 from ptqd.progress import progress_bar
 from ptqd.resources import cpu_description
 from ptqd.stages.common import (
@@ -40,14 +43,58 @@ def numerics(p: Precision, attention: int = 0) -> str:
             + (f", {attention} attention matmuls on 8-bit inputs" if attention else ", attention matmuls float"))
 
 
+NNCF_ITEMS = 64  # calibration inputs for the NNCF peer, spread over the recorded steps
+
+
 def _open_params(precisions) -> tuple[Precision, ...]:
     names = [str(q) for q in OPENVINO_BUILDABLE]
-    precisions = tuple(names) if precisions is None else tuple(str(p) for p in precisions)
+    precisions = CALIBRATED_NAMES if precisions is None else tuple(str(p) for p in precisions)
     bad = [p for p in precisions if p not in names]
     if bad:
         raise UserError(f"unknown precision(s) {bad} for openvino; choose from {', '.join(names)} (ort-int8 is "
                         "ONNX Runtime's own quantizer: build it with --backend onnxruntime)")
+    peers = [p for p in precisions if p in [q.value for q in OV_PEERS]]
+    if peers:
+        import importlib.util
+
+        if importlib.util.find_spec("nncf") is None:
+            raise MissingDependencyError(f"{', '.join(peers)} (NNCF + OpenVINO, the peer) needs NNCF: pip install "
+                                         f"'ptqd[peers]', or leave {', '.join(peers)} out of --precisions")
     return tuple(Precision(p) for p in precisions)
+
+
+def build_nncf_peer(b: Bundle, w, p: Precision, val_inputs) -> dict:
+    """NNCF's recipe ``p`` (nncf-int8: its default; nncf-mixed: mixed preset, transformer model type) on the
+    exported graph, on NNCF_ITEMS of the calibration's recorded UNet inputs,
+    written into the transaction ``w``; its record for build.json. Not validated against a fake-quant model
+    (ptqd has none of NNCF's numerics): its distance from FP32 on the validation inputs is recorded instead."""
+    import nncf
+
+    from ptqd.engines.onnxruntime import OrtRunner
+    from ptqd.engines.openvino import NNCF_RECIPES, OvRunner, engine_bytes, nncf_quantize, save_engine, shared_core
+
+    feeds = dict(np.load(b.path(layout.CALIB_FEEDS)))
+    items = min(NNCF_ITEMS, len(feeds["t"]))
+    t0 = time.perf_counter()
+    recipe = "mixed" if p == Precision.NNCF_MIXED else "default"
+    model = nncf_quantize(shared_core().read_model(str(b.path(layout.UNET_ONNX))), feeds, items, recipe)
+    quantize_s = time.perf_counter() - t0
+    del feeds
+    rel, bin_rel = layout.ov_engine(p.value)
+    w.file(bin_rel)  # detached from the live bundle before OpenVINO writes it
+    files = save_engine(model, w.file(rel))
+    xml = w.staging / rel
+    entry = {"t_range": None, "engine": rel, "size_bytes": engine_bytes(xml)}
+    rec: dict[str, Any] = {
+        "numerics": f"{NNCF_RECIPES[recipe]} (nncf.quantize: its own quantizer placement and ranges) on "
+                    f"{items} calibration inputs; 8-bit weights per channel; float parts in f32",
+        "nncf": nncf.__version__, "calibration_items": items, "quantize_seconds": round(quantize_s, 1),
+        "files": files, "buckets": [entry], "size_bytes": entry["size_bytes"], "i4_constants": 0,
+        "built_on": cpu_description()}
+    if val_inputs is not None:
+        vs = validate_engine(OvRunner(xml), OrtRunner(b.path(layout.UNET_ONNX)), val_inputs)
+        rec["vs_fp32"] = {k: vs[k] for k in ("median_rel_l2", "worst_rel_l2", "inputs")}
+    return rec
 
 
 @writes_bundle()
@@ -63,7 +110,9 @@ def build_openvino(bundle, precisions=None, validate: bool = True, progress: boo
     require_calibrated(b)
     requires = buildable_here(b)
     graph_opt.prepare(b.path(layout.UNET_ONNX))  # shapes for the one-key attention rewrite, before the models load
-    loaded = load_source(b) if validate else None
+    # the peer first, before the torch model for the validation is loaded: their peaks do not add up
+    precisions = tuple(sorted(precisions, key=lambda p: p not in OV_PEERS))
+    loaded = load_source(b) if validate and any(p not in OV_PEERS for p in precisions) else None
     val_inputs = validation_inputs(dict(np.load(b.path(layout.CALIB_FEEDS)))) if validate else None
     records: dict[str, Any] = {}
     calib_buckets = layout.calib_buckets(b)
@@ -75,6 +124,11 @@ def build_openvino(bundle, precisions=None, validate: bool = True, progress: boo
             bar.set_postfix_str(p.value)
             for rel in w.listed(f"{layout.OV_DIR}/{p.value}."):
                 w.remove(rel)  # a rebuild replaces every bucket's engine of this precision
+            if p in OV_PEERS:
+                records[p.value] = build_nncf_peer(b, w, p, val_inputs)
+                records[p.value]["build_seconds"] = round(time.perf_counter() - t0, 1)
+                bar.update()
+                continue
             rec: dict[str, Any] = {"numerics": numerics(p), "conv_outputs": "float", "openvino": ov.__version__,
                                    "buckets": [],
                                    "built_on": cpu_description(), **({"requires": requires} if requires else {})}

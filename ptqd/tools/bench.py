@@ -98,6 +98,9 @@ def bench(bundle, precisions=None, runs: int = 10, warmup: int = 3, large_batch:
     engines: dict = {}
     load_s: dict = {}
     sizes: dict = {}
+    ov_built = layout.built(b, "openvino")
+    ov_only = [p for p in precisions if p not in built and p in ov_built]  # e.g. nncf-int8, the OpenVINO peer
+    precisions = [p for p in precisions if p not in ov_only]
     for p in ["fp32"] + precisions:
         t0 = time.perf_counter()
         engines[p] = open_engine(b, p, threads, allow_spinning=False)
@@ -107,8 +110,7 @@ def bench(bundle, precisions=None, runs: int = 10, warmup: int = 3, large_batch:
         else:
             sizes[p] = sum(e["size_bytes"] for e in built[p].get("buckets", [])) or built[p]["size_bytes"]
     notes = []
-    ov_built = layout.built(b, "openvino")
-    for p in [p for p in precisions if p in ov_built]:
+    for p in [p for p in precisions if p in ov_built] + ov_only:
         t0 = time.perf_counter()
         try:
             engines[f"{p}@openvino"] = open_engine(b, p, threads, backend="openvino")
@@ -169,7 +171,7 @@ def bench(bundle, precisions=None, runs: int = 10, warmup: int = 3, large_batch:
                 notes.append(f"executed graph of {p} not taken: {type(e).__name__}: {str(e)[:200]}")
     fp_bops = precision_bops(b, "fp32") if table else None
     for p in names:
-        if fp_bops and p.removesuffix("@openvino") in ["fp32"] + precisions:
+        if fp_bops and p.removesuffix("@openvino") in ["fp32"] + precisions + ov_only:
             rows[p]["bops_saving"] = fp_bops / precision_bops(b, p.removesuffix("@openvino"))
     if memory:
         if progress:

@@ -13,7 +13,7 @@ import numpy as np
 
 from ptqd.bundle import Bundle, layout, writes_bundle
 from ptqd.errors import UserError
-from ptqd.precision import CALIBRATED_NAMES
+from ptqd.precision import CALIBRATED_NAMES, PEER_NAMES
 from ptqd.progress import progress_bar
 from ptqd.runtime.loader import (default_labels, load_plan, open_decoder, open_engine, resolve_backend,
                                  sampler_config, step_engines)
@@ -83,7 +83,7 @@ def evaluate(bundle, precisions=("fp32",), num: int = 500, seed: int = 0, steps:
     fp_bops = precision_bops(b, "fp32") if b.has(layout.UNET_LAYERS) else None
     for row in res.rows:
         spec = specs[row["precision"]]
-        if fp_bops and (spec in ("fp32", "auto", "ort-int8") or spec in CALIBRATED_NAMES or spec.endswith(".json")):
+        if fp_bops and (spec in ("fp32", "auto") or spec in CALIBRATED_NAMES + PEER_NAMES or spec.endswith(".json")):
             v = plan_bops(b, spec, cfg.steps, cfg)
             row["bops_per_forward"] = v
             row["bops_saving"] = fp_bops / v

@@ -4,9 +4,7 @@ A peer that is not installed or cannot run becomes a note, never an error."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import sys
 import time
 
 import numpy as np
@@ -38,27 +36,24 @@ def openvino_peers(b, threads: int | None, calib_items: int, notes: list[str]) -
         notes.append("NNCF + OpenVINO INT8 peer skipped: nncf is not installed (pip install 'ptqd[peers]')")
         return out
     try:
-        import nncf
+        import nncf  # noqa: F401 - checks it imports before the peers are timed
     except Exception as e:  # noqa: BLE001 - e.g. an nncf that does not match the installed openvino
         notes.append(f"NNCF + OpenVINO INT8 peer skipped: import nncf failed: {type(e).__name__}: {str(e)[:200]}")
         return out
 
-    data = np.load(b.path(layout.CALIB_FEEDS))
-    names = [i.get_any_name() for i in fp.inputs]
-    idx = np.linspace(0, len(data["t"]) - 1, min(calib_items, len(data["t"]))).round().astype(int)
-    items = [{n: data[n][i:i + 1] for n in names} for i in idx]
-    recipes = {"ov-nncf-int8": ("default recipe", {}),
-               "ov-nncf-mixed": ("mixed preset, transformer model type",
-                                 {"preset": nncf.QuantizationPreset.MIXED, "model_type": nncf.ModelType.TRANSFORMER})}
-    for name, (what, kw) in recipes.items():
+    from ptqd.engines.openvino import NNCF_RECIPES, nncf_quantize
+
+    feeds = dict(np.load(b.path(layout.CALIB_FEEDS)))
+    items = min(calib_items, len(feeds["t"]))
+    for name, recipe in (("ov-nncf-int8", "default"), ("ov-nncf-mixed", "mixed")):
+        what = NNCF_RECIPES[recipe]
         t0 = time.perf_counter()
         try:
-            with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout stays the command's (--json)
-                q = nncf.quantize(fp, nncf.Dataset(items), subset_size=len(items), **kw)
+            q = nncf_quantize(fp, feeds, items, recipe)
         except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
             notes.append(f"NNCF + OpenVINO INT8 peer ({what}) failed: {type(e).__name__}: {str(e)[:200]}")
             continue
         out[name] = (OvRunner(name, threads, model=q), time.perf_counter() - t0)
-        notes.append(f"{name}: NNCF quantize() ({what}) on {len(items)} calibration inputs took "
+        notes.append(f"{name}: NNCF quantize() ({what}) on {items} calibration inputs took "
                      f"{out[name][1]:.0f} s (its load time)")
     return out
