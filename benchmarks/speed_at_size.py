@@ -19,6 +19,8 @@ rounds (each round runs every engine once), the median of ``--runs`` after ``--w
   ov-fp32        OpenVINO on the same FP32 ONNX, f32 inference precision (optional: pip install ptqd[peers])
   ov-nncf-int8   NNCF quantize() (default recipe) + OpenVINO                          (optional, same)
   ov-nncf-mixed  NNCF quantize() (mixed preset, transformer model type) + OpenVINO    (optional, same)
+  ov-nncf-hybrid optimum-intel's hybrid mode: linear layers weight-only int8, the rest  (optional, same)
+                 NNCF mixed preset + transformer model type, SmoothQuant off
 
 Every session runs ``--threads`` intra-op threads with spinning off (they take turns; MEASURED.md).
 Per engine: file size (external data included), load seconds (opening it and its first forward at the

@@ -14,9 +14,10 @@ import json
 from pathlib import Path
 
 ORDER = ("ort-fp32", "ov-fp32", "ort-int8", "w8a8", "w4a8", "w4a4", "w8a8-openvino", "w4a8-openvino",
-         "w4a4-openvino", "ov-nncf-int8", "ov-nncf-mixed")
+         "w4a4-openvino", "ov-nncf-int8", "ov-nncf-mixed", "ov-nncf-hybrid")
 LABEL = {"ort-fp32": "ORT FP32", "ov-fp32": "OpenVINO FP32", "ort-int8": "ORT quantize_static",
          "ov-nncf-int8": "NNCF + OpenVINO INT8", "ov-nncf-mixed": "NNCF mixed + transformer, OpenVINO",
+         "ov-nncf-hybrid": "NNCF hybrid (optimum-intel), OpenVINO",
          "torch-fp32": "PyTorch eager"}
 SIZE = {"small": "5 M parameters", "mid": "47 M parameters", "full": "400.9 M parameters (LDM-4 cin256-v2)"}
 

@@ -21,6 +21,7 @@ class Precision(str, Enum):
     ORT_INT8 = "ort-int8"  # ONNX Runtime's own quantize_static: the peer a user would pick instead
     NNCF_INT8 = "nncf-int8"  # NNCF's default post-training recipe on OpenVINO: the CPU peer (optional: nncf)
     NNCF_MIXED = "nncf-mixed"  # NNCF's mixed preset with the transformer model type
+    NNCF_HYBRID = "nncf-hybrid"  # optimum-intel's hybrid mode: linear layers weight-only, the rest quantized
 
     def __str__(self) -> str:
         return self.value
@@ -53,14 +54,14 @@ class Precision(str, Enum):
 
 _BITS = {Precision.FP32: (32, 32), Precision.FP16: (16, 16), Precision.W8A8: (8, 8), Precision.W4A8: (4, 8),
          Precision.W4A4: (4, 4), Precision.ORT_INT8: (8, 8), Precision.NNCF_INT8: (8, 8),
-         Precision.NNCF_MIXED: (8, 8)}
+         Precision.NNCF_MIXED: (8, 8), Precision.NNCF_HYBRID: (8, 8)}
 
 # What ptqd calibrates and builds, in order of cost; the names as strings for JSON and CLI defaults.
 CALIBRATED: tuple[Precision, ...] = (Precision.W8A8, Precision.W4A8, Precision.W4A4)
 CALIBRATED_NAMES: tuple[str, ...] = tuple(p.value for p in CALIBRATED)
 PEER = Precision.ORT_INT8
-# NNCF's two recipes on OpenVINO, built only when asked for (--precisions nncf-int8,nncf-mixed): they need nncf
-OV_PEERS: tuple[Precision, ...] = (Precision.NNCF_INT8, Precision.NNCF_MIXED)
+# NNCF's recipes on OpenVINO, built only when asked for (--precisions nncf-int8,nncf-mixed,nncf-hybrid): they need nncf
+OV_PEERS: tuple[Precision, ...] = (Precision.NNCF_INT8, Precision.NNCF_MIXED, Precision.NNCF_HYBRID)
 # the peers' engines quantize every conv and linear layer to 8 bits with their own ranges and weights
 PEER_NAMES: tuple[str, ...] = (PEER.value,) + tuple(p.value for p in OV_PEERS)
 ORT_BUILDABLE: tuple[Precision, ...] = CALIBRATED + (PEER,)

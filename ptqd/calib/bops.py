@@ -22,6 +22,8 @@ def layer_bits(rows: list[dict], precision: str, calibrated: list[dict] | None =
     it, ptqd's default layer selection predicts them (``ptqd inspect`` on a bundle not calibrated)."""
     if precision in ("fp32", "fp16"):
         return {}
+    if precision == "nncf-hybrid":  # linear layers weight-only (int8 weights decompressed, float products)
+        return {r["name"]: (8, 8) for r in rows if r["kind"] == "conv"}
     if precision in PEER_NAMES:  # quantize_static or NNCF: every Conv / linear MatMul / Gemm at 8 bits
         return {r["name"]: (8, 8) for r in rows if r["kind"] in COUNTED_KINDS}
     if calibrated is not None:

@@ -101,14 +101,29 @@ def convert_qdq(qdq_path: str | os.PathLike, engine_path: str | os.PathLike) -> 
     return {**rec, "files": save_engine(model, engine_path)}
 
 
-NNCF_RECIPES = {"default": "NNCF's default recipe", "mixed": "NNCF's mixed preset, transformer model type"}
+NNCF_RECIPES = {"default": "NNCF's default recipe", "mixed": "NNCF's mixed preset, transformer model type",
+                "hybrid": "optimum-intel's hybrid mode for diffusion models: linear layers weight-only int8, the rest "
+                          "by NNCF's mixed preset, transformer model type, SmoothQuant off"}
+
+
+def weighted_matmuls(model) -> list[str]:
+    """Names of the MatMuls with a constant operand (linear layers; attention's matmuls multiply activations)."""
+    def constant(out) -> bool:
+        node = out.get_node()
+        while node.get_type_name() in ("Convert", "Transpose", "Reshape"):
+            node = node.input_value(0).get_node()
+        return node.get_type_name() == "Constant"
+
+    return [op.get_friendly_name() for op in model.get_ordered_ops()
+            if op.get_type_name() == "MatMul" and any(constant(op.input_value(i)) for i in range(2))]
 
 
 def nncf_quantize(model, feeds: dict, items: int, recipe: str = "default"):
     """NNCF's post-training quantization (``nncf.quantize``) of the OpenVINO ``model`` on ``items`` calibration
     inputs spread over ``feeds`` (the bundle's recorded UNet inputs, one item per call): what a user who picks
-    NNCF + OpenVINO instead of ptqd gets. ``recipe``: "default", or "mixed" (its mixed preset with the
-    transformer model type). NNCF's progress bars go to stderr."""
+    NNCF + OpenVINO instead of ptqd gets. ``recipe``: "default", "mixed" (its mixed preset with the
+    transformer model type) or "hybrid" (what optimum-intel does for diffusion pipelines: NNCF_RECIPES). NNCF's
+    progress bars go to stderr."""
     import contextlib
     import sys
 
@@ -124,8 +139,17 @@ def nncf_quantize(model, feeds: dict, items: int, recipe: str = "default"):
     idx = np.linspace(0, count - 1, min(items, count)).round().astype(int)
     data = [{n: feeds[n][i:i + 1] for n in names} for i in idx]
     kw = {"preset": nncf.QuantizationPreset.MIXED, "model_type": nncf.ModelType.TRANSFORMER} \
-        if recipe == "mixed" else {}
+        if recipe in ("mixed", "hybrid") else {}
     with contextlib.redirect_stdout(sys.stderr):  # stdout stays the command's (--json)
+        if recipe == "hybrid":  # as optimum-intel's _hybrid_quantization reads: weights first, then the rest
+            from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+
+            linear = weighted_matmuls(model)
+            model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
+                                          ignored_scope=nncf.IgnoredScope(types=["Convolution"]))
+            kw.update(ignored_scope=nncf.IgnoredScope(names=linear, validate=False),
+                      advanced_parameters=AdvancedQuantizationParameters(
+                          smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1)))
         return nncf.quantize(model, nncf.Dataset(data), subset_size=len(data), **kw)
 
 

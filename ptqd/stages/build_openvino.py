@@ -76,7 +76,7 @@ def build_nncf_peer(b: Bundle, w, p: Precision, val_inputs) -> dict:
     feeds = dict(np.load(b.path(layout.CALIB_FEEDS)))
     items = min(NNCF_ITEMS, len(feeds["t"]))
     t0 = time.perf_counter()
-    recipe = "mixed" if p == Precision.NNCF_MIXED else "default"
+    recipe = {Precision.NNCF_MIXED: "mixed", Precision.NNCF_HYBRID: "hybrid"}.get(p, "default")
     model = nncf_quantize(shared_core().read_model(str(b.path(layout.UNET_ONNX))), feeds, items, recipe)
     quantize_s = time.perf_counter() - t0
     del feeds

@@ -13,9 +13,10 @@ from ptqd.bundle import layout
 
 
 def openvino_peers(b, threads: int | None, calib_items: int, notes: list[str]) -> dict:
-    """{"ov-fp32": (runner, load seconds), "ov-nncf-int8" (NNCF's default recipe) and "ov-nncf-mixed" (its mixed
-    preset with the transformer model type): (runner, seconds incl. NNCF's quantize())}, as far as what is
-    installed allows; why a peer is missing goes to ``notes``."""
+    """{"ov-fp32": (runner, load seconds), "ov-nncf-int8" (NNCF's default recipe), "ov-nncf-mixed" (its mixed
+    preset with the transformer model type) and "ov-nncf-hybrid" (optimum-intel's hybrid mode for diffusion
+    models): (runner, seconds incl. NNCF's quantize())}, as far as what is installed allows; why a peer is
+    missing goes to ``notes``."""
     if importlib.util.find_spec("openvino") is None:
         notes.append("OpenVINO peers skipped: openvino is not installed (pip install 'ptqd[peers]')")
         return {}
@@ -45,7 +46,7 @@ def openvino_peers(b, threads: int | None, calib_items: int, notes: list[str]) -
 
     feeds = dict(np.load(b.path(layout.CALIB_FEEDS)))
     items = min(calib_items, len(feeds["t"]))
-    for name, recipe in (("ov-nncf-int8", "default"), ("ov-nncf-mixed", "mixed")):
+    for name, recipe in (("ov-nncf-int8", "default"), ("ov-nncf-mixed", "mixed"), ("ov-nncf-hybrid", "hybrid")):
         what = NNCF_RECIPES[recipe]
         t0 = time.perf_counter()
         try:
