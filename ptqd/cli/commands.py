@@ -307,7 +307,7 @@ def cmd_build(args) -> int:
 
 
 def print_ov_build(recs: dict) -> None:
-    print(f"{'engine':<10}{'size':>10}{'i4 constants':>14}{'vs fake-quant (median)':>24}  verdict")
+    print(f"{'engine':<12}{'size':>10}{'i4 constants':>14}{'vs fake-quant (median)':>24}  verdict")
     for p, r in recs.items():
         v = r.get("validation_vs_fake_quant")
         if "vs_fp32" in r:  # the NNCF peer: no fake-quant model of its numerics, so its distance from FP32
@@ -315,7 +315,7 @@ def print_ov_build(recs: dict) -> None:
                        f"{r['vs_fp32']['median_rel_l2']:.2e} from FP32 (median)")
         else:
             verdict = (v or {}).get("verdict", "not validated")
-        print(f"{p:<10}{_human(r['size_bytes']):>10}{r['i4_constants']:>14}"
+        print(f"{p:<12}{_human(r['size_bytes']):>10}{r['i4_constants']:>14}"
               f"{fmt(v and v['median_rel_l2'], 24, '.2e')}  {verdict}")
 
 
