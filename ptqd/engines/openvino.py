@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gzip
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -140,17 +141,28 @@ def nncf_quantize(model, feeds: dict, items: int, recipe: str = "default"):
     data = [{n: feeds[n][i:i + 1] for n in names} for i in idx]
     kw = {"preset": nncf.QuantizationPreset.MIXED, "model_type": nncf.ModelType.TRANSFORMER} \
         if recipe in ("mixed", "hybrid") else {}
-    with contextlib.redirect_stdout(sys.stderr):  # stdout stays the command's (--json)
-        if recipe == "hybrid":  # as optimum-intel's _hybrid_quantization reads: weights first, then the rest
-            from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+    log = logging.getLogger("nncf")
+    level = log.level
+    log.setLevel(logging.WARNING)  # its INFO lines list every node it leaves out: hundreds on a UNet
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # stdout stays the command's (--json)
+            return quantize_with(nncf, model, data, recipe, kw)
+    finally:
+        log.setLevel(level)
 
-            linear = weighted_matmuls(model)
-            model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
-                                          ignored_scope=nncf.IgnoredScope(types=["Convolution"]))
-            kw.update(ignored_scope=nncf.IgnoredScope(names=linear, validate=False),
-                      advanced_parameters=AdvancedQuantizationParameters(
-                          smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1)))
-        return nncf.quantize(model, nncf.Dataset(data), subset_size=len(data), **kw)
+
+def quantize_with(nncf, model, data: list, recipe: str, kw: dict):
+    """:func:`nncf_quantize`'s call into NNCF, on prepared data."""
+    if recipe == "hybrid":  # as optimum-intel's _hybrid_quantization reads: weights first, then the rest
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+
+        linear = weighted_matmuls(model)
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
+                                      ignored_scope=nncf.IgnoredScope(types=["Convolution"]))
+        kw = dict(kw, ignored_scope=nncf.IgnoredScope(names=linear, validate=False),
+                  advanced_parameters=AdvancedQuantizationParameters(
+                      smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1)))
+    return nncf.quantize(model, nncf.Dataset(data), subset_size=len(data), **kw)
 
 
 def save_engine(model, engine_path: str | os.PathLike) -> list[str]:
