@@ -85,11 +85,11 @@ def cmd_inspect(args) -> int:
         bo = info["bops"]
         print(f"BOPs/fwd    FP32 {_human(bo['fp32'], 'BOPs')} (conv + linear MACs x 32 x 32; attention matmuls not counted)")
         for p, r in bo["precisions"].items():
-            print(f"  {p:<9}{_human(r['bops'], 'BOPs'):>14}  {r['saving_vs_fp32']:5.1f}x less  ({r['source']})")
+            print(f"  {p:<11}{_human(r['bops'], 'BOPs'):>14}  {r['saving_vs_fp32']:5.1f}x less  ({r['source']})")
         if "plan" in bo:
             pl = bo["plan"]
             mix = ", ".join(f"{p} x{n}" for p, n in pl["precisions"].items())
-            print(f"  {'plan':<9}{_human(pl['mean_bops_per_forward'], 'BOPs'):>14}  {pl['saving_vs_fp32']:5.1f}x less  "
+            print(f"  {'plan':<11}{_human(pl['mean_bops_per_forward'], 'BOPs'):>14}  {pl['saving_vs_fp32']:5.1f}x less  "
                   f"(mean over {pl['steps']} steps: {mix})")
     print(f"stages      {', '.join(info['stages']) or 'none'}")
     print(f"files       {_human(info['total_bytes'])} in {len(info['files'])} files (checksums verified)")

@@ -8,7 +8,7 @@ from typing import Any
 from ptqd.calib.bops import bops, layer_bits
 from ptqd.bundle import Bundle, layout, writes_bundle
 from ptqd.errors import UserError
-from ptqd.precision import CALIBRATED_NAMES, PEER
+from ptqd.precision import CALIBRATED_NAMES, PEER, PEER_NAMES
 from ptqd.progress import progress_bar
 from ptqd.runtime.loader import default_labels, load_plan, open_engine
 from ptqd.stages.common import correction_sampler_config, digest
@@ -29,11 +29,14 @@ def bops_table(b: Bundle) -> dict[str, Any]:
     rows = layout.layer_rows(b)
     fp = precision_bops(b, "fp32", rows)
     out: dict[str, Any] = {"fp32": fp, "precisions": {}}
-    for p in CALIBRATED_NAMES + (PEER.value,):
+    peers = {PEER.value: "quantize_static: every conv/linear", "nncf-int8": "NNCF: every conv/linear",
+             "nncf-mixed": "NNCF: every conv/linear", "nncf-hybrid": "NNCF hybrid: convs; linear layers weight-only"}
+    ov_built = layout.built(b, "openvino")
+    for p in CALIBRATED_NAMES + tuple(q for q in PEER_NAMES if q == PEER.value or q in ov_built):
         v = precision_bops(b, p, rows)
         out["precisions"][p] = {"bops": v, "saving_vs_fp32": fp / v,
                                 "source": "calibrated layers" if p in CALIBRATED_NAMES and layout.calib_layer_meta(b, p) else
-                                ("quantize_static: every conv/linear" if p == "ort-int8" else "default layer selection")}
+                                peers.get(p, "default layer selection")}
     if b.has(layout.PLAN_JSON):
         plan = b.read_json(layout.PLAN_JSON)
         per = {p: precision_bops(b, p, rows) for p in {s["precision"] for s in plan["steps"]}}

@@ -56,6 +56,21 @@ def test_the_peers_are_built_from_the_calibration_inputs_and_measured_against_fp
         api.open_engine(b, "nncf-int8")
 
 
+def test_inspect_counts_the_peers_bops_and_pack_ships_one(peer_bundle, tmp_path):
+    from ptqd.bundle import Bundle, layout
+    from ptqd.cli import main
+    from ptqd.stages.plan import bops_table
+
+    table = bops_table(Bundle.open(peer_bundle[0]))["precisions"]
+    assert {"ort-int8", "nncf-int8", "nncf-mixed", "nncf-hybrid"} <= set(table)
+    assert table["nncf-int8"]["saving_vs_fp32"] == pytest.approx(table["ort-int8"]["saving_vs_fp32"])
+    assert 1 < table["nncf-hybrid"]["saving_vs_fp32"] < table["nncf-int8"]["saving_vs_fp32"]
+    out = tmp_path / "packed"
+    assert main(["pack", str(peer_bundle[0]), "--plan", "nncf-mixed", "--backend", "openvino", "--out", str(out)]) == 0
+    packed = Bundle.open(out)
+    assert packed.has(layout.ov_engine("nncf-mixed")[0]) and not packed.has(layout.ov_engine("w8a8")[0])
+
+
 def test_eval_and_bench_put_the_peer_beside_ptqds_engines(peer_bundle, capsys):
     from ptqd.cli import main
     from ptqd.tools.bench import bench
