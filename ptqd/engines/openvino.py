@@ -32,7 +32,7 @@ import numpy as np
 
 from ptqd.engines.packed import pack_nibbles
 from ptqd.engines.runner import Runner, unet_feeds
-from ptqd.errors import MissingDependencyError
+from ptqd.errors import MissingDependencyError, UserError
 
 # compile settings of every ptqd OpenVINO engine: one stream, latency, float parts in f32
 COMPILE_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "f32"}
@@ -135,7 +135,8 @@ def nncf_quantize(model, feeds: dict, items: int, recipe: str = "default"):
     names = [i.get_any_name() for i in model.inputs]
     missing = [n for n in names if n not in feeds]
     if missing:
-        raise ValueError(f"the calibration feeds have no {missing} for the model's inputs {names}")
+        raise UserError(f"the calibration's recorded inputs have no {missing} for the UNet's inputs {names}: "
+                        "rerun `ptqd calibrate` on this bundle")
     count = len(feeds[names[0]])
     idx = np.linspace(0, count - 1, min(items, count)).round().astype(int)
     data = [{n: feeds[n][i:i + 1] for n in names} for i in idx]

@@ -1,9 +1,9 @@
 """``ptqd build --backend openvino``: one OpenVINO IR per calibrated precision (and timestep bucket),
 converted from ptqd's QDQ graph with the conv outputs left in float (``engines.openvino.openvino_layers``:
 what OpenVINO runs fastest; ONNX Runtime's engine requantizes them), 4-bit weights stored as i4, each
-validated end to end against its fake-quant model. On request (``--precisions nncf-int8``), the peer a user
-would pick instead: NNCF's default recipe on the exported graph, calibrated on the same recorded inputs, so
-``ptqd eval`` and ``ptqd bench`` can put it beside ptqd's engines. OpenVINO is imported only when a build
+validated end to end against its fake-quant model. On request (``--precisions nncf-int8,nncf-mixed,nncf-hybrid``),
+the peer a user would pick instead: NNCF's recipes on the exported graph, calibrated on the same recorded inputs,
+so ``ptqd eval`` and ``ptqd bench`` can put them beside ptqd's engines. OpenVINO is imported only when a build
 starts."""
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ def _open_params(precisions) -> tuple[Precision, ...]:
 
 
 def build_nncf_peer(b: Bundle, w, p: Precision, val_inputs) -> dict:
-    """NNCF's recipe ``p`` (nncf-int8: its default; nncf-mixed: mixed preset, transformer model type) on the
-    exported graph, on NNCF_ITEMS of the calibration's recorded UNet inputs,
+    """NNCF's recipe ``p`` (nncf-int8: its default; nncf-mixed: mixed preset, transformer model type; nncf-hybrid:
+    optimum-intel's hybrid mode) on the exported graph, on NNCF_ITEMS of the calibration's recorded UNet inputs,
     written into the transaction ``w``; its record for build.json. Not validated against a fake-quant model
     (ptqd has none of NNCF's numerics): its distance from FP32 on the validation inputs is recorded instead."""
     import nncf
@@ -110,9 +110,9 @@ def build_openvino(bundle, precisions=None, validate: bool = True, progress: boo
     require_calibrated(b)
     requires = buildable_here(b)
     graph_opt.prepare(b.path(layout.UNET_ONNX))  # shapes for the one-key attention rewrite, before the models load
-    # the peer first, before the torch model for the validation is loaded: their peaks do not add up
+    # the peers first, before the torch model for the validation is loaded: their peaks do not add up
     precisions = tuple(sorted(precisions, key=lambda p: p not in OV_PEERS))
-    loaded = load_source(b) if validate and any(p not in OV_PEERS for p in precisions) else None
+    loaded = None  # loaded at the first validation
     val_inputs = validation_inputs(dict(np.load(b.path(layout.CALIB_FEEDS)))) if validate else None
     records: dict[str, Any] = {}
     calib_buckets = layout.calib_buckets(b)
@@ -158,6 +158,8 @@ def build_openvino(bundle, precisions=None, validate: bool = True, progress: boo
                     from ptqd.engines.onnxruntime import OrtRunner
                     from ptqd.engines.torch_ref import TorchRunner
 
+                    if loaded is None:
+                        loaded = load_source(b)
                     ref = TorchRunner(fake_quant_model(loaded.unet, layers, attention))
                     val = validate_quantized(OvRunner(xml), ref,
                                              lambda: OrtRunner(b.path(layout.UNET_ONNX)), NO_KERNEL_CHECK,
