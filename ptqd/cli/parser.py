@@ -267,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     bl = sub.add_parser("build", help="one engine per precision, validated against the fake-quant model",
                         description="Write a QDQ graph per precision and build its engine; each is checked against "
                                     "the fake-quant torch model. ort-int8 is ONNX Runtime's own quantize_static on "
-                                    "the same calibration inputs, for comparison; nncf-int8 and nncf-mixed (--backend "
-                                    "openvino, pip install 'ptqd[peers]') are NNCF's, the CPU peer.")
+                                    "the same calibration inputs, for comparison; nncf-int8, nncf-mixed and nncf-hybrid "
+                                    "(--backend openvino, pip install 'ptqd[peers]') are NNCF's, the CPU peer.")
     bl.add_argument("bundle")
     bl.add_argument("--backend", choices=("onnxruntime", "openvino", "tensorrt", "auto"), default="onnxruntime",
                     help="onnxruntime (default; any CPU), openvino (Intel CPUs: the same calibration as OpenVINO IR, "
@@ -278,8 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "faster in engines/backend.json: sample, eval and ptqd.Pipeline run it by default)")
     bl.add_argument("--precisions", default=None,
                     help="comma-separated (default: w8a8,w4a8,w4a4,ort-int8 on onnxruntime; w8a8,w4a8,w4a4 on "
-                         "openvino, where nncf-int8 and nncf-mixed add NNCF + OpenVINO INT8, its default recipe and its mixed "
-                         "preset with the transformer model type, for `ptqd eval`/`bench` to compare; "
+                         "openvino, where nncf-int8, nncf-mixed and nncf-hybrid add NNCF + OpenVINO INT8 (its default "
+                         "recipe; its mixed preset with the transformer model type; optimum-intel's hybrid mode) "
+                         "for `ptqd eval`/`bench` to compare; "
                          "fp16,w8a8,w4a8,w4a4 on tensorrt)")
     bl.add_argument("--no-validate", action="store_true", help="skip the check against the fake-quant model")
     bl.set_defaults(func=cmd_build)

@@ -102,9 +102,10 @@ def convert_qdq(qdq_path: str | os.PathLike, engine_path: str | os.PathLike) -> 
     return {**rec, "files": save_engine(model, engine_path)}
 
 
-NNCF_RECIPES = {"default": "NNCF's default recipe", "mixed": "NNCF's mixed preset, transformer model type",
-                "hybrid": "optimum-intel's hybrid mode for diffusion models: linear layers weight-only int8, the rest "
-                          "by NNCF's mixed preset, transformer model type, SmoothQuant off"}
+# NNCF's recipes by the name of the precision they build (the live peers of bench are "ov-" + that name)
+NNCF_RECIPES = {"nncf-int8": "NNCF's default recipe", "nncf-mixed": "NNCF's mixed preset, transformer model type",
+                "nncf-hybrid": "optimum-intel's hybrid mode for diffusion models: linear layers weight-only int8, the "
+                               "rest by NNCF's mixed preset, transformer model type, SmoothQuant off"}
 
 
 def weighted_matmuls(model) -> list[str]:
@@ -119,12 +120,12 @@ def weighted_matmuls(model) -> list[str]:
             if op.get_type_name() == "MatMul" and any(constant(op.input_value(i)) for i in range(2))]
 
 
-def nncf_quantize(model, feeds: dict, items: int, recipe: str = "default"):
+def nncf_quantize(model, feeds: dict, items: int, recipe: str = "nncf-int8"):
     """NNCF's post-training quantization (``nncf.quantize``) of the OpenVINO ``model`` on ``items`` calibration
     inputs spread over ``feeds`` (the bundle's recorded UNet inputs, one item per call): what a user who picks
-    NNCF + OpenVINO instead of ptqd gets. ``recipe``: "default", "mixed" (its mixed preset with the
-    transformer model type) or "hybrid" (what optimum-intel does for diffusion pipelines: NNCF_RECIPES). NNCF's
-    progress bars go to stderr."""
+    NNCF + OpenVINO instead of ptqd gets. ``recipe``: a key of NNCF_RECIPES ("nncf-int8": its defaults,
+    "nncf-mixed": its mixed preset with the transformer model type, "nncf-hybrid": what optimum-intel does for
+    diffusion pipelines). NNCF's progress bars go to stderr."""
     import contextlib
     import sys
 
@@ -141,7 +142,7 @@ def nncf_quantize(model, feeds: dict, items: int, recipe: str = "default"):
     idx = np.linspace(0, count - 1, min(items, count)).round().astype(int)
     data = [{n: feeds[n][i:i + 1] for n in names} for i in idx]
     kw = {"preset": nncf.QuantizationPreset.MIXED, "model_type": nncf.ModelType.TRANSFORMER} \
-        if recipe in ("mixed", "hybrid") else {}
+        if recipe in ("nncf-mixed", "nncf-hybrid") else {}
     log = logging.getLogger("nncf")
     level = log.level
     log.setLevel(logging.WARNING)  # its INFO lines list every node it leaves out: hundreds on a UNet
@@ -154,7 +155,7 @@ def nncf_quantize(model, feeds: dict, items: int, recipe: str = "default"):
 
 def quantize_with(nncf, model, data: list, recipe: str, kw: dict):
     """:func:`nncf_quantize`'s call into NNCF, on prepared data."""
-    if recipe == "hybrid":  # as optimum-intel's _hybrid_quantization reads: weights first, then the rest
+    if recipe == "nncf-hybrid":  # as optimum-intel's _hybrid_quantization reads: weights first, then the rest
         from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
 
         linear = weighted_matmuls(model)

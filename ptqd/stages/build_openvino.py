@@ -63,30 +63,27 @@ def _open_params(precisions) -> tuple[Precision, ...]:
     return tuple(Precision(p) for p in precisions)
 
 
-def build_nncf_peer(b: Bundle, w, p: Precision, val_inputs) -> dict:
+def build_nncf_peer(b: Bundle, w, p: Precision, feeds: dict, val_inputs) -> dict:
     """NNCF's recipe ``p`` (nncf-int8: its default; nncf-mixed: mixed preset, transformer model type; nncf-hybrid:
-    optimum-intel's hybrid mode) on the exported graph, on NNCF_ITEMS of the calibration's recorded UNet inputs,
-    written into the transaction ``w``; its record for build.json. Not validated against a fake-quant model
+    optimum-intel's hybrid mode) on the exported graph, on NNCF_ITEMS of the calibration's recorded UNet inputs
+    (``feeds``), written into the transaction ``w``; its record for build.json. Not validated against a fake-quant model
     (ptqd has none of NNCF's numerics): its distance from FP32 on the validation inputs is recorded instead."""
     import nncf
 
     from ptqd.engines.onnxruntime import OrtRunner
     from ptqd.engines.openvino import NNCF_RECIPES, OvRunner, engine_bytes, nncf_quantize, save_engine, shared_core
 
-    feeds = dict(np.load(b.path(layout.CALIB_FEEDS)))
     items = min(NNCF_ITEMS, len(feeds["t"]))
     t0 = time.perf_counter()
-    recipe = {Precision.NNCF_MIXED: "mixed", Precision.NNCF_HYBRID: "hybrid"}.get(p, "default")
-    model = nncf_quantize(shared_core().read_model(str(b.path(layout.UNET_ONNX))), feeds, items, recipe)
+    model = nncf_quantize(shared_core().read_model(str(b.path(layout.UNET_ONNX))), feeds, items, p.value)
     quantize_s = time.perf_counter() - t0
-    del feeds
     rel, bin_rel = layout.ov_engine(p.value)
     w.file(bin_rel)  # detached from the live bundle before OpenVINO writes it
     files = save_engine(model, w.file(rel))
     xml = w.staging / rel
     entry = {"t_range": None, "engine": rel, "size_bytes": engine_bytes(xml)}
     rec: dict[str, Any] = {
-        "numerics": f"{NNCF_RECIPES[recipe]} (nncf.quantize: its own quantizer placement and ranges) on "
+        "numerics": f"{NNCF_RECIPES[p.value]} (nncf.quantize: its own quantizer placement and ranges) on "
                     f"{items} calibration inputs; 8-bit weights per channel; float parts in f32",
         "nncf": nncf.__version__, "calibration_items": items, "quantize_seconds": round(quantize_s, 1),
         "files": files, "buckets": [entry], "size_bytes": entry["size_bytes"], "i4_constants": 0,
@@ -113,7 +110,8 @@ def build_openvino(bundle, precisions=None, validate: bool = True, progress: boo
     # the peers first, before the torch model for the validation is loaded: their peaks do not add up
     precisions = tuple(sorted(precisions, key=lambda p: p not in OV_PEERS))
     loaded = None  # loaded at the first validation
-    val_inputs = validation_inputs(dict(np.load(b.path(layout.CALIB_FEEDS)))) if validate else None
+    feeds = dict(np.load(b.path(layout.CALIB_FEEDS))) if validate or any(p in OV_PEERS for p in precisions) else None
+    val_inputs = validation_inputs(feeds) if validate else None
     records: dict[str, Any] = {}
     calib_buckets = layout.calib_buckets(b)
     old = layout.built(b, "openvino")
@@ -125,7 +123,7 @@ def build_openvino(bundle, precisions=None, validate: bool = True, progress: boo
             for rel in w.listed(f"{layout.OV_DIR}/{p.value}."):
                 w.remove(rel)  # a rebuild replaces every bucket's engine of this precision
             if p in OV_PEERS:
-                records[p.value] = build_nncf_peer(b, w, p, val_inputs)
+                records[p.value] = build_nncf_peer(b, w, p, feeds, val_inputs)
                 records[p.value]["build_seconds"] = round(time.perf_counter() - t0, 1)
                 bar.update()
                 continue

@@ -46,8 +46,8 @@ def openvino_peers(b, threads: int | None, calib_items: int, notes: list[str]) -
 
     feeds = dict(np.load(b.path(layout.CALIB_FEEDS)))
     items = min(calib_items, len(feeds["t"]))
-    for name, recipe in (("ov-nncf-int8", "default"), ("ov-nncf-mixed", "mixed"), ("ov-nncf-hybrid", "hybrid")):
-        what = NNCF_RECIPES[recipe]
+    for recipe, what in NNCF_RECIPES.items():
+        name = f"ov-{recipe}"
         t0 = time.perf_counter()
         try:
             q = nncf_quantize(fp, feeds, items, recipe)
