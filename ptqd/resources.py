@@ -191,8 +191,9 @@ def available_bytes() -> tuple[int | None, str]:
 
 
 
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16")
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16")
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # u8·s8 products summed in 32 bits: no 16-bit saturation
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # bf16 arithmetic in hardware: where OpenVINO's CPU plugin picks bf16
 
 
 def _cpuinfo() -> tuple[str, list[str]]:
@@ -219,6 +220,13 @@ def has_vnni(isa: list[str] | None = None) -> bool:
     """Whether int8 kernels here sum u8·s8 products without 16-bit saturation (VNNI or AMX): the condition for
     8-bit weights on the full ±127 grid to be computed exactly by ONNX Runtime's u8s8 kernels."""
     return any(f in (cpu_isa() if isa is None else isa) for f in VNNI_FLAGS)
+
+
+def has_native_bf16(isa: list[str] | None = None) -> bool:
+    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX-BF16): where OpenVINO's CPU plugin runs a
+    model's float parts in bf16 by default, and where ptqd's OpenVINO engines may (``ptqd build
+    --float-precision``)."""
+    return any(f in (cpu_isa() if isa is None else isa) for f in BF16_FLAGS)
 
 
 def check_requirements(requires: dict | None, what: str, fix: str) -> None:

@@ -286,7 +286,8 @@ def cmd_build(args) -> int:
     from ptqd import api
 
     precisions = tuple(p for p in args.precisions.split(",") if p) if args.precisions else None
-    recs = api.build(args.bundle, backend=args.backend, precisions=precisions, validate=not args.no_validate)
+    recs = api.build(args.bundle, backend=args.backend, precisions=precisions, validate=not args.no_validate,
+                     float_precision=args.float_precision)
     if args.backend == "tensorrt":
         print_trt_build(recs)
         return 0
@@ -317,6 +318,9 @@ def print_ov_build(recs: dict) -> None:
             verdict = (v or {}).get("verdict", "not validated")
         print(f"{p:<12}{_human(r['size_bytes']):>10}{r['i4_constants']:>14}"
               f"{fmt(v and v['median_rel_l2'], 24, '.2e')}  {verdict}")
+    for p, r in recs.items():
+        if "float_precision_why" in r:
+            print(f"{p}: float parts in {r['float_precision']} ({r['float_precision_why']})")
 
 
 def print_ort_build(recs: dict) -> None:

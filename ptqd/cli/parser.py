@@ -282,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "recipe; its mixed preset with the transformer model type; optimum-intel's hybrid mode) "
                          "for `ptqd eval`/`bench` to compare; "
                          "fp16,w8a8,w4a8,w4a4 on tensorrt)")
+    bl.add_argument("--float-precision", choices=("auto", "bf16", "f32"), default="auto",
+                    help="openvino: what the engines' float parts (GroupNorm, SiLU, residual adds, attention's core) "
+                         "run in. auto (default): bf16 where the CPU computes it natively (avx512_bf16, amx_bf16), "
+                         "if the engine then stays as close to FP32 as in f32, else f32; bf16: where native, "
+                         "unchecked; f32: the fake-quant model's numerics. Engines are validated in f32, and run in "
+                         "f32 on a CPU without native bf16 whatever was recorded")
     bl.add_argument("--no-validate", action="store_true", help="skip the check against the fake-quant model")
     bl.set_defaults(func=cmd_build)
 

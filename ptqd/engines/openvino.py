@@ -5,9 +5,15 @@ not requantized (:func:`openvino_layers`). ONNX Runtime needs that requantizatio
 integer kernel (QLinearConv); OpenVINO's CPU plugin does not, and skipping it is 2-9 % faster there
 (``benchmarks/openvino_layouts.py``) and one rounding fewer per conv. The engine is validated against the
 fake-quant model of exactly these layers. Its low-precision transformations run the quantized convs and
-matmuls on int8 kernels (VNNI/AMX where the CPU has them) and everything else in f32
-(``INFERENCE_PRECISION_HINT=f32``: on CPUs with AMX-BF16, OpenVINO would otherwise run the float parts in
-bf16, which is not what the engine was validated as).
+matmuls on int8 kernels (VNNI/AMX where the CPU has them) and everything else (GroupNorm, SiLU, the
+residual adds, attention's core) in the engine's float precision (``INFERENCE_PRECISION_HINT``):
+
+- ``f32``: what the fake-quant model computes; the engine is validated in f32.
+- ``bf16``: on CPUs that compute bf16 natively (AVX512-BF16, AMX-BF16), where OpenVINO picks bf16 by default.
+  The float parts move half the bytes; on an Intel Xeon with AMX the engines run 1.1-1.5x faster
+  (``docs/backend-openvino.md``). The build keeps it only where the engine stays as close to FP32 as its
+  f32 run (:func:`ptqd.stages.build_openvino.check_bf16`); on a CPU without native bf16 the engine runs in f32,
+  the validated numerics, whatever its record says (:func:`float_precision_here`).
 
 4-bit weights: every int8 weight tensor (2-D or more) whose values all lie in [-8, 7] is stored as an ``i4``
 constant (two per byte in the ``.bin``) followed by a Convert to i8, so the graph the plugin compiles
@@ -34,8 +40,25 @@ from ptqd.engines.packed import pack_nibbles
 from ptqd.engines.runner import Runner, unet_feeds
 from ptqd.errors import MissingDependencyError, UserError
 
-# compile settings of every ptqd OpenVINO engine: one stream, latency, float parts in f32
+# compile settings of every ptqd OpenVINO engine: one stream, latency; the float precision is the engine's own
 COMPILE_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "f32"}
+FLOAT_PRECISIONS = ("auto", "bf16", "f32")  # ptqd build --float-precision
+
+
+def float_precision_here(recorded: str | None) -> str:
+    """The float precision an engine recorded as ``recorded`` runs in on this CPU: bf16 only where the CPU
+    computes it natively, else f32 (the numerics the engine was validated in, never an emulation)."""
+    from ptqd.resources import has_native_bf16
+
+    return "bf16" if recorded == "bf16" and has_native_bf16() else "f32"
+
+
+def openvino_default_precision() -> str:
+    """The float precision OpenVINO's CPU plugin picks by default on this CPU (bf16 where it is native): what a
+    user of OpenVINO, or of NNCF + OpenVINO, gets without setting ``INFERENCE_PRECISION_HINT``."""
+    from ptqd.resources import has_native_bf16
+
+    return "bf16" if has_native_bf16() else "f32"
 MIN_PACKED = 64  # smaller constants (scales' companions, zero points) are not worth a node
 
 
@@ -202,12 +225,16 @@ class OvRunner(Runner):
 
     name = "openvino"
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, model=None):
-        """``model``: an ``openvino.Model`` already in memory (a peer's), named by ``path``."""
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, model=None,
+                 float_precision: str | None = "f32"):
+        """``model``: an ``openvino.Model`` already in memory (a peer's), named by ``path``. ``float_precision``:
+        the engine's recorded one (``f32`` or ``bf16``; bf16 runs only where this CPU has it natively, see
+        :func:`float_precision_here`)."""
         self.path = Path(path)
         self.core = shared_core()
         self.model = model if model is not None else read_engine(self.core, self.path)
-        self.config = dict(COMPILE_CONFIG)
+        self.float_precision = float_precision_here(float_precision)
+        self.config = dict(COMPILE_CONFIG, INFERENCE_PRECISION_HINT=self.float_precision)
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
         self.input_names = [i.get_any_name() for i in self.model.inputs]

@@ -138,9 +138,11 @@ def open_openvino(b, precision: str, threads: int | None = None):
             raise UserError(f"{b.root}: the openvino engine {e['engine']} predates this ptqd's format; rebuild it "
                             f"with `ptqd build {b.root} --backend openvino`")
         b.path(e["engine"].removesuffix(".xml.gz") + ".bin")
+    fpp = built[precision].get("float_precision", "f32")  # bf16 only where this CPU has it (float_precision_here)
     if len(entries) == 1:
-        return OvRunner(b.path(entries[0]["engine"]), threads)
-    return BucketedRunner([(tuple(e["t_range"]), OvRunner(b.path(e["engine"]), threads)) for e in entries])
+        return OvRunner(b.path(entries[0]["engine"]), threads, float_precision=fpp)
+    return BucketedRunner([(tuple(e["t_range"]), OvRunner(b.path(e["engine"]), threads, float_precision=fpp))
+                           for e in entries])
 
 
 def open_tensorrt(b, precisions, cuda_graphs: bool = False):

@@ -36,14 +36,48 @@ NO_KERNEL_CHECK = {"passed": True, "kernels": 0, "mismatched": [], "constant_mis
                    "note": "not available on openvino: judged end to end against the fake-quant model"}
 
 
-def numerics(p: Precision, attention: int = 0) -> str:
+def numerics(p: Precision, attention: int = 0, float_precision: str = "f32") -> str:
     return (f"w{p.w_bits}a{p.a_bits}: ptqd's QDQ graph on OpenVINO's int8 kernels, conv outputs not requantized "
-            "(ONNX Runtime's engine requantizes them), float parts in f32"
+            f"(ONNX Runtime's engine requantizes them), float parts in {float_precision}"
             + (", 4-bit weights stored as i4" if p.w_bits == 4 else "")
             + (f", {attention} attention matmuls on 8-bit inputs" if attention else ", attention matmuls float"))
 
 
 NNCF_ITEMS = 64  # calibration inputs for the NNCF peer, spread over the recorded steps
+
+
+def float_choice(requested: str) -> tuple[str, str]:
+    """(the float precision to build for, why) from ``--float-precision``: auto and bf16 take bf16 where this
+    CPU computes it natively (auto only if :func:`check_bf16` then passes), f32 everywhere else."""
+    from ptqd.engines.openvino import FLOAT_PRECISIONS
+    from ptqd.resources import has_native_bf16
+
+    if requested not in FLOAT_PRECISIONS:
+        raise UserError(f"--float-precision {requested!r}: choose from {', '.join(FLOAT_PRECISIONS)}")
+    if requested == "f32":
+        return "f32", "asked for (--float-precision f32)"
+    if not has_native_bf16():
+        return "f32", f"this CPU ({cpu_description()}) has no native bf16 (avx512_bf16 or amx_bf16)"
+    return "bf16", "this CPU computes bf16 natively" + (" (--float-precision bf16)" if requested == "bf16" else "")
+
+
+def check_bf16(engine_f32, engine_bf16, fp_outputs: list, inputs: list[dict]) -> dict:
+    """Whether running the float parts in bf16 keeps the engine as close to FP32 as its validated f32 run:
+    passes when the bf16 run's median rel-L2 from FP32 (``fp_outputs``, on ``inputs``) is at most CASCADE_SLACK x
+    the f32 run's (the allowance a rounding cascade gets in validation)."""
+    from ptqd.engines.compare import CASCADE_SLACK, rel_l2
+
+    e32, e16, d = [], [], []
+    for f, ref in zip(inputs, fp_outputs):
+        args = (f["x"], f["t"], f.get("context"))
+        a, c = engine_f32(*args), engine_bf16(*args)
+        e32.append(rel_l2(a, ref))
+        e16.append(rel_l2(c, ref))
+        d.append(rel_l2(c, a))
+    rec = {"f32_vs_fp32_median": float(np.median(e32)), "bf16_vs_fp32_median": float(np.median(e16)),
+           "bf16_vs_f32_median": float(np.median(d)), "slack": CASCADE_SLACK, "inputs": len(inputs)}
+    rec["passed"] = bool(rec["bf16_vs_fp32_median"] <= CASCADE_SLACK * rec["f32_vs_fp32_median"])
+    return rec
 
 
 def _open_params(precisions) -> tuple[Precision, ...]:
@@ -71,9 +105,18 @@ def build_nncf_peer(b: Bundle, w, p: Precision, feeds: dict, val_inputs) -> dict
     import nncf
 
     from ptqd.engines.onnxruntime import OrtRunner
-    from ptqd.engines.openvino import NNCF_RECIPES, OvRunner, engine_bytes, nncf_quantize, save_engine, shared_core
+    from ptqd.engines.openvino import (
+        NNCF_RECIPES,
+        OvRunner,
+        engine_bytes,
+        nncf_quantize,
+        openvino_default_precision,
+        save_engine,
+        shared_core,
+    )
 
     items = min(NNCF_ITEMS, len(feeds["t"]))
+    fpp = openvino_default_precision()  # what NNCF + OpenVINO gives a user here
     t0 = time.perf_counter()
     model = nncf_quantize(shared_core().read_model(str(b.path(layout.UNET_ONNX))), feeds, items, p.value)
     quantize_s = time.perf_counter() - t0
@@ -84,25 +127,50 @@ def build_nncf_peer(b: Bundle, w, p: Precision, feeds: dict, val_inputs) -> dict
     entry = {"t_range": None, "engine": rel, "size_bytes": engine_bytes(xml)}
     rec: dict[str, Any] = {
         "numerics": f"{NNCF_RECIPES[p.value]} (nncf.quantize: its own quantizer placement and ranges) on "
-                    f"{items} calibration inputs; 8-bit weights per channel; float parts in f32",
+                    f"{items} calibration inputs; 8-bit weights per channel; float parts in {fpp} (OpenVINO's "
+                    "default on the building CPU)",
+        "float_precision": fpp,
         "nncf": nncf.__version__, "calibration_items": items, "quantize_seconds": round(quantize_s, 1),
         "files": files, "buckets": [entry], "size_bytes": entry["size_bytes"], "i4_constants": 0,
         "built_on": cpu_description()}
     if val_inputs is not None:
-        vs = validate_engine(OvRunner(xml), OrtRunner(b.path(layout.UNET_ONNX)), val_inputs)
+        vs = validate_engine(OvRunner(xml, float_precision=rec["float_precision"]),
+                             OrtRunner(b.path(layout.UNET_ONNX)), val_inputs)
         rec["vs_fp32"] = {k: vs[k] for k in ("median_rel_l2", "worst_rel_l2", "inputs")}
     return rec
 
 
+def float_parts(want: str, why: str, requested: str, entries: list[dict]) -> dict:
+    """The record of what an engine's float parts run in: ``want`` (:func:`float_choice`), kept as bf16 when
+    every bucket's :func:`check_bf16` passed, or when bf16 was asked for by name or the checks were skipped
+    (--no-validate)."""
+    if want != "bf16":
+        return {"float_precision": "f32", "float_precision_why": why}
+    checks = [e["bf16_check"] for e in entries if "bf16_check" in e]
+    if not checks:
+        return {"float_precision": "bf16", "float_precision_why": why + "; not checked (--no-validate)"}
+    worst = max(checks, key=lambda c: c["bf16_vs_fp32_median"] / max(c["f32_vs_fp32_median"], 1e-12))
+    words = (f"bf16 rel-L2 from FP32 {worst['bf16_vs_fp32_median']:.3g} against f32's "
+             f"{worst['f32_vs_fp32_median']:.3g} (limit {worst['slack']:g}x)")
+    if all(c["passed"] for c in checks) or requested == "bf16":
+        return {"float_precision": "bf16", "float_precision_why": f"{why}; {words}"}
+    return {"float_precision": "f32", "float_precision_why": f"bf16 moved the engine away from FP32: {words}"}
+
+
 @writes_bundle()
-def build_openvino(bundle, precisions=None, validate: bool = True, progress: bool | None = None) -> dict:
-    """OpenVINO engines from the calibration; each validated against its fake-quant model."""
+def build_openvino(bundle, precisions=None, validate: bool = True, progress: bool | None = None,
+                   float_precision: str = "auto") -> dict:
+    """OpenVINO engines from the calibration; each validated against its fake-quant model (in f32).
+    ``float_precision`` (auto, bf16, f32): what the engines' float parts run in; see :func:`float_choice` and
+    :func:`check_bf16`. NNCF's peers get what OpenVINO gives them by default on this CPU."""
     from ptqd.engines.openvino import OvRunner, convert_qdq, engine_bytes, openvino_layers, require_openvino
     from ptqd.engines import graph_opt
     from ptqd.engines.qdq import write_qdq
 
     ov = require_openvino()
     precisions = _open_params(precisions)
+    want, why = float_choice(float_precision)
+    fp_outputs: list = []  # FP32's outputs on the validation inputs, for the bf16 checks (made once)
     b = Bundle.open(bundle)
     require_calibrated(b)
     requires = buildable_here(b)
@@ -159,7 +227,8 @@ def build_openvino(bundle, precisions=None, validate: bool = True, progress: boo
                     if loaded is None:
                         loaded = load_source(b)
                     ref = TorchRunner(fake_quant_model(loaded.unet, layers, attention))
-                    val = validate_quantized(OvRunner(xml), ref,
+                    engine = OvRunner(xml)  # f32: the fake-quant model's numerics
+                    val = validate_quantized(engine, ref,
                                              lambda: OrtRunner(b.path(layout.UNET_ONNX)), NO_KERNEL_CHECK,
                                              val_inputs, p.a_bits)
                     entry["validation_vs_fake_quant"] = val
@@ -167,7 +236,15 @@ def build_openvino(bundle, precisions=None, validate: bool = True, progress: boo
                         raise ValidationError("openvino engine vs fake-quant model",
                                               f"{p.value}{layout.bucket_suffix(k, len(calib_buckets))}: "
                                               f"{val['failure']}")
+                    if want == "bf16":
+                        if not fp_outputs:
+                            fp = OrtRunner(b.path(layout.UNET_ONNX))
+                            fp_outputs = [fp(f["x"], f["t"], f.get("context")) for f in val_inputs]
+                        entry["bf16_check"] = check_bf16(engine, OvRunner(xml, float_precision="bf16"), fp_outputs,
+                                                         val_inputs)
                 rec["buckets"].append(entry)
+            rec.update(float_parts(want, why, float_precision, rec["buckets"]))
+            rec["numerics"] = numerics(p, rec.get("attention_matmuls_int8", 0), rec["float_precision"])
             first = rec["buckets"][0]
             rec.update(size_bytes=first["size_bytes"], i4_constants=first["i4_constants"])
             if "validation_vs_fake_quant" in first:

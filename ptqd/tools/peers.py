@@ -22,13 +22,16 @@ def openvino_peers(b, threads: int | None, calib_items: int, notes: list[str]) -
         return {}
     import openvino as ov
 
-    from ptqd.engines.openvino import OvRunner
+    from ptqd.engines.openvino import OvRunner, openvino_default_precision
 
+    fpp = openvino_default_precision()  # what a user of OpenVINO gets here: its float parts in bf16 where native
+    notes.append(f"OpenVINO peers: float parts in {fpp} (OpenVINO's default on this CPU)")
     out = {}
     t0 = time.perf_counter()
     try:
         fp = ov.Core().read_model(str(b.path(layout.UNET_ONNX)))
-        out["ov-fp32"] = (OvRunner(b.path(layout.UNET_ONNX), threads, model=fp), time.perf_counter() - t0)
+        out["ov-fp32"] = (OvRunner(b.path(layout.UNET_ONNX), threads, model=fp, float_precision=fpp),
+                          time.perf_counter() - t0)
     except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
         notes.append(f"OpenVINO peers skipped: OpenVINO cannot read the exported graph: {type(e).__name__}: "
                      f"{str(e)[:200]}")
@@ -54,7 +57,7 @@ def openvino_peers(b, threads: int | None, calib_items: int, notes: list[str]) -
         except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
             notes.append(f"NNCF + OpenVINO INT8 peer ({what}) failed: {type(e).__name__}: {str(e)[:200]}")
             continue
-        out[name] = (OvRunner(name, threads, model=q), time.perf_counter() - t0)
+        out[name] = (OvRunner(name, threads, model=q, float_precision=fpp), time.perf_counter() - t0)
         notes.append(f"{name}: NNCF quantize() ({what}) on {items} calibration inputs took "
                      f"{out[name][1]:.0f} s (its load time)")
     return out
