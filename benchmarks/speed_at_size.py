@@ -16,11 +16,16 @@ rounds (each round runs every engine once), the median of ``--runs`` after ``--w
                  graph with conv outputs in float, as OpenVINO IR, 4-bit weights as i4; where openvino is installed)
   ort-int8       ONNX Runtime quantize_static (QDQ, U8/S8 per channel, reduce_range)
   torch-fp32     PyTorch eager (``--no-torch`` skips it)
-  ov-fp32        OpenVINO on the same FP32 ONNX, f32 inference precision (optional: pip install ptqd[peers])
+  ov-fp32        OpenVINO on the same FP32 ONNX (optional: pip install ptqd[peers])
   ov-nncf-int8   NNCF quantize() (default recipe) + OpenVINO                          (optional, same)
   ov-nncf-mixed  NNCF quantize() (mixed preset, transformer model type) + OpenVINO    (optional, same)
   ov-nncf-hybrid optimum-intel's hybrid mode: linear layers weight-only int8, the rest  (optional, same)
                  NNCF mixed preset + transformer model type, SmoothQuant off
+
+Every OpenVINO model runs in the float precision it gets: ptqd's engines their recorded one (``ptqd build
+--float-precision``: bf16 where the CPU computes it natively and the engine stays as close to FP32), the peers
+OpenVINO's own default on this CPU (bf16 where native: what their users get). ``--f32-rows`` adds each OpenVINO
+model again as ``NAME@f32``, its float parts forced to f32, in the same interleaved rounds.
 
 Every session runs ``--threads`` intra-op threads with spinning off (they take turns; MEASURED.md).
 Per engine: file size (external data included), load seconds (opening it and its first forward at the
@@ -81,7 +86,8 @@ def prepare(work: Path, size: str, samples: int, steps: int, rounding: str, vali
         st = b.stage("build_openvino")
         ov = b.read_json("engines/openvino/build.json") if b.has("engines/openvino/build.json") else {}
         stale = any(not e["engine"].endswith(".xml.gz") for r in ov.values() for e in r["buckets"]) or any(
-            r.get("conv_outputs") != "float" for r in ov.values())  # built before OpenVINO's own layout
+            r.get("conv_outputs") != "float" for r in ov.values()) or any(  # before OpenVINO's own layout
+            "float_precision" not in ov[p] for p in OURS if p in ov)  # or before the bf16 float parts
         if st is None or stale or set(st["precisions"]) != set(OURS) or st.get("inputs") != _build_inputs(b):
             t0 = time.perf_counter()
             api.build(out, backend="openvino", precisions=OURS, validate=validate, progress=False)
@@ -147,6 +153,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-openvino", action="store_true", help="skip ptqd's own OpenVINO engines")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-engine resident memory processes")
     ap.add_argument("--calib-items", type=int, default=16, help="NNCF calibration inputs")
+    ap.add_argument("--f32-rows", action="store_true",
+                    help="also time every OpenVINO model with its float parts in f32 (NAME@f32); each is "
+                         "compiled again: at 400.9 M that needs more than 23 GiB")
     args = ap.parse_args(argv)
 
     from ptqd import api
@@ -195,8 +204,15 @@ def main(argv=None) -> dict:
 
         for k, (r, s) in openvino_peers(b, args.threads, args.calib_items, notes).items():
             runners[k], load_s[k], sizes[k] = r, s, None
+    if args.f32_rows:
+        from ptqd.engines.openvino import OvRunner
+
+        for k in [k for k, r in runners.items() if isinstance(r, OvRunner) and r.float_precision != "f32"]:
+            runners[k + "@f32"] = OvRunner(runners[k].path, args.threads, model=runners[k].model, float_precision="f32")
+            load_s[k + "@f32"], sizes[k + "@f32"] = load_s[k], sizes.get(k)
+    fpp = {k: r.float_precision for k, r in runners.items() if hasattr(r, "float_precision")}
     names = list(runners)
-    result = {"size": args.size, "threads": args.threads, "runs": args.runs, "warmup": args.warmup,
+    result = {"size": args.size, "float_precision": fpp, "threads": args.threads, "runs": args.runs, "warmup": args.warmup,
               "parameters": None, "batches": {}, "notes": notes, "machine": _machine()}
     batches = [int(x) for x in args.batches.split(",")]
     first_batch = batches[0]

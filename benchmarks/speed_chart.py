@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-ORDER = ("ort-fp32", "ov-fp32", "ort-int8", "w8a8", "w4a8", "w4a4", "w8a8-openvino", "w4a8-openvino",
+ORDER = ("ort-fp32", "ov-fp32@f32", "ov-fp32", "ort-int8", "w8a8", "w4a8", "w4a4", "w8a8-openvino", "w4a8-openvino",
          "w4a4-openvino", "ov-nncf-int8", "ov-nncf-mixed", "ov-nncf-hybrid")
 LABEL = {"ort-fp32": "ORT FP32", "ov-fp32": "OpenVINO FP32", "ort-int8": "ORT quantize_static",
          "ov-nncf-int8": "NNCF + OpenVINO INT8", "ov-nncf-mixed": "NNCF mixed + transformer, OpenVINO",
@@ -44,7 +44,10 @@ def main(argv=None) -> Path:
             bars = ax.barh(ys, vals, height=width, label=f"batch {bt}")
             for bar, v in zip(bars, vals):
                 ax.text(v + 0.03, bar.get_y() + bar.get_height() / 2, f"{v:.2f}", va="center", fontsize=7)
-        ax.set_yticks(range(len(names)), [LABEL.get(k, "ptqd " + k.replace("-openvino", " (OpenVINO)")) for k in names])
+        fpp = r.get("float_precision", {})  # OpenVINO models: what their float parts ran in
+        ax.set_yticks(range(len(names)), [LABEL.get(k.removesuffix("@f32"), "ptqd " + k.replace("-openvino", " (OpenVINO)")
+                                                    .removesuffix("@f32")) + (f", {fpp[k]} float" if k in fpp else "")
+                                          for k in names])
         ax.invert_yaxis()
         ax.axvline(1.0, color="gray", lw=0.8)
         ax.set_xlabel("x ONNX Runtime FP32 (higher is faster)")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ptqd.bundle import Bundle, layout, writes_bundle
-from ptqd.engines.compare import validate_engine, validate_quantized, validation_inputs
+from ptqd.engines.compare import Memo, validate_engine, validate_quantized, validation_inputs
 from ptqd.errors import MissingDependencyError, UserError, ValidationError
 from ptqd.precision import CALIBRATED, CALIBRATED_NAMES, OPENVINO_BUILDABLE, OV_PEERS, Precision
 from ptqd.progress import progress_bar
@@ -61,16 +61,22 @@ def float_choice(requested: str) -> tuple[str, str]:
     return "bf16", "this CPU computes bf16 natively" + (" (--float-precision bf16)" if requested == "bf16" else "")
 
 
-def check_bf16(engine_f32, engine_bf16, fp_outputs: list, inputs: list[dict]) -> dict:
-    """Whether running the float parts in bf16 keeps the engine as close to FP32 as its validated f32 run:
-    passes when the bf16 run's median rel-L2 from FP32 (``fp_outputs``, on ``inputs``) is at most CASCADE_SLACK x
-    the f32 run's (the allowance a rounding cascade gets in validation)."""
+def check_bf16(engine_f32, engine_bf16, fp, inputs: list[dict]) -> dict:
+    """Whether running the float parts in bf16 keeps the engine as close to FP32 (``fp``, a runner) as its
+    validated f32 run: passes when the bf16 run's median rel-L2 from FP32 on ``inputs`` is at most CASCADE_SLACK x
+    the f32 run's (the allowance a rounding cascade gets in validation). ``engine_bf16`` is made (called with no
+    arguments) only after the f32 outputs are in hand and ``engine_f32.release()``, where it has one, has run:
+    the two compiled models are not held at once."""
     from ptqd.engines.compare import CASCADE_SLACK, rel_l2
 
+    calls = [(f["x"], f["t"], f.get("context")) for f in inputs]
+    f32 = [engine_f32(*args) for args in calls]
+    if hasattr(engine_f32, "release"):
+        engine_f32.release()
+    bf16 = engine_bf16()
     e32, e16, d = [], [], []
-    for f, ref in zip(inputs, fp_outputs):
-        args = (f["x"], f["t"], f.get("context"))
-        a, c = engine_f32(*args), engine_bf16(*args)
+    for args, a in zip(calls, f32):
+        ref, c = fp(*args), bf16(*args)
         e32.append(rel_l2(a, ref))
         e16.append(rel_l2(c, ref))
         d.append(rel_l2(c, a))
@@ -170,7 +176,7 @@ def build_openvino(bundle, precisions=None, validate: bool = True, progress: boo
     ov = require_openvino()
     precisions = _open_params(precisions)
     want, why = float_choice(float_precision)
-    fp_outputs: list = []  # FP32's outputs on the validation inputs, for the bf16 checks (made once)
+    fp_ref = None  # FP32 on the validation inputs (a Memo), for the cascade verdicts and the bf16 checks
     b = Bundle.open(bundle)
     require_calibrated(b)
     requires = buildable_here(b)
@@ -227,21 +233,21 @@ def build_openvino(bundle, precisions=None, validate: bool = True, progress: boo
                     if loaded is None:
                         loaded = load_source(b)
                     ref = TorchRunner(fake_quant_model(loaded.unet, layers, attention))
-                    engine = OvRunner(xml)  # f32: the fake-quant model's numerics
-                    val = validate_quantized(engine, ref,
-                                             lambda: OrtRunner(b.path(layout.UNET_ONNX)), NO_KERNEL_CHECK,
-                                             val_inputs, p.a_bits)
+                    if fp_ref is None:  # FP32's outputs, computed once per build for every check that reads them
+                        fp_ref = Memo(lambda: OrtRunner(b.path(layout.UNET_ONNX)))
+                    engine = Memo(lambda xml=xml: OvRunner(xml))  # f32: the fake-quant model's numerics
+                    val = validate_quantized(engine, ref, lambda: fp_ref, NO_KERNEL_CHECK, val_inputs, p.a_bits)
                     entry["validation_vs_fake_quant"] = val
+                    del ref  # the fake-quant model: not held while the bf16 copy compiles
                     if not val["passed"]:
                         raise ValidationError("openvino engine vs fake-quant model",
                                               f"{p.value}{layout.bucket_suffix(k, len(calib_buckets))}: "
                                               f"{val['failure']}")
                     if want == "bf16":
-                        if not fp_outputs:
-                            fp = OrtRunner(b.path(layout.UNET_ONNX))
-                            fp_outputs = [fp(f["x"], f["t"], f.get("context")) for f in val_inputs]
-                        entry["bf16_check"] = check_bf16(engine, OvRunner(xml, float_precision="bf16"), fp_outputs,
-                                                         val_inputs)
+                        entry["bf16_check"] = check_bf16(
+                            engine, lambda xml=xml: OvRunner(xml, float_precision="bf16"), fp_ref, val_inputs)
+                    del engine
+                    fp_ref.release()  # its outputs stay
                 rec["buckets"].append(entry)
             rec.update(float_parts(want, why, float_precision, rec["buckets"]))
             rec["numerics"] = numerics(p, rec.get("attention_matmuls_int8", 0), rec["float_precision"])

@@ -119,6 +119,10 @@ def bench(bundle, precisions=None, runs: int = 10, warmup: int = 3, large_batch:
             continue
         load_s[f"{p}@openvino"] = time.perf_counter() - t0  # OpenVINO compiles at the first call, per batch size
         sizes[f"{p}@openvino"] = sum(e["size_bytes"] for e in ov_built[p]["buckets"])
+        fpp = getattr(engines[f"{p}@openvino"], "float_precision", None)
+        if fpp:
+            notes.append(f"{p}@openvino: float parts in {fpp} (recorded {ov_built[p].get('float_precision', 'f32')}; "
+                         "bf16 only where this CPU has it natively)")
     if peers:
         from ptqd.tools.peers import openvino_peers
 

@@ -88,6 +88,12 @@ def test_eval_and_bench_put_the_peer_beside_ptqds_engines(peer_bundle, capsys):
                 torch_peer=False, memory=False, peers=False)
     assert res["engines"]["nncf-int8@openvino"]["latency"]["1"]["median_ms"] > 0
     assert "nncf-int8" not in res["engines"]  # no ONNX Runtime engine of the peer was opened
+    # each OpenVINO engine says what its float parts run in: the peer at OpenVINO's default on this CPU
+    from ptqd.engines.openvino import openvino_default_precision
+
+    assert peer_bundle[1]["nncf-int8"]["float_precision"] == openvino_default_precision()
+    assert any(n.startswith(f"nncf-int8@openvino: float parts in {openvino_default_precision()}")
+               for n in res["notes"]), res["notes"]
 
 
 def test_without_nncf_the_peer_is_refused_before_anything_is_built(compiled, tmp_path, monkeypatch):

@@ -36,10 +36,10 @@ def test_the_check_compares_the_bf16_run_with_the_f32_run_against_fp32():
 
     rng = np.random.RandomState(0)
     inputs = [{"x": rng.randn(1, 4, 8, 8).astype(np.float32), "t": np.array([1.0], np.float32)} for _ in range(4)]
-    fp = [f["x"] * 2 for f in inputs]
+    fp = lambda x, t, c: x * 2  # noqa: E731
     f32 = lambda x, t, c: x * 2 + 0.01 * np.sign(x)  # noqa: E731 - 0.5 % from FP32
-    close = lambda x, t, c: x * 2 + 0.011 * np.sign(x)  # noqa: E731 - 10 % further: inside the 1.25x slack
-    far = lambda x, t, c: x * 2 + 0.02 * np.sign(x)  # noqa: E731 - twice as far
+    close = lambda: lambda x, t, c: x * 2 + 0.011 * np.sign(x)  # noqa: E731 - 10 % further: inside the 1.25x slack
+    far = lambda: lambda x, t, c: x * 2 + 0.02 * np.sign(x)  # noqa: E731 - twice as far
     ok, bad = check_bf16(f32, close, fp, inputs), check_bf16(f32, far, fp, inputs)
     assert ok["passed"] and not bad["passed"] and ok["inputs"] == 4
     assert bad["bf16_vs_fp32_median"] == pytest.approx(2 * bad["f32_vs_fp32_median"], rel=1e-3)
