@@ -43,6 +43,7 @@ from ptqd.errors import MissingDependencyError, UserError
 # compile settings of every ptqd OpenVINO engine: one stream, latency; the float precision is the engine's own
 COMPILE_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "f32"}
 FLOAT_PRECISIONS = ("auto", "bf16", "f32")  # ptqd build --float-precision
+MIN_PACKED = 64  # smaller constants (scales' companions, zero points) are not worth a node
 
 
 def float_precision_here(recorded: str | None) -> str:
@@ -56,10 +57,7 @@ def float_precision_here(recorded: str | None) -> str:
 def openvino_default_precision() -> str:
     """The float precision OpenVINO's CPU plugin picks by default on this CPU (bf16 where it is native): what a
     user of OpenVINO, or of NNCF + OpenVINO, gets without setting ``INFERENCE_PRECISION_HINT``."""
-    from ptqd.resources import has_native_bf16
-
-    return "bf16" if has_native_bf16() else "f32"
-MIN_PACKED = 64  # smaller constants (scales' companions, zero points) are not worth a node
+    return float_precision_here("bf16")
 
 
 def openvino_layers(layers) -> list:
