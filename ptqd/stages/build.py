@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ptqd.bundle import Bundle, layout, writes_bundle
-from ptqd.engines.compare import validate_quantized, validation_inputs
+from ptqd.engines.compare import Memo, validate_quantized, validation_inputs
 from ptqd.errors import UserError, ValidationError
 from ptqd.precision import CALIBRATED, ORT_BUILDABLE, PEER, Backend, Precision
 from ptqd.progress import progress_bar
@@ -42,9 +42,11 @@ def numerics(p: Precision, portable: bool = True, attention: int = 0) -> str:
                     "standard layout)"))
 
 
-def validate_built(b: Bundle, eng_path, loaded, layers, inputs: list[dict], act_bits: int, attention=()) -> dict:
+def validate_built(fp_ref, eng_path, loaded, layers, inputs: list[dict], act_bits: int, attention=()) -> dict:
     """The engine at ``eng_path`` vs its fake-quant model end to end, and every integer kernel on its
-    own inputs (see :func:`ptqd.engines.compare.validate_quantized`)."""
+    own inputs (see :func:`ptqd.engines.compare.validate_quantized`). ``fp_ref``: FP32 on the validation
+    inputs (a :class:`ptqd.engines.compare.Memo` shared by the build's precisions), read only for a
+    rounding cascade's verdict."""
     from ptqd.calib.fakequant import fake_quant_model
     from ptqd.engines.kernels import check_kernels
     from ptqd.engines.onnxruntime import OrtRunner
@@ -52,8 +54,7 @@ def validate_built(b: Bundle, eng_path, loaded, layers, inputs: list[dict], act_
 
     ref = TorchRunner(fake_quant_model(loaded.unet, layers, attention))
     kernels = check_kernels(eng_path, layers, inputs[len(inputs) // 2], attention)
-    return validate_quantized(OrtRunner(eng_path), ref, lambda: OrtRunner(b.path(layout.UNET_ONNX)), kernels,
-                              inputs, act_bits)
+    return validate_quantized(OrtRunner(eng_path), ref, lambda: fp_ref, kernels, inputs, act_bits)
 
 
 def plan_precisions(b: Bundle, precisions: tuple[Precision, ...], log) -> tuple[tuple[Precision, ...], int]:
@@ -113,7 +114,13 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
     import sys
 
     from ptqd.engines import graph_opt
-    from ptqd.engines.onnxruntime import build_engine, describe_engine, pack_4bit_weights, quantize_static_peer
+    from ptqd.engines.onnxruntime import (
+        OrtRunner,
+        build_engine,
+        describe_engine,
+        pack_4bit_weights,
+        quantize_static_peer,
+    )
     from ptqd.engines.qdq import write_qdq
 
     if str(backend) == "auto":
@@ -142,6 +149,8 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
     if any(p != PEER for p in precisions):
         graph_opt.prepare(b.path(layout.UNET_ONNX))
     loaded = None
+    # FP32's outputs on the validation inputs, computed at most once per build for every cascade verdict
+    fp_ref = Memo(lambda: OrtRunner(b.path(layout.UNET_ONNX)))
     feeds = dict(np.load(b.path(layout.CALIB_FEEDS))) if validate or PEER in precisions else None
     val_inputs = validation_inputs(feeds) if validate else None
     records: dict[str, Any] = {}
@@ -190,7 +199,8 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
                     if validate and layers is not None:
                         if loaded is None:
                             loaded = load_source(b)
-                        val = validate_built(b, eng_path, loaded, layers, val_inputs, p.a_bits, attention)
+                        val = validate_built(fp_ref, eng_path, loaded, layers, val_inputs, p.a_bits, attention)
+                        fp_ref.release()  # its outputs stay; the session is not held while the next engine builds
                         entry["validation_vs_fake_quant"] = val
                         if k == 0:
                             rec["validation_vs_fake_quant"] = val

@@ -196,3 +196,37 @@ def test_the_fake_quant_copy_borrows_the_float_weights_it_replaces(built, monkey
     tied = fakequant.fake_quant_model(src, layers)
     ids = {id(p) for p in src.parameters()}
     assert not any(id(p) in ids for p in tied.parameters())
+
+
+def test_the_build_opens_fp32_once_for_every_cascade_verdict(built, monkeypatch):
+    """Each precision whose validation becomes a rounding cascade reads FP32's outputs on the validation inputs;
+    the build computes them once (one FP32 session, one run per input) and shares them between precisions."""
+    from ptqd.engines import onnxruntime as ort_mod
+    from ptqd.stages import build as build_mod
+
+    opened, ran = [], []
+
+    class Counting(ort_mod.OrtRunner):
+        def __init__(self, path, *a, **k):
+            super().__init__(path, *a, **k)
+            self.fp = str(path).endswith("unet.onnx")
+            opened.append(self.fp)
+
+        def __call__(self, *a, **k):
+            ran.append(self.fp)
+            return super().__call__(*a, **k)
+
+    real = build_mod.validate_quantized
+    seen = []
+
+    def always_cascade(engine, reference, open_fp, kernels, inputs, act_bits):
+        fp = open_fp()  # as a cascade verdict does: FP32 on every validation input
+        seen.append([fp(f["x"], f["t"], f.get("context")) for f in inputs])
+        return real(engine, reference, open_fp, kernels, inputs, act_bits)
+
+    monkeypatch.setattr(ort_mod, "OrtRunner", Counting)
+    monkeypatch.setattr(build_mod, "validate_quantized", always_cascade)
+    api.build(built[0], precisions=("w8a8", "w4a8"), progress=False)
+    assert len(seen) == 2 and sum(opened) == 1
+    assert sum(ran) == len(seen[0])  # one FP32 run per validation input, for both precisions
+    assert all(np.array_equal(a, b) for a, b in zip(*seen))
