@@ -4,6 +4,7 @@ variants below are not validated against a fake-quant model (they compute other 
 calibrated precisions, e.g. without the conv outputs' requantization).
 
     python benchmarks/openvino_layouts.py BUNDLE [--precision w4a8] [--runs 10] [--threads 2]
+        [--float-precision bf16|f32] [--variants ptqd,ptqd-resq,...]
 
 Timed in one process, interleaved rounds, median of ``--runs`` after 3 warm-up, batch 1 and 2:
 
@@ -12,13 +13,17 @@ Timed in one process, interleaved rounds, median of ``--runs`` after 3 warm-up, 
   ptqd-sym        the same with symmetric activation grids (zero point 0, or 128 for signed tensors)
   ptqd-attn       ptqd plus Q/DQ on attention's q/k/v projections' outputs and softmax outputs, so QKᵀ and AV can
                   run in int8 (speed only: fixed scales, not calibrated, not validated; ptqd does not build it)
+  ptqd-resq       ptqd plus Q/DQ on the output of every float Add (the residual stream, the bias and time-embedding
+                  adds), where NNCF keeps its tensors in int8 between layers (speed only, like ptqd-attn)
+  ptqd-resq-attn  both probes
   nncf-default    NNCF quantize() with its default recipe on the bundle's calibration inputs (8 items)
   nncf-mixed      NNCF quantize(), mixed preset and transformer model type
 
 Then, for NNCF's default graph: every FakeQuantize by (producer op, consumer ops, grid), the census that
 says which tensors NNCF keeps in int8 between layers; the executed-graph summary of each variant; and, for
 ptqd, ptqd-attn and NNCF's default, the executed layer time by (layer type, precision), where the gap is.
-Needs openvino and nncf.
+Every model runs with its float parts in ``--float-precision`` (default bf16: what OpenVINO itself picks on a CPU
+with native bf16; f32 on one without). Needs openvino and nncf.
 """
 
 from __future__ import annotations
@@ -85,6 +90,53 @@ def with_attention_qdq(src: Path, dst: Path) -> dict:
     return dict(counts)
 
 
+def float_adds(m) -> list:
+    """The Add nodes of ONNX model ``m`` whose output is a float tensor (not shape arithmetic)."""
+    import onnx
+
+    typed = onnx.shape_inference.infer_shapes(m)
+    elem = {v.name: v.type.tensor_type.elem_type for v in list(typed.graph.value_info) + list(typed.graph.input)}
+    return [n for n in m.graph.node if n.op_type == "Add" and elem.get(n.output[0]) == onnx.TensorProto.FLOAT]
+
+
+def with_residual_qdq(src: Path, dst: Path) -> int:
+    """``src`` (a QDQ ONNX) with Q/DQ (u8, a fixed scale) after every float Add whose output is read by anything but
+    a quantizer: the residual stream and the bias adds move between layers in int8, as in NNCF's graph. Speed
+    only. Returns how many Adds it quantized."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from ptqd.engines.onnx_io import read_external, save_model
+
+    m = onnx.load(str(src), load_external_data=False)
+    adds = {n.name for n in float_adds(m)}
+    read_external(m, src)
+    g = m.graph
+    readers: dict = collections.defaultdict(list)
+    for n in g.node:
+        for i in n.input:
+            readers[i].append(n)
+    outs = {o.name for o in g.output}
+    after = {}
+    for n in g.node:
+        t = n.output[0] if n.name in adds else None
+        if t is None or t in outs or all(r.op_type == "QuantizeLinear" for r in readers[t]):
+            continue
+        tag = f"resq{len(after)}"
+        g.initializer.extend([numpy_helper.from_array(np.array(0.05, np.float32), f"{tag}_s"),
+                              numpy_helper.from_array(np.array(128, np.uint8), f"{tag}_z")])
+        for r in readers[t]:
+            r.input[:] = [f"{tag}_dq" if i == t else i for i in r.input]
+        after[n.name] = [helper.make_node("QuantizeLinear", [t, f"{tag}_s", f"{tag}_z"], [f"{tag}_q"], name=f"{tag}_Q"),
+                         helper.make_node("DequantizeLinear", [f"{tag}_q", f"{tag}_s", f"{tag}_z"], [f"{tag}_dq"],
+                                          name=f"{tag}_DQ")]
+    nodes = [x for n in g.node for x in [n] + after.get(n.name, [])]
+    del g.node[:]
+    g.node.extend(nodes)
+    save_model(m, dst)
+    return len(after)
+
+
 def time_by_type(compiled, feeds: dict, runs: int = 3) -> collections.Counter:
     """Executed layer ms by "layer type:precision" (OpenVINO's per-layer counters, mean of ``runs``)."""
     from ptqd.engines.openvino import exec_precision
@@ -117,13 +169,23 @@ def fq_census(model) -> list[tuple[int, tuple]]:
     return cnt.most_common()
 
 
+VARIANTS = ("ptqd-requant", "ptqd", "ptqd-sym", "ptqd-attn", "ptqd-resq", "ptqd-resq-attn", "nncf-default",
+            "nncf-mixed")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle")
     ap.add_argument("--precision", default="w4a8")
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--float-precision", choices=("bf16", "f32"), default="bf16",
+                    help="float parts of every model (bf16 runs only where this CPU has it natively)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"which graphs to time (of {', '.join(VARIANTS)})")
     args = ap.parse_args(argv)
+    want = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not want or set(want) - set(VARIANTS):
+        ap.error(f"--variants: choose from {', '.join(VARIANTS)}")
     import contextlib
     import sys
 
@@ -131,6 +193,7 @@ def main(argv=None) -> int:
     import openvino as ov
 
     from ptqd.bundle import Bundle, layout
+    from ptqd.engines import graph_opt
     from ptqd.engines.openvino import OvRunner, convert_qdq, openvino_layers
     from ptqd.engines.qdq import write_qdq
     from ptqd.engines.runner import round_robin
@@ -139,21 +202,37 @@ def main(argv=None) -> int:
     from ptqd.stages.common import calib_layers
 
     b = Bundle.open(args.bundle)
+    graph_opt.prepare(b.path(layout.UNET_ONNX))
     layers = calib_layers(b, args.precision, 0, len(layout.calib_buckets(b)))
     variants = {"ptqd-requant": layers, "ptqd": openvino_layers(layers),
                 "ptqd-sym": [dataclasses.replace(lq, act_in=symmetric(lq.act_in)) for lq in openvino_layers(layers)]}
     runners = {}
+    fpp = args.float_precision
     with tempfile.TemporaryDirectory(prefix="ptqd-ovl-") as tmp:
         for name, ls in variants.items():
+            if name != "ptqd" and name not in want or name == "ptqd" and not {"ptqd", "ptqd-attn", "ptqd-resq",
+                                                                              "ptqd-resq-attn"} & set(want):
+                continue
             qdq = Path(tmp) / f"{name}.qdq.onnx"
-            write_qdq(b.path(layout.UNET_ONNX), ls, qdq)
+            fp = b.path(layout.UNET_ONNX)  # with the graph rewrites ptqd's OpenVINO build makes
+            write_qdq(fp, ls, qdq, rewrite=lambda m, fp=fp: graph_opt.optimize_for_openvino(m, fp))
             convert_qdq(qdq, Path(tmp) / f"{name}.xml.gz")
-            runners[name] = OvRunner(Path(tmp) / f"{name}.xml.gz", args.threads)  # read whole: the folder goes away
-            if name == "ptqd":
-                added = with_attention_qdq(qdq, Path(tmp) / "attn.qdq.onnx")
-                print(f"ptqd-attn: Q/DQ added after {added}", file=sys.stderr)
-                convert_qdq(Path(tmp) / "attn.qdq.onnx", Path(tmp) / "attn.xml.gz")
-                runners["ptqd-attn"] = OvRunner(Path(tmp) / "attn.xml.gz", args.threads)
+            if name in want:  # read whole: the folder goes away
+                runners[name] = OvRunner(Path(tmp) / f"{name}.xml.gz", args.threads, float_precision=fpp)
+            if name != "ptqd":
+                continue
+            probes = {"ptqd-attn": (with_attention_qdq,), "ptqd-resq": (with_residual_qdq,),
+                      "ptqd-resq-attn": (with_residual_qdq, with_attention_qdq)}
+            for probe, steps in probes.items():
+                if probe not in want:
+                    continue
+                src = qdq
+                for i, step in enumerate(steps):
+                    dst = Path(tmp) / f"{probe}{i}.qdq.onnx"
+                    print(f"{probe}: {step.__name__} added Q/DQ after {step(src, dst)}", file=sys.stderr)
+                    src = dst
+                convert_qdq(src, Path(tmp) / f"{probe}.xml.gz")
+                runners[probe] = OvRunner(Path(tmp) / f"{probe}.xml.gz", args.threads, float_precision=fpp)
         fp = ov.Core().read_model(str(b.path(layout.UNET_ONNX)))
         data = np.load(b.path(layout.CALIB_FEEDS))
         names = [i.get_any_name() for i in fp.inputs]
@@ -163,9 +242,9 @@ def main(argv=None) -> int:
             default = nncf.quantize(fp, nncf.Dataset(items), subset_size=len(items))
             mixed = nncf.quantize(fp, nncf.Dataset(items), subset_size=len(items), preset=nncf.QuantizationPreset.MIXED,
                                   model_type=nncf.ModelType.TRANSFORMER)
-        runners["nncf-default"] = OvRunner("nncf-default", args.threads, model=default)
-        runners["nncf-mixed"] = OvRunner("nncf-mixed", args.threads, model=mixed)
-        print(f"{b.root.name}, {args.precision}; {cpu_description()}; OpenVINO {ov.__version__}, NNCF {nncf.__version__}; "
+        runners["nncf-default"] = OvRunner("nncf-default", args.threads, model=default, float_precision=fpp)
+        runners["nncf-mixed"] = OvRunner("nncf-mixed", args.threads, model=mixed, float_precision=fpp)
+        print(f"{b.root.name}, {args.precision}, float parts {runners['nncf-default'].float_precision}; {cpu_description()}; OpenVINO {ov.__version__}, NNCF {nncf.__version__}; "
               f"{args.threads} threads, interleaved rounds, median of {args.runs} after 3 warm-up")
         print(f"{'graph':16s} {'batch 1 ms':>10s} {'x NNCF best':>11s} {'batch 2 ms':>10s} {'x NNCF best':>11s}")
         med = {}
@@ -180,12 +259,12 @@ def main(argv=None) -> int:
         f = seeded_unet_inputs(b.facts, 1, 501.0, 0)
         print("\nexecuted graph at batch 1 (OpenVINO PERF_COUNT, mean of 3): int8 / float convs+matmuls, reorders, "
               "layer ms, time shares")
-        for k in ("ptqd-requant", "ptqd", "ptqd-sym", "ptqd-attn", "nncf-default"):
+        for k in [v for v in VARIANTS if v in runners and v != "nncf-mixed"]:
             r = runners[k]
             s = r.executed_summary({n: f[n] for n in r.input_names}, runs=3)
             shares = ", ".join(f"{a} {v:.0%}" for a, v in s["time_share"].items())
             print(f"  {k:16s} {s['compute_layers']}  reorders {s['reorders']}  {s['layer_ms']:.1f} ms  ({shares})")
-        cols = ("ptqd", "ptqd-attn", "nncf-default")
+        cols = [v for v in ("ptqd", "ptqd-attn", "ptqd-resq", "ptqd-resq-attn", "nncf-default") if v in runners]
         by_type = {}
         for k in cols:
             r = runners[k]

@@ -288,14 +288,17 @@ def evaluated(fp_onnx: str | os.PathLike) -> tuple[dict, dict]:
 
 
 def optimize_for_openvino(model, fp_onnx: str | os.PathLike) -> dict:
-    """The one-key attention rewrite of :func:`fuse_attention` on ``model`` (an OpenVINO QDQ graph written from
-    ``fp_onnx``), in place: OpenVINO runs the rest of attention, and the shape arithmetic, itself."""
+    """The one-key attention rewrite of :func:`fuse_attention` and GEGLU's projection as two matmuls
+    (:func:`ptqd.engines.geglu.split_geglu`) on ``model`` (an OpenVINO QDQ graph written from ``fp_onnx``), in
+    place: OpenVINO runs the rest of attention, and the shape arithmetic, itself."""
+    from ptqd.engines.geglu import split_geglu
+
     if not batch_only(model):
-        return {"single_key_attention": 0, "skipped": "a dynamic axis other than the batch"}
-    _, shapes = evaluated(fp_onnx)
+        return {"single_key_attention": 0, "split_geglu": 0, "skipped": "a dynamic axis other than the batch"}
+    values, shapes = evaluated(fp_onnx)
     rec = fuse_attention(model, shapes, one_key_only=True)
-    return {"single_key_attention": rec["single_key_attention"], "removed_nodes": rec.get("removed_nodes", 0),
-            "pruned_layers": rec.get("pruned_layers", [])}
+    return {"single_key_attention": rec["single_key_attention"], **split_geglu(model, values),
+            "removed_nodes": rec.get("removed_nodes", 0), "pruned_layers": rec.get("pruned_layers", [])}
 
 
 def optimize_for_ort(model, fp_onnx: str | os.PathLike) -> dict:

@@ -59,8 +59,10 @@ def test_build_validates_every_precision_and_stores_4bit_weights_packed(ov_bundl
         assert v["passed"], (p, v.get("failure"))
         assert "not checked" in v["verdict"]  # no kernel-level check on this backend, and the record says so
         # the demo's 4 cross-attentions on its one class token run as v broadcast (graph_opt.fuse_attention),
-        # and the engine still validates
+        # and its 4 feed-forwards' GEGLU projections as two matmuls each (ptqd.engines.geglu); the engine still
+        # validates
         assert r["graph_rewrites"]["single_key_attention"] == 4 and r["graph_rewrites"]["removed_nodes"] > 0, r
+        assert r["graph_rewrites"]["split_geglu"] == 4, r
     b = Bundle.open(out)
     for p in recs:
         xml, bin_ = layout.ov_engine(p)

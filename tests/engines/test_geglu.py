@@ -1,0 +1,89 @@
+"""GEGLU's projection as two matmuls (``ptqd.engines.geglu.split_geglu``): the cut into two channel halves goes,
+the values stay, and anything that is not exactly that cut is left alone."""
+
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from ptqd.engines import graph_opt as go
+from ptqd.engines.geglu import split_geglu
+
+
+def run(model, feeds):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def copy(m):
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    return out
+
+
+def test_the_exported_unets_geglu_cuts_become_two_matmuls(tiny_cin_bundle):
+    """The tiny CompVis UNet's feed-forwards (Slices whose bounds come from run-time shape arithmetic): every one
+    rewritten, every Slice and its shape arithmetic gone, the output the same at batches 1-3."""
+    path = tiny_cin_bundle / "unet.onnx"
+    exported = onnx.load(str(path))
+    m = copy(exported)
+    ffs = sum(1 for n in exported.graph.node if n.op_type == "Erf")  # one exact GELU per feed-forward
+    rec = split_geglu(m, go.evaluated(path)[0])
+    before = collections.Counter(n.op_type for n in exported.graph.node)
+    after = collections.Counter(n.op_type for n in m.graph.node)
+    assert ffs > 0 and rec == {"split_geglu": ffs}
+    assert after["MatMul"] == before["MatMul"] + ffs and after["Slice"] == before["Slice"] - 2 * ffs
+    assert after["Shape"] < before["Shape"]
+    onnx.checker.check_model(m)
+    rng = np.random.default_rng(0)
+    for batch in (1, 2, 3):
+        feeds = {}
+        for i in exported.graph.input:
+            shape = [batch if d.dim_param else d.dim_value for d in i.type.tensor_type.shape.dim]
+            dtype = helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
+            feeds[i.name] = (rng.integers(0, 1000, shape) if i.name == "t" else rng.standard_normal(shape)).astype(dtype)
+        np.testing.assert_allclose(run(m, feeds)[0], run(exported, feeds)[0], rtol=1e-5, atol=1e-6)
+
+
+def geglu_graph(split=(8, 8), extra_reader=False):
+    """x [B, 5, 6] -> MatMul(DequantizeLinear(int8 W [6, 16], per-column scale, axis 1)) + b -> Split on the last
+    axis -> a * sigmoid(gate); with ``extra_reader``, the projection's output is also a graph output."""
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.integers(-127, 128, (6, 16)).astype(np.int8), "wq"),
+             numpy_helper.from_array(rng.uniform(0.01, 0.02, 16).astype(np.float32), "ws"),
+             numpy_helper.from_array(np.zeros(16, np.int8), "wz"),
+             numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "b"),
+             numpy_helper.from_array(np.array(split, np.int64), "sizes")]
+    nodes = [helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], axis=1, name="dq"),
+             helper.make_node("MatMul", ["x", "w"], ["y"], name="proj"),
+             helper.make_node("Add", ["y", "b"], ["yb"], name="bias"),
+             helper.make_node("Split", ["yb", "sizes"], ["a", "gate"], axis=-1, name="cut"),
+             helper.make_node("Sigmoid", ["gate"], ["sg"], name="sig"),
+             helper.make_node("Mul", ["a", "sg"], ["out"], name="glu")]
+    outs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)]
+    if extra_reader:
+        outs.append(helper.make_tensor_value_info("yb", TensorProto.FLOAT, None))
+    g = helper.make_graph(nodes, "geglu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 5, 6])], outs,
+                          inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_quantized_projection_is_split_with_its_scales_and_bias():
+    m = geglu_graph()
+    ref = copy(m)
+    assert split_geglu(m) == {"split_geglu": 1}
+    ops = collections.Counter(n.op_type for n in m.graph.node)
+    assert ops["Split"] == 0 and ops["MatMul"] == 2 and ops["DequantizeLinear"] == 2
+    assert {tuple(i.dims) for i in m.graph.initializer if i.data_type == TensorProto.INT8 and len(i.dims) == 2} == {(6, 8)}
+    x = {"x": np.random.default_rng(2).standard_normal((3, 5, 6)).astype(np.float32)}
+    np.testing.assert_allclose(run(m, x)[0], run(ref, x)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_anything_but_an_even_cut_read_by_the_cut_alone_is_left_alone():
+    for m in (geglu_graph(split=(7, 9)), geglu_graph(extra_reader=True)):
+        before = m.SerializeToString()
+        assert split_geglu(m) == {"split_geglu": 0}
+        assert m.SerializeToString() == before
