@@ -10,6 +10,9 @@ Timed in one process, interleaved rounds, median of ``--runs`` after 3 warm-up, 
 
   ptqd-requant    the bundle's calibration in ONNX Runtime's layout (conv outputs requantized), as IR, i4 weights
   ptqd            as ptqd's OpenVINO engine is built (``openvino_layers``: conv outputs left in float)
+  ptqd-unsplit    ptqd without the GEGLU rewrite (``ptqd.engines.geglu``): the projection cut by a VariadicSplit
+  ptqd-zp         ptqd with the weights' all-zero zero points kept as DequantizeLinear inputs (before this was built:
+                  ``graph_opt.without_weight_zero_points``)
   ptqd-sym        the same with symmetric activation grids (zero point 0, or 128 for signed tensors)
   ptqd-attn       ptqd plus Q/DQ on attention's q/k/v projections' outputs and softmax outputs, so QKᵀ and AV can
                   run in int8 (speed only: fixed scales, not calibrated, not validated; ptqd does not build it)
@@ -169,7 +172,7 @@ def fq_census(model) -> list[tuple[int, tuple]]:
     return cnt.most_common()
 
 
-VARIANTS = ("ptqd-requant", "ptqd", "ptqd-sym", "ptqd-attn", "ptqd-resq", "ptqd-resq-attn", "nncf-default",
+VARIANTS = ("ptqd-requant", "ptqd", "ptqd-unsplit", "ptqd-zp", "ptqd-sym", "ptqd-attn", "ptqd-resq", "ptqd-resq-attn", "nncf-default",
             "nncf-mixed")
 
 
@@ -194,6 +197,7 @@ def main(argv=None) -> int:
 
     from ptqd.bundle import Bundle, layout
     from ptqd.engines import graph_opt
+    from ptqd.engines.geglu import split_geglu
     from ptqd.engines.openvino import OvRunner, convert_qdq, openvino_layers
     from ptqd.engines.qdq import write_qdq
     from ptqd.engines.runner import round_robin
@@ -204,18 +208,26 @@ def main(argv=None) -> int:
     b = Bundle.open(args.bundle)
     graph_opt.prepare(b.path(layout.UNET_ONNX))
     layers = calib_layers(b, args.precision, 0, len(layout.calib_buckets(b)))
-    variants = {"ptqd-requant": layers, "ptqd": openvino_layers(layers),
-                "ptqd-sym": [dataclasses.replace(lq, act_in=symmetric(lq.act_in)) for lq in openvino_layers(layers)]}
+    fp = b.path(layout.UNET_ONNX)
+    as_built = lambda m: graph_opt.optimize_for_openvino(m, fp)  # noqa: E731 (the graph rewrites of ptqd's build)
+    variants = {"ptqd-requant": (layers, as_built), "ptqd": (openvino_layers(layers), as_built),
+                "ptqd-unsplit": (openvino_layers(layers), lambda m: (
+                    graph_opt.fuse_attention(m, graph_opt.evaluated(fp)[1], one_key_only=True),
+                    graph_opt.without_weight_zero_points(m))),
+                "ptqd-zp": (openvino_layers(layers), lambda m: (
+                    graph_opt.fuse_attention(m, graph_opt.evaluated(fp)[1], one_key_only=True),
+                    split_geglu(m, graph_opt.evaluated(fp)[0]))),
+                "ptqd-sym": ([dataclasses.replace(lq, act_in=symmetric(lq.act_in)) for lq in openvino_layers(layers)],
+                             as_built)}
     runners = {}
     fpp = args.float_precision
     with tempfile.TemporaryDirectory(prefix="ptqd-ovl-") as tmp:
-        for name, ls in variants.items():
+        for name, (ls, rewrite) in variants.items():
             if name != "ptqd" and name not in want or name == "ptqd" and not {"ptqd", "ptqd-attn", "ptqd-resq",
                                                                               "ptqd-resq-attn"} & set(want):
                 continue
             qdq = Path(tmp) / f"{name}.qdq.onnx"
-            fp = b.path(layout.UNET_ONNX)  # with the graph rewrites ptqd's OpenVINO build makes
-            write_qdq(fp, ls, qdq, rewrite=lambda m, fp=fp: graph_opt.optimize_for_openvino(m, fp))
+            write_qdq(fp, ls, qdq, rewrite=rewrite)
             convert_qdq(qdq, Path(tmp) / f"{name}.xml.gz")
             if name in want:  # read whole: the folder goes away
                 runners[name] = OvRunner(Path(tmp) / f"{name}.xml.gz", args.threads, float_precision=fpp)
@@ -233,14 +245,14 @@ def main(argv=None) -> int:
                     src = dst
                 convert_qdq(src, Path(tmp) / f"{probe}.xml.gz")
                 runners[probe] = OvRunner(Path(tmp) / f"{probe}.xml.gz", args.threads, float_precision=fpp)
-        fp = ov.Core().read_model(str(b.path(layout.UNET_ONNX)))
+        fp_model = ov.Core().read_model(str(b.path(layout.UNET_ONNX)))
         data = np.load(b.path(layout.CALIB_FEEDS))
-        names = [i.get_any_name() for i in fp.inputs]
+        names = [i.get_any_name() for i in fp_model.inputs]
         idx = np.linspace(0, len(data["t"]) - 1, 8).round().astype(int)
         items = [{n: data[n][i:i + 1] for n in names} for i in idx]
         with contextlib.redirect_stdout(sys.stderr):
-            default = nncf.quantize(fp, nncf.Dataset(items), subset_size=len(items))
-            mixed = nncf.quantize(fp, nncf.Dataset(items), subset_size=len(items), preset=nncf.QuantizationPreset.MIXED,
+            default = nncf.quantize(fp_model, nncf.Dataset(items), subset_size=len(items))
+            mixed = nncf.quantize(fp_model, nncf.Dataset(items), subset_size=len(items), preset=nncf.QuantizationPreset.MIXED,
                                   model_type=nncf.ModelType.TRANSFORMER)
         runners["nncf-default"] = OvRunner("nncf-default", args.threads, model=default, float_precision=fpp)
         runners["nncf-mixed"] = OvRunner("nncf-mixed", args.threads, model=mixed, float_precision=fpp)
@@ -264,7 +276,8 @@ def main(argv=None) -> int:
             s = r.executed_summary({n: f[n] for n in r.input_names}, runs=3)
             shares = ", ".join(f"{a} {v:.0%}" for a, v in s["time_share"].items())
             print(f"  {k:16s} {s['compute_layers']}  reorders {s['reorders']}  {s['layer_ms']:.1f} ms  ({shares})")
-        cols = [v for v in ("ptqd", "ptqd-attn", "ptqd-resq", "ptqd-resq-attn", "nncf-default") if v in runners]
+        cols = [v for v in ("ptqd", "ptqd-unsplit", "ptqd-attn", "ptqd-resq", "ptqd-resq-attn", "nncf-default")
+                if v in runners]
         by_type = {}
         for k in cols:
             r = runners[k]

@@ -98,7 +98,7 @@ def split_geglu(model, values: dict | None = None) -> dict:
     """Rewrite, in place, every matmul + bias whose output is only cut into its two channel halves (GEGLU's
     projection) as two matmuls + biases, one per half (see the module doc). ``values``: the exported graph's
     shape values evaluated at batch 1 and 2 (``graph_opt.evaluated``), for Slice bounds computed at run time.
-    Weights may be float or a per-column DequantizeLinear of an integer constant. Returns {"split_geglu": n}."""
+    Weights may be float or a per-column DequantizeLinear of an integer constant (with or without its zero point). Returns {"split_geglu": n}."""
     from onnx import helper, numpy_helper
 
     g = model.graph
@@ -126,11 +126,12 @@ def split_geglu(model, values: dict | None = None) -> dict:
         dq = producer.get(w_src)
         if w_src in inits:
             w, scale, zp, axis = numpy_helper.to_array(inits[w_src]), None, None, None
-        elif dq is not None and dq.op_type == "DequantizeLinear" and all(i in inits for i in dq.input[:3]) \
+        elif dq is not None and dq.op_type == "DequantizeLinear" and all(i in inits for i in dq.input if i) \
                 and len(readers.get(w_src, [])) == 1:
-            w, scale, zp = (numpy_helper.to_array(inits[i]) for i in dq.input[:3])
+            w, scale = (numpy_helper.to_array(inits[i]) for i in dq.input[:2])
+            zp = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] else None
             axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-            if axis not in (1, -1) or scale.shape != (w.shape[1],) or zp.shape != (w.shape[1],):
+            if axis not in (1, -1) or scale.shape != (w.shape[1],) or (zp is not None and zp.shape != (w.shape[1],)):
                 continue
         else:
             continue
@@ -154,9 +155,9 @@ def split_geglu(model, values: dict | None = None) -> dict:
 
             wname = init("w", w[:, cols])
             if scale is not None:
-                nodes.append(helper.make_node("DequantizeLinear", [wname, init("w_scale", scale[cols]),
-                                                                    init("w_zp", zp[cols])],
-                                              [f"{tag}_wd"], axis=1, name=f"{tag}_DequantizeLinear_w"))
+                dq_in = [wname, init("w_scale", scale[cols])] + ([] if zp is None else [init("w_zp", zp[cols])])
+                nodes.append(helper.make_node("DequantizeLinear", dq_in, [f"{tag}_wd"], axis=1,
+                                              name=f"{tag}_DequantizeLinear_w"))
                 wname = f"{tag}_wd"
             nodes.append(helper.make_node("MatMul", [mm.input[0], wname], [f"{tag}_y"], name=f"{tag}_MatMul"))
             nodes.append(helper.make_node("Add", [f"{tag}_y", init("b", bias[cols])], [out], name=f"{tag}_Add"))

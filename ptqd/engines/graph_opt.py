@@ -287,17 +287,37 @@ def evaluated(fp_onnx: str | os.PathLike) -> tuple[dict, dict]:
     return _evaluated(str(p), st.st_mtime, st.st_size)
 
 
+def without_weight_zero_points(model) -> int:
+    """Leave out, in place, the zero-point input of every DequantizeLinear of an integer weight (2-D or more) whose
+    zero points are all 0: ONNX's default, so the values are the same, and OpenVINO's frontend then writes no
+    Subtract of zeros into the weight's dequantization. Returns how many."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    done = 0
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear" and len(n.input) == 3 and n.input[0] in inits \
+                and len(inits[n.input[0]].dims) >= 2 and n.input[2] in inits \
+                and not numpy_helper.to_array(inits[n.input[2]]).any():
+            del n.input[2]
+            done += 1
+    prune(model.graph)
+    return done
+
+
 def optimize_for_openvino(model, fp_onnx: str | os.PathLike) -> dict:
-    """The one-key attention rewrite of :func:`fuse_attention` and GEGLU's projection as two matmuls
-    (:func:`ptqd.engines.geglu.split_geglu`) on ``model`` (an OpenVINO QDQ graph written from ``fp_onnx``), in
-    place: OpenVINO runs the rest of attention, and the shape arithmetic, itself."""
+    """On ``model`` (an OpenVINO QDQ graph written from ``fp_onnx``), in place: the one-key attention rewrite of
+    :func:`fuse_attention`, GEGLU's projection as two matmuls (:func:`ptqd.engines.geglu.split_geglu`) and the
+    weights' zero zero points left out (:func:`without_weight_zero_points`). OpenVINO runs the rest of attention,
+    and the shape arithmetic, itself. None changes a value."""
     from ptqd.engines.geglu import split_geglu
 
+    zp = {"weight_zero_points_dropped": without_weight_zero_points(model)}
     if not batch_only(model):
-        return {"single_key_attention": 0, "split_geglu": 0, "skipped": "a dynamic axis other than the batch"}
+        return {"single_key_attention": 0, "split_geglu": 0, **zp, "skipped": "a dynamic axis other than the batch"}
     values, shapes = evaluated(fp_onnx)
     rec = fuse_attention(model, shapes, one_key_only=True)
-    return {"single_key_attention": rec["single_key_attention"], **split_geglu(model, values),
+    return {"single_key_attention": rec["single_key_attention"], **split_geglu(model, values), **zp,
             "removed_nodes": rec.get("removed_nodes", 0), "pruned_layers": rec.get("pruned_layers", [])}
 
 

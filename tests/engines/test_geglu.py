@@ -72,14 +72,19 @@ def geglu_graph(split=(8, 8), extra_reader=False):
 
 
 def test_a_quantized_projection_is_split_with_its_scales_and_bias():
-    m = geglu_graph()
-    ref = copy(m)
-    assert split_geglu(m) == {"split_geglu": 1}
-    ops = collections.Counter(n.op_type for n in m.graph.node)
-    assert ops["Split"] == 0 and ops["MatMul"] == 2 and ops["DequantizeLinear"] == 2
-    assert {tuple(i.dims) for i in m.graph.initializer if i.data_type == TensorProto.INT8 and len(i.dims) == 2} == {(6, 8)}
-    x = {"x": np.random.default_rng(2).standard_normal((3, 5, 6)).astype(np.float32)}
-    np.testing.assert_allclose(run(m, x)[0], run(ref, x)[0], rtol=1e-6, atol=1e-6)
+    for zero_point in (True, False):  # the weight's zero point as an input, or left out (its default, 0)
+        m = geglu_graph()
+        if not zero_point:
+            assert go.without_weight_zero_points(m) == 1
+        ref = copy(m)
+        assert split_geglu(m) == {"split_geglu": 1}
+        ops = collections.Counter(n.op_type for n in m.graph.node)
+        assert ops["Split"] == 0 and ops["MatMul"] == 2 and ops["DequantizeLinear"] == 2
+        assert {len(n.input) for n in m.graph.node if n.op_type == "DequantizeLinear"} == {3 if zero_point else 2}
+        assert {tuple(i.dims) for i in m.graph.initializer
+                if i.data_type == TensorProto.INT8 and len(i.dims) == 2} == {(6, 8)}
+        x = {"x": np.random.default_rng(2).standard_normal((3, 5, 6)).astype(np.float32)}
+        np.testing.assert_allclose(run(m, x)[0], run(ref, x)[0], rtol=1e-6, atol=1e-6)
 
 
 def test_anything_but_an_even_cut_read_by_the_cut_alone_is_left_alone():

@@ -136,3 +136,34 @@ def test_a_graph_with_another_dynamic_axis_is_not_folded(exported):
     m.CopyFrom(exported)
     m.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "height"
     assert go.fold_shapes(m) == {"folded": 0, "skipped": "a dynamic axis other than the batch"}
+
+
+def test_weight_zero_points_of_zero_are_left_out_and_the_values_stay():
+    """``without_weight_zero_points``: a weight's all-zero zero point goes (ONNX's default), a non-zero one and an
+    activation's stay, and the graph computes the same."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.integers(-8, 8, (4, 3)).astype(np.int8), "w0"),
+             numpy_helper.from_array(rng.integers(-8, 8, (4, 3)).astype(np.int8), "w1"),
+             numpy_helper.from_array(np.full(3, 0.1, np.float32), "s"),
+             numpy_helper.from_array(np.zeros(3, np.int8), "z0"),
+             numpy_helper.from_array(np.array([0, 1, 0], np.int8), "z1"),
+             numpy_helper.from_array(np.array(0.05, np.float32), "sx"),
+             numpy_helper.from_array(np.array(0, np.uint8), "zx")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w0", "s", "z0"], ["wd0"], axis=1),
+             helper.make_node("DequantizeLinear", ["w1", "s", "z1"], ["wd1"], axis=1),
+             helper.make_node("MatMul", ["xd", "wd0"], ["y0"]), helper.make_node("MatMul", ["xd", "wd1"], ["y1"]),
+             helper.make_node("Add", ["y0", "y1"], ["y"])]
+    g = helper.make_graph(nodes, "dq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    ref = onnx.ModelProto()
+    ref.CopyFrom(m)
+    assert go.without_weight_zero_points(m) == 1
+    assert [len(n.input) for n in m.graph.node if n.op_type == "DequantizeLinear"] == [3, 2, 3]
+    assert "z0" not in {i.name for i in m.graph.initializer}
+    x = {"x": rng.uniform(0, 5, (2, 4)).astype(np.float32)}
+    np.testing.assert_array_equal(run(m, x), run(ref, x))

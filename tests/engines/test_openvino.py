@@ -62,7 +62,7 @@ def test_build_validates_every_precision_and_stores_4bit_weights_packed(ov_bundl
         # and its 4 feed-forwards' GEGLU projections as two matmuls each (ptqd.engines.geglu); the engine still
         # validates
         assert r["graph_rewrites"]["single_key_attention"] == 4 and r["graph_rewrites"]["removed_nodes"] > 0, r
-        assert r["graph_rewrites"]["split_geglu"] == 4, r
+        assert r["graph_rewrites"]["split_geglu"] == 4 and r["graph_rewrites"]["weight_zero_points_dropped"] > 50, r
     b = Bundle.open(out)
     for p in recs:
         xml, bin_ = layout.ov_engine(p)
