@@ -55,9 +55,9 @@ def symmetric(a):
 ATTENTION_PROJ = ("/to_q/", "/to_k/", "/to_v/")
 
 
-def with_attention_qdq(src: Path, dst: Path) -> dict:
-    """``src`` (a QDQ ONNX) with Q/DQ after every Softmax (u8, scale 1/255) and after the MatMul of every attention
-    q/k/v projection (u8, a fixed scale): the layout in which OpenVINO can run QKᵀ and AV in int8."""
+def qdq_after(src: Path, dst: Path, choose) -> collections.Counter:
+    """``src`` (a QDQ ONNX) with a Q/DQ pair after the first output of every node for which ``choose(node,
+    readers)`` gives (kind, scale, u8 zero point) instead of None, written to ``dst``. Returns the count per kind."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -72,12 +72,11 @@ def with_attention_qdq(src: Path, dst: Path) -> dict:
             readers[i].append(n)
     after, counts = {}, collections.Counter()
     for n in g.node:
-        kind = "softmax" if n.op_type == "Softmax" else "qkv" if n.op_type == "MatMul" and any(
-            a in n.name for a in ATTENTION_PROJ) else None
-        if kind is None:
+        got = choose(n, readers)
+        if got is None:
             continue
-        t, tag = n.output[0], f"attnq{sum(counts.values())}"
-        scale, zp = (1 / 255, 0) if kind == "softmax" else (0.05, 128)
+        kind, scale, zp = got
+        t, tag = n.output[0], f"probeq{sum(counts.values())}"
         g.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), f"{tag}_s"),
                               numpy_helper.from_array(np.array(zp, np.uint8), f"{tag}_z")])
         for r in readers[t]:
@@ -90,7 +89,20 @@ def with_attention_qdq(src: Path, dst: Path) -> dict:
     del g.node[:]
     g.node.extend(nodes)
     save_model(m, dst)
-    return dict(counts)
+    return counts
+
+
+def with_attention_qdq(src: Path, dst: Path) -> dict:
+    """``src`` (a QDQ ONNX) with Q/DQ after every Softmax (u8, scale 1/255) and after the MatMul of every attention
+    q/k/v projection (u8, a fixed scale): the layout in which OpenVINO can run QKᵀ and AV in int8."""
+    def choose(n, readers):
+        if n.op_type == "Softmax":
+            return "softmax", 1 / 255, 0
+        if n.op_type == "MatMul" and any(a in n.name for a in ATTENTION_PROJ):
+            return "qkv", 0.05, 128
+        return None
+
+    return dict(qdq_after(src, dst, choose))
 
 
 def float_adds(m) -> list:
@@ -107,37 +119,19 @@ def with_residual_qdq(src: Path, dst: Path) -> int:
     a quantizer: the residual stream and the bias adds move between layers in int8, as in NNCF's graph. Speed
     only. Returns how many Adds it quantized."""
     import onnx
-    from onnx import helper, numpy_helper
-
-    from ptqd.engines.onnx_io import read_external, save_model
 
     m = onnx.load(str(src), load_external_data=False)
     adds = {n.name for n in float_adds(m)}
-    read_external(m, src)
-    g = m.graph
-    readers: dict = collections.defaultdict(list)
-    for n in g.node:
-        for i in n.input:
-            readers[i].append(n)
-    outs = {o.name for o in g.output}
-    after = {}
-    for n in g.node:
+    outs = {o.name for o in m.graph.output}
+    del m
+
+    def choose(n, readers):
         t = n.output[0] if n.name in adds else None
         if t is None or t in outs or all(r.op_type == "QuantizeLinear" for r in readers[t]):
-            continue
-        tag = f"resq{len(after)}"
-        g.initializer.extend([numpy_helper.from_array(np.array(0.05, np.float32), f"{tag}_s"),
-                              numpy_helper.from_array(np.array(128, np.uint8), f"{tag}_z")])
-        for r in readers[t]:
-            r.input[:] = [f"{tag}_dq" if i == t else i for i in r.input]
-        after[n.name] = [helper.make_node("QuantizeLinear", [t, f"{tag}_s", f"{tag}_z"], [f"{tag}_q"], name=f"{tag}_Q"),
-                         helper.make_node("DequantizeLinear", [f"{tag}_q", f"{tag}_s", f"{tag}_z"], [f"{tag}_dq"],
-                                          name=f"{tag}_DQ")]
-    nodes = [x for n in g.node for x in [n] + after.get(n.name, [])]
-    del g.node[:]
-    g.node.extend(nodes)
-    save_model(m, dst)
-    return len(after)
+            return None
+        return "add", 0.05, 128
+
+    return sum(qdq_after(src, dst, choose).values())
 
 
 def time_by_type(compiled, feeds: dict, runs: int = 3) -> collections.Counter:
