@@ -48,7 +48,8 @@ def _halves(readers: list, inits: dict, consts: dict, values: dict, width: int, 
     if len(cutters) == 1 and cutters[0].op_type == "Split" and len(cutters[0].output) == 2:
         s = cutters[0]
         axis = next((a.i for a in s.attribute if a.name == "axis"), 0)
-        sizes = _const_value(s.input[1], inits, consts, values) if len(s.input) > 1 and s.input[1] else None
+        sizes = _const_value(s.input[1], inits, consts, values) if len(s.input) > 1 and s.input[1] else next(
+            (list(a.ints) for a in s.attribute if a.name == "split"), None)  # before opset 13: an attribute
         if axis not in last or (sizes is not None and list(np.asarray(sizes).ravel()) != [half, half]):
             return None
         return s.output[0], s.output[1]
@@ -119,8 +120,9 @@ def split_geglu(model, values: dict | None = None) -> dict:
         mm = next((producer.get(i) for i in add.input if producer.get(i) is not None
                    and producer[i].op_type == "MatMul"), None)
         bias_name = next((i for i in add.input if i in inits), None)
-        if mm is None or bias_name is None or len(readers.get(mm.output[0], [])) != 1 or mm.name in replace:
-            continue
+        if mm is None or bias_name is None or len(readers.get(mm.output[0], [])) != 1 or not mm.name \
+                or mm.name in replace or not all(r.name for r in readers.get(add.output[0], [])):
+            continue  # nodes are told apart by name below
         bias = numpy_helper.to_array(inits[bias_name])
         w_src = mm.input[1]
         dq = producer.get(w_src)

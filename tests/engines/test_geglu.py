@@ -88,7 +88,12 @@ def test_a_quantized_projection_is_split_with_its_scales_and_bias():
 
 
 def test_anything_but_an_even_cut_read_by_the_cut_alone_is_left_alone():
-    for m in (geglu_graph(split=(7, 9)), geglu_graph(extra_reader=True)):
+    old_split = geglu_graph()  # opset 11: the sizes as an attribute
+    cut = next(n for n in old_split.graph.node if n.op_type == "Split")
+    del cut.input[1]
+    cut.attribute.append(helper.make_attribute("split", [7, 9]))
+    old_split.opset_import[0].version = 11
+    for m in (geglu_graph(split=(7, 9)), geglu_graph(extra_reader=True), old_split):
         before = m.SerializeToString()
         assert split_geglu(m) == {"split_geglu": 0}
         assert m.SerializeToString() == before
