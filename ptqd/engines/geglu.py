@@ -37,36 +37,42 @@ def _const_value(name: str, inits: dict, consts: dict, values: dict):
     return None
 
 
-def _halves(readers: list, inits: dict, consts: dict, values: dict, width: int, rank: int):
+def _halves(readers: list, inits: dict, consts: dict, values: dict, width: int):
     """The two cut outputs (first half, second half) when ``readers`` of the projection's output cut it into its
-    two channel halves and only read its shape otherwise, else None."""
+    two halves along the last axis (given as -1, as torch exports ``chunk(2, dim=-1)``) and only read its shape
+    otherwise, else None. Every bound, axis, step and size must be known before run time."""
     cutters = [r for r in readers if r.op_type != "Shape"]
     half = width // 2
-    last = {-1, rank - 1}
     if width % 2 or not cutters:
         return None
+
+    def known(node, k):  # (named, value) of input k
+        name = node.input[k] if len(node.input) > k else ""
+        return bool(name), (_const_value(name, inits, consts, values) if name else None)
+
     if len(cutters) == 1 and cutters[0].op_type == "Split" and len(cutters[0].output) == 2:
         s = cutters[0]
         axis = next((a.i for a in s.attribute if a.name == "axis"), 0)
-        sizes = _const_value(s.input[1], inits, consts, values) if len(s.input) > 1 and s.input[1] else next(
-            (list(a.ints) for a in s.attribute if a.name == "split"), None)  # before opset 13: an attribute
-        if axis not in last or (sizes is not None and list(np.asarray(sizes).ravel()) != [half, half]):
+        named, sizes = known(s, 1)
+        if not named:  # before opset 13 the sizes are an attribute; absent, the halves are equal
+            sizes = next((list(a.ints) for a in s.attribute if a.name == "split"), [half, half])
+        if axis != -1 or sizes is None or [int(v) for v in np.asarray(sizes).ravel()] != [half, half]:
             return None
         return s.output[0], s.output[1]
     if len(cutters) != 2 or any(r.op_type != "Slice" for r in cutters):
         return None
     cut = {}
     for r in cutters:
-        got = [_const_value(i, inits, consts, values) if i else None for i in list(r.input[1:]) + [""] * 4][:4]
-        starts, ends, axes, steps = got
-        if starts is None or ends is None or (len(r.input) > 3 and r.input[3] and axes is None):
+        (_, starts), (_, ends), (_, axes), (named_steps, steps) = (known(r, k) for k in (1, 2, 3, 4))
+        if starts is None or ends is None or axes is None or (named_steps and steps is None):
+            return None  # no axes: ONNX's default is the leading axes, not the channels
+        starts, ends, axes = (np.asarray(v).ravel() for v in (starts, ends, axes))
+        if len(starts) != 1 or len(ends) != 1 or list(axes) != [-1] \
+                or (steps is not None and list(np.asarray(steps).ravel()) != [1]):
             return None
-        axes = np.asarray([rank - 1] if axes is None else axes).ravel()
-        if len(axes) != 1 or int(axes[0]) not in last or (steps is not None and int(np.asarray(steps).ravel()[0]) != 1):
-            return None
-        lo, hi = int(np.asarray(starts).ravel()[0]), min(int(np.asarray(ends).ravel()[0]), width)
+        lo, hi = int(starts[0]), int(ends[0])
         lo, hi = (lo + width if lo < 0 else lo), (hi + width if hi < 0 else hi)
-        cut[(lo, hi)] = r.output[0]
+        cut[(max(0, min(lo, width)), max(0, min(hi, width)))] = r.output[0]
     if set(cut) != {(0, half), (half, width)}:
         return None
     return cut[(0, half)], cut[(half, width)]
@@ -113,6 +119,9 @@ def split_geglu(model, values: dict | None = None) -> dict:
         for i in n.input:
             readers.setdefault(i, []).append(n)
     outputs = {o.name for o in g.output}
+    names = [n.name for n in g.node]
+    if "" in names or len(set(names)) != len(names):  # nodes are told apart by name below
+        return {"split_geglu": 0, "skipped": "nodes without unique names"}
     replace, new_inits, done = {}, [], 0
     for add in g.node:
         if add.op_type != "Add" or len(add.input) != 2 or add.output[0] in outputs:
@@ -120,9 +129,8 @@ def split_geglu(model, values: dict | None = None) -> dict:
         mm = next((producer.get(i) for i in add.input if producer.get(i) is not None
                    and producer[i].op_type == "MatMul"), None)
         bias_name = next((i for i in add.input if i in inits), None)
-        if mm is None or bias_name is None or len(readers.get(mm.output[0], [])) != 1 or not mm.name \
-                or mm.name in replace or not all(r.name for r in readers.get(add.output[0], [])):
-            continue  # nodes are told apart by name below
+        if mm is None or bias_name is None or len(readers.get(mm.output[0], [])) != 1 or mm.output[0] in outputs:
+            continue
         bias = numpy_helper.to_array(inits[bias_name])
         w_src = mm.input[1]
         dq = producer.get(w_src)
@@ -139,7 +147,7 @@ def split_geglu(model, values: dict | None = None) -> dict:
             continue
         if w.ndim != 2 or bias.shape != (w.shape[1],):
             continue
-        cut = _halves(readers.get(add.output[0], []), inits, consts, values, w.shape[1], 3)
+        cut = _halves(readers.get(add.output[0], []), inits, consts, values, w.shape[1])
         around = readers.get(add.output[0], [])
         if cut is None or not _shape_only([r for r in around if r.op_type == "Shape"],
                                           {r.name for r in around if r.op_type != "Shape"}, readers, outputs,

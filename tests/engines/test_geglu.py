@@ -48,7 +48,7 @@ def test_the_exported_unets_geglu_cuts_become_two_matmuls(tiny_cin_bundle):
         np.testing.assert_allclose(run(m, feeds)[0], run(exported, feeds)[0], rtol=1e-5, atol=1e-6)
 
 
-def geglu_graph(split=(8, 8), extra_reader=False):
+def geglu_graph(split=(8, 8), extra_reader=False, axis=-1, matmul_out=False):
     """x [B, 5, 6] -> MatMul(DequantizeLinear(int8 W [6, 16], per-column scale, axis 1)) + b -> Split on the last
     axis -> a * sigmoid(gate); with ``extra_reader``, the projection's output is also a graph output."""
     rng = np.random.default_rng(1)
@@ -60,12 +60,14 @@ def geglu_graph(split=(8, 8), extra_reader=False):
     nodes = [helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], axis=1, name="dq"),
              helper.make_node("MatMul", ["x", "w"], ["y"], name="proj"),
              helper.make_node("Add", ["y", "b"], ["yb"], name="bias"),
-             helper.make_node("Split", ["yb", "sizes"], ["a", "gate"], axis=-1, name="cut"),
+             helper.make_node("Split", ["yb", "sizes"], ["a", "gate"], axis=axis, name="cut"),
              helper.make_node("Sigmoid", ["gate"], ["sg"], name="sig"),
              helper.make_node("Mul", ["a", "sg"], ["out"], name="glu")]
     outs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)]
     if extra_reader:
         outs.append(helper.make_tensor_value_info("yb", TensorProto.FLOAT, None))
+    if matmul_out:
+        outs.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, None))
     g = helper.make_graph(nodes, "geglu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 5, 6])], outs,
                           inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
@@ -93,7 +95,17 @@ def test_anything_but_an_even_cut_read_by_the_cut_alone_is_left_alone():
     del cut.input[1]
     cut.attribute.append(helper.make_attribute("split", [7, 9]))
     old_split.opset_import[0].version = 11
-    for m in (geglu_graph(split=(7, 9)), geglu_graph(extra_reader=True), old_split):
+    sliced = geglu_graph()  # two Slices without axes: ONNX cuts the leading axis then, not the channels
+    g = sliced.graph
+    k = next(i for i, n in enumerate(g.node) if n.op_type == "Split")
+    del g.node[k]
+    g.initializer.extend([numpy_helper.from_array(np.array([v], np.int64), n)
+                          for n, v in (("s0", 0), ("s1", 8), ("s2", 16))])
+    g.node.insert(k, helper.make_node("Slice", ["yb", "s0", "s1"], ["a"], name="cut_a"))
+    g.node.insert(k + 1, helper.make_node("Slice", ["yb", "s1", "s2"], ["gate"], name="cut_gate"))
+    cases = (geglu_graph(split=(7, 9)), geglu_graph(extra_reader=True), old_split, sliced,
+             geglu_graph(axis=2), geglu_graph(matmul_out=True))
+    for m in cases:
         before = m.SerializeToString()
         assert split_geglu(m) == {"split_geglu": 0}
         assert m.SerializeToString() == before
