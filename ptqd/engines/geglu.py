@@ -119,6 +119,7 @@ def split_geglu(model, values: dict | None = None) -> dict:
         for i in n.input:
             readers.setdefault(i, []).append(n)
     outputs = {o.name for o in g.output}
+    known = set(inits) | set(consts)
     names = [n.name for n in g.node]
     if "" in names or len(set(names)) != len(names):  # nodes are told apart by name below
         return {"split_geglu": 0, "skipped": "nodes without unique names"}
@@ -130,6 +131,13 @@ def split_geglu(model, values: dict | None = None) -> dict:
                    and producer[i].op_type == "MatMul"), None)
         bias_name = next((i for i in add.input if i in inits), None)
         if mm is None or bias_name is None or len(readers.get(mm.output[0], [])) != 1 or mm.output[0] in outputs:
+            continue
+        around = readers.get(add.output[0], [])
+        width = int(inits[bias_name].dims[0]) if len(inits[bias_name].dims) == 1 else 0
+        # the cut first, from names and shapes alone: weights are read only for a projection that is rewritten
+        cut = _halves(around, inits, consts, values, width) if width else None
+        if cut is None or not _shape_only([r for r in around if r.op_type == "Shape"],
+                                          {r.name for r in around if r.op_type != "Shape"}, readers, outputs, known):
             continue
         bias = numpy_helper.to_array(inits[bias_name])
         w_src = mm.input[1]
@@ -146,12 +154,6 @@ def split_geglu(model, values: dict | None = None) -> dict:
         else:
             continue
         if w.ndim != 2 or bias.shape != (w.shape[1],):
-            continue
-        cut = _halves(readers.get(add.output[0], []), inits, consts, values, w.shape[1])
-        around = readers.get(add.output[0], [])
-        if cut is None or not _shape_only([r for r in around if r.op_type == "Shape"],
-                                          {r.name for r in around if r.op_type != "Shape"}, readers, outputs,
-                                          set(inits) | set(consts)):
             continue
         half = w.shape[1] // 2
         nodes = []
