@@ -9,11 +9,13 @@ calibrated precisions, e.g. without the conv outputs' requantization).
 Timed in one process, interleaved rounds, median of ``--runs`` after 3 warm-up, batch 1 and 2:
 
   ptqd-requant    the bundle's calibration in ONNX Runtime's layout (conv outputs requantized), as IR, i4 weights
-  ptqd            as ptqd's OpenVINO engine is built (``openvino_layers``: conv outputs left in float)
+  ptqd            as ptqd's OpenVINO engine is built (``openvino_layers``: conv outputs left in float; ``--act-grid
+                  signed``: every 8-bit input with negative values on a symmetric int8 grid)
+  ptqd-mixed      ptqd built with ``--act-grid mixed`` (symmetric int8 only where the step widens <= 1.25x)
+  ptqd-unsigned   ptqd built with ``--act-grid unsigned`` (u8 inputs with the calibrated zero points)
   ptqd-unsplit    ptqd without the GEGLU rewrite (``ptqd.engines.geglu``): the projection cut by a VariadicSplit
   ptqd-zp         ptqd with the weights' all-zero zero points kept as DequantizeLinear inputs (before this was built:
                   ``graph_opt.without_weight_zero_points``)
-  ptqd-sym        the same with symmetric activation grids (zero point 0, or 128 for signed tensors)
   ptqd-attn       ptqd plus Q/DQ on attention's q/k/v projections' outputs and softmax outputs, so QKᵀ and AV can
                   run in int8 (speed only: fixed scales, not calibrated, not validated; ptqd does not build it)
   ptqd-resq       ptqd plus Q/DQ on the output of every float Add (the residual stream, the bias and time-embedding
@@ -33,23 +35,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import tempfile
 from pathlib import Path
 
 import numpy as np
-
-
-def symmetric(a):
-    """The activation quantizer ``a`` on a symmetric grid covering the same range (zero point 0 for non-negative
-    tensors, else the middle of the unsigned grid)."""
-    from ptqd.calib.quant import ActQuant
-
-    lo, hi = a.range
-    if lo >= 0:
-        return ActQuant(hi / a.qmax, 0, a.bits)
-    half = 2 ** (a.bits - 1)
-    return ActQuant(max(-lo, hi) / (half - 1), half, a.bits)
 
 
 ATTENTION_PROJ = ("/to_q/", "/to_k/", "/to_v/")
@@ -166,7 +155,7 @@ def fq_census(model) -> list[tuple[int, tuple]]:
     return cnt.most_common()
 
 
-VARIANTS = ("ptqd-requant", "ptqd", "ptqd-unsplit", "ptqd-zp", "ptqd-sym", "ptqd-attn", "ptqd-resq", "ptqd-resq-attn", "nncf-default",
+VARIANTS = ("ptqd-requant", "ptqd", "ptqd-unsplit", "ptqd-zp", "ptqd-mixed", "ptqd-unsigned", "ptqd-attn", "ptqd-resq", "ptqd-resq-attn", "nncf-default",
             "nncf-mixed")
 
 
@@ -197,6 +186,7 @@ def main(argv=None) -> int:
     from ptqd.engines.runner import round_robin
     from ptqd.facts import seeded_unet_inputs
     from ptqd.resources import cpu_description
+    from ptqd.stages.build_openvino import ACT_GRIDS
     from ptqd.stages.common import calib_layers
 
     b = Bundle.open(args.bundle)
@@ -204,15 +194,16 @@ def main(argv=None) -> int:
     layers = calib_layers(b, args.precision, 0, len(layout.calib_buckets(b)))
     fp = b.path(layout.UNET_ONNX)
     as_built = lambda m: graph_opt.optimize_for_openvino(m, fp)  # noqa: E731 (the graph rewrites of ptqd's build)
-    variants = {"ptqd-requant": (layers, as_built), "ptqd": (openvino_layers(layers), as_built),
-                "ptqd-unsplit": (openvino_layers(layers), lambda m: (
+    signed = ACT_GRIDS["signed"]
+    variants = {"ptqd-requant": (layers, as_built), "ptqd": (openvino_layers(layers, signed), as_built),
+                "ptqd-mixed": (openvino_layers(layers, ACT_GRIDS["mixed"]), as_built),
+                "ptqd-unsigned": (openvino_layers(layers), as_built),
+                "ptqd-unsplit": (openvino_layers(layers, signed), lambda m: (
                     graph_opt.fuse_attention(m, graph_opt.evaluated(fp)[1], one_key_only=True),
                     graph_opt.without_weight_zero_points(m))),
-                "ptqd-zp": (openvino_layers(layers), lambda m: (
+                "ptqd-zp": (openvino_layers(layers, signed), lambda m: (
                     graph_opt.fuse_attention(m, graph_opt.evaluated(fp)[1], one_key_only=True),
-                    split_geglu(m, graph_opt.evaluated(fp)[0]))),
-                "ptqd-sym": ([dataclasses.replace(lq, act_in=symmetric(lq.act_in)) for lq in openvino_layers(layers)],
-                             as_built)}
+                    split_geglu(m, graph_opt.evaluated(fp)[0])))}
     runners = {}
     fpp = args.float_precision
     with tempfile.TemporaryDirectory(prefix="ptqd-ovl-") as tmp:
@@ -221,7 +212,7 @@ def main(argv=None) -> int:
                                                                               "ptqd-resq-attn"} & set(want):
                 continue
             qdq = Path(tmp) / f"{name}.qdq.onnx"
-            write_qdq(fp, ls, qdq, rewrite=rewrite)
+            write_qdq(fp, ls, qdq, rewrite=rewrite, signed=True)
             convert_qdq(qdq, Path(tmp) / f"{name}.xml.gz")
             if name in want:  # read whole: the folder goes away
                 runners[name] = OvRunner(Path(tmp) / f"{name}.xml.gz", args.threads, float_precision=fpp)

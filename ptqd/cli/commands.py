@@ -287,7 +287,7 @@ def cmd_build(args) -> int:
 
     precisions = tuple(p for p in args.precisions.split(",") if p) if args.precisions else None
     recs = api.build(args.bundle, backend=args.backend, precisions=precisions, validate=not args.no_validate,
-                     float_precision=args.float_precision)
+                     float_precision=args.float_precision, act_grid=args.act_grid)
     if args.backend == "tensorrt":
         print_trt_build(recs)
         return 0

@@ -60,12 +60,43 @@ def openvino_default_precision() -> str:
     return float_precision_here("bf16")
 
 
-def openvino_layers(layers) -> list:
+def signed_grid(a, max_step_growth: float):
+    """``a`` (an 8-bit activation quantizer of a tensor with negative values) as a symmetric grid around 0
+    (zero point 128, scale max(−lo, hi)/127: int8 with zero point 0 in the engine), or ``a`` itself where that
+    would widen the step by more than ``max_step_growth`` (a tensor far from symmetric, e.g. after SiLU,
+    whose lo is −0.28: there the symmetric step is 1.9x the asymmetric one, nearly a bit of resolution)."""
+    from ptqd.calib.quant import ActQuant
+
+    lo, hi = a.range
+    if a.bits != 8 or lo >= 0 or a.zero_point == 128:
+        return a
+    scale = float(np.float32(max(-lo, hi) / 127))
+    return ActQuant(scale, 128, 8) if scale <= max_step_growth * a.scale else a
+
+
+def openvino_layers(layers, max_step_growth: float = 0.0) -> list:
     """The calibrated layers as ptqd's OpenVINO engine computes them: the same input quantizers and integer
     weights, each conv's output left in float (``act_out=None``: y = Σ (q_x − z_x)·q_w · s_x·s_w[c] + b, as the
     matmuls already are). Both the OpenVINO graph and the fake-quant model it is validated against are made
-    from this list."""
-    return [dataclasses.replace(lq, act_out=None) for lq in layers]
+    from this list.
+
+    ``max_step_growth`` (≥ 1 to act): an 8-bit input quantizer moves to a symmetric grid (:func:`signed_grid`)
+    where that widens its step by at most this factor. OpenVINO's CPU plugin runs a conv or matmul whose input
+    is int8 without a zero point on other kernels than one with a u8 input and a zero point (on an Intel Xeon
+    with AMX: ``jit_avx512_amx`` convolutions and ``FullyConnectedQuantizedLegacy`` matmuls instead of
+    ``brgconv`` and ``FullyConnected``), measured faster there (``docs/backend-openvino.md``)."""
+    out = []
+    for lq in layers:
+        lq = dataclasses.replace(lq, act_out=None)
+        a = signed_grid(lq.act_in, max_step_growth) if max_step_growth >= 1 and lq.act_in is not None else None
+        if a is not None and a is not lq.act_in:
+            moved = dataclasses.replace(lq, act_in=a)
+            if lq.bias_q is not None:  # the same float bias on the new accumulator scale s_x·s_w
+                bias = lq.bias_q.astype(np.float64) * lq.bias_scale.astype(np.float64)
+                moved.bias_q = np.round(bias / moved.bias_scale.astype(np.float64)).astype(np.int32)
+            lq = moved
+        out.append(lq)
+    return out
 
 
 @functools.cache

@@ -68,14 +68,17 @@ def _layout_source(node, slot: int, producer: dict, readers: dict):
         node, slot = src, 0
 
 
-def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None, attention=(), attention_at: str = "input") -> dict:
+def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None, attention=(), attention_at: str = "input",
+              signed: bool = False) -> dict:
     """Write the QDQ model; returns {"quantized_nodes": n} and what ``rewrite(model)`` (a graph rewrite applied
     before saving, e.g. :func:`ptqd.engines.graph_opt.optimize_for_ort`) returned, under "graph".
     ``attention``: the quantized attention matmuls (``calib.attention.MatMulQuant``). ``attention_at``: where
     their Q/DQ pairs go: "input" (on the matmul's inputs) or "source" (moved up through the layout ops that feed
     each input, Reshape/Transpose/..., to where the tensor is made: the q/k/v projection's or the Softmax's
     output, where OpenVINO can fuse the quantizer into its producer). Per-tensor quantization commutes with
-    layout ops, so both compute the same values."""
+    layout ops, so both compute the same values. ``signed``: an 8-bit activation quantizer whose zero point is
+    128 (a symmetric grid around 0) is written as int8 with zero point 0: the same values (q − 128), in the form
+    OpenVINO's CPU plugin runs on its signed int8 kernels (:func:`ptqd.engines.openvino.openvino_layers`)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -91,6 +94,11 @@ def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None, attention=(),
     def const(name, arr):
         new_inits.append(numpy_helper.from_array(arr, name))
         return name
+
+    def zero_point(name, a):
+        if signed and a.bits == 8 and a.zero_point == 128:
+            return const(name, np.array(0, np.int8))
+        return const(name, np.array(a.zero_point, np.uint8))
 
     order = {n.name: i for i, n in enumerate(g.node)}  # graph order: a shared Q comes before its readers
     # who makes and reads each tensor in the graph as exported (before the layers' quantizers rename inputs):
@@ -115,7 +123,7 @@ def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None, attention=(),
         a = lq.act_in
         key = (x, float(np.float32(a.scale)), int(a.zero_point), a.bits, tuple(a.range) if a.bits < 8 else None)
         sx = const(f"{base}_x_scale", np.array(a.scale, np.float32))
-        zx = const(f"{base}_x_zp", np.array(a.zero_point, np.uint8))
+        zx = zero_point(f"{base}_x_zp", a)
         if key in shared_q:
             pre.append(helper.make_node("DequantizeLinear", [shared_q[key], sx, zx], [f"{base}_xd"],
                                         name=f"{base}_DequantizeLinear_x"))
@@ -158,7 +166,7 @@ def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None, attention=(),
             raw = f"{base}_y"
             node.output[0] = raw
             sy = const(f"{base}_y_scale", np.array(lq.act_out.scale, np.float32))
-            zy = const(f"{base}_y_zp", np.array(lq.act_out.zero_point, np.uint8))
+            zy = zero_point(f"{base}_y_zp", lq.act_out)
             post.append(helper.make_node("QuantizeLinear", [raw, sy, zy], [f"{base}_yq"], name=f"{base}_QuantizeLinear_y"))
             post.append(helper.make_node("DequantizeLinear", [f"{base}_yq", sy, zy], [y], name=f"{base}_DequantizeLinear_y"))
         inserted_before[lq.name], inserted_after[lq.name] = pre, post
@@ -175,7 +183,7 @@ def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None, attention=(),
             if attention_at == "source":
                 reader, slot = _layout_source(node, i, producer, readers)
             sx = const(f"{base}_{side}_scale", np.array(a.scale, np.float32))
-            zx = const(f"{base}_{side}_zp", np.array(a.zero_point, np.uint8))
+            zx = zero_point(f"{base}_{side}_zp", a)
             inserted_before.setdefault(reader.name, []).extend([
                 helper.make_node("QuantizeLinear", [reader.input[slot], sx, zx], [f"{base}_{side}q"],
                                  name=f"{base}_QuantizeLinear_{side}"),

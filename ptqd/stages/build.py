@@ -86,7 +86,7 @@ def plan_precisions(b: Bundle, precisions: tuple[Precision, ...], log) -> tuple[
 
 @writes_bundle()
 def build_auto(bundle, precisions=None, validate: bool = True, progress: bool | None = None, log=None,
-               float_precision: str = "auto") -> dict:
+               float_precision: str = "auto", act_grid: str = "signed") -> dict:
     """``--backend auto``: ONNX Runtime's engines, OpenVINO's where openvino is installed, then the faster of the
     two for this bundle on this machine (``ptqd.stages.choose``). Returns {"onnxruntime": records,
     "openvino": records, "choice": the record}."""
@@ -99,7 +99,7 @@ def build_auto(bundle, precisions=None, validate: bool = True, progress: bool | 
     out = {"onnxruntime": build(bundle, "onnxruntime", precisions, validate, progress, log)}
     if importlib.util.find_spec("openvino") is not None:
         ov = None if precisions is None else tuple(p for p in precisions if str(p) != str(PEER))
-        out["openvino"] = build(bundle, "openvino", ov, validate, progress, log, float_precision)
+        out["openvino"] = build(bundle, "openvino", ov, validate, progress, log, float_precision, act_grid)
     else:
         say("backend auto: openvino is not installed, so only ONNX Runtime is a candidate (pip install openvino)")
     out["choice"] = choose_backend(bundle, log=say)
@@ -107,7 +107,7 @@ def build_auto(bundle, precisions=None, validate: bool = True, progress: bool | 
 
 
 def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool = True,
-          progress: bool | None = None, log=None, float_precision: str = "auto") -> dict:
+          progress: bool | None = None, log=None, float_precision: str = "auto", act_grid: str = "signed") -> dict:
     """One engine per precision from the calibration; validated against the fake-quant model. Each
     precision is committed as soon as it is built and validated, so an interrupted build keeps the
     engines it finished (``ptqd compile`` then builds only the rest)."""
@@ -124,7 +124,7 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
     from ptqd.engines.qdq import write_qdq
 
     if str(backend) == "auto":
-        return build_auto(bundle, precisions, validate, progress, log, float_precision)
+        return build_auto(bundle, precisions, validate, progress, log, float_precision, act_grid)
     if Backend.parse(backend) == Backend.TENSORRT:
         from ptqd.stages.build_tensorrt import build_tensorrt
 
@@ -133,7 +133,7 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
         from ptqd.stages.build_openvino import build_openvino
 
         return build_openvino(bundle, None if precisions is None else tuple(precisions), validate, progress,
-                              float_precision)
+                              float_precision, act_grid)
     precisions = ORT_BUILDABLE if precisions is None else tuple(precisions)
     bad = [p for p in precisions if p not in [str(q) for q in ORT_BUILDABLE]]
     if bad:

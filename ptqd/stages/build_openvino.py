@@ -8,6 +8,8 @@ starts."""
 
 from __future__ import annotations
 
+import collections
+
 import tempfile
 import time
 from pathlib import Path
@@ -163,16 +165,34 @@ def float_parts(want: str, why: str, requested: str, entries: list[dict]) -> dic
     return {"float_precision": "f32", "float_precision_why": f"bf16 moved the engine away from FP32: {words}"}
 
 
+# ``ptqd build --act-grid``: which 8-bit layer inputs an OpenVINO engine reads as int8 on a symmetric grid (no zero
+# point; engines.openvino.openvino_layers), by the most it may widen the quantizer's step: signed, every input with
+# negative values; mixed, those within 1.25x (the transformer blocks' inputs, 1.0-1.2x, not SiLU's outputs, 1.9x);
+# unsigned, none (u8 with the calibrated zero points). Measured in docs/backend-openvino.md.
+ACT_GRIDS = {"signed": float("inf"), "mixed": 1.25, "unsigned": 0.0}
+
+
+def activation_grids(layers) -> dict:
+    """How many 8-bit layer inputs the engine reads as int8 on a symmetric grid, as u8 with a zero point, and on
+    4-bit grids."""
+    kinds = collections.Counter("4-bit" if lq.act_in.bits < 8 else "int8 symmetric" if lq.act_in.zero_point == 128
+                                else "u8 zero point" if lq.act_in.zero_point else "u8" for lq in layers)
+    return dict(sorted(kinds.items()))
+
+
 @writes_bundle()
 def build_openvino(bundle, precisions=None, validate: bool = True, progress: bool | None = None,
-                   float_precision: str = "auto") -> dict:
+                   float_precision: str = "auto", act_grid: str = "signed") -> dict:
     """OpenVINO engines from the calibration; each validated against its fake-quant model (in f32).
     ``float_precision`` (auto, bf16, f32): what the engines' float parts run in; see :func:`float_choice` and
-    :func:`check_bf16`. NNCF's peers get what OpenVINO gives them by default on this CPU."""
+    :func:`check_bf16`. ``act_grid`` (:data:`ACT_GRIDS`): which 8-bit inputs go on symmetric int8 grids. NNCF's
+    peers get what OpenVINO gives them by default on this CPU."""
     from ptqd.engines.openvino import OvRunner, convert_qdq, engine_bytes, openvino_layers, require_openvino
     from ptqd.engines import graph_opt
     from ptqd.engines.qdq import write_qdq
 
+    if act_grid not in ACT_GRIDS:
+        raise UserError(f"--act-grid must be one of {', '.join(ACT_GRIDS)}, got {act_grid!r}")
     ov = require_openvino()
     precisions = _open_params(precisions)
     want, why = float_choice(float_precision)
@@ -205,7 +225,7 @@ def build_openvino(bundle, precisions=None, validate: bool = True, progress: boo
                                    "buckets": [],
                                    "built_on": cpu_description(), **({"requires": requires} if requires else {})}
             for k, bucket in enumerate(calib_buckets if p in CALIBRATED else [None]):
-                layers = openvino_layers(calib_layers(b, p.value, k, len(calib_buckets)))
+                layers = openvino_layers(calib_layers(b, p.value, k, len(calib_buckets)), ACT_GRIDS[act_grid])
                 attention = calib_attention(b, p.value, k, len(calib_buckets))
                 if attention:
                     rec["attention_matmuls_int8"] = len(attention)
@@ -214,10 +234,12 @@ def build_openvino(bundle, precisions=None, validate: bool = True, progress: boo
                 # attention's Q/DQ where q/k/v and P are made (OpenVINO fuses them into their producers): the
                 # same values as on the matmul inputs (ptqd.engines.qdq.write_qdq)
                 fp = b.path(layout.UNET_ONNX)
-                wrote = write_qdq(fp, layers, qdq, attention=attention, attention_at="source",
+                wrote = write_qdq(fp, layers, qdq, attention=attention, attention_at="source", signed=True,
                                   rewrite=lambda m, fp=fp: graph_opt.optimize_for_openvino(m, fp))
                 if k == 0:
                     rec["graph_rewrites"] = wrote["graph"]
+                    rec["act_grid"] = act_grid
+                    rec["activation_grids"] = activation_grids(layers)
                 rel, bin_rel = layout.ov_engine(p.value, k, len(calib_buckets))
                 w.file(bin_rel)  # detached from the live bundle before OpenVINO writes it
                 packed = convert_qdq(qdq, w.file(rel))
