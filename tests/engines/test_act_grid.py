@@ -111,3 +111,23 @@ def test_an_unknown_act_grid_is_refused_before_any_work(tmp_path):
 
     with pytest.raises(UserError, match="--act-grid must be one of signed, mixed, unsigned"):
         build_openvino(tmp_path / "missing.bundle", act_grid="wide")
+
+
+def test_cli_build_act_grid_mixed_keeps_silu_inputs_unsigned(compiled, tmp_path, capsys):
+    """`ptqd build --act-grid mixed`: the transformer blocks' inputs go signed, SiLU's outputs keep u8 and their zero
+    points; the build says so and records it, and the engine validates."""
+    import shutil
+
+    pytest.importorskip("openvino")
+    from ptqd.bundle import Bundle, layout
+    from ptqd.cli import main
+
+    out = tmp_path / "demo.bundle"
+    shutil.copytree(compiled[0], out)
+    assert main(["build", str(out), "--backend", "openvino", "--precisions", "w8a8", "--act-grid", "mixed"]) == 0
+    printed = capsys.readouterr().out
+    assert "(--act-grid mixed)" in printed and "w8a8: layer inputs int8 symmetric" in printed
+    rec = layout.built(Bundle.open(out), "openvino")["w8a8"]
+    grids = rec["activation_grids"]
+    assert rec["act_grid"] == "mixed" and grids["int8 symmetric"] > 0 and grids["u8 zero point"] > 0, grids
+    assert rec["validation_vs_fake_quant"]["passed"]
