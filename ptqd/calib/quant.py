@@ -35,6 +35,11 @@ class ActQuant:
         return 2**self.bits - 1
 
     @property
+    def int8_symmetric(self) -> bool:
+        """An 8-bit grid centred on 0 (zero point 128): int8 with zero point 0, the same values."""
+        return self.bits == 8 and self.zero_point == 128
+
+    @property
     def range(self) -> tuple[float, float]:
         """The representable float interval [lo, hi]."""
         return (-self.zero_point * self.scale, (self.qmax - self.zero_point) * self.scale)

@@ -69,7 +69,7 @@ def signed_grid(a, max_step_growth: float):
     from ptqd.calib.quant import ActQuant
 
     lo, hi = a.range
-    if a.bits != 8 or lo >= 0 or a.zero_point == 128:
+    if a.bits != 8 or lo >= 0 or a.int8_symmetric:
         return a
     scale = float(np.float32(max(-lo, hi) / 127))
     return ActQuant(scale, 128, 8) if scale <= max_step_growth * a.scale else a
@@ -89,8 +89,8 @@ def openvino_layers(layers, max_step_growth: float = 0.0) -> list:
     out = []
     for lq in layers:
         lq = dataclasses.replace(lq, act_out=None)
-        a = signed_grid(lq.act_in, max_step_growth) if max_step_growth >= 1 and lq.act_in is not None else None
-        if a is not None and a is not lq.act_in:
+        a = signed_grid(lq.act_in, max_step_growth)  # a symmetric step is never narrower: below 1 nothing moves
+        if a is not lq.act_in:
             moved = dataclasses.replace(lq, act_in=a)
             if lq.bias_q is not None:  # the same float bias on the new accumulator scale s_x·s_w
                 bias = lq.bias_q.astype(np.float64) * lq.bias_scale.astype(np.float64)

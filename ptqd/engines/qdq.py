@@ -96,7 +96,7 @@ def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None, attention=(),
         return name
 
     def zero_point(name, a):
-        if signed and a.bits == 8 and a.zero_point == 128:
+        if signed and a.int8_symmetric:
             return const(name, np.array(0, np.int8))
         return const(name, np.array(a.zero_point, np.uint8))
 

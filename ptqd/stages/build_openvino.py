@@ -9,7 +9,6 @@ starts."""
 from __future__ import annotations
 
 import collections
-
 import tempfile
 import time
 from pathlib import Path
@@ -175,7 +174,7 @@ ACT_GRIDS = {"signed": float("inf"), "mixed": 1.25, "unsigned": 0.0}
 def activation_grids(layers) -> dict:
     """How many 8-bit layer inputs the engine reads as int8 on a symmetric grid, as u8 with a zero point, and on
     4-bit grids."""
-    kinds = collections.Counter("4-bit" if lq.act_in.bits < 8 else "int8 symmetric" if lq.act_in.zero_point == 128
+    kinds = collections.Counter("4-bit" if lq.act_in.bits < 8 else "int8 symmetric" if lq.act_in.int8_symmetric
                                 else "u8 zero point" if lq.act_in.zero_point else "u8" for lq in layers)
     return dict(sorted(kinds.items()))
 
