@@ -10,7 +10,10 @@ Timed in one process, interleaved rounds, median of ``--runs`` after 3 warm-up, 
 
   ptqd-requant    the bundle's calibration in ONNX Runtime's layout (conv outputs requantized), as IR, i4 weights
   ptqd            as ptqd's OpenVINO engine is built (``openvino_layers``: conv outputs left in float; ``--act-grid
-                  signed``: every 8-bit input with negative values on a symmetric int8 grid)
+                  signed``: every 8-bit input with negative values on a symmetric int8 grid; ``write_qdq(inputs_at=
+                  "source")``: a layer's input Q/DQ above the Reshape/Transpose that feed it, a transformer's proj_out)
+  ptqd-at-input   ptqd with every layer's input Q/DQ on the layer's input, after the Reshape/Transpose (before
+                  ``inputs_at="source"``: the Transposes move float values)
   ptqd-mixed      ptqd built with ``--act-grid mixed`` (symmetric int8 only where the step widens <= 1.25x)
   ptqd-unsigned   ptqd built with ``--act-grid unsigned`` (u8 inputs with the calibrated zero points)
   ptqd-unsplit    ptqd without the GEGLU rewrite (``ptqd.engines.geglu``): the projection cut by a VariadicSplit
@@ -155,7 +158,7 @@ def fq_census(model) -> list[tuple[int, tuple]]:
     return cnt.most_common()
 
 
-VARIANTS = ("ptqd-requant", "ptqd", "ptqd-unsplit", "ptqd-zp", "ptqd-mixed", "ptqd-unsigned", "ptqd-attn", "ptqd-resq", "ptqd-resq-attn", "nncf-default",
+VARIANTS = ("ptqd-requant", "ptqd", "ptqd-at-input", "ptqd-unsplit", "ptqd-zp", "ptqd-mixed", "ptqd-unsigned", "ptqd-attn", "ptqd-resq", "ptqd-resq-attn", "nncf-default",
             "nncf-mixed")
 
 
@@ -195,7 +198,9 @@ def main(argv=None) -> int:
     fp = b.path(layout.UNET_ONNX)
     as_built = lambda m: graph_opt.optimize_for_openvino(m, fp)  # noqa: E731 (the graph rewrites of ptqd's build)
     signed = ACT_GRIDS["signed"]
+    at_input = {"ptqd-requant", "ptqd-at-input"}  # the variants whose input Q/DQ stay on the layers' inputs
     variants = {"ptqd-requant": (layers, as_built), "ptqd": (openvino_layers(layers, signed), as_built),
+                "ptqd-at-input": (openvino_layers(layers, signed), as_built),
                 "ptqd-mixed": (openvino_layers(layers, ACT_GRIDS["mixed"]), as_built),
                 "ptqd-unsigned": (openvino_layers(layers), as_built),
                 "ptqd-unsplit": (openvino_layers(layers, signed), lambda m: (
@@ -212,7 +217,7 @@ def main(argv=None) -> int:
                                                                               "ptqd-resq-attn"} & set(want):
                 continue
             qdq = Path(tmp) / f"{name}.qdq.onnx"
-            write_qdq(fp, ls, qdq, rewrite=rewrite, signed=True)
+            write_qdq(fp, ls, qdq, rewrite=rewrite, signed=True, inputs_at="input" if name in at_input else "source")
             convert_qdq(qdq, Path(tmp) / f"{name}.xml.gz")
             if name in want:  # read whole: the folder goes away
                 runners[name] = OvRunner(Path(tmp) / f"{name}.xml.gz", args.threads, float_precision=fpp)

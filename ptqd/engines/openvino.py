@@ -4,7 +4,9 @@ OpenVINO reads ptqd's QDQ graph of the calibration with two changes from ONNX Ru
 (:func:`openvino_layers`): conv outputs are not requantized (ONNX Runtime needs that requantization to fuse a conv
 into its integer kernel, QLinearConv; OpenVINO's CPU plugin does not, and skipping it is 2-9 % faster there and one
 rounding fewer per conv), and 8-bit inputs with negative values move to symmetric int8 grids (``ptqd build
---act-grid``: the plugin's faster int8 kernels; ``benchmarks/openvino_layouts.py``). The engine is validated
+--act-grid``: the plugin's faster int8 kernels; ``benchmarks/openvino_layouts.py``). A layer that reads its input
+through Reshape/Transpose (a transformer's proj_out) gets its Q/DQ above them (``write_qdq(inputs_at="source")``),
+so the Transposes move int8 values; that changes no value. The engine is validated
 against the fake-quant model of exactly these layers. Its low-precision transformations run the quantized convs and
 matmuls on int8 kernels (VNNI/AMX where the CPU has them) and everything else (GroupNorm, SiLU, the
 residual adds, attention's core) in the engine's float precision (``INFERENCE_PRECISION_HINT``):

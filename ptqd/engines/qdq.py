@@ -69,7 +69,7 @@ def _layout_source(node, slot: int, producer: dict, readers: dict):
 
 
 def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None, attention=(), attention_at: str = "input",
-              signed: bool = False) -> dict:
+              signed: bool = False, inputs_at: str = "input") -> dict:
     """Write the QDQ model; returns {"quantized_nodes": n} and what ``rewrite(model)`` (a graph rewrite applied
     before saving, e.g. :func:`ptqd.engines.graph_opt.optimize_for_ort`) returned, under "graph".
     ``attention``: the quantized attention matmuls (``calib.attention.MatMulQuant``). ``attention_at``: where
@@ -78,7 +78,11 @@ def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None, attention=(),
     output, where OpenVINO can fuse the quantizer into its producer). Per-tensor quantization commutes with
     layout ops, so both compute the same values. ``signed``: an 8-bit activation quantizer whose zero point is
     128 (a symmetric grid around 0) is written as int8 with zero point 0: the same values (q − 128), in the form
-    OpenVINO's CPU plugin runs on its signed int8 kernels (:func:`ptqd.engines.openvino.openvino_layers`)."""
+    OpenVINO's CPU plugin runs on its signed int8 kernels (:func:`ptqd.engines.openvino.openvino_layers`).
+    ``inputs_at``: the same choice as ``attention_at`` for the layers' input quantizers: "source" puts the Q/DQ of
+    a conv or matmul that reads its input through layout ops (a transformer's proj_out after the tokens are
+    transposed back to NCHW) where that tensor is made, so OpenVINO moves int8 values, not float ones, through
+    the Transpose. Not where the source is a MatMul (attention's heads merged before its output projection)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -90,6 +94,7 @@ def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None, attention=(),
     nodes = {n.name: n for n in g.node}
     inits = {i.name: i for i in g.initializer}
     new_inits, inserted_before, inserted_after, shared_q = [], {}, {}, {}
+    moved = 0  # layer input quantizers moved up to their layout source (inputs_at="source")
 
     def const(name, arr):
         new_inits.append(numpy_helper.from_array(arr, name))
@@ -100,6 +105,9 @@ def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None, attention=(),
             return const(name, np.array(0, np.int8))
         return const(name, np.array(a.zero_point, np.uint8))
 
+    if attention_at not in ("input", "source") or inputs_at not in ("input", "source"):
+        raise ValueError(f"attention_at and inputs_at must be 'input' or 'source', got {attention_at!r}, "
+                         f"{inputs_at!r}")
     order = {n.name: i for i, n in enumerate(g.node)}  # graph order: a shared Q comes before its readers
     # who makes and reads each tensor in the graph as exported (before the layers' quantizers rename inputs):
     # a tensor that also feeds a quantized layer stops an attention quantizer's move to its source
@@ -119,7 +127,13 @@ def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None, attention=(),
         # activation input: one QuantizeLinear per (tensor, quantizer), shared by the layers that read the
         # same tensor on the same grid (a transformer block's q/k/v, every block's context k/v); each
         # layer keeps its own DequantizeLinear (ONNX Runtime fuses one per integer kernel)
-        x = node.input[0]
+        reader, slot = node, 0  # where the input's Q/DQ go: on the layer's input, or up at its layout source
+        if inputs_at == "source":
+            reader, slot = _layout_source(node, 0, producer, readers)
+            src = producer.get(reader.input[slot])
+            if src is not None and src.op_type == "MatMul":  # attention's P·V: the one-key rewrite
+                reader, slot = node, 0  # (graph_opt.fuse_attention) matches the head merge as exported
+        x = reader.input[slot]
         a = lq.act_in
         key = (x, float(np.float32(a.scale)), int(a.zero_point), a.bits, tuple(a.range) if a.bits < 8 else None)
         sx = const(f"{base}_x_scale", np.array(a.scale, np.float32))
@@ -139,7 +153,11 @@ def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None, attention=(),
             pre.append(helper.make_node("QuantizeLinear", [x, sx, zx], [f"{base}_xq"], name=f"{base}_QuantizeLinear_x"))
             pre.append(helper.make_node("DequantizeLinear", [f"{base}_xq", sx, zx], [f"{base}_xd"],
                                         name=f"{base}_DequantizeLinear_x"))
-        node.input[0] = f"{base}_xd"
+        reader.input[slot] = f"{base}_xd"
+        if reader is not node:
+            moved += 1
+            inserted_before.setdefault(reader.name, []).extend(pre)
+            pre = []
         # weight: torch layout [C_out, ...]; ONNX MatMul wants [K, N] with the output axis 1
         w_int = lq.w_int if lq.op == "Conv" else lq.w_int.T.copy()  # Gemm: already a MatMul here
         axis = 0 if lq.op == "Conv" else 1
@@ -169,9 +187,8 @@ def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None, attention=(),
             zy = zero_point(f"{base}_y_zp", lq.act_out)
             post.append(helper.make_node("QuantizeLinear", [raw, sy, zy], [f"{base}_yq"], name=f"{base}_QuantizeLinear_y"))
             post.append(helper.make_node("DequantizeLinear", [f"{base}_yq", sy, zy], [y], name=f"{base}_DequantizeLinear_y"))
-        inserted_before[lq.name], inserted_after[lq.name] = pre, post
-    if attention_at not in ("input", "source"):
-        raise ValueError(f"attention_at must be 'input' or 'source', got {attention_at!r}")
+        inserted_before.setdefault(lq.name, []).extend(pre)
+        inserted_after[lq.name] = post
     for mq in attention:  # both inputs of a quantized attention matmul on their 8-bit grids
         node = nodes.get(mq.name)
         if node is None or node.op_type != "MatMul":
@@ -201,7 +218,8 @@ def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None, attention=(),
     del g.initializer[:]
     g.initializer.extend(keep + new_inits)
     read_external(model, fp_onnx)  # a skipped weight that another node still reads (none in ptqd's graphs)
-    rec = {"quantized_nodes": len(layers), **({"quantized_attention_matmuls": len(attention)} if attention else {})}
+    rec = {"quantized_nodes": len(layers), "inputs_moved_to_source": moved,
+           **({"quantized_attention_matmuls": len(attention)} if attention else {})}
     if rewrite is not None:
         rec["graph"] = rewrite(model)
     rec["files"] = [f.name for f in save_model(model, out_path)]

@@ -230,13 +230,16 @@ def build_openvino(bundle, precisions=None, validate: bool = True, progress: boo
                     rec["attention_matmuls_int8"] = len(attention)
                     rec["numerics"] = numerics(p, len(attention))
                 qdq = Path(tmp) / f"{p.value}.{k}.qdq.onnx"
-                # attention's Q/DQ where q/k/v and P are made (OpenVINO fuses them into their producers): the
-                # same values as on the matmul inputs (ptqd.engines.qdq.write_qdq)
+                # attention's Q/DQ where q/k/v and P are made (OpenVINO fuses them into their producers), and a
+                # layer's input Q/DQ above the Reshape/Transpose that feed it (proj_out): the same values as on
+                # the inputs, with int8 moving through the Transposes (ptqd.engines.qdq.write_qdq)
                 fp = b.path(layout.UNET_ONNX)
                 wrote = write_qdq(fp, layers, qdq, attention=attention, attention_at="source", signed=True,
+                                  inputs_at="source",
                                   rewrite=lambda m, fp=fp: graph_opt.optimize_for_openvino(m, fp))
                 if k == 0:
                     rec["graph_rewrites"] = wrote["graph"]
+                    rec["inputs_moved_to_source"] = wrote["inputs_moved_to_source"]
                     rec["act_grid"] = act_grid
                     rec["activation_grids"] = activation_grids(layers)
                 rel, bin_rel = layout.ov_engine(p.value, k, len(calib_buckets))

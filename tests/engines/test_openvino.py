@@ -66,6 +66,8 @@ def test_build_validates_every_precision_and_stores_4bit_weights_packed(ov_bundl
         # --act-grid signed (the default): the inputs with negative values read as int8 on symmetric grids
         grids = r["activation_grids"]
         assert r["act_grid"] == "signed" and grids["int8 symmetric"] > 10 and "u8 zero point" not in grids, grids
+        # each transformer's proj_out reads its input Q/DQ above the Transpose back to NCHW (write_qdq's inputs_at)
+        assert r["inputs_moved_to_source"] == 4, r["inputs_moved_to_source"]
     b = Bundle.open(out)
     for p in recs:
         xml, bin_ = layout.ov_engine(p)
@@ -105,7 +107,8 @@ def test_openvino_engines_compute_what_the_onnxruntime_engines_compute(ov_bundle
 def test_sampling_through_openvino_matches_onnxruntime(ov_bundle):
     from ptqd import api
 
-    kw = dict(num=8, seed=3, steps=8, precision="w8a8", correction="off")
+    # 64 images: with 8, one or two images that land on another digit move the PSNR by 2-3 dB either way
+    kw = dict(num=64, seed=3, steps=8, precision="w8a8", correction="off")
     ort_img = api.sample(ov_bundle[0], **kw)[0].astype(np.float64)
     ov_img = api.sample(ov_bundle[0], backend="openvino", **kw)[0].astype(np.float64)
     fp_img = api.sample(ov_bundle[0], **{**kw, "precision": "fp32"})[0].astype(np.float64)

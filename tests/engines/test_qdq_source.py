@@ -1,0 +1,50 @@
+"""``write_qdq(inputs_at="source")``: a layer's input Q/DQ above the layout ops that feed it (OpenVINO's layout)."""
+
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from ptqd import api
+from ptqd.bundle import Bundle, layout
+
+LAYOUT = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"}
+
+
+def test_layer_inputs_at_source_compute_the_same_and_skip_attention_outputs(tiny_cin_bundle, tmp_path):
+    """proj_out reads the tokens transposed back to NCHW: at "source" its input quantizer sits where the tensor is
+    made, above the Reshape/Transpose, and the graph computes exactly what it computes with the quantizer on the
+    conv's input (per-tensor quantization commutes with layout ops). Attention's output projection, whose input
+    comes from P·V through the heads' merge, keeps its quantizer (the one-key rewrite matches that merge)."""
+    from ptqd.engines.onnxruntime import OrtRunner
+    from ptqd.engines.qdq import write_qdq
+    from ptqd.stages.common import calib_layers
+
+    d = tmp_path / "b.bundle"
+    shutil.copytree(tiny_cin_bundle, d)
+    api.calibrate(d, samples=2, steps=2, rounding="nearest", progress=False)
+    b = Bundle.open(d)
+    layers = calib_layers(b, "w8a8")
+    feeds = dict(np.load(b.path(layout.CALIB_FEEDS)))
+    args = (feeds["x"][:4], feeds["t"][:4], feeds["context"][:4] if "context" in feeds else None)
+    out, made, moved = {}, {}, {}
+    for at in ("input", "source"):
+        path = tmp_path / f"{at}.onnx"
+        moved[at] = write_qdq(b.path(layout.UNET_ONNX), layers, path, inputs_at=at)["inputs_moved_to_source"]
+        g = onnx.load(str(path)).graph
+        producer = {o: n for n in g.node for o in n.output}
+        # each layer's input Q: the op that makes the tensor it quantizes
+        made[at] = {n.name[:-len("_QuantizeLinear_x")]: producer[n.input[0]].op_type if n.input[0] in producer
+                    else "input" for n in g.node if n.name.endswith("_QuantizeLinear_x")}
+        out[at] = OrtRunner(path)(*args)
+    assert moved["input"] == 0 and moved["source"] > 0
+    now_at_source = [k for k in made["input"] if made["input"][k] in LAYOUT and made["source"][k] not in LAYOUT]
+    assert len(now_at_source) == moved["source"], (made, moved)
+    assert all("proj_out" in k for k in now_at_source), now_at_source
+    # attention's output projections read P·V through layout ops and stay where they were
+    to_out = [k for k in made["input"] if "to_out" in k]
+    assert to_out and all(made["source"][k] == made["input"][k] for k in to_out)
+    np.testing.assert_array_equal(out["input"], out["source"])
+    with pytest.raises(ValueError, match="inputs_at"):
+        write_qdq(b.path(layout.UNET_ONNX), layers, tmp_path / "x.onnx", inputs_at="output")
