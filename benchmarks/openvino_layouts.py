@@ -4,7 +4,7 @@ variants below are not validated against a fake-quant model (they compute other 
 calibrated precisions, e.g. without the conv outputs' requantization).
 
     python benchmarks/openvino_layouts.py BUNDLE [--precision w4a8] [--runs 10] [--threads 2]
-        [--float-precision bf16|f32] [--variants ptqd,ptqd-resq,...]
+        [--float-precision bf16|f32] [--variants ptqd,ptqd-resq,...] [--max-isa AVX512_CORE_VNNI|AVX2|...]
 
 Timed in one process, interleaved rounds, median of ``--runs`` after 3 warm-up, batch 1 and 2:
 
@@ -14,6 +14,8 @@ Timed in one process, interleaved rounds, median of ``--runs`` after 3 warm-up, 
                   "source")``: a layer's input Q/DQ above the Reshape/Transpose that feed it, a transformer's proj_out)
   ptqd-at-input   ptqd with every layer's input Q/DQ on the layer's input, after the Reshape/Transpose (before
                   ``inputs_at="source"``: the Transposes move float values)
+  ptqd-projin     ptqd with each transformer's proj_in output requantized on its calibrated 8-bit grid (symmetric),
+                  so the Transpose to tokens and the LayerNorm after it read int8 (NNCF's layout there; speed only)
   ptqd-mixed      ptqd built with ``--act-grid mixed`` (symmetric int8 only where the step widens <= 1.25x)
   ptqd-unsigned   ptqd built with ``--act-grid unsigned`` (u8 inputs with the calibrated zero points)
   ptqd-unsplit    ptqd without the GEGLU rewrite (``ptqd.engines.geglu``): the projection cut by a VariadicSplit
@@ -29,7 +31,8 @@ Timed in one process, interleaved rounds, median of ``--runs`` after 3 warm-up, 
 
 Then, for NNCF's default graph: every FakeQuantize by (producer op, consumer ops, grid), the census that
 says which tensors NNCF keeps in int8 between layers; the executed-graph summary of each variant; and, for
-ptqd, ptqd-attn and NNCF's default, the executed layer time by (layer type, precision), where the gap is.
+ptqd, ptqd-attn and NNCF's default, the executed layer time by (layer type, precision), where the gap is, and
+their heaviest fused subgraphs (e.g. attention cores in bf16 against NNCF's int8 ones).
 Every model runs with its float parts in ``--float-precision`` (default bf16: what OpenVINO itself picks on a CPU
 with native bf16; f32 on one without). Needs openvino and nncf.
 """
@@ -37,6 +40,7 @@ with native bf16; f32 on one without). Needs openvino and nncf.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import collections
 import tempfile
 from pathlib import Path
@@ -141,6 +145,37 @@ def time_by_type(compiled, feeds: dict, runs: int = 3) -> collections.Counter:
     return out
 
 
+def top_subgraphs(compiled, feeds: dict, most: int = 3, runs: int = 3) -> list:
+    """OpenVINO's fused subgraphs (``Subgraph``: eltwise chains, and attention cores that it fuses whole) grouped by
+    output shape and input -> output element types, heaviest first: [((shape, types), (ms, count, fused layers))].
+    Shows, e.g., a float attention core that costs more than the int8 one of another graph."""
+    info = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        if op.get_output_size():
+            rt = op.get_rt_info()
+            fused = rt["originalLayersNames"].astype(str) if "originalLayersNames" in rt else ""
+            types = ",".join(sorted({op.input(i).get_element_type().get_type_name()
+                                     for i in range(op.get_input_size())}))
+            info[op.get_friendly_name()] = (str(op.get_output_partial_shape(0)),
+                                            f"{types} -> {op.get_output_element_type(0).get_type_name()}", fused)
+    req = compiled.create_infer_request()
+    req.infer(feeds)
+    ms: collections.Counter = collections.Counter()
+    for _ in range(runs):
+        req.infer(feeds)
+        for p in req.get_profiling_info():
+            if p.node_type == "Subgraph" and str(p.status).endswith("EXECUTED") and \
+                    not str(p.status).endswith("NOT_EXECUTED"):
+                ms[p.node_name] += p.real_time.total_seconds() * 1e3 / runs
+    groups: dict = {}
+    for name, t in ms.items():
+        shape, types, fused = info.get(name, ("?", "?", ""))
+        total, n, _ = groups.get((shape, types), (0.0, 0, ""))
+        short = ", ".join(x.rsplit("/", 1)[-1] for x in fused.split(",")[:4])
+        groups[(shape, types)] = (total + t, n + 1, short)
+    return sorted(groups.items(), key=lambda kv: -kv[1][0])[:most]
+
+
 def fq_census(model) -> list[tuple[int, tuple]]:
     """((producer op, consumer ops, grid, levels), count) of every activation FakeQuantize, most frequent first."""
     cnt: collections.Counter = collections.Counter()
@@ -158,8 +193,22 @@ def fq_census(model) -> list[tuple[int, tuple]]:
     return cnt.most_common()
 
 
-VARIANTS = ("ptqd-requant", "ptqd", "ptqd-at-input", "ptqd-unsplit", "ptqd-zp", "ptqd-mixed", "ptqd-unsigned", "ptqd-attn", "ptqd-resq", "ptqd-resq-attn", "nncf-default",
+VARIANTS = ("ptqd-requant", "ptqd", "ptqd-at-input", "ptqd-projin", "ptqd-unsplit", "ptqd-zp", "ptqd-mixed", "ptqd-unsigned", "ptqd-attn", "ptqd-resq", "ptqd-resq-attn", "nncf-default",
             "nncf-mixed")
+
+
+MAX_ISA = ("AVX512_CORE_AMX", "AVX512_CORE_BF16", "AVX512_CORE_VNNI", "AVX2_VNNI", "AVX2")  # oneDNN names, most first
+
+
+def kernels(runner, feeds: dict) -> collections.Counter:
+    """The implementation names of the executed convolutions and matmuls at these inputs (e.g. brgconv_avx512_I8):
+    which instruction set the plugin really used."""
+    m = runner.model.clone()
+    m.reshape({n: list(feeds[n].shape) for n in runner.input_names})
+    req = runner.core.compile_model(m, "CPU", dict(runner.config, PERF_COUNT=True)).create_infer_request()
+    req.infer({n: feeds[n] for n in runner.input_names})
+    return collections.Counter(str(p.exec_type) for p in req.get_profiling_info()
+                               if p.node_type in ("Convolution", "FullyConnected", "FullyConnectedQuantizedLegacy"))
 
 
 def main(argv=None) -> int:
@@ -171,10 +220,21 @@ def main(argv=None) -> int:
     ap.add_argument("--float-precision", choices=("bf16", "f32"), default="bf16",
                     help="float parts of every model (bf16 runs only where this CPU has it natively)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"which graphs to time (of {', '.join(VARIANTS)})")
+    ap.add_argument("--max-isa", choices=MAX_ISA,
+                    help="cap the instruction set of OpenVINO's CPU kernels (oneDNN's ONEDNN_MAX_CPU_ISA): "
+                         "AVX512_CORE_BF16 runs this CPU's kernels as on one with AVX-512 VNNI and BF16 and no AMX (an AMD "
+                         "EPYC Zen 4), AVX512_CORE_VNNI without BF16 either, AVX2 as on one with AVX2 only. Same cores, caches and clocks: an emulation of the kernel choice only")
     args = ap.parse_args(argv)
     want = [v.strip() for v in args.variants.split(",") if v.strip()]
     if not want or set(want) - set(VARIANTS):
         ap.error(f"--variants: choose from {', '.join(VARIANTS)}")
+    if args.max_isa:
+        import os
+        import sys
+
+        if "openvino" in sys.modules:
+            ap.error("--max-isa must be set before openvino is imported: run the script as a program")
+        os.environ["ONEDNN_MAX_CPU_ISA"] = args.max_isa
     import contextlib
     import sys
 
@@ -199,7 +259,14 @@ def main(argv=None) -> int:
     as_built = lambda m: graph_opt.optimize_for_openvino(m, fp)  # noqa: E731 (the graph rewrites of ptqd's build)
     signed = ACT_GRIDS["signed"]
     at_input = {"ptqd-requant", "ptqd-at-input"}  # the variants whose input Q/DQ stay on the layers' inputs
+    from ptqd.engines.openvino import signed_grid
+
+    made = {lq.name: lq.act_out for lq in layers}  # the calibration's output grids (ONNX Runtime's requantization)
+    projin = [dataclasses.replace(lq, act_out=signed_grid(made[lq.name], signed))
+              if lq.module.endswith("proj_in") and made[lq.name] is not None else lq
+              for lq in openvino_layers(layers, signed)]
     variants = {"ptqd-requant": (layers, as_built), "ptqd": (openvino_layers(layers, signed), as_built),
+                "ptqd-projin": (projin, as_built),
                 "ptqd-at-input": (openvino_layers(layers, signed), as_built),
                 "ptqd-mixed": (openvino_layers(layers, ACT_GRIDS["mixed"]), as_built),
                 "ptqd-unsigned": (openvino_layers(layers), as_built),
@@ -248,6 +315,10 @@ def main(argv=None) -> int:
         runners["nncf-mixed"] = OvRunner("nncf-mixed", args.threads, model=mixed, float_precision=fpp)
         print(f"{b.root.name}, {args.precision}, float parts {runners['nncf-default'].float_precision}; {cpu_description()}; OpenVINO {ov.__version__}, NNCF {nncf.__version__}; "
               f"{args.threads} threads, interleaved rounds, median of {args.runs} after 3 warm-up")
+        f1 = seeded_unet_inputs(b.facts, 1, 501.0, 0)
+        isa = args.max_isa or "none (this CPU's best)"
+        print(f"kernel ISA cap: {isa}; NNCF default's conv/matmul kernels: "
+              + ", ".join(f"{k} {n}" for k, n in kernels(runners["nncf-default"], f1).most_common(4)))
         print(f"{'graph':16s} {'batch 1 ms':>10s} {'x NNCF best':>11s} {'batch 2 ms':>10s} {'x NNCF best':>11s}")
         med = {}
         for batch in (1, 2):
@@ -268,13 +339,14 @@ def main(argv=None) -> int:
             print(f"  {k:16s} {s['compute_layers']}  reorders {s['reorders']}  {s['layer_ms']:.1f} ms  ({shares})")
         cols = [v for v in ("ptqd", "ptqd-unsplit", "ptqd-attn", "ptqd-resq", "ptqd-resq-attn", "nncf-default")
                 if v in runners]
-        by_type = {}
+        by_type, heavy = {}, {}
         for k in cols:
             r = runners[k]
             m = r.model.clone()
             m.reshape({n: list(f[n].shape) for n in r.input_names})
             cm = r.core.compile_model(m, "CPU", dict(r.config, PERF_COUNT=True))
             by_type[k] = time_by_type(cm, {n: f[n] for n in r.input_names})
+            heavy[k] = top_subgraphs(cm, {n: f[n] for n in r.input_names})
         print("\nexecuted layer ms at batch 1 by layer type and precision (Subgraph: OpenVINO's fused eltwise chains)")
         print(f"  {'layer:precision':32s}" + "".join(f"{k:>14s}" for k in cols))
         kinds = sorted({t for c in by_type.values() for t in c}, key=lambda t: -max(c[t] for c in by_type.values()))
@@ -282,6 +354,11 @@ def main(argv=None) -> int:
             if max(c[t] for c in by_type.values()) >= 0.5:
                 print(f"  {t:32s}" + "".join(f"{by_type[k][t]:14.2f}" for k in cols))
         print(f"  {'total':32s}" + "".join(f"{sum(by_type[k].values()):14.2f}" for k in cols))
+        print("\nthe heaviest fused subgraphs at batch 1, by output shape and input/output types (ms, count, "
+              "e.g. the layers fused)")
+        for k, rows in heavy.items():
+            for (shape, types), (ms, n, fused) in rows:
+                print(f"  {k:14s} {ms:7.2f} ms  {n:3d} x {shape} {types}  e.g. {fused}")
         print("\nNNCF default: activation FakeQuantize by producer -> consumers (grid, levels)")
         for (prod, cons, grid, levels), n in fq_census(default):
             print(f"  {n:4d}  {prod} -> {', '.join(cons)}  ({grid}, {levels})")

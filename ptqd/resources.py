@@ -229,6 +229,12 @@ def has_native_bf16(isa: list[str] | None = None) -> bool:
     return any(f in (cpu_isa() if isa is None else isa) for f in BF16_FLAGS)
 
 
+def has_amx_int8(isa: list[str] | None = None) -> bool:
+    """Whether this CPU has AMX's int8 tiles: where OpenVINO's CPU plugin runs a conv or matmul on an int8 input
+    without a zero point on faster kernels than on a u8 input with one (``ptqd build --act-grid``)."""
+    return "amx_int8" in (cpu_isa() if isa is None else isa)
+
+
 def check_requirements(requires: dict | None, what: str, fix: str) -> None:
     """UserError when this CPU lacks what ``requires`` (an engine's ``requires`` record) names."""
     if not requires or requires.get("isa") != "vnni":

@@ -323,7 +323,7 @@ def print_ov_build(recs: dict) -> None:
             print(f"{p}: float parts in {r['float_precision']} ({r['float_precision_why']})")
         if "activation_grids" in r:
             grids = ", ".join(f"{k} {n}" for k, n in r["activation_grids"].items())
-            print(f"{p}: layer inputs {grids} (--act-grid {r['act_grid']})")
+            print(f"{p}: layer inputs {grids} ({r['act_grid']}; {r.get('act_grid_why', '--act-grid ' + r['act_grid'])})")
 
 
 def print_ort_build(recs: dict) -> None:

@@ -288,12 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "if the engine then stays as close to FP32 as in f32, else f32; bf16: where native, "
                          "unchecked; f32: the fake-quant model's numerics. Engines are validated in f32, and run in "
                          "f32 on a CPU without native bf16 whatever was recorded")
-    bl.add_argument("--act-grid", choices=("signed", "mixed", "unsigned"), default="signed",
-                    help="openvino: the 8-bit grids of the quantized layers' inputs. signed (default): every input "
-                         "with negative values on a symmetric int8 grid, which OpenVINO's CPU plugin runs on faster "
-                         "int8 kernels (measured 1.1-1.2x, docs/backend-openvino.md), at up to a bit of resolution "
-                         "on SiLU's outputs; mixed: only inputs whose step widens by at most 1.25x (the transformer "
-                         "blocks'); unsigned: u8 with the calibrated zero points (the ONNX Runtime engines' grids)")
+    bl.add_argument("--act-grid", choices=("auto", "signed", "mixed", "unsigned"), default="auto",
+                    help="openvino: the 8-bit grids of the quantized layers' inputs. auto (default): signed on a CPU "
+                         "with AMX-INT8, unsigned elsewhere (chosen on the build machine; the numbers are the same "
+                         "on any CPU). signed: every input with negative values on a symmetric int8 grid, which "
+                         "OpenVINO runs on faster int8 kernels where the CPU has AMX (measured 1.1-1.2x, "
+                         "docs/backend-openvino.md), at up to a bit of resolution on SiLU's outputs; mixed: only "
+                         "inputs whose step widens by at most 1.25x (the transformer blocks'); unsigned: u8 with the "
+                         "calibrated zero points (the ONNX Runtime engines' grids)")
     bl.add_argument("--no-validate", action="store_true", help="skip the check against the fake-quant model")
     bl.set_defaults(func=cmd_build)
 

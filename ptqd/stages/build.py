@@ -86,7 +86,7 @@ def plan_precisions(b: Bundle, precisions: tuple[Precision, ...], log) -> tuple[
 
 @writes_bundle()
 def build_auto(bundle, precisions=None, validate: bool = True, progress: bool | None = None, log=None,
-               float_precision: str = "auto", act_grid: str = "signed") -> dict:
+               float_precision: str = "auto", act_grid: str = "auto") -> dict:
     """``--backend auto``: ONNX Runtime's engines, OpenVINO's where openvino is installed, then the faster of the
     two for this bundle on this machine (``ptqd.stages.choose``). Returns {"onnxruntime": records,
     "openvino": records, "choice": the record}."""
@@ -107,7 +107,7 @@ def build_auto(bundle, precisions=None, validate: bool = True, progress: bool | 
 
 
 def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool = True,
-          progress: bool | None = None, log=None, float_precision: str = "auto", act_grid: str = "signed") -> dict:
+          progress: bool | None = None, log=None, float_precision: str = "auto", act_grid: str = "auto") -> dict:
     """One engine per precision from the calibration; validated against the fake-quant model. Each
     precision is committed as soon as it is built and validated, so an interrupted build keeps the
     engines it finished (``ptqd compile`` then builds only the rest)."""

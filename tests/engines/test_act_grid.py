@@ -109,8 +109,19 @@ def test_int8_zero_points_compute_the_same_values_as_u8(tmp_path):
 def test_an_unknown_act_grid_is_refused_before_any_work(tmp_path):
     from ptqd.stages.build_openvino import build_openvino
 
-    with pytest.raises(UserError, match="--act-grid must be one of signed, mixed, unsigned"):
+    with pytest.raises(UserError, match="--act-grid must be auto or one of signed, mixed, unsigned"):
         build_openvino(tmp_path / "missing.bundle", act_grid="wide")
+
+
+def test_auto_takes_signed_grids_only_where_the_cpu_has_amx_int8():
+    from ptqd.stages.build_openvino import act_grid_choice
+
+    amx = ["avx2", "avx512f", "avx512_vnni", "amx_int8", "avx512_bf16", "amx_bf16"]
+    zen4 = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16"]
+    assert act_grid_choice("auto", amx)[0] == "signed" and "AMX-INT8" in act_grid_choice("auto", amx)[1]
+    assert act_grid_choice("auto", zen4)[0] == "unsigned" and act_grid_choice("auto", ["avx2"])[0] == "unsigned"
+    for g in ("signed", "mixed", "unsigned"):  # asked for by name: the same on every CPU
+        assert act_grid_choice(g, zen4) == act_grid_choice(g, amx) == (g, f"--act-grid {g}")
 
 
 def test_cli_build_act_grid_mixed_keeps_silu_inputs_unsigned(compiled, tmp_path, capsys):
@@ -126,7 +137,7 @@ def test_cli_build_act_grid_mixed_keeps_silu_inputs_unsigned(compiled, tmp_path,
     shutil.copytree(compiled[0], out)
     assert main(["build", str(out), "--backend", "openvino", "--precisions", "w8a8", "--act-grid", "mixed"]) == 0
     printed = capsys.readouterr().out
-    assert "(--act-grid mixed)" in printed and "w8a8: layer inputs int8 symmetric" in printed
+    assert "(mixed; --act-grid mixed)" in printed and "w8a8: layer inputs int8 symmetric" in printed
     rec = layout.built(Bundle.open(out), "openvino")["w8a8"]
     grids = rec["activation_grids"]
     assert rec["act_grid"] == "mixed" and grids["int8 symmetric"] > 0 and grids["u8 zero point"] > 0, grids
