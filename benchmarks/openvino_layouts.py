@@ -130,19 +130,26 @@ def with_residual_qdq(src: Path, dst: Path) -> int:
     return sum(qdq_after(src, dst, choose).values())
 
 
-def time_by_type(compiled, feeds: dict, runs: int = 3) -> collections.Counter:
-    """Executed layer ms by "layer type:precision" (OpenVINO's per-layer counters, mean of ``runs``)."""
-    from ptqd.engines.openvino import exec_precision
-
+def executed_ms(compiled, feeds: dict, key, runs: int = 3) -> collections.Counter:
+    """Executed layer ms (OpenVINO's per-layer counters, mean of ``runs`` after one warm-up) summed by ``key(p)``
+    of each layer's profiling record (None: left out)."""
     req = compiled.create_infer_request()
     req.infer(feeds)
     out: collections.Counter = collections.Counter()
     for _ in range(runs):
         req.infer(feeds)
         for p in req.get_profiling_info():
-            if str(p.status).endswith("EXECUTED") and not str(p.status).endswith("NOT_EXECUTED"):
-                out[f"{p.node_type}:{exec_precision(str(p.exec_type))}"] += p.real_time.total_seconds() * 1e3 / runs
+            k = key(p) if str(p.status).endswith("EXECUTED") and not str(p.status).endswith("NOT_EXECUTED") else None
+            if k is not None:
+                out[k] += p.real_time.total_seconds() * 1e3 / runs
     return out
+
+
+def time_by_type(compiled, feeds: dict, runs: int = 3) -> collections.Counter:
+    """Executed layer ms by "layer type:precision"."""
+    from ptqd.engines.openvino import exec_precision
+
+    return executed_ms(compiled, feeds, lambda p: f"{p.node_type}:{exec_precision(str(p.exec_type))}", runs)
 
 
 def top_subgraphs(compiled, feeds: dict, most: int = 3, runs: int = 3) -> list:
@@ -158,15 +165,7 @@ def top_subgraphs(compiled, feeds: dict, most: int = 3, runs: int = 3) -> list:
                                      for i in range(op.get_input_size())}))
             info[op.get_friendly_name()] = (str(op.get_output_partial_shape(0)),
                                             f"{types} -> {op.get_output_element_type(0).get_type_name()}", fused)
-    req = compiled.create_infer_request()
-    req.infer(feeds)
-    ms: collections.Counter = collections.Counter()
-    for _ in range(runs):
-        req.infer(feeds)
-        for p in req.get_profiling_info():
-            if p.node_type == "Subgraph" and str(p.status).endswith("EXECUTED") and \
-                    not str(p.status).endswith("NOT_EXECUTED"):
-                ms[p.node_name] += p.real_time.total_seconds() * 1e3 / runs
+    ms = executed_ms(compiled, feeds, lambda p: p.node_name if p.node_type == "Subgraph" else None, runs)
     groups: dict = {}
     for name, t in ms.items():
         shape, types, fused = info.get(name, ("?", "?", ""))
