@@ -234,6 +234,9 @@ def main(argv=None) -> int:
         if "openvino" in sys.modules:
             ap.error("--max-isa must be set before openvino is imported: run the script as a program")
         os.environ["ONEDNN_MAX_CPU_ISA"] = args.max_isa
+        if MAX_ISA.index(args.max_isa) > MAX_ISA.index("AVX512_CORE_BF16") and args.float_precision == "bf16":
+            args.float_precision = "f32"  # no native bf16 below that: ptqd's engines run f32 on such a CPU
+            print("--max-isa below AVX512_CORE_BF16: float parts in f32", file=sys.stderr)
     import contextlib
     import sys
 
