@@ -135,7 +135,8 @@ def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None, attention=(),
                 reader, slot = node, 0  # (graph_opt.fuse_attention) matches the head merge as exported
         x = reader.input[slot]
         a = lq.act_in
-        key = (x, float(np.float32(a.scale)), int(a.zero_point), a.bits, tuple(a.range) if a.bits < 8 else None)
+        key = (x, float(np.float32(a.scale)), int(a.zero_point), a.bits, tuple(a.range) if a.bits < 8 else None,
+               None if reader is node else reader.name)  # a moved Q is its own: sharing could break graph order
         sx = const(f"{base}_x_scale", np.array(a.scale, np.float32))
         zx = zero_point(f"{base}_x_zp", a)
         if key in shared_q:
