@@ -56,14 +56,15 @@ def _gemm_as_matmul(node, inits, base) -> list:
 LAYOUT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
 
 
-def _layout_source(node, slot: int, producer: dict, readers: dict):
+def _layout_source(node, slot: int, producer: dict, readers: dict, graph_outputs: set):
     """(reader, input slot) where input ``slot`` of ``node`` comes from through layout ops alone: each step up
-    needs a layout op whose output only its one reader uses (Shape readers aside: they read no values)."""
+    needs a layout op whose output only its one reader uses (Shape readers aside: they read no values) and that
+    is not a graph output (whose float values would become quantized ones)."""
     while True:
         t = node.input[slot]
         src = producer.get(t)
         values_read_by = [r for r in readers.get(t, []) if r.op_type != "Shape"]
-        if src is None or src.op_type not in LAYOUT_OPS or len(values_read_by) != 1:
+        if src is None or src.op_type not in LAYOUT_OPS or len(values_read_by) != 1 or t in graph_outputs:
             return node, slot
         node, slot = src, 0
 
@@ -116,6 +117,7 @@ def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None, attention=(),
     for n in g.node:
         for x in n.input:
             readers.setdefault(x, []).append(n)
+    graph_outputs = {o.name for o in g.output}
     for lq in sorted(layers, key=lambda lq: order.get(lq.name, -1)):
         node = nodes.get(lq.name)
         if node is None:
@@ -129,7 +131,7 @@ def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None, attention=(),
         # layer keeps its own DequantizeLinear (ONNX Runtime fuses one per integer kernel)
         reader, slot = node, 0  # where the input's Q/DQ go: on the layer's input, or up at its layout source
         if inputs_at == "source":
-            reader, slot = _layout_source(node, 0, producer, readers)
+            reader, slot = _layout_source(node, 0, producer, readers, graph_outputs)
             src = producer.get(reader.input[slot])
             if src is not None and src.op_type == "MatMul":  # attention's P·V: the one-key rewrite
                 reader, slot = node, 0  # (graph_opt.fuse_attention) matches the head merge as exported
@@ -199,7 +201,7 @@ def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None, attention=(),
         for i, (side, a) in enumerate((("a", mq.a), ("b", mq.b))):
             reader, slot = node, i
             if attention_at == "source":
-                reader, slot = _layout_source(node, i, producer, readers)
+                reader, slot = _layout_source(node, i, producer, readers, graph_outputs)
             sx = const(f"{base}_{side}_scale", np.array(a.scale, np.float32))
             zx = zero_point(f"{base}_{side}_zp", a)
             inserted_before.setdefault(reader.name, []).extend([

@@ -48,3 +48,38 @@ def test_layer_inputs_at_source_compute_the_same_and_skip_attention_outputs(tiny
     np.testing.assert_array_equal(out["input"], out["source"])
     with pytest.raises(ValueError, match="inputs_at"):
         write_qdq(b.path(layout.UNET_ONNX), layers, tmp_path / "x.onnx", inputs_at="output")
+
+
+@pytest.mark.parametrize("also_an_output", [False, True])
+def test_a_graph_output_between_the_layout_ops_stops_the_move(tmp_path, also_an_output):
+    """x → Relu → Transpose → MatMul: the MatMul's input Q/DQ moves above the Transpose, unless the transposed
+    tensor is also a graph output, whose float values a moved quantizer would round."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ptqd.calib.calibrate import LayerQuant
+    from ptqd.calib.quant import ActQuant
+    from ptqd.engines.qdq import write_qdq
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((2, 4)).astype(np.float32)
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])]
+    if also_an_output:
+        outputs.append(helper.make_tensor_value_info("xt", TensorProto.FLOAT, [3, 2]))
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["xr"], name="relu"),
+         helper.make_node("Transpose", ["xr"], ["xt"], perm=[1, 0], name="tr"),
+         helper.make_node("MatMul", ["xt", "w"], ["y"], name="mm")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])], outputs,
+        [numpy_helper.from_array(w, "w")])
+    fp = tmp_path / "fp.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(fp))
+    lq = LayerQuant("mm", "mm", "MatMul", 8, 8, ActQuant(0.02, 0, 8), None,
+                    np.round(w.T / 0.01).astype(np.int8), np.full(4, 0.01, np.float32))
+    rec = write_qdq(fp, [lq], tmp_path / "q.onnx", inputs_at="source")
+    q = onnx.load(str(tmp_path / "q.onnx")).graph
+    producer = {o: n for n in q.node for o in n.output}
+    quantized = producer[next(n for n in q.node if n.name.endswith("_QuantizeLinear_x")).input[0]].op_type
+    assert rec["inputs_moved_to_source"] == (0 if also_an_output else 1)
+    assert quantized == ("Transpose" if also_an_output else "Relu")
+    if also_an_output:  # the output still holds the exact float values
+        assert producer["xt"].op_type == "Transpose" and producer["xt"].input[0] == "xr"
