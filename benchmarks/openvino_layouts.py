@@ -14,6 +14,8 @@ Timed in one process, interleaved rounds, median of ``--runs`` after 3 warm-up, 
                   "source")``: a layer's input Q/DQ above the Reshape/Transpose that feed it, a transformer's proj_out)
   ptqd-at-input   ptqd with every layer's input Q/DQ on the layer's input, after the Reshape/Transpose (before
                   ``inputs_at="source"``: the Transposes move float values)
+  ptqd-expand     ptqd with each one-key cross-attention's output projection on every token: v broadcast first,
+                  then to_out (before ``attention_graph.one_token_chain``: to_out on the one token, then broadcast)
   ptqd-projin     ptqd with each transformer's proj_in output requantized on its calibrated 8-bit grid (symmetric),
                   so the Transpose to tokens and the LayerNorm after it read int8 (NNCF's layout there; speed only)
   ptqd-mixed      ptqd built with ``--act-grid mixed`` (symmetric int8 only where the step widens <= 1.25x)
@@ -192,7 +194,7 @@ def fq_census(model) -> list[tuple[int, tuple]]:
     return cnt.most_common()
 
 
-VARIANTS = ("ptqd-requant", "ptqd", "ptqd-at-input", "ptqd-projin", "ptqd-unsplit", "ptqd-zp", "ptqd-mixed", "ptqd-unsigned", "ptqd-attn", "ptqd-resq", "ptqd-resq-attn", "nncf-default",
+VARIANTS = ("ptqd-requant", "ptqd", "ptqd-at-input", "ptqd-expand", "ptqd-projin", "ptqd-unsplit", "ptqd-zp", "ptqd-mixed", "ptqd-unsigned", "ptqd-attn", "ptqd-resq", "ptqd-resq-attn", "nncf-default",
             "nncf-mixed")
 
 
@@ -269,6 +271,9 @@ def main(argv=None) -> int:
               for lq in openvino_layers(layers, signed)]
     variants = {"ptqd-requant": (layers, as_built), "ptqd": (openvino_layers(layers, signed), as_built),
                 "ptqd-projin": (projin, as_built),
+                "ptqd-expand": (openvino_layers(layers, signed), lambda m: (
+                    graph_opt.fuse_attention(m, graph_opt.evaluated(fp)[1], one_key_only=True, one_token="none"),
+                    split_geglu(m, graph_opt.evaluated(fp)[0]), graph_opt.without_weight_zero_points(m))),
                 "ptqd-at-input": (openvino_layers(layers, signed), as_built),
                 "ptqd-mixed": (openvino_layers(layers, ACT_GRIDS["mixed"]), as_built),
                 "ptqd-unsigned": (openvino_layers(layers), as_built),

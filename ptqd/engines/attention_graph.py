@@ -37,6 +37,57 @@ def _constant_values(g) -> dict[str, np.ndarray]:
     return out
 
 
+PER_TOKEN_BINARY = ("Add", "Sub", "Mul", "Div")
+
+
+def one_token_chain(g, out: str) -> list:
+    """The nodes after a one-key attention's output ``out`` that compute each token on its own with constants
+    alone, in order: the output projection's quantizer (scalar scale; a 4-bit one's Clip), its MatMul on a constant [C, C'] weight,
+    its bias Add, a scalar rescale. Broadcasting their result over the tokens equals broadcasting ``out`` first
+    (every token of ``out`` is the same v), so they can run on one token. Stops at the first other reader (the
+    residual Add), at a tensor with several readers, a Shape reader or a graph output."""
+    inits = {i.name: tuple(i.dims) for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    readers: dict = {}
+    for n in g.node:
+        for x in n.input:
+            readers.setdefault(x, []).append(n)
+    outputs = {o.name for o in g.output}
+
+    def const_shape(t: str):
+        """The shape of a constant tensor: an initializer, or the DequantizeLinear of initializers (a weight)."""
+        if t in inits:
+            return inits[t]
+        d = producer.get(t)
+        if d is not None and d.op_type == "DequantizeLinear" and all(x in inits for x in d.input if x):
+            return inits[d.input[0]]
+        return None
+
+    def per_token(n, cur: str) -> bool:
+        ins = list(n.input)
+        if ins.count(cur) != 1 or len(n.output) != 1 or ins[0] != cur and n.op_type not in ("Add", "Mul"):
+            return False  # (a commutative op may read the tensor second)
+        others = [const_shape(x) for x in n.input if x and x != cur]
+        if any(o is None for o in others):
+            return False
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear", "Clip"):
+            return all(int(np.prod(o)) == 1 for o in others)  # per-tensor (Clip: a 4-bit input's range)
+        if n.op_type == "MatMul":
+            return n.input[0] == cur and len(others[0]) == 2
+        if n.op_type in PER_TOKEN_BINARY:  # a scalar or a per-channel vector on the last axis
+            return all(len(o) <= 1 or all(d == 1 for d in o[:-1]) and len(o) <= 3 for o in others)
+        return False
+
+    chain, cur = [], out
+    while cur not in outputs:
+        r = readers.get(cur, [])
+        if len(r) != 1 or not per_token(r[0], cur):
+            break
+        chain.append(r[0])
+        cur = r[0].output[0]
+    return chain
+
+
 def find_attention(g, shapes: dict[str, np.ndarray]) -> list[dict]:
     """Attention cores of ``g`` in the standard decomposed layout. ``shapes``: tensor name -> its shape at
     batch 1 (for every Reshape, Transpose, MatMul output and every MatMul input). Each match: q, k, v (the
@@ -129,7 +180,7 @@ def find_attention(g, shapes: dict[str, np.ndarray]) -> list[dict]:
 
 
 def rewrite_attention(model, shapes: dict[str, np.ndarray], fuse_all: bool = False,
-                      one_key_only: bool = False) -> dict:
+                      one_key_only: bool = False, one_token: str = "all") -> dict:
     """Rewrite, in place, each attention core :func:`find_attention` proves: one com.microsoft
     MultiHeadAttention node where it has several heads, and the bare ``Softmax(q·kᵀ·scale)·v`` on the [B, L, C]
     tensors where it has one. Returns counts.
@@ -145,7 +196,11 @@ def rewrite_attention(model, shapes: dict[str, np.ndarray], fuse_all: bool = Fal
     ``attn2``, half its attention blocks) computes softmax over one value, which is exactly 1: its output is v,
     broadcast over the tokens (``Expand``). Its q and k projections then have no reader and are pruned, with
     their quantizers (full size: 1.5 GMAC of int8 matmuls per forward; their node names are returned under
-    ``pruned_layers``). Same numbers, bit for bit, for finite inputs (the runners refuse others).
+    ``pruned_layers``). The output projection after it (:func:`one_token_chain`: its quantizer, matmul and bias)
+    then runs on the one token, and the Expand follows it (full size: about as many MACs again;
+    ``one_token_nodes`` counts the nodes moved; ``one_token="unclipped"`` leaves a chain that starts with a
+    4-bit input's Clip, for ONNX Runtime, which then runs the v projection before it in float). Same numbers for finite inputs (the runners refuse others),
+    up to the matmul kernels' summation order at one row against many.
 
     ``fuse_all=True`` fuses every core into MultiHeadAttention (``benchmarks/attention_fusion_engine.py``
     times both); ``one_key_only=True`` rewrites only the one-key cores (OpenVINO:
@@ -164,12 +219,30 @@ def rewrite_attention(model, shapes: dict[str, np.ndarray], fuse_all: bool = Fal
     producer = {o: n for n in g.node for o in n.output}
     drop = {x for m in matches for x in m["nodes"]}
     at = {m["name"]: m for m in matches}
+    expand_after, one_token_nodes = {}, 0  # id(last node of a one-token chain) -> the Expand that follows it
+    for m in matches:
+        if m["form"] == "one_key":
+            chain = one_token_chain(g, m["out"])
+            if one_token == "none" or one_token == "unclipped" and chain and chain[0].op_type == "Clip":
+                chain = []  # ONNX Runtime runs a v projection whose output feeds a Clip in float: keep the Expand
+            m["chain"] = bool(chain)
+            if chain:  # the chain reads v itself; its result is broadcast over the tokens
+                p = f"{m['name']}_single_head"
+                first, last = chain[0], chain[-1]
+                first.input[list(first.input).index(m["out"])] = m["v"]
+                g.initializer.append(helper.make_tensor(f"{p}_shape", TensorProto.INT64, [3], [1, m["tokens"], 1]))
+                expand_after[id(last)] = helper.make_node("Expand", [f"{p}_one_token", f"{p}_shape"],
+                                                          [last.output[0]], name=f"{p}_expand")
+                last.output[0] = f"{p}_one_token"
+                one_token_nodes += len(chain)
     nodes = []
     for n in g.node:
         if n.op_type == "Softmax" and n.name in at:
             m = at[n.name]
             p = f"{n.name}_single_head"
-            if m["form"] == "one_key":
+            if m["form"] == "one_key" and m["chain"]:
+                pass  # the Expand follows the chain (expand_after)
+            elif m["form"] == "one_key":
                 # one key (a class-conditional model's cross-attention): its softmax is exactly 1, out = v
                 g.initializer.append(helper.make_tensor(f"{p}_shape", TensorProto.INT64, [3],
                                                         [1, m["tokens"], int(shapes[m["v"]][2])]))
@@ -189,6 +262,8 @@ def rewrite_attention(model, shapes: dict[str, np.ndarray], fuse_all: bool = Fal
                           helper.make_node("MatMul", [f"{p}_p", m["v"]], [m["out"]], name=f"{p}_av")]
         elif (n.name or n.output[0]) not in drop:
             nodes.append(n)
+            if id(n) in expand_after:
+                nodes.append(expand_after[id(n)])
     del g.node[:]
     g.node.extend(nodes)
     forms = [m["form"] for m in matches]
@@ -198,7 +273,8 @@ def rewrite_attention(model, shapes: dict[str, np.ndarray], fuse_all: bool = Fal
     removed = prune(g)
     pruned = sorted(layers - {n.name for n in g.node})
     return {"fused_attention": forms.count("mha"), "single_head_attention": forms.count("bare"),
-            "single_key_attention": forms.count("one_key"), "removed_nodes": removed, "pruned_layers": pruned}
+            "single_key_attention": forms.count("one_key"), "one_token_nodes": one_token_nodes,
+            "removed_nodes": removed, "pruned_layers": pruned}
 
 
 def attention_candidates(g) -> list[str]:

@@ -242,11 +242,11 @@ def fold_shapes(model, evaluated: dict[str, list[np.ndarray]] | None = None) -> 
 
 
 def fuse_attention(model, shapes: dict[str, np.ndarray] | None = None, fuse_all: bool = False,
-                   one_key_only: bool = False) -> dict:
+                   one_key_only: bool = False, one_token: str = "all") -> dict:
     """:func:`ptqd.engines.attention_graph.rewrite_attention` on ``model`` in place, with its attention shapes
     evaluated here when not given. Returns counts."""
     return rewrite_attention(model, attention_shapes(model) if shapes is None else shapes, fuse_all=fuse_all,
-                             one_key_only=one_key_only)
+                             one_key_only=one_key_only, one_token=one_token)
 
 
 def attention_shapes(model) -> dict[str, np.ndarray]:
@@ -317,7 +317,8 @@ def optimize_for_openvino(model, fp_onnx: str | os.PathLike) -> dict:
         return {"single_key_attention": 0, "split_geglu": 0, **zp, "skipped": "a dynamic axis other than the batch"}
     values, shapes = evaluated(fp_onnx)
     rec = fuse_attention(model, shapes, one_key_only=True)
-    return {"single_key_attention": rec["single_key_attention"], **split_geglu(model, values), **zp,
+    return {"single_key_attention": rec["single_key_attention"], "one_token_nodes": rec.get("one_token_nodes", 0),
+            **split_geglu(model, values), **zp,
             "removed_nodes": rec.get("removed_nodes", 0), "pruned_layers": rec.get("pruned_layers", [])}
 
 
@@ -327,8 +328,8 @@ def optimize_for_ort(model, fp_onnx: str | os.PathLike) -> dict:
         return {"folded": 0, "fused_attention": 0, "skipped": "a dynamic axis other than the batch"}
     values, shapes = evaluated(fp_onnx)
     rec = fold_shapes(model, values)
-    att = fuse_attention(model, shapes)
+    att = fuse_attention(model, shapes, one_token="unclipped")
     return {"folded_shape_values": rec["folded"], "fused_attention": att["fused_attention"],
             "single_head_attention": att["single_head_attention"], "single_key_attention": att["single_key_attention"],
-            "removed_nodes": rec.get("removed_nodes", 0) + att.get("removed_nodes", 0),
+            "one_token_nodes": att.get("one_token_nodes", 0), "removed_nodes": rec.get("removed_nodes", 0) + att.get("removed_nodes", 0),
             "pruned_layers": att.get("pruned_layers", [])}

@@ -68,6 +68,10 @@ def test_single_head_attention_drops_its_head_split_and_one_key_attention_is_v(e
     assert before["MatMul"] - ops["MatMul"] == 4 * 4, (before, ops)
     # the pruned projections are named (a build leaves them out of its integer-MAC share)
     assert len(rec["pruned_layers"]) == 8 and all("attn2/to_q" in x or "attn2/to_k" in x for x in rec["pruned_layers"])
+    # the output projection (matmul and bias) runs on the one token: the Expand broadcasts its result
+    producer = {o: n for n in m.graph.node for o in n.output}
+    expanded = [producer[n.input[0]] for n in m.graph.node if n.op_type == "Expand"]
+    assert rec["one_token_nodes"] == 4 * 2 and all(p.op_type == "Add" and "to_out" in p.name for p in expanded), expanded
     for batch in (1, 3):
         f = unet_feeds(exported, batch, seed=batch)
         ref = run(exported, f)
