@@ -16,6 +16,8 @@ Timed in one process, interleaved rounds, median of ``--runs`` after 3 warm-up, 
                   ``inputs_at="source"``: the Transposes move float values)
   ptqd-expand     ptqd with each one-key cross-attention's output projection on every token: v broadcast first,
                   then to_out (before ``attention_graph.one_token_chain``: to_out on the one token, then broadcast)
+  ptqd-conv-proj  ptqd with each transformer's proj_in run as the 1x1 conv, its output then laid out as tokens
+                  (before ``token_proj.proj_in_on_tokens``: the layout ops on the conv's int8 input, and a matmul)
   ptqd-projin     ptqd with each transformer's proj_in output requantized on its calibrated 8-bit grid (symmetric),
                   so the Transpose to tokens and the LayerNorm after it read int8 (NNCF's layout there; speed only)
   ptqd-mixed      ptqd built with ``--act-grid mixed`` (symmetric int8 only where the step widens <= 1.25x)
@@ -194,7 +196,7 @@ def fq_census(model) -> list[tuple[int, tuple]]:
     return cnt.most_common()
 
 
-VARIANTS = ("ptqd-requant", "ptqd", "ptqd-at-input", "ptqd-expand", "ptqd-projin", "ptqd-unsplit", "ptqd-zp", "ptqd-mixed", "ptqd-unsigned", "ptqd-attn", "ptqd-resq", "ptqd-resq-attn", "nncf-default",
+VARIANTS = ("ptqd-requant", "ptqd", "ptqd-at-input", "ptqd-expand", "ptqd-conv-proj", "ptqd-projin", "ptqd-unsplit", "ptqd-zp", "ptqd-mixed", "ptqd-unsigned", "ptqd-attn", "ptqd-resq", "ptqd-resq-attn", "nncf-default",
             "nncf-mixed")
 
 
@@ -271,6 +273,8 @@ def main(argv=None) -> int:
               for lq in openvino_layers(layers, signed)]
     variants = {"ptqd-requant": (layers, as_built), "ptqd": (openvino_layers(layers, signed), as_built),
                 "ptqd-projin": (projin, as_built),
+                "ptqd-conv-proj": (openvino_layers(layers, signed),
+                                   lambda m: graph_opt.optimize_for_openvino(m, fp, proj_in_tokens=False)),
                 "ptqd-expand": (openvino_layers(layers, signed), lambda m: (
                     graph_opt.fuse_attention(m, graph_opt.evaluated(fp)[1], one_key_only=True, one_token="none"),
                     split_geglu(m, graph_opt.evaluated(fp)[0]), graph_opt.without_weight_zero_points(m))),

@@ -64,6 +64,7 @@ def test_build_validates_every_precision_and_stores_4bit_weights_packed(ov_bundl
         # validates
         assert r["graph_rewrites"]["single_key_attention"] == 4 and r["graph_rewrites"]["removed_nodes"] > 0, r
         assert r["graph_rewrites"]["one_token_nodes"] >= 4 * 4, r  # to_out's Q/DQ, matmul, bias on the one token
+        assert r["graph_rewrites"]["proj_in_on_tokens"] == 4, r  # each transformer's proj_in: a matmul on tokens
         assert r["graph_rewrites"]["split_geglu"] == 4 and r["graph_rewrites"]["weight_zero_points_dropped"] > 50, r
         # --act-grid auto (the default): on a CPU with AMX-INT8 the inputs with negative values read as int8 on
         # symmetric grids, elsewhere as u8 with their calibrated zero points
