@@ -5,6 +5,7 @@ calibrated precisions, e.g. without the conv outputs' requantization).
 
     python benchmarks/openvino_layouts.py BUNDLE [--precision w4a8] [--runs 10] [--threads 2]
         [--float-precision bf16|f32] [--variants ptqd,ptqd-resq,...] [--max-isa AVX512_CORE_VNNI|AVX2|...]
+        [--layers REGEX ...]
 
 Timed in one process, interleaved rounds, median of ``--runs`` after 3 warm-up, batch 1 and 2:
 
@@ -12,10 +13,13 @@ Timed in one process, interleaved rounds, median of ``--runs`` after 3 warm-up, 
   ptqd            as ptqd's OpenVINO engine is built (``openvino_layers``: conv outputs left in float; ``--act-grid
                   signed``: every 8-bit input with negative values on a symmetric int8 grid; ``write_qdq(inputs_at=
                   "source")``: a layer's input Q/DQ above the Reshape/Transpose that feed it, a transformer's proj_out)
+  ptqd-again      ptqd's graph compiled a second time: the control. Two compiles of one graph differ by a few per
+                  cent at small batches (memory placement), so a variant's difference below theirs is noise
   ptqd-at-input   ptqd with every layer's input Q/DQ on the layer's input, after the Reshape/Transpose (before
                   ``inputs_at="source"``: the Transposes move float values)
   ptqd-expand     ptqd with each one-key cross-attention's output projection on every token: v broadcast first,
                   then to_out (before ``attention_graph.one_token_chain``: to_out on the one token, then broadcast)
+  ptqd-before     ptqd-expand and ptqd-conv-proj together (ptqd's OpenVINO graph before both rewrites)
   ptqd-conv-proj  ptqd with each transformer's proj_in run as the 1x1 conv, its output then laid out as tokens
                   (before ``token_proj.proj_in_on_tokens``: the layout ops on the conv's int8 input, and a matmul)
   ptqd-projin     ptqd with each transformer's proj_in output requantized on its calibrated 8-bit grid (symmetric),
@@ -179,6 +183,24 @@ def top_subgraphs(compiled, feeds: dict, most: int = 3, runs: int = 3) -> list:
     return sorted(groups.items(), key=lambda kv: -kv[1][0])[:most]
 
 
+def layer_ms(runner, feeds: dict, pattern: str, runs: int = 10) -> tuple[float, int]:
+    """(executed ms, how many layers) of the executed layers whose name or fused original layers match ``pattern``
+    (a regular expression), on a profiled compile of ``runner``'s model at ``feeds``' shapes."""
+    import re
+
+    rx = re.compile(pattern)
+    m = runner.model.clone()
+    m.reshape({n: list(feeds[n].shape) for n in runner.input_names})
+    cm = runner.core.compile_model(m, "CPU", dict(runner.config, PERF_COUNT=True))
+    fused = {}
+    for op in cm.get_runtime_model().get_ordered_ops():
+        rt = op.get_rt_info()
+        fused[op.get_friendly_name()] = rt["originalLayersNames"].astype(str) if "originalLayersNames" in rt else ""
+    ms = executed_ms(cm, feeds, lambda p: p.node_name if rx.search(p.node_name) or rx.search(fused.get(p.node_name, ""))
+                     else None, runs)
+    return sum(ms.values()), len(ms)
+
+
 def fq_census(model) -> list[tuple[int, tuple]]:
     """((producer op, consumer ops, grid, levels), count) of every activation FakeQuantize, most frequent first."""
     cnt: collections.Counter = collections.Counter()
@@ -196,7 +218,7 @@ def fq_census(model) -> list[tuple[int, tuple]]:
     return cnt.most_common()
 
 
-VARIANTS = ("ptqd-requant", "ptqd", "ptqd-at-input", "ptqd-expand", "ptqd-conv-proj", "ptqd-projin", "ptqd-unsplit", "ptqd-zp", "ptqd-mixed", "ptqd-unsigned", "ptqd-attn", "ptqd-resq", "ptqd-resq-attn", "nncf-default",
+VARIANTS = ("ptqd-requant", "ptqd", "ptqd-again", "ptqd-at-input", "ptqd-expand", "ptqd-conv-proj", "ptqd-before", "ptqd-projin", "ptqd-unsplit", "ptqd-zp", "ptqd-mixed", "ptqd-unsigned", "ptqd-attn", "ptqd-resq", "ptqd-resq-attn", "nncf-default",
             "nncf-mixed")
 
 
@@ -223,6 +245,9 @@ def main(argv=None) -> int:
     ap.add_argument("--float-precision", choices=("bf16", "f32"), default="bf16",
                     help="float parts of every model (bf16 runs only where this CPU has it natively)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"which graphs to time (of {', '.join(VARIANTS)})")
+    ap.add_argument("--layers", action="append", default=[], metavar="REGEX",
+                    help="also print, per graph and batch, the executed ms of the layers whose name or fused layers "
+                         "match REGEX (OpenVINO's counters, mean of 10; repeatable), e.g. 'attn2/to_out'")
     ap.add_argument("--max-isa", choices=MAX_ISA,
                     help="cap the instruction set of OpenVINO's CPU kernels (oneDNN's ONEDNN_MAX_CPU_ISA): "
                          "AVX512_CORE_BF16 runs this CPU's kernels as on one with AVX-512 VNNI and BF16 and no AMX (an AMD "
@@ -272,12 +297,14 @@ def main(argv=None) -> int:
               if lq.module.endswith("proj_in") and made[lq.name] is not None else lq
               for lq in openvino_layers(layers, signed)]
     variants = {"ptqd-requant": (layers, as_built), "ptqd": (openvino_layers(layers, signed), as_built),
+                "ptqd-again": (openvino_layers(layers, signed), as_built),
                 "ptqd-projin": (projin, as_built),
                 "ptqd-conv-proj": (openvino_layers(layers, signed),
                                    lambda m: graph_opt.optimize_for_openvino(m, fp, proj_in_tokens=False)),
-                "ptqd-expand": (openvino_layers(layers, signed), lambda m: (
-                    graph_opt.fuse_attention(m, graph_opt.evaluated(fp)[1], one_key_only=True, one_token="none"),
-                    split_geglu(m, graph_opt.evaluated(fp)[0]), graph_opt.without_weight_zero_points(m))),
+                "ptqd-expand": (openvino_layers(layers, signed),
+                                lambda m: graph_opt.optimize_for_openvino(m, fp, one_token="none")),
+                "ptqd-before": (openvino_layers(layers, signed), lambda m: graph_opt.optimize_for_openvino(
+                    m, fp, proj_in_tokens=False, one_token="none")),
                 "ptqd-at-input": (openvino_layers(layers, signed), as_built),
                 "ptqd-mixed": (openvino_layers(layers, ACT_GRIDS["mixed"]), as_built),
                 "ptqd-unsigned": (openvino_layers(layers), as_built),
@@ -370,6 +397,16 @@ def main(argv=None) -> int:
         for k, rows in heavy.items():
             for (shape, types), (ms, n, fused) in rows:
                 print(f"  {k:14s} {ms:7.2f} ms  {n:3d} x {shape} {types}  e.g. {fused}")
+        for pattern in args.layers:
+            print(f"\nexecuted ms of the layers matching {pattern!r} (name or fused layers; OpenVINO's counters, mean "
+                  "of 10): batch 1, batch 2, layers")
+            for k, r in runners.items():
+                row = []
+                for batch in (1, 2):
+                    fb = seeded_unet_inputs(b.facts, batch, 501.0, 0)
+                    ms, n = layer_ms(r, {x: fb[x] for x in r.input_names}, pattern)
+                    row.append(f"{ms:9.3f}")
+                print(f"  {k:16s} {' '.join(row)}  {n}")
         print("\nNNCF default: activation FakeQuantize by producer -> consumers (grid, levels)")
         for (prod, cons, grid, levels), n in fq_census(default):
             print(f"  {n:4d}  {prod} -> {', '.join(cons)}  ({grid}, {levels})")

@@ -305,11 +305,12 @@ def without_weight_zero_points(model) -> int:
     return done
 
 
-def optimize_for_openvino(model, fp_onnx: str | os.PathLike, proj_in_tokens: bool = True) -> dict:
+def optimize_for_openvino(model, fp_onnx: str | os.PathLike, proj_in_tokens: bool = True,
+                          one_token: str = "all") -> dict:
     """On ``model`` (an OpenVINO QDQ graph written from ``fp_onnx``), in place: the one-key attention rewrite of
     :func:`fuse_attention`, GEGLU's projection as two matmuls (:func:`ptqd.engines.geglu.split_geglu`), each
     transformer's 1x1 proj_in conv as a matmul on its tokens (:func:`ptqd.engines.token_proj.proj_in_on_tokens`;
-    ``proj_in_tokens=False`` leaves it) and the weights' zero zero points left out
+    ``proj_in_tokens=False`` leaves it; ``one_token``: see :func:`fuse_attention`) and the weights' zero zero points left out
     (:func:`without_weight_zero_points`). OpenVINO runs the rest of attention, and the shape arithmetic, itself.
     None changes a value."""
     from ptqd.engines.geglu import split_geglu
@@ -319,7 +320,7 @@ def optimize_for_openvino(model, fp_onnx: str | os.PathLike, proj_in_tokens: boo
     if not batch_only(model):
         return {"single_key_attention": 0, "split_geglu": 0, **zp, "skipped": "a dynamic axis other than the batch"}
     values, shapes = evaluated(fp_onnx)
-    rec = fuse_attention(model, shapes, one_key_only=True)
+    rec = fuse_attention(model, shapes, one_key_only=True, one_token=one_token)
     tok = proj_in_on_tokens(model, shapes) if proj_in_tokens else {"proj_in_on_tokens": 0, "removed_nodes": 0}
     return {"single_key_attention": rec["single_key_attention"], "one_token_nodes": rec.get("one_token_nodes", 0),
             **split_geglu(model, values), "proj_in_on_tokens": tok["proj_in_on_tokens"], **zp,

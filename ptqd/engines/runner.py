@@ -105,12 +105,17 @@ class BucketedRunner(Runner):
 
 def round_robin(calls: dict, runs: int = 20, warmup: int = 3) -> dict[str, list[float]]:
     """``calls``: name -> zero-argument callable, run interleaved (each round calls every one once, so drift in
-    the machine's speed hits them alike). Returns name -> seconds per run (after warm-up)."""
-    times: dict[str, list[float]] = {k: [] for k in calls}
+    the machine's speed hits them alike). Each round starts one call later than the one before, so every call
+    takes every place in the round equally often over ``len(calls)`` rounds: the one that follows a given other
+    (whose weights and threads it finds in the caches) is not always the same. Returns name -> seconds per run
+    (after warm-up)."""
+    names = list(calls)
+    times: dict[str, list[float]] = {k: [] for k in names}
     for i in range(warmup + runs):
-        for k, f in calls.items():
+        start = i % len(names) if names else 0
+        for k in names[start:] + names[:start]:
             t0 = time.perf_counter()
-            f()
+            calls[k]()
             if i >= warmup:
                 times[k].append(time.perf_counter() - t0)
     return times

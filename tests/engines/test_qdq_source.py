@@ -12,7 +12,16 @@ from ptqd.bundle import Bundle, layout
 LAYOUT = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"}
 
 
-def test_layer_inputs_at_source_compute_the_same_and_skip_attention_outputs(tiny_cin_bundle, tmp_path):
+@pytest.fixture(scope="module")
+def calibrated(tiny_cin_bundle, tmp_path_factory):
+    d = tmp_path_factory.mktemp("src") / "b.bundle"
+    shutil.copytree(tiny_cin_bundle, d)
+    api.calibrate(d, samples=2, steps=2, rounding="nearest", progress=False)
+    return d
+
+
+@pytest.mark.parametrize("precision,signed", [("w8a8", False), ("w4a8", True), ("w4a4", True)])
+def test_layer_inputs_at_source_compute_the_same_and_skip_attention_outputs(calibrated, tmp_path, precision, signed):
     """proj_out reads the tokens transposed back to NCHW: at "source" its input quantizer sits where the tensor is
     made, above the Reshape/Transpose, and the graph computes exactly what it computes with the quantizer on the
     conv's input (per-tensor quantization commutes with layout ops). Attention's output projection, whose input
@@ -21,17 +30,20 @@ def test_layer_inputs_at_source_compute_the_same_and_skip_attention_outputs(tiny
     from ptqd.engines.qdq import write_qdq
     from ptqd.stages.common import calib_layers
 
-    d = tmp_path / "b.bundle"
-    shutil.copytree(tiny_cin_bundle, d)
-    api.calibrate(d, samples=2, steps=2, rounding="nearest", progress=False)
-    b = Bundle.open(d)
-    layers = calib_layers(b, "w8a8")
+    b = Bundle.open(calibrated)
+    layers = calib_layers(b, precision)
+    if signed:  # OpenVINO's layout: symmetric 8-bit inputs as int8 with zero point 0 (a 4-bit input keeps its Clip)
+        from ptqd.engines.openvino import openvino_layers
+        from ptqd.stages.build_openvino import ACT_GRIDS
+
+        layers = openvino_layers(layers, ACT_GRIDS["signed"])
     feeds = dict(np.load(b.path(layout.CALIB_FEEDS)))
     args = (feeds["x"][:4], feeds["t"][:4], feeds["context"][:4] if "context" in feeds else None)
     out, made, moved = {}, {}, {}
     for at in ("input", "source"):
         path = tmp_path / f"{at}.onnx"
-        moved[at] = write_qdq(b.path(layout.UNET_ONNX), layers, path, inputs_at=at)["inputs_moved_to_source"]
+        moved[at] = write_qdq(b.path(layout.UNET_ONNX), layers, path, inputs_at=at,
+                              signed=signed)["inputs_moved_to_source"]
         g = onnx.load(str(path)).graph
         producer = {o: n for n in g.node for o in n.output}
         # each layer's input Q: the op that makes the tensor it quantizes
