@@ -69,6 +69,19 @@ def tiny_diffusers_uncond(tmp_path_factory) -> Path:
     return _save_diffusers_pipeline(tmp_path_factory.mktemp("duncond"), conditional=False)
 
 
+def random_unet_feeds(model, batch: int, seed: int = 0) -> dict:
+    """Seeded random inputs for an exported UNet ONNX ``model`` at ``batch`` (t: integer timesteps)."""
+    from onnx import helper
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in model.graph.input:
+        shape = [batch if d.dim_param else d.dim_value for d in i.type.tensor_type.shape.dim]
+        dtype = helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
+        out[i.name] = (rng.integers(0, 1000, shape) if i.name == "t" else rng.standard_normal(shape)).astype(dtype)
+    return out
+
+
 def ort_vs_torch(bundle: Path, loaded, batch: int = 3, seed: int = 123) -> float:
     """Independent of the exporter's own validation: worst |ORT - torch| at random t, random batch."""
     import onnxruntime as ort

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ptqd.engines.onnx_io import prune
+from ptqd.engines.onnx_io import graph_index, prune
 
 
 def _perm(n) -> list[int]:
@@ -47,12 +47,7 @@ def one_token_chain(g, out: str) -> list:
     (every token of ``out`` is the same v), so they can run on one token. Stops at the first other reader (the
     residual Add), at a tensor with several readers, a Shape reader or a graph output."""
     inits = {i.name: tuple(i.dims) for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    readers: dict = {}
-    for n in g.node:
-        for x in n.input:
-            readers.setdefault(x, []).append(n)
-    outputs = {o.name for o in g.output}
+    producer, readers, outputs = graph_index(g)
 
     def const_shape(t: str):
         """The shape of a constant tensor: an initializer, or the DequantizeLinear of initializers (a weight)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ptqd.engines.onnx_io import prune
+from ptqd.engines.onnx_io import graph_index, prune
 
 SHAPE_ARITHMETIC = {"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Mul", "Div", "Add", "Sub", "Cast",
                     "Identity", "Floor", "Ceil", "Max", "Min"}
@@ -113,12 +113,7 @@ def split_geglu(model, values: dict | None = None) -> dict:
     inits = {i.name: i for i in g.initializer}
     consts = {n.output[0]: numpy_helper.to_array(next(a.t for a in n.attribute if a.name == "value"))
               for n in g.node if n.op_type == "Constant" and any(a.name == "value" for a in n.attribute)}
-    producer = {o: n for n in g.node for o in n.output}
-    readers: dict = {}
-    for n in g.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
-    outputs = {o.name for o in g.output}
+    producer, readers, outputs = graph_index(g)
     known = set(inits) | set(consts)
     names = [n.name for n in g.node]
     if "" in names or len(set(names)) != len(names):  # nodes are told apart by name below

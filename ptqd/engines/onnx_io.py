@@ -106,6 +106,17 @@ def _tensors(graph):
                 yield from _tensors(g)
 
 
+def graph_index(g) -> tuple[dict, dict, set]:
+    """(producer, readers, outputs) of graph ``g``: tensor -> the node that makes it, tensor -> the nodes that read
+    it (once per input slot), and the names of the graph's outputs."""
+    producer = {o: n for n in g.node for o in n.output}
+    readers: dict = {}
+    for n in g.node:
+        for x in n.input:
+            readers.setdefault(x, []).append(n)
+    return producer, readers, {o.name for o in g.output}
+
+
 def prune(g) -> int:
     """Drop nodes whose outputs nothing reads (iterated) and initializers nothing reads. Returns nodes dropped."""
     before = len(g.node)

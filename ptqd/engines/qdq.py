@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ptqd.engines.onnx_io import read_external, save_model
+from ptqd.engines.onnx_io import graph_index, read_external, save_model
 
 
 def node_key(name: str) -> str:
@@ -112,12 +112,7 @@ def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None, attention=(),
     order = {n.name: i for i, n in enumerate(g.node)}  # graph order: a shared Q comes before its readers
     # who makes and reads each tensor in the graph as exported (before the layers' quantizers rename inputs):
     # a tensor that also feeds a quantized layer stops an attention quantizer's move to its source
-    producer = {o: n for n in g.node for o in n.output}
-    readers: dict = {}
-    for n in g.node:
-        for x in n.input:
-            readers.setdefault(x, []).append(n)
-    graph_outputs = {o.name for o in g.output}
+    producer, readers, graph_outputs = graph_index(g)
     for lq in sorted(layers, key=lambda lq: order.get(lq.name, -1)):
         node = nodes.get(lq.name)
         if node is None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ptqd.engines.onnx_io import prune
+from ptqd.engines.onnx_io import graph_index, prune
 
 
 def _attr(n, name: str, default):
@@ -70,12 +70,7 @@ def proj_in_on_tokens(model, shapes: dict[str, np.ndarray]) -> dict:
 
     g = model.graph
     inits = {i.name: i for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    readers: dict = {}
-    for n in g.node:
-        for x in n.input:
-            readers.setdefault(x, []).append(n)
-    outputs = {o.name for o in g.output}
+    producer, readers, outputs = graph_index(g)
     after: dict = {}  # id(node) -> nodes to insert after it
     done = 0
     for conv in list(g.node):

@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from ptqd.engines import graph_opt as go
+from tests.conftest import random_unet_feeds
 
 
 def run(model, feeds):
@@ -18,16 +19,6 @@ def run(model, feeds):
     so.log_severity_level = 3
     s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     return s.run(None, feeds)[0]
-
-
-def unet_feeds(model, batch, seed=0):
-    rng = np.random.default_rng(seed)
-    out = {}
-    for i in model.graph.input:
-        shape = [batch if d.dim_param else d.dim_value for d in i.type.tensor_type.shape.dim]
-        dtype = helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
-        out[i.name] = (rng.integers(0, 1000, shape) if i.name == "t" else rng.standard_normal(shape)).astype(dtype)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +36,7 @@ def test_folding_removes_the_shape_arithmetic_and_keeps_every_batch(exported):
     assert after["Shape"] < before["Shape"] and after["Concat"] < before["Concat"], (before, after)
     # a batch that was never evaluated (3) runs as well as the two that were: -1 takes the batch axis
     for batch in (1, 2, 3):
-        f = unet_feeds(exported, batch)
+        f = random_unet_feeds(exported, batch)
         np.testing.assert_array_equal(run(m, f), run(exported, f))
 
 
@@ -73,7 +64,7 @@ def test_single_head_attention_drops_its_head_split_and_one_key_attention_is_v(e
     expanded = [producer[n.input[0]] for n in m.graph.node if n.op_type == "Expand"]
     assert rec["one_token_nodes"] == 4 * 2 and all(p.op_type == "Add" and "to_out" in p.name for p in expanded), expanded
     for batch in (1, 3):
-        f = unet_feeds(exported, batch, seed=batch)
+        f = random_unet_feeds(exported, batch, seed=batch)
         ref = run(exported, f)
         np.testing.assert_allclose(run(m, f), ref, atol=2e-5 * max(1.0, float(np.abs(ref).max())), rtol=0)
 

@@ -12,20 +12,11 @@ from onnx import TensorProto, helper, numpy_helper
 from ptqd import api
 from ptqd.engines import graph_opt
 from ptqd.engines.token_proj import proj_in_on_tokens
+from tests.conftest import random_unet_feeds
 
 
 def run(model, feeds):
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-
-
-def feeds_for(model, batch, seed):
-    rng = np.random.default_rng(seed)
-    out = {}
-    for i in model.graph.input:
-        shape = [batch if d.dim_param else d.dim_value for d in i.type.tensor_type.shape.dim]
-        dtype = helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
-        out[i.name] = (rng.integers(0, 1000, shape) if i.name == "t" else rng.standard_normal(shape)).astype(dtype)
-    return out
 
 
 def rewritten(path):
@@ -54,7 +45,7 @@ def test_proj_in_runs_as_a_matmul_on_tokens_and_computes_the_same(source, tiny_c
     assert before["Conv"] - after["Conv"] == len(proj_in) and after["MatMul"] - before["MatMul"] == len(proj_in)
     assert not any(n.op_type == "Conv" and "proj_in" in n.name for n in m.graph.node)
     for batch in (1, 3):
-        f = feeds_for(ref, batch, seed=batch)
+        f = random_unet_feeds(ref, batch, seed=batch)
         want = run(ref, f)
         np.testing.assert_allclose(run(m, f), want, atol=1e-5 * max(1.0, float(np.abs(want).max())), rtol=0)
 
