@@ -8,7 +8,8 @@ Builds (or reuses, in ``DIR``) a seeded random-weight checkpoint, its bundle, a 
 (``--rounding nearest``, ``--samples 1``, ``--steps 4``: speed does not depend on weight values; the
 quality of a compile is the demo's and scale.py's business) and the engines w8a8, w4a8, w4a4 and
 ort-int8 (ONNX Runtime's ``quantize_static``). Then, in ONE process, per batch size, interleaved
-rounds (each round runs every engine once), the median of ``--runs`` after ``--warmup``:
+rounds (each round runs every engine once, starting one engine later than the round before), the median of
+``--runs`` after ``--warmup``:
 
   ort-fp32       the exported FP32 ONNX in a plain ONNX Runtime session (what a user gets)
   w8a8 ...       ptqd's engines through the runtime's own runner (4-bit engines: packed weights)
@@ -43,6 +44,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from ptqd.engines.runner import round_robin
 
 OURS = ("w8a8", "w4a8", "w4a4")
 PEER = "ort-int8"
@@ -231,13 +234,8 @@ def main(argv=None) -> dict:
                 notes.append(f"{k} skipped: {type(e).__name__}: {str(e)[:200]}")
                 del runners[k]
         names = list(runners)
-        times = {k: [] for k in names}
-        for i in range(args.warmup + args.runs):
-            for k in names:
-                t0 = time.perf_counter()
-                runners[k](*call)
-                if i >= args.warmup:
-                    times[k].append(time.perf_counter() - t0)
+        # interleaved rounds, each starting one engine later (ptqd.engines.runner.round_robin)
+        times = round_robin({k: (lambda k=k: runners[k](*call)) for k in names}, runs=args.runs, warmup=args.warmup)
         med = {k: float(np.median(v)) for k, v in times.items()}
         result["batches"][batch] = {k: {"median_ms": 1e3 * med[k], "min_ms": 1e3 * float(np.min(times[k])),
                                         "vs_ort_fp32": med["ort-fp32"] / med[k],
