@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ptqd.engines.onnx_io import graph_index, prune
+from ptqd.engines.onnx_io import attr, dequantized_const, graph_index, prune
 
 
 def _perm(n) -> list[int]:
-    from onnx import helper
-
-    return next((list(helper.get_attribute_value(a)) for a in n.attribute if a.name == "perm"), [])
+    return list(attr(n, "perm", []))
 
 
 def _scalar(g, consts: dict, name: str) -> float | None:
@@ -26,14 +24,12 @@ def _scalar(g, consts: dict, name: str) -> float | None:
 
 
 def _constant_values(g) -> dict[str, np.ndarray]:
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     out = {i.name: numpy_helper.to_array(i) for i in g.initializer if int(np.prod(i.dims) if i.dims else 1) <= 16}
     for n in g.node:
-        if n.op_type == "Constant":
-            for a in n.attribute:
-                if a.name == "value":
-                    out[n.output[0]] = numpy_helper.to_array(helper.get_attribute_value(a))
+        if n.op_type == "Constant" and attr(n, "value") is not None:
+            out[n.output[0]] = numpy_helper.to_array(attr(n, "value"))
     return out
 
 
@@ -53,10 +49,8 @@ def one_token_chain(g, out: str) -> list:
         """The shape of a constant tensor: an initializer, or the DequantizeLinear of initializers (a weight)."""
         if t in inits:
             return inits[t]
-        d = producer.get(t)
-        if d is not None and d.op_type == "DequantizeLinear" and all(x in inits for x in d.input if x):
-            return inits[d.input[0]]
-        return None
+        d = dequantized_const(t, inits, producer)
+        return None if d is None else inits[d.input[0]]
 
     def per_token(n, cur: str) -> bool:
         ins = list(n.input)
@@ -118,7 +112,7 @@ def find_attention(g, shapes: dict[str, np.ndarray]) -> list[dict]:
     for sm in g.node:
         if sm.op_type != "Softmax":
             continue
-        axis = next((a.i for a in sm.attribute if a.name == "axis"), -1)
+        axis = attr(sm, "axis", -1)
         if axis not in (-1, 2):
             continue
         scaled = producer.get(sm.input[0])

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ptqd.engines.onnx_io import graph_index, prune
+from ptqd.engines.onnx_io import attr, dequantized_const, graph_index, prune
 
 SHAPE_ARITHMETIC = {"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Mul", "Div", "Add", "Sub", "Cast",
                     "Identity", "Floor", "Ceil", "Max", "Min"}
@@ -52,10 +52,10 @@ def _halves(readers: list, inits: dict, consts: dict, values: dict, width: int):
 
     if len(cutters) == 1 and cutters[0].op_type == "Split" and len(cutters[0].output) == 2:
         s = cutters[0]
-        axis = next((a.i for a in s.attribute if a.name == "axis"), 0)
+        axis = attr(s, "axis", 0)
         named, sizes = known(s, 1)
         if not named:  # before opset 13 the sizes are an attribute; absent, the halves are equal
-            sizes = next((list(a.ints) for a in s.attribute if a.name == "split"), [half, half])
+            sizes = list(attr(s, "split", [half, half]))
         if axis != -1 or sizes is None or [int(v) for v in np.asarray(sizes).ravel()] != [half, half]:
             return None
         return s.output[0], s.output[1]
@@ -111,8 +111,8 @@ def split_geglu(model, values: dict | None = None) -> dict:
     g = model.graph
     values = values or {}
     inits = {i.name: i for i in g.initializer}
-    consts = {n.output[0]: numpy_helper.to_array(next(a.t for a in n.attribute if a.name == "value"))
-              for n in g.node if n.op_type == "Constant" and any(a.name == "value" for a in n.attribute)}
+    consts = {n.output[0]: numpy_helper.to_array(attr(n, "value"))
+              for n in g.node if n.op_type == "Constant" and attr(n, "value") is not None}
     producer, readers, outputs = graph_index(g)
     known = set(inits) | set(consts)
     names = [n.name for n in g.node]
@@ -136,14 +136,13 @@ def split_geglu(model, values: dict | None = None) -> dict:
             continue
         bias = numpy_helper.to_array(inits[bias_name])
         w_src = mm.input[1]
-        dq = producer.get(w_src)
+        dq = dequantized_const(w_src, inits, producer)
         if w_src in inits:
             w, scale, zp, axis = numpy_helper.to_array(inits[w_src]), None, None, None
-        elif dq is not None and dq.op_type == "DequantizeLinear" and all(i in inits for i in dq.input if i) \
-                and len(readers.get(w_src, [])) == 1:
+        elif dq is not None and len(readers.get(w_src, [])) == 1:
             w, scale = (numpy_helper.to_array(inits[i]) for i in dq.input[:2])
             zp = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] else None
-            axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+            axis = attr(dq, "axis", 1)
             if axis not in (1, -1) or scale.shape != (w.shape[1],) or (zp is not None and zp.shape != (w.shape[1],)):
                 continue
         else:

@@ -117,6 +117,22 @@ def graph_index(g) -> tuple[dict, dict, set]:
     return producer, readers, {o.name for o in g.output}
 
 
+def attr(node, name: str, default=None):
+    """The value of ``node``'s attribute ``name`` (ints as a list, an int as an int), or ``default``."""
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def dequantized_const(t: str, inits, producer: dict):
+    """The DequantizeLinear node that makes tensor ``t`` from initializers alone (a quantized weight), or None.
+    ``inits``: the graph's initializer names (any container); ``producer`` from :func:`graph_index`."""
+    d = producer.get(t)
+    if d is not None and d.op_type == "DequantizeLinear" and all(x in inits for x in d.input if x):
+        return d
+    return None
+
+
 def prune(g) -> int:
     """Drop nodes whose outputs nothing reads (iterated) and initializers nothing reads. Returns nodes dropped."""
     before = len(g.node)

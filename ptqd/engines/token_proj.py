@@ -19,17 +19,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ptqd.engines.onnx_io import graph_index, prune
-
-
-def _attr(n, name: str, default):
-    from onnx import helper
-
-    return next((helper.get_attribute_value(a) for a in n.attribute if a.name == name), default)
+from ptqd.engines.onnx_io import attr, dequantized_const, graph_index, prune
 
 
 def _perm(n) -> list[int]:
-    return list(_attr(n, "perm", []))
+    return list(attr(n, "perm", []))
 
 
 def _tokens_of(conv, readers: dict, shapes: dict):
@@ -76,18 +70,16 @@ def proj_in_on_tokens(model, shapes: dict[str, np.ndarray]) -> dict:
     for conv in list(g.node):
         if conv.op_type != "Conv" or conv.output[0] in outputs:
             continue
-        if _attr(conv, "group", 1) != 1 or any(v != 1 for v in _attr(conv, "strides", [1, 1])) \
-                or any(v != 0 for v in _attr(conv, "pads", [0, 0, 0, 0])) \
-                or any(v != 1 for v in _attr(conv, "dilations", [1, 1])):
+        if attr(conv, "group", 1) != 1 or any(v != 1 for v in attr(conv, "strides", [1, 1])) \
+                or any(v != 0 for v in attr(conv, "pads", [0, 0, 0, 0])) \
+                or any(v != 1 for v in attr(conv, "dilations", [1, 1])):
             continue
         # the weight: a float initializer, or the DequantizeLinear of an int8 one (per output channel, axis 0)
         wname = conv.input[1]
-        dq = producer.get(wname)
+        dq = dequantized_const(wname, inits, producer)
         if wname in inits:
             w, wdq = numpy_helper.to_array(inits[wname]), None
-        elif dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits \
-                and all(x in inits for x in dq.input[1:] if x) and _attr(dq, "axis", 1) == 0 \
-                and len(readers.get(wname, [])) == 1:
+        elif dq is not None and attr(dq, "axis", 1) == 0 and len(readers.get(wname, [])) == 1:
             w, wdq = numpy_helper.to_array(inits[dq.input[0]]), dq
         else:
             continue
