@@ -1,7 +1,7 @@
 """W4A4 without training, layer by layer: how much of each 4-bit layer's output error smoothing (SmoothQuant's α)
 and a low-rank float branch (SVDQuant's W = L1·L2 + R) remove, on recorded inputs of real trajectories.
 
-    python benchmarks/w4a4_outliers.py demo-out/demo.bundle [--samples 8 --steps 20 --rank-budget 0.05] [--json out.json]
+    python benchmarks/w4a4_outliers.py demo-out/demo.bundle [--samples 8 --rank-budget 0.05] [--grids] [--json out.json]
 
 For every layer the bundle's w4a4 quantizes with 4-bit activations, on its inputs along FP trajectories (the
 calibration's sampler settings, seeds 500+ so not the calibration's), the relative output error
@@ -21,6 +21,15 @@ calibration's sampler settings, seeds 500+ so not the calibration's), the relati
   a4_only     4-bit activations, float weights; w4_only: RTN 4-bit weights, float activations (the split of rtn)
   group16/32  rtn with one activation range per group of 16 / 32 input channels (finer activation groups; needs
               a kernel that sums one integer product per group)
+  fp4 / ufp4  rtn weights with 16 activation levels that are not evenly spaced (``--grids``): o + s·L with L the
+              integers {-12 -8 -6 -4 -3 -2 -1 0 1 2 3 4 6 8 12 16} (an E2M1-like float code, doubled) or
+              {0 1 2 3 4 6 8 12 16 24 32 48 64 96 128 192} (an unsigned E3M1-like code), s and the offset o
+              (a whole number of s) searched for the least MSE. Every level is an integer of one u8 grid, so an
+              8-bit integer kernel computes such a layer exactly; only the rounding to the 16 levels is new.
+  lloyd       rtn weights with the 16 activation levels of least MSE on the layer's own input samples (Lloyd-Max,
+              1-D k-means): no 16-level code, however its levels are spaced, quantizes these inputs with less
+              squared error, so it bounds what any per-tensor 4-bit activation code could buy (no kernel runs it).
+              ``*_a_only``: the same activations with float weights (compare a4_only).
 
 A layer-level study (no engine, no end-to-end sample): it says which of issue 24's two mechanisms pays on this
 model, and where, before the graph work.
@@ -144,7 +153,63 @@ def group_act_quant(xs, cdim: int, size: int):
     return lambda x: torch.cat([fake_quant(x.narrow(cdim, a, b - a), q) for (a, b), q in zip(groups, qs)], cdim)
 
 
-def study_layer(mod, xs, lq, rank_budget: float) -> dict:
+LEVELS = {"fp4": np.array([-12, -8, -6, -4, -3, -2, -1, 0, 1, 2, 3, 4, 6, 8, 12, 16], np.float64),
+          "ufp4": np.array([0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192], np.float64)}
+
+
+def snap(x, levels):
+    """Each value of ``x`` (numpy) replaced by its nearest entry of the sorted ``levels``."""
+    i = np.clip(np.searchsorted(levels, x), 1, len(levels) - 1)
+    lo, hi = levels[i - 1], levels[i]
+    return np.where(x - lo <= hi - x, lo, hi)
+
+
+def grid_act_quant(xs, levels):
+    """The activation levels ``o + s·L`` (o a whole number of s) with the least MSE on the inputs' samples:
+    a fake-quant function. s on a geometric grid around (max − min) / span(L), o/s from where L's densest part
+    lands on the lowest sample to where it lands on the sample median."""
+    import torch
+
+    flat = np.concatenate([x.reshape(-1).numpy() for x in xs]).astype(np.float64)
+    pick = flat[np.random.RandomState(0).randint(0, flat.size, min(flat.size, 50_000))]
+    lo, hi, med = float(flat.min()), float(flat.max()), float(np.median(pick))
+    dense = float(levels[np.argmin(np.abs(levels))])  # where the code's levels are densest (its 0)
+    best = (np.inf, 1.0, 0.0)
+    for s in (hi - lo) / (levels[-1] - levels[0]) * np.geomspace(0.15, 1.2, 24):
+        for anchor in np.linspace(lo, med, 12):
+            o = round((anchor - dense * s) / s) * s
+            err = float(np.mean((snap((pick - o) / s, levels) * s + o - pick) ** 2))
+            if err < best[0]:
+                best = (err, s, o)
+    _, s, o = best
+    lv = torch.from_numpy(levels.astype(np.float32))
+
+    def run(x):
+        z = (x - o) / s
+        i = torch.bucketize(z, lv).clamp(1, len(lv) - 1)
+        a, b = lv[i - 1], lv[i]
+        return torch.where(z - a <= b - z, a, b) * s + o
+    return run
+
+
+def lloyd_act_quant(xs, k: int = 16, iters: int = 60):
+    """The ``k`` levels of least squared error on the inputs' samples (Lloyd-Max: alternate nearest-level
+    assignment and cell means, from the samples' quantiles): a fake-quant function."""
+    import torch
+
+    flat = np.concatenate([x.reshape(-1).numpy() for x in xs]).astype(np.float64)
+    pick = np.sort(flat[np.random.RandomState(0).randint(0, flat.size, min(flat.size, 200_000))])
+    levels = np.quantile(pick, (np.arange(k) + 0.5) / k)
+    for _ in range(iters):
+        cell = np.searchsorted((levels[1:] + levels[:-1]) / 2, pick)
+        sums, counts = np.bincount(cell, pick, k), np.bincount(cell, minlength=k)
+        levels = np.sort(np.where(counts > 0, sums / np.maximum(counts, 1), levels))
+    lv = torch.from_numpy(levels.astype(np.float32))
+    edges = (lv[1:] + lv[:-1]) / 2
+    return lambda x: lv[torch.bucketize(x, edges)]
+
+
+def study_layer(mod, xs, lq, rank_budget: float, grids_only: bool = False) -> dict:
     import torch
 
     from ptqd.calib.fakequant import fake_quant
@@ -159,6 +224,15 @@ def study_layer(mod, xs, lq, rank_budget: float) -> dict:
     out["rtn"] = rel_err(mod, xs, w, lambda x: apply(mod, fake_quant(x, aq), w_rtn))
     out["a4_only"] = rel_err(mod, xs, w, lambda x: apply(mod, fake_quant(x, aq), w))
     out["w4_only"] = rel_err(mod, xs, w, lambda x: apply(mod, x, w_rtn))
+    for name, levels in LEVELS.items():
+        gq = grid_act_quant(xs, levels)
+        out[name] = rel_err(mod, xs, w, lambda x, gq=gq: apply(mod, gq(x), w_rtn))
+        out[f"{name}_a_only"] = rel_err(mod, xs, w, lambda x, gq=gq: apply(mod, gq(x), w))
+    lq16 = lloyd_act_quant(xs)
+    out["lloyd"] = rel_err(mod, xs, w, lambda x: apply(mod, lq16(x), w_rtn))
+    out["lloyd_a_only"] = rel_err(mod, xs, w, lambda x: apply(mod, lq16(x), w))
+    if grids_only:
+        return out
     a_max = channel_absmax(xs, cdim).clamp_min(1e-5)
     w_max = w.abs().amax(dim=[d for d in range(w.dim()) if d != 1]).clamp_min(1e-5)
     shape_x = [1] * xs[0].dim()
@@ -213,6 +287,8 @@ def main(argv=None) -> int:
     ap.add_argument("bundle")
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--rank-budget", type=float, default=0.05, help="branch MACs / layer MACs (default 0.05)")
+    ap.add_argument("--grids", action="store_true",
+                    help="only the rows ptqd, rtn, a4_only, w4_only and the non-uniform grids (fp4, ufp4, lloyd)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     import torch
@@ -232,20 +308,31 @@ def main(argv=None) -> int:
     xs = record_inputs(loaded, modules, b.facts, layout.class_embedding(b), cfg, args.samples, seed=500)
     rows = []
     for lq in layers:
-        r = study_layer(modules[lq.name], xs[lq.name], lq, args.rank_budget)
+        r = study_layer(modules[lq.name], xs[lq.name], lq, args.rank_budget, args.grids)
         rows.append({"layer": lq.name, **r})
+        if args.grids:
+            print(f"{lq.name[:48]:48s} ptqd {r['ptqd']:.4f} rtn {r['rtn']:.4f} a4 {r['a4_only']:.4f} "
+                  f"fp4 {r['fp4']:.4f} ({r['fp4_a_only']:.4f}) ufp4 {r['ufp4']:.4f} ({r['ufp4_a_only']:.4f}) "
+                  f"lloyd {r['lloyd']:.4f} ({r['lloyd_a_only']:.4f})",
+                  file=sys.stderr)
+            continue
         print(f"{lq.name[:48]:48s} ptqd {r['ptqd']:.4f} rtn {r['rtn']:.4f} smooth {r['smooth']:.4f} "
               f"(a {r['alpha']}) lowrank {r['lowrank'] if r['lowrank'] is None else round(r['lowrank'], 4)} "
               f"both {r['both'] if r['both'] is None else round(r['both'], 4)} r {r['rank']} "
               f"rot {r.get('rotate', float('nan')):.4f} had {r.get('hadamard', float('nan')):.4f} "
               f"g16 {r['group16']:.4f} g32 {r['group32']:.4f}", file=sys.stderr)
     summary = {}
-    for key in ("a4_only", "w4_only", "ptqd", "rtn", "smooth", "lowrank", "both", "rotate", "hadamard", "group16", "group32"):
+    grids = ("fp4", "ufp4", "lloyd", "fp4_a_only", "ufp4_a_only", "lloyd_a_only")
+    keys = ("a4_only", "w4_only", "ptqd", "rtn") + grids + (
+        () if args.grids else ("smooth", "lowrank", "both", "rotate", "hadamard", "group16", "group32"))
+    for key in keys:
         vals = [r[key] if r.get(key) is not None else r["rtn"] for r in rows]
         summary[key] = {"mean_rel_err": float(np.mean(vals)), "median_rel_err": float(np.median(vals))}
-    for key in ("smooth", "lowrank", "both", "rotate", "hadamard", "group16", "group32"):
+    for key in ("fp4", "ufp4", "lloyd") + keys[10:]:
         summary[key]["layers_better_than_rtn"] = sum(
             1 for r in rows if r.get(key) is not None and r[key] < r["rtn"])
+    for key in ("fp4_a_only", "ufp4_a_only", "lloyd_a_only"):
+        summary[key]["layers_better_than_a4_only"] = sum(1 for r in rows if r[key] < r["a4_only"])
     out = {"bundle": args.bundle, "layers": len(rows), "samples": args.samples, "rank_budget": args.rank_budget,
            "summary": summary, "rows": rows}
     print(json.dumps({k: v for k, v in out.items() if k != "rows"}, indent=2))
