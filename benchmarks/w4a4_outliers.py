@@ -24,8 +24,9 @@ calibration's sampler settings, seeds 500+ so not the calibration's), the relati
   fp4 / ufp4  rtn weights with 16 activation levels that are not evenly spaced (``--grids``): o + s·L with L the
               integers {-12 -8 -6 -4 -3 -2 -1 0 1 2 3 4 6 8 12 16} (an E2M1-like float code, doubled) or
               {0 1 2 3 4 6 8 12 16 24 32 48 64 96 128 192} (an unsigned E3M1-like code), s and the offset o
-              (a whole number of s) searched for the least MSE. Every level is an integer of one u8 grid, so an
-              8-bit integer kernel computes such a layer exactly; only the rounding to the 16 levels is new.
+              (a whole number of s) searched for the least MSE. The levels are points of one grid of step s that
+              contains 0; where its span fits 256 steps (always for fp4), an 8-bit integer kernel computes such a
+              layer exactly and only the rounding to the 16 levels is new.
   lloyd       rtn weights with the 16 activation levels of least MSE on the layer's own input samples (Lloyd-Max,
               1-D k-means): no 16-level code, however its levels are spaced, quantizes these inputs with less
               squared error, so it bounds what any per-tensor 4-bit activation code could buy (no kernel runs it).
