@@ -69,12 +69,15 @@ def main(argv=None) -> int:
     samp.set_timesteps(20)
     steps = [int(t) for t in samp.timesteps]
 
+    score_labels, score_idx = default_labels(b.facts, None, args.num), np.arange(args.num) + 1000
+    with torch.no_grad():  # FP's samples, sampled once for the scores before and after
+        ref = decode(decoder, sample_latents(fp, b.facts, table, score_labels, score_idx, 7, cfg),
+                     b.facts.scale_factor)
+
     def score(lqs) -> float:
-        labels, idx = default_labels(b.facts, None, args.num), np.arange(args.num) + 1000
         with torch.no_grad():
-            ref = decode(decoder, sample_latents(fp, b.facts, table, labels, idx, 7, cfg), b.facts.scale_factor)
-            lat = sample_latents(TorchRunner(fake_quant_model(loaded.unet, lqs), "cpu"), b.facts, table, labels, idx,
-                                 7, cfg)
+            lat = sample_latents(TorchRunner(fake_quant_model(loaded.unet, lqs), "cpu"), b.facts, table,
+                                 score_labels, score_idx, 7, cfg)
         return float(np.mean(np.minimum(psnr(decode(decoder, lat, b.facts.scale_factor), ref), 100.0)))
 
     def guided(m, x, t, cc, cn):
