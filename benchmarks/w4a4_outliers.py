@@ -159,17 +159,23 @@ LEVELS = {"fp4": np.array([-12, -8, -6, -4, -3, -2, -1, 0, 1, 2, 3, 4, 6, 8, 12,
 
 
 def snap(x, levels):
-    """Each value of ``x`` (numpy) replaced by its nearest entry of the sorted ``levels``."""
-    i = np.clip(np.searchsorted(levels, x), 1, len(levels) - 1)
-    lo, hi = levels[i - 1], levels[i]
-    return np.where(x - lo <= hi - x, lo, hi)
+    """Each value of ``x`` (numpy) replaced by its nearest entry of the sorted ``levels`` (ties: the lower)."""
+    return levels[np.searchsorted((levels[1:] + levels[:-1]) / 2, x)]
+
+
+def nearest_level(levels):
+    """``snap`` for torch tensors: a fake-quant function onto the sorted ``levels``."""
+    import torch
+
+    lv = torch.from_numpy(np.asarray(levels, np.float32))
+    edges = (lv[1:] + lv[:-1]) / 2
+    return lambda x: lv[torch.bucketize(x, edges)]
 
 
 def grid_act_quant(xs, levels):
     """The activation levels ``o + s·L`` (o a whole number of s) with the least MSE on the inputs' samples:
     a fake-quant function. s on a geometric grid around (max − min) / span(L), o/s from where L's densest part
     lands on the lowest sample to where it lands on the sample median."""
-    import torch
 
     flat = np.concatenate([x.reshape(-1).numpy() for x in xs]).astype(np.float64)
     pick = flat[np.random.RandomState(0).randint(0, flat.size, min(flat.size, 50_000))]
@@ -183,20 +189,12 @@ def grid_act_quant(xs, levels):
             if err < best[0]:
                 best = (err, s, o)
     _, s, o = best
-    lv = torch.from_numpy(levels.astype(np.float32))
-
-    def run(x):
-        z = (x - o) / s
-        i = torch.bucketize(z, lv).clamp(1, len(lv) - 1)
-        a, b = lv[i - 1], lv[i]
-        return torch.where(z - a <= b - z, a, b) * s + o
-    return run
+    return nearest_level(levels * s + o)
 
 
 def lloyd_act_quant(xs, k: int = 16, iters: int = 60):
     """The ``k`` levels of least squared error on the inputs' samples (Lloyd-Max: alternate nearest-level
     assignment and cell means, from the samples' quantiles): a fake-quant function."""
-    import torch
 
     flat = np.concatenate([x.reshape(-1).numpy() for x in xs]).astype(np.float64)
     pick = np.sort(flat[np.random.RandomState(0).randint(0, flat.size, min(flat.size, 200_000))])
@@ -205,9 +203,7 @@ def lloyd_act_quant(xs, k: int = 16, iters: int = 60):
         cell = np.searchsorted((levels[1:] + levels[:-1]) / 2, pick)
         sums, counts = np.bincount(cell, pick, k), np.bincount(cell, minlength=k)
         levels = np.sort(np.where(counts > 0, sums / np.maximum(counts, 1), levels))
-    lv = torch.from_numpy(levels.astype(np.float32))
-    edges = (lv[1:] + lv[:-1]) / 2
-    return lambda x: lv[torch.bucketize(x, edges)]
+    return nearest_level(levels)
 
 
 def study_layer(mod, xs, lq, rank_budget: float, grids_only: bool = False) -> dict:
