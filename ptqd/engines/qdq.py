@@ -70,7 +70,7 @@ def _layout_source(node, slot: int, producer: dict, readers: dict, graph_outputs
 
 
 def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None, attention=(), attention_at: str = "input",
-              signed: bool = False, inputs_at: str = "input") -> dict:
+              signed: bool = False, inputs_at: str = "input", signed_low_bits: bool = False) -> dict:
     """Write the QDQ model; returns {"quantized_nodes": n} and what ``rewrite(model)`` (a graph rewrite applied
     before saving, e.g. :func:`ptqd.engines.graph_opt.optimize_for_ort`) returned, under "graph".
     ``attention``: the quantized attention matmuls (``calib.attention.MatMulQuant``). ``attention_at``: where
@@ -83,7 +83,10 @@ def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None, attention=(),
     ``inputs_at``: the same choice as ``attention_at`` for the layers' input quantizers: "source" puts the Q/DQ of
     a conv or matmul that reads its input through layout ops (a transformer's proj_out after the tokens are
     transposed back to NCHW) where that tensor is made, so OpenVINO moves int8 values, not float ones, through
-    the Transpose. Not where the source is a MatMul (attention's heads merged before its output projection)."""
+    the Transpose. Not where the source is a MatMul (attention's heads merged before its output projection).
+    ``signed_low_bits``: a 4-bit (any < 8-bit) input quantizer is written as int8 with zero point 0 behind its
+    Clip: its 16 levels (j − z)·s, j = 0..15, are the integers −z..15 − z times s, which int8 holds as they are,
+    so the values are the same and the kernel needs no zero point (OpenVINO's faster signed kernels on AMX)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -102,7 +105,7 @@ def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None, attention=(),
         return name
 
     def zero_point(name, a):
-        if signed and a.int8_symmetric:
+        if (signed and a.int8_symmetric) or (signed_low_bits and a.bits < 8):
             return const(name, np.array(0, np.int8))
         return const(name, np.array(a.zero_point, np.uint8))
 

@@ -167,7 +167,8 @@ def float_parts(want: str, why: str, requested: str, entries: list[dict]) -> dic
 # ``ptqd build --act-grid``: which 8-bit layer inputs an OpenVINO engine reads as int8 on a symmetric grid (no zero
 # point; engines.openvino.openvino_layers), by the most it may widen the quantizer's step: signed, every input with
 # negative values; mixed, those within 1.25x (the transformer blocks' inputs, 1.0-1.2x, not SiLU's outputs, 1.9x);
-# unsigned, none (u8 with the calibrated zero points). Measured in docs/backend-openvino.md.
+# unsigned, none (u8 with the calibrated zero points). signed and mixed also write every 4-bit input as int8 without
+# a zero point, which holds its 16 levels exactly (write_qdq's signed_low_bits). Measured in docs/backend-openvino.md.
 ACT_GRIDS = {"signed": float("inf"), "mixed": 1.25, "unsigned": 0.0}
 
 
@@ -188,10 +189,12 @@ def act_grid_choice(requested: str, isa: list[str] | None = None) -> tuple[str, 
     return "unsigned", "auto: no AMX-INT8 on this CPU, where u8 inputs with a zero point run as fast"
 
 
-def activation_grids(layers) -> dict:
-    """How many 8-bit layer inputs the engine reads as int8 on a symmetric grid, as u8 with a zero point, and on
-    4-bit grids."""
-    kinds = collections.Counter("4-bit" if lq.act_in.bits < 8 else "int8 symmetric" if lq.act_in.int8_symmetric
+def activation_grids(layers, low_bits_int8: bool = False) -> dict:
+    """How many 8-bit layer inputs the engine reads as int8 on a symmetric grid, as u8 with a zero point, and how
+    many 4-bit ones it reads as int8 without a zero point (``low_bits_int8``, ``write_qdq(signed_low_bits)``) or
+    as u8 with one."""
+    low = "4-bit int8" if low_bits_int8 else "4-bit u8"
+    kinds = collections.Counter(low if lq.act_in.bits < 8 else "int8 symmetric" if lq.act_in.int8_symmetric
                                 else "u8 zero point" if lq.act_in.zero_point else "u8" for lq in layers)
     return dict(sorted(kinds.items()))
 
@@ -252,13 +255,13 @@ def build_openvino(bundle, precisions=None, validate: bool = True, progress: boo
                 # the inputs, with int8 moving through the Transposes (ptqd.engines.qdq.write_qdq)
                 fp = b.path(layout.UNET_ONNX)
                 wrote = write_qdq(fp, layers, qdq, attention=attention, attention_at="source", signed=True,
-                                  inputs_at="source",
+                                  inputs_at="source", signed_low_bits=act_grid != "unsigned",
                                   rewrite=lambda m, fp=fp: graph_opt.optimize_for_openvino(m, fp))
                 if k == 0:
                     rec["graph_rewrites"] = wrote["graph"]
                     rec["inputs_moved_to_source"] = wrote["inputs_moved_to_source"]
                     rec["act_grid"], rec["act_grid_why"] = act_grid, act_grid_why
-                    rec["activation_grids"] = activation_grids(layers)
+                    rec["activation_grids"] = activation_grids(layers, act_grid != "unsigned")
                 rel, bin_rel = layout.ov_engine(p.value, k, len(calib_buckets))
                 w.file(bin_rel)  # detached from the live bundle before OpenVINO writes it
                 packed = convert_qdq(qdq, w.file(rel))

@@ -106,6 +106,47 @@ def test_int8_zero_points_compute_the_same_values_as_u8(tmp_path):
     assert set(zps) == {onnx.TensorProto.UINT8}
 
 
+def test_4bit_inputs_as_int8_without_zero_point_compute_the_same_values(tmp_path):
+    """``write_qdq(signed_low_bits=True)``: a 4-bit input's 16 levels (j − z)·s are the integers −z..15 − z times s;
+    written as int8 with zero point 0 behind its Clip, ONNX Runtime's reference kernels give bit-identical outputs
+    to the u8 form with the zero point."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from ptqd.engines.qdq import write_qdq
+
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 4, 3, padding=1))
+    x = torch.randn(2, 3, 8, 8)
+    fp = tmp_path / "fp.onnx"
+    torch.onnx.export(net, (x,), str(fp), input_names=["x"], output_names=["y"], dynamo=False)
+    convs = [n.name for n in onnx.load(str(fp)).graph.node if n.op_type == "Conv"]
+    with torch.no_grad():
+        h = torch.nn.functional.silu(net[0](x))
+    layers = []
+    for name, mod, inp, (lo, hi) in ((convs[0], net[0], x, (-1.5, 1.2)), (convs[1], net[2], h, (-0.28, 1.0))):
+        w = mod.weight.detach().numpy()
+        w_scale = (np.abs(w).reshape(len(w), -1).max(1) / 7).astype(np.float32)
+        a = act_params(lo, hi, 4)  # narrower than the data: the Clip matters
+        b = mod.bias.detach().double().numpy()
+        layers.append(LayerQuant(name, name, "Conv", 4, 4, a, None,
+                                 np.round(w / w_scale[:, None, None, None]).astype(np.int8), w_scale,
+                                 bias_q=np.round(b / (np.float32(a.scale) * w_scale).astype(np.float64)).astype(np.int32)))
+    assert all(0 < lq.act_in.zero_point < 15 for lq in layers)
+    out = {}
+    for low in (False, True):
+        q = tmp_path / f"q{low}.onnx"
+        write_qdq(fp, layers, q, signed=True, signed_low_bits=low)
+        zps = {i.name: i.data_type for i in onnx.load(str(q)).graph.initializer if i.name.endswith("_x_zp")}
+        assert zps and set(zps.values()) == {onnx.TensorProto.INT8 if low else onnx.TensorProto.UINT8}
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        out[low] = ort.InferenceSession(str(q), so, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_array_equal(out[True], out[False])
+    assert np.abs(out[True]).max() > 0
+
+
 def test_an_unknown_act_grid_is_refused_before_any_work(tmp_path):
     from ptqd.stages.build_openvino import build_openvino
 

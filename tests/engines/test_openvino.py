@@ -71,9 +71,11 @@ def test_build_validates_every_precision_and_stores_4bit_weights_packed(ov_bundl
         grids = r["activation_grids"]
         if has_amx_int8():
             assert r["act_grid"] == "signed" and grids["int8 symmetric"] > 10 and "u8 zero point" not in grids, grids
+            assert p != "w4a4" or (grids["4-bit int8"] > 10 and "4-bit u8" not in grids), grids
         else:
             # (a calibrated zero point of exactly 128 still counts as symmetric: only u8 with zero points is asserted)
             assert r["act_grid"] == "unsigned" and grids.get("u8 zero point", 0) > 10, grids
+            assert p != "w4a4" or (grids["4-bit u8"] > 10 and "4-bit int8" not in grids), grids
         # each transformer's proj_out reads its input Q/DQ above the Transpose back to NCHW (write_qdq's inputs_at)
         assert r["inputs_moved_to_source"] == 4, r["inputs_moved_to_source"]
     b = Bundle.open(out)
