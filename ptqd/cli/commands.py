@@ -30,7 +30,8 @@ def cmd_export(args) -> int:
     schedule = api.parse_schedule(args.schedule) if args.schedule else None
     rec = api.export(args.model, args.out, config=args.config, schedule=schedule, first_stage=not args.no_first_stage,
                      validate=not args.no_validate, opset=args.opset, exporter=args.exporter, prompts=args.prompts,
-                     outliers=args.outliers, rank_budget=args.rank_budget)
+                     outliers=args.outliers, rank_budget=args.rank_budget,
+                     outlier_layers=args.outlier_layers)
     val = rec.get("validation", {})
     checks = ", ".join(f"{k} max|onnx-torch| {v['worst_abs_error']:.2e}" for k, v in val.items()) or "validation off"
     print(f"exported {args.model} -> {args.out} ({checks})")
@@ -252,7 +253,8 @@ def cmd_compile(args) -> int:
                       prompts=args.prompts, recipe=args.recipe, gate_samples=args.gate_samples,
                       gate_ranges=args.gate_ranges, gate_budget=args.gate_budget, backend=args.backend,
                       cluster=cluster_options(args), weight_grid=args.weight_grid, sampler=args.sampler,
-                      attention=args.attention, outliers=args.outliers, rank_budget=args.rank_budget)
+                      attention=args.attention, outliers=args.outliers, rank_budget=args.rank_budget,
+                      outlier_layers=args.outlier_layers)
     bo = res["bops"]
     print(f"bundle  {res['bundle']}")
     print(f"plan    {' '.join(res['plan'])}")

@@ -154,6 +154,10 @@ def _outliers_args(p) -> None:
                         "(default). Quality and cost: docs/calibration.md, 'W4A4: outliers out of the 4-bit path'")
     p.add_argument("--rank-budget", type=float, default=0.05,
                    help="the low-rank branch's MACs as a share of its layer's (default 0.05)")
+    p.add_argument("--outlier-layers", type=float, default=1.0, metavar="SHARE",
+                   help="rewrite only this share of the 4-bit layers, those where the rewrite lowers the layer's "
+                        "4-bit error most (default 1: all). Each rewritten layer costs CPU engines about the same "
+                        "time whatever its rank, so fewer layers is faster")
 
 
 def _gate_args(p) -> None:

@@ -20,7 +20,7 @@ from ptqd.stages.plan import bops_table, plan
 def exported_outliers(rec: dict) -> dict | None:
     """The ``--outliers`` settings an export record was made with (None: no rewrite)."""
     o = rec.get("outliers")
-    return {"mode": o["mode"], "rank_budget": o["rank_budget"]} if o else None
+    return {"mode": o["mode"], "rank_budget": o["rank_budget"], "layer_share": o.get("layer_share", 1.0)} if o else None
 
 
 @writes_bundle("out", create=True)
@@ -32,7 +32,7 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
             gate_ranges: int | None = None, gate_budget: float | None = None,
             backend: str = "onnxruntime", cluster=None, weight_grid: str = "portable",
             sampler: str = "auto", attention: str = "float", outliers: str = "none",
-            rank_budget: float = 0.05) -> dict[str, Any]:
+            rank_budget: float = 0.05, outlier_layers: float = 1.0) -> dict[str, Any]:
     """export -> calibrate -> build -> correct -> plan, into one bundle. ``cluster``: calibrate's and correct's FP
     trajectories run on Ray workers (:mod:`ptqd.cluster`). Resumable: a stage whose
     inputs (the sha256 of the files it reads) and settings are unchanged is reused, so a rerun after an
@@ -79,7 +79,7 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
     check_mode(attention)
     from ptqd.calib.outliers import check_mode as check_outliers
 
-    check_outliers(outliers, rank_budget)
+    check_outliers(outliers, rank_budget, outlier_layers)
     out = Path(out)
     done: dict[str, Any] = {}
     costs: dict[str, Any] = {}
@@ -103,7 +103,8 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
         rec = b.stage("export") or {}
         fresh = rec.get("source") == str(model) and rec.get("source_sha256") == source_digest(model) \
             and rec.get("source_sha256") is not None and exported_outliers(rec) == (
-                None if outliers == "none" else {"mode": outliers, "rank_budget": rank_budget})
+                None if outliers == "none" else {"mode": outliers, "rank_budget": rank_budget,
+                                                 "layer_share": outlier_layers})
     except BundleError:
         fresh = False
     if prompts is not None:  # text-to-image: new calibration prompts mean a new export (their encoded table)
@@ -116,7 +117,7 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
         memory.require("export", memory.export_peak(source_bytes(model)),
                        "free memory (other jobs), or export on a machine with more")
     stage("export", fresh, lambda: export(model, out, config=config, progress=progress, prompts=prompts,
-                                         outliers=outliers, rank_budget=rank_budget))
+                                         outliers=outliers, rank_budget=rank_budget, outlier_layers=outlier_layers))
     b = Bundle.open(out)
     pre = preset_for(preset, b.read_json(layout.UNET_LAYERS))
     samples = pre.calib_samples if samples is None else samples

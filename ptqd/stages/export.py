@@ -29,7 +29,7 @@ def export(model: str | os.PathLike, out: str | os.PathLike, config: str | os.Pa
            schedule: NoiseSchedule | None = None, first_stage: bool = True, validate: bool = True,
            opset: int = 18, exporter: str = "torchscript", progress: bool | None = None,
            prompts: list[str] | str | os.PathLike | None = None, outliers: str = "none",
-           rank_budget: float = 0.05) -> dict[str, Any]:
+           rank_budget: float = 0.05, outlier_layers: float = 1.0) -> dict[str, Any]:
     """Export ``model`` to a new bundle at ``out``: FP32 UNet ONNX + layer table (+ decoder).
 
     Text-to-image pipelines also get the text encoder (ONNX), the tokenizer (a ``tokenizers`` file) and
@@ -38,7 +38,8 @@ def export(model: str | os.PathLike, out: str | os.PathLike, config: str | os.Pa
 
     ``outliers`` (``calib.outliers``): smooth | lowrank | svd rewrites the 4-bit layers before export (activation
     outliers moved into the weights; a low-rank branch of at most ``rank_budget`` of a layer's MACs), fitted on
-    FP trajectories of the model; everything after export sees ordinary layers.
+    FP trajectories of the model, on the ``outlier_layers`` share of the 4-bit layers where it helps most;
+    everything after export sees ordinary layers.
 
     The bundle at ``out`` is replaced only if every step, validation included, succeeds.
     Returns the export record written to the manifest.
@@ -54,7 +55,7 @@ def export(model: str | os.PathLike, out: str | os.PathLike, config: str | os.Pa
 
     from ptqd.calib.outliers import check_mode
 
-    check_mode(outliers, rank_budget)
+    check_mode(outliers, rank_budget, outlier_layers)
     ecfg = ExportConfig(opset=opset, exporter=exporter)
     try:
         ecfg.validate()
@@ -77,7 +78,8 @@ def export(model: str | os.PathLike, out: str | os.PathLike, config: str | os.Pa
             reports: dict[str, Any] = {}
             if outliers != "none":
                 bar.set_postfix_str(f"fitting the {outliers} rewrite on FP trajectories")
-                record["outliers"] = rewrite_outliers(w, loaded, outliers, rank_budget, bar.set_postfix_str)
+                record["outliers"] = rewrite_outliers(w, loaded, outliers, rank_budget, bar.set_postfix_str,
+                                                       outlier_layers)
             bar.set_postfix_str("exporting UNet")
             path = w.file(layout.UNET_ONNX)
             for extra in export_unet(loaded, path, ecfg)[1:]:
@@ -127,7 +129,7 @@ def export(model: str | os.PathLike, out: str | os.PathLike, config: str | os.Pa
     return record
 
 
-def rewrite_outliers(w, loaded, mode: str, rank_budget: float, status=None) -> dict[str, Any]:
+def rewrite_outliers(w, loaded, mode: str, rank_budget: float, status=None, layer_share: float = 1.0) -> dict[str, Any]:
     """Fit and apply ``calib.outliers``' rewrite to ``loaded``; its parameters go into the bundle (``load_source``
     applies them again). Returns the export record's summary."""
     import time
@@ -137,13 +139,13 @@ def rewrite_outliers(w, loaded, mode: str, rank_budget: float, status=None) -> d
     from ptqd.calib import outliers as ol
 
     t0 = time.perf_counter()
-    rewrites = ol.fit(loaded, mode, rank_budget, status=status)
+    rewrites = ol.fit(loaded, mode, rank_budget, status=status, layer_share=layer_share)
     ol.apply(loaded, rewrites)
     meta, arrays = ol.save(rewrites)
-    w.write_json(layout.OUTLIERS_JSON, {"mode": mode, "rank_budget": rank_budget, **meta})
+    w.write_json(layout.OUTLIERS_JSON, {"mode": mode, "rank_budget": rank_budget, "layer_share": layer_share, **meta})
     w.write_bytes(layout.OUTLIERS_NPZ, layout.npz_bytes(arrays))
     errs = {k: float(np.mean([rw.errors[k] for rw in rewrites])) if rewrites else 0.0 for k in ("before", "after")}
-    return {"mode": mode, "rank_budget": rank_budget, "layers": len(rewrites),
+    return {"mode": mode, "rank_budget": rank_budget, "layer_share": layer_share, "layers": len(rewrites),
             "smoothed": sum(rw.alpha is not None for rw in rewrites),
             "branch_ranks": sum(rw.rank for rw in rewrites), "w4a4_layer_rel_error": errs,
             "seconds": round(time.perf_counter() - t0, 1)}

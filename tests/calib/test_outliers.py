@@ -68,6 +68,34 @@ def test_rank_budget_bounds_the_branch_macs():
         assert r * (k + c_out) <= 0.05 * c_out * k < (r + 1) * (k + c_out)
 
 
+def test_select_keeps_the_share_of_layers_where_the_rewrite_helps_most():
+    def rw(name, before, after):
+        return ol.LayerRewrite(name, 0.5, 1, {"before": before, "after": after}, None, None, None)
+
+    found = [rw("a", 0.02, 0.019), rw("b", 0.06, 0.03), rw("c", 0.01, 0.0099), rw("d", 0.03, 0.02)]
+    assert [r.module for r in ol.select(found, 10, 0.2)] == ["b", "d"]  # 2 of 10 body layers, in graph order
+    assert [r.module for r in ol.select(found, 10, 0.25)] == ["a", "b", "d"]  # ceil(2.5)
+    assert ol.select(found, 10, 1.0) == found  # more room than rewrites: all of them
+    assert [r.module for r in ol.select(found, 4, 0.01)] == ["b"]  # never none
+
+
+def test_a_share_of_the_layers_is_rewritten_on_request(svd_bundle, tiny_cin_ckpt, tmp_path):
+    rec_all = Bundle.open(svd_bundle).stage("export")["outliers"]
+    out = tmp_path / "half.bundle"
+    api.export(tiny_cin_ckpt, out, progress=False, outliers="svd", rank_budget=0.2, outlier_layers=0.3,
+               validate=False)
+    b = Bundle.open(out)
+    rec = b.stage("export")["outliers"]
+    meta = b.read_json(layout.OUTLIERS_JSON)
+    assert rec["layer_share"] == meta["layer_share"] == 0.3 and 0 < rec["layers"] < rec_all["layers"]
+    kept = {m["module"] for m in meta["layers"]}
+    every = Bundle.open(svd_bundle).read_json(layout.OUTLIERS_JSON)["layers"]
+    gains = sorted(((m["errors"]["before"] - m["errors"]["after"], m["module"]) for m in every), reverse=True)
+    assert kept == {m for _, m in gains[:len(kept)]}  # the same fit, the largest gains kept
+    mains = [r["module"] for r in b.read_json(layout.UNET_LAYERS)["layers"] if r["module"].endswith(".main")]
+    assert len(mains) == rec["layers"]
+
+
 def test_export_rewrites_the_body_layers_fp_equivalently(svd_bundle, tiny_cin_ckpt):
     from ptqd.models import load_model
     from ptqd.stages.common import load_source
@@ -112,6 +140,8 @@ def test_bad_outlier_options_are_one_line_errors(tiny_cin_ckpt, tmp_path):
         api.export(tiny_cin_ckpt, tmp_path / "x.bundle", progress=False, outliers="rotate")
     with pytest.raises(UserError, match="--rank-budget"):
         api.export(tiny_cin_ckpt, tmp_path / "x.bundle", progress=False, outliers="svd", rank_budget=0.0)
+    with pytest.raises(UserError, match="--outlier-layers"):
+        api.export(tiny_cin_ckpt, tmp_path / "x.bundle", progress=False, outliers="svd", outlier_layers=0.0)
     assert not (tmp_path / "x.bundle").exists()
 
 
@@ -119,7 +149,8 @@ def test_cli_rewrites_on_request_and_inspect_reports_it(svd_bundle, tmp_path, ca
     from ptqd.cli import main
     from ptqd.stages.compile import exported_outliers
 
-    assert exported_outliers(Bundle.open(svd_bundle).stage("export")) == {"mode": "svd", "rank_budget": 0.2}
+    assert exported_outliers(Bundle.open(svd_bundle).stage("export")) == {"mode": "svd", "rank_budget": 0.2,
+                                                                          "layer_share": 1.0}
     assert exported_outliers({"source": "demo"}) is None  # what compile compares: a new setting re-exports
     assert main(["inspect", str(svd_bundle)]) == 0
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("outliers")]
