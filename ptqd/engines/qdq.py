@@ -70,7 +70,8 @@ def _layout_source(node, slot: int, producer: dict, readers: dict, graph_outputs
 
 
 def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None, attention=(), attention_at: str = "input",
-              signed: bool = False, inputs_at: str = "input", signed_low_bits: bool = False) -> dict:
+              signed: bool = False, inputs_at: str = "input", signed_low_bits: bool = False,
+              low_bits_clip: str = "float") -> dict:
     """Write the QDQ model; returns {"quantized_nodes": n} and what ``rewrite(model)`` (a graph rewrite applied
     before saving, e.g. :func:`ptqd.engines.graph_opt.optimize_for_ort`) returned, under "graph".
     ``attention``: the quantized attention matmuls (``calib.attention.MatMulQuant``). ``attention_at``: where
@@ -86,7 +87,11 @@ def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None, attention=(),
     the Transpose. Not where the source is a MatMul (attention's heads merged before its output projection).
     ``signed_low_bits``: a 4-bit (any < 8-bit) input quantizer is written as int8 with zero point 0 behind its
     Clip: its 16 levels (j − z)·s, j = 0..15, are the integers −z..15 − z times s, which int8 holds as they are,
-    so the values are the same and the kernel needs no zero point (OpenVINO's faster signed kernels on AMX)."""
+    so the values are the same and the kernel needs no zero point (OpenVINO's faster signed kernels on AMX).
+    ``low_bits_clip``: where a < 8-bit input is held to its grid: "float" (a Clip to [lo, hi] before its
+    QuantizeLinear) or "int" (a Clip of the 8-bit integers to the grid's after it: the same integers, since
+    rounding is monotonic and the saturation edges are grid points, and a pass over bytes instead of floats;
+    ONNX Runtime then also fuses a v projection that feeds such an input into QLinearMatMul)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -143,13 +148,23 @@ def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None, attention=(),
             pre.append(helper.make_node("DequantizeLinear", [shared_q[key], sx, zx], [f"{base}_xd"],
                                         name=f"{base}_DequantizeLinear_x"))
             x = None
-        elif a.bits < 8:
+        elif a.bits < 8 and low_bits_clip == "float":
             lo, hi = a.range
             pre.append(helper.make_node("Clip", [x, const(f"{base}_clip_lo", np.array(lo, np.float32)),
                                                  const(f"{base}_clip_hi", np.array(hi, np.float32))],
                                         [f"{base}_xc"], name=f"{base}_Clip"))
             x = f"{base}_xc"
-        if x is not None:
+        if x is not None and a.bits < 8 and low_bits_clip == "int":  # the same grid, clipped after rounding
+            shared_q[key] = f"{base}_xq"
+            pre.append(helper.make_node("QuantizeLinear", [x, sx, zx], [f"{base}_xq8"], name=f"{base}_QuantizeLinear_x"))
+            lo_q, hi_q = ((np.int8(-a.zero_point), np.int8(a.qmax - a.zero_point)) if signed_low_bits
+                          else (np.uint8(0), np.uint8(a.qmax)))
+            pre.append(helper.make_node("Clip", [f"{base}_xq8", const(f"{base}_clip_lo", np.array(lo_q)),
+                                                 const(f"{base}_clip_hi", np.array(hi_q))],
+                                        [f"{base}_xq"], name=f"{base}_Clip"))
+            pre.append(helper.make_node("DequantizeLinear", [f"{base}_xq", sx, zx], [f"{base}_xd"],
+                                        name=f"{base}_DequantizeLinear_x"))
+        elif x is not None:
             shared_q[key] = f"{base}_xq"
             pre.append(helper.make_node("QuantizeLinear", [x, sx, zx], [f"{base}_xq"], name=f"{base}_QuantizeLinear_x"))
             pre.append(helper.make_node("DequantizeLinear", [f"{base}_xq", sx, zx], [f"{base}_xd"],

@@ -180,7 +180,7 @@ def build(bundle, backend: str = "onnxruntime", precisions=None, validate: bool 
                         layers = calib_layers(b, p.value, k, len(buckets))
                         attention = calib_attention(b, p.value, k, len(buckets))
                         fp = b.path(layout.UNET_ONNX)
-                        wrote = write_qdq(fp, layers, qdq_path, attention=attention,
+                        wrote = write_qdq(fp, layers, qdq_path, attention=attention, low_bits_clip="int",
                                           rewrite=lambda m, fp=fp: graph_opt.optimize_for_ort(m, fp))
                         if k == 0:
                             rec["graph_rewrites"] = wrote["graph"]

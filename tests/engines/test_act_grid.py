@@ -109,7 +109,8 @@ def test_int8_zero_points_compute_the_same_values_as_u8(tmp_path):
 def test_4bit_inputs_as_int8_without_zero_point_compute_the_same_values(tmp_path):
     """``write_qdq(signed_low_bits=True)``: a 4-bit input's 16 levels (j − z)·s are the integers −z..15 − z times s;
     written as int8 with zero point 0 behind its Clip, ONNX Runtime's reference kernels give bit-identical outputs
-    to the u8 form with the zero point."""
+    to the u8 form with the zero point. So does the Clip moved after the QuantizeLinear, onto the integers
+    (``low_bits_clip="int"``, ONNX Runtime's engines), in either form."""
     import onnx
     import onnxruntime as ort
     import torch
@@ -136,15 +137,22 @@ def test_4bit_inputs_as_int8_without_zero_point_compute_the_same_values(tmp_path
     assert all(0 < lq.act_in.zero_point < 15 for lq in layers)
     out = {}
     for low in (False, True):
-        q = tmp_path / f"q{low}.onnx"
-        write_qdq(fp, layers, q, signed=True, signed_low_bits=low)
-        zps = {i.name: i.data_type for i in onnx.load(str(q)).graph.initializer if i.name.endswith("_x_zp")}
-        assert zps and set(zps.values()) == {onnx.TensorProto.INT8 if low else onnx.TensorProto.UINT8}
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        out[low] = ort.InferenceSession(str(q), so, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
-    np.testing.assert_array_equal(out[True], out[False])
-    assert np.abs(out[True]).max() > 0
+        for clip in ("float", "int"):  # the Clip before the QuantizeLinear, or on its integers after it
+            q = tmp_path / f"q{low}{clip}.onnx"
+            write_qdq(fp, layers, q, signed=True, signed_low_bits=low, low_bits_clip=clip)
+            g = onnx.load(str(q)).graph
+            zps = {i.name: i.data_type for i in g.initializer if i.name.endswith("_x_zp")}
+            assert zps and set(zps.values()) == {onnx.TensorProto.INT8 if low else onnx.TensorProto.UINT8}
+            clips = [n for n in g.node if n.op_type == "Clip"]
+            feeds_q = {i for n in g.node if n.op_type == "QuantizeLinear" for i in n.input}
+            assert len(clips) == 2 and all((c.output[0] in feeds_q) == (clip == "float") for c in clips)
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            out[low, clip] = ort.InferenceSession(str(q), so, providers=["CPUExecutionProvider"]).run(
+                None, {"x": x.numpy()})[0]
+    for k in out:
+        np.testing.assert_array_equal(out[k], out[False, "float"], err_msg=str(k))
+    assert np.abs(out[False, "float"]).max() > 0
 
 
 def test_an_unknown_act_grid_is_refused_before_any_work(tmp_path):
