@@ -57,16 +57,13 @@ def test_a_symmetric_grid_is_the_int8_grid_shifted_by_128():
     assert signed_grid(ActQuant(0.1, 0, 8), float("inf")).zero_point == 0  # non-negative: unchanged
 
 
-def test_int8_zero_points_compute_the_same_values_as_u8(tmp_path):
-    """The QDQ graph with signed=True writes the moved quantizers as int8 with zero point 0; ONNX Runtime's
-    reference kernels (no fusion) give bit-identical outputs for both forms."""
+def _conv_silu_conv(tmp_path, seed: int):
+    """A conv - SiLU - conv net exported to ONNX: (the ONNX path, its two Conv node names, the net, an input x, the
+    second conv's input)."""
     import onnx
-    import onnxruntime as ort
     import torch
 
-    from ptqd.engines.qdq import write_qdq
-
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 4, 3, padding=1))
     x = torch.randn(2, 3, 8, 8)
     fp = tmp_path / "fp.onnx"
@@ -74,6 +71,26 @@ def test_int8_zero_points_compute_the_same_values_as_u8(tmp_path):
     convs = [n.name for n in onnx.load(str(fp)).graph.node if n.op_type == "Conv"]
     with torch.no_grad():
         h = torch.nn.functional.silu(net[0](x))
+    return fp, convs, net, x, h
+
+
+def _reference_run(path, x):
+    """The graph at ``path`` on ONNX Runtime's reference kernels (no fusion)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+
+
+def test_int8_zero_points_compute_the_same_values_as_u8(tmp_path):
+    """The QDQ graph with signed=True writes the moved quantizers as int8 with zero point 0; ONNX Runtime's
+    reference kernels (no fusion) give bit-identical outputs for both forms."""
+    import onnx
+
+    from ptqd.engines.qdq import write_qdq
+
+    fp, convs, net, x, h = _conv_silu_conv(tmp_path, 0)
     layers = []
     for name, mod, inp in ((convs[0], net[0], x), (convs[1], net[2], h)):
         w = mod.weight.detach().numpy()
@@ -93,10 +110,7 @@ def test_int8_zero_points_compute_the_same_values_as_u8(tmp_path):
         zps = {i.name: i.data_type for i in onnx.load(str(q)).graph.initializer if i.name.endswith("_x_zp")}
         want = onnx.TensorProto.INT8 if signed else onnx.TensorProto.UINT8
         assert zps and set(zps.values()) == {want}
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        out[signed] = ort.InferenceSession(str(q), so, providers=["CPUExecutionProvider"]).run(
-            None, {"x": x.numpy()})[0]
+        out[signed] = _reference_run(q, x)
     np.testing.assert_array_equal(out[True], out[False])
     # a quantizer that is not on the symmetric grid stays u8 with its zero point, signed or not
     asym = [dataclasses.replace(lq, act_out=None) for lq in layers]
@@ -112,19 +126,10 @@ def test_4bit_inputs_as_int8_without_zero_point_compute_the_same_values(tmp_path
     to the u8 form with the zero point. So does the Clip moved after the QuantizeLinear, onto the integers
     (``low_bits_clip="int"``, ONNX Runtime's engines), in either form."""
     import onnx
-    import onnxruntime as ort
-    import torch
 
     from ptqd.engines.qdq import write_qdq
 
-    torch.manual_seed(1)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 4, 3, padding=1))
-    x = torch.randn(2, 3, 8, 8)
-    fp = tmp_path / "fp.onnx"
-    torch.onnx.export(net, (x,), str(fp), input_names=["x"], output_names=["y"], dynamo=False)
-    convs = [n.name for n in onnx.load(str(fp)).graph.node if n.op_type == "Conv"]
-    with torch.no_grad():
-        h = torch.nn.functional.silu(net[0](x))
+    fp, convs, net, x, h = _conv_silu_conv(tmp_path, 1)
     layers = []
     for name, mod, inp, (lo, hi) in ((convs[0], net[0], x, (-1.5, 1.2)), (convs[1], net[2], h, (-0.28, 1.0))):
         w = mod.weight.detach().numpy()
@@ -146,10 +151,7 @@ def test_4bit_inputs_as_int8_without_zero_point_compute_the_same_values(tmp_path
             clips = [n for n in g.node if n.op_type == "Clip"]
             feeds_q = {i for n in g.node if n.op_type == "QuantizeLinear" for i in n.input}
             assert len(clips) == 2 and all((c.output[0] in feeds_q) == (clip == "float") for c in clips)
-            so = ort.SessionOptions()
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            out[low, clip] = ort.InferenceSession(str(q), so, providers=["CPUExecutionProvider"]).run(
-                None, {"x": x.numpy()})[0]
+            out[low, clip] = _reference_run(q, x)
     for k in out:
         np.testing.assert_array_equal(out[k], out[False, "float"], err_msg=str(k))
     assert np.abs(out[False, "float"]).max() > 0
