@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     engines = {}
     for i, (name, rewrite) in enumerate(variants.items()):
         qdq, eng = work / f"{args.precision}.{i}.qdq.onnx", work / f"{args.precision}.{i}.onnx"
-        write_qdq(fp, layers, qdq, rewrite=rewrite)
+        write_qdq(fp, layers, qdq, rewrite=rewrite, low_bits_clip="int")  # as ptqd build writes them
         build_engine(qdq, eng)
         engines[name] = eng
     facts = b.facts

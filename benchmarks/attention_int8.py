@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         for mode, pick in modes.items():
             qdq, eng = work / f"ort.{p}.{mode}.qdq.onnx", work / f"ort.{p}.{mode}.onnx"
             wrote = write_qdq(fp, layers, qdq, rewrite=lambda m: graph_opt.optimize_for_ort(m, fp),
-                              attention=pick(quants[p]))
+                              attention=pick(quants[p]), low_bits_clip="int")
             build_engine(qdq, eng)
             qdq.unlink()
             engines[f"ort {p} {mode}"] = (eng, wrote["graph"].get("fused_attention", 0))

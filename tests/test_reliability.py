@@ -110,7 +110,7 @@ def _fake_engine_builder(monkeypatch, started: threading.Event, delay: float):
         Path(eng_path).write_bytes(b"engine " + Path(qdq_path).read_bytes())
 
     monkeypatch.setattr(calibrate, "load_params", lambda meta, arrays: [])
-    def write_qdq(src, layers, path, rewrite=None, attention=()):
+    def write_qdq(src, layers, path, rewrite=None, attention=(), **options):
         Path(path).write_bytes(b"qdq")
         return {"quantized_nodes": 0, "graph": {}}
 

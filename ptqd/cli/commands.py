@@ -80,7 +80,9 @@ def cmd_inspect(args) -> int:
               f"{c['weight_grid']} grid; attention matmuls {att.get(c['attention'], c['attention'])}")
     if info.get("outliers"):
         o, e = info["outliers"], info["outliers"]["w4a4_layer_rel_error"]
-        print(f"outliers    {o['mode']}: {o['layers']} layers rewritten, {o['smoothed']} smoothed, 8-bit low-rank branches "
+        share = o.get("layer_share", 1.0)
+        chosen = f" (--outlier-layers {share:g}: the layers where it helps most)" if share < 1.0 else ""
+        print(f"outliers    {o['mode']}: {o['layers']} layers rewritten{chosen}, {o['smoothed']} smoothed, 8-bit low-rank branches "
               f"({o['branch_macs_share']:.1%} of MACs); w4a4 layer error {e['before']:.4f} -> {e['after']:.4f}")
     if info.get("bops"):
         bo = info["bops"]

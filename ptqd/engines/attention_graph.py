@@ -188,7 +188,8 @@ def rewrite_attention(model, shapes: dict[str, np.ndarray], fuse_all: bool = Fal
     ``pruned_layers``). The output projection after it (:func:`one_token_chain`: its quantizer, matmul and bias)
     then runs on the one token, and the Expand follows it (full size: about as many MACs again;
     ``one_token_nodes`` counts the nodes moved; ``one_token="unclipped"`` leaves a chain that starts with a
-    4-bit input's Clip, for ONNX Runtime, which then runs the v projection before it in float). Same numbers for finite inputs (the runners refuse others),
+    4-bit input's float Clip, which would make ONNX Runtime run the v projection before it in float; its builds
+    now clip the integers after the quantizer, so no chain starts with one there). Same numbers for finite inputs (the runners refuse others),
     up to the matmul kernels' summation order at one row against many.
 
     ``fuse_all=True`` fuses every core into MultiHeadAttention (``benchmarks/attention_fusion_engine.py``

@@ -2,9 +2,12 @@
 
 For each quantized node (addressed by its layer-table name):
 
-  x ─[Clip]─ QuantizeLinear(u8) ─ DequantizeLinear ─┐            (Clip only for < 8-bit activations:
-  W_int8 ─ DequantizeLinear(axis = out axis) ───────┼─ Conv ─ Q ─ DQ ─►   it keeps the 4-bit grid)
-  b_int32 ─ DequantizeLinear(s_x·s_w) (Conv) ───────┘   MatMul ─────────►  (no output Q: float output)
+  x ─[Clip]─ QuantizeLinear(u8) ─[Clip]─ DequantizeLinear ─┐
+  W_int8 ─ DequantizeLinear(axis = out axis) ──────────────┼─ Conv ─ Q ─ DQ ─►
+  b_int32 ─ DequantizeLinear(s_x·s_w) (Conv) ──────────────┘   MatMul ─────────►  (no output Q: float output)
+
+A Clip keeps a < 8-bit activation on its grid: on the floats before the QuantizeLinear, or on its integers after
+it (``low_bits_clip``); 8-bit activations have none.
 
 ONNX Runtime fuses these into QLinearConv and MatMulIntegerToFloat (int8 kernels); 4-bit numerics
 run on those int8 kernels with values restricted to the 4-bit grid. Scales are constants.

@@ -79,7 +79,7 @@ def test_select_keeps_the_share_of_layers_where_the_rewrite_helps_most():
     assert [r.module for r in ol.select(found, 4, 0.01)] == ["b"]  # never none
 
 
-def test_a_share_of_the_layers_is_rewritten_on_request(svd_bundle, tiny_cin_ckpt, tmp_path):
+def test_a_share_of_the_layers_is_rewritten_on_request(svd_bundle, tiny_cin_ckpt, tmp_path, capsys):
     rec_all = Bundle.open(svd_bundle).stage("export")["outliers"]
     out = tmp_path / "half.bundle"
     api.export(tiny_cin_ckpt, out, progress=False, outliers="svd", rank_budget=0.2, outlier_layers=0.3,
@@ -94,6 +94,10 @@ def test_a_share_of_the_layers_is_rewritten_on_request(svd_bundle, tiny_cin_ckpt
     assert kept == {m for _, m in gains[:len(kept)]}  # the same fit, the largest gains kept
     mains = [r["module"] for r in b.read_json(layout.UNET_LAYERS)["layers"] if r["module"].endswith(".main")]
     assert len(mains) == rec["layers"]
+    from ptqd.cli import main
+
+    assert main(["inspect", str(out)]) == 0
+    assert "--outlier-layers 0.3" in capsys.readouterr().out
 
 
 def test_export_rewrites_the_body_layers_fp_equivalently(svd_bundle, tiny_cin_ckpt):
@@ -152,8 +156,13 @@ def test_cli_rewrites_on_request_and_inspect_reports_it(svd_bundle, tmp_path, ca
     assert exported_outliers(Bundle.open(svd_bundle).stage("export")) == {"mode": "svd", "rank_budget": 0.2,
                                                                           "layer_share": 1.0}
     assert exported_outliers({"source": "demo"}) is None  # what compile compares: a new setting re-exports
+    older = {"outliers": {"mode": "svd", "rank_budget": 0.2}}  # a bundle from before --outlier-layers: all layers
+    assert exported_outliers(older) == {"mode": "svd", "rank_budget": 0.2, "layer_share": 1.0}
+    assert exported_outliers({"outliers": {**older["outliers"], "layer_share": 0.5}})["layer_share"] == 0.5
     assert main(["inspect", str(svd_bundle)]) == 0
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("outliers")]
     assert line and "svd:" in line[0] and "of MACs" in line[0]
     assert main(["export", "demo", "--out", str(tmp_path / "x.bundle"), "--outliers", "svd", "--rank-budget", "2"]) == 1
     assert "--rank-budget" in capsys.readouterr().err and not (tmp_path / "x.bundle").exists()
+    assert main(["compile", "demo", "--out", str(tmp_path / "x.bundle"), "--outliers", "svd", "--outlier-layers", "1.5"]) == 1
+    assert "--outlier-layers" in capsys.readouterr().err and not (tmp_path / "x.bundle").exists()
