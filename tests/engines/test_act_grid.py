@@ -157,6 +157,46 @@ def test_4bit_inputs_as_int8_without_zero_point_compute_the_same_values(tmp_path
     assert np.abs(out[False, "float"]).max() > 0
 
 
+def test_a_shared_4bit_quantizer_is_clipped_once_in_either_form(tmp_path):
+    """Two layers reading one tensor on one 4-bit grid share its QuantizeLinear; with the Clip on the integers the
+    shared tensor is the clipped one, and both forms compute the same values."""
+    import onnx
+    import torch
+
+    from ptqd.engines.qdq import write_qdq
+
+    class TwoReaders(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    torch.manual_seed(2)
+    net, x = TwoReaders(), torch.randn(2, 3, 8, 8)
+    fp = tmp_path / "fp.onnx"
+    torch.onnx.export(net, (x,), str(fp), input_names=["x"], output_names=["y"], dynamo=False)
+    convs = [n.name for n in onnx.load(str(fp)).graph.node if n.op_type == "Conv"]
+    a = act_params(-1.0, 1.3, 4)  # narrower than x: the Clip matters
+    layers = []
+    for name, mod in zip(convs, (net.a, net.b)):
+        w = mod.weight.detach().numpy()
+        w_scale = (np.abs(w).reshape(len(w), -1).max(1) / 7).astype(np.float32)
+        b = mod.bias.detach().double().numpy()
+        layers.append(LayerQuant(name, name, "Conv", 4, 4, a, None,
+                                 np.round(w / w_scale[:, None, None, None]).astype(np.int8), w_scale,
+                                 bias_q=np.round(b / (np.float32(a.scale) * w_scale).astype(np.float64)).astype(np.int32)))
+    out = {}
+    for clip in ("float", "int"):
+        q = tmp_path / f"{clip}.onnx"
+        write_qdq(fp, layers, q, low_bits_clip=clip)
+        ops = [n.op_type for n in onnx.load(str(q)).graph.node]
+        assert ops.count("Clip") == 1 and ops.count("QuantizeLinear") == 1, ops  # one quantizer, shared
+        out[clip] = _reference_run(q, x)
+    np.testing.assert_array_equal(out["int"], out["float"])
+
+
 def test_an_unknown_act_grid_is_refused_before_any_work(tmp_path):
     from ptqd.stages.build_openvino import build_openvino
 
