@@ -83,7 +83,8 @@ def cmd_inspect(args) -> int:
         share = o.get("layer_share", 1.0)
         chosen = f" (--outlier-layers {share:g}: the layers where it helps most)" if share < 1.0 else ""
         print(f"outliers    {o['mode']}: {o['layers']} layers rewritten{chosen}, {o['smoothed']} smoothed, 8-bit low-rank branches "
-              f"({o['branch_macs_share']:.1%} of MACs); w4a4 layer error {e['before']:.4f} -> {e['after']:.4f}")
+              f"({o['branch_macs_share']:.1%} of MACs); w4a4 layer error {e['before']:.4f} -> {e['after']:.4f} "
+              f"(mean over the rewritten layers)")
     if info.get("bops"):
         bo = info["bops"]
         print(f"BOPs/fwd    FP32 {_human(bo['fp32'], 'BOPs')} (conv + linear MACs x 32 x 32; attention matmuls not counted)")
