@@ -187,9 +187,7 @@ def rewrite_attention(model, shapes: dict[str, np.ndarray], fuse_all: bool = Fal
     their quantizers (full size: 1.5 GMAC of int8 matmuls per forward; their node names are returned under
     ``pruned_layers``). The output projection after it (:func:`one_token_chain`: its quantizer, matmul and bias)
     then runs on the one token, and the Expand follows it (full size: about as many MACs again;
-    ``one_token_nodes`` counts the nodes moved; ``one_token="unclipped"`` leaves a chain that starts with a
-    4-bit input's float Clip, which would make ONNX Runtime run the v projection before it in float; its builds
-    now clip the integers after the quantizer, so no chain starts with one there). Same numbers for finite inputs (the runners refuse others),
+    ``one_token_nodes`` counts the nodes moved; ``one_token="none"`` leaves them). Same numbers for finite inputs (the runners refuse others),
     up to the matmul kernels' summation order at one row against many.
 
     ``fuse_all=True`` fuses every core into MultiHeadAttention (``benchmarks/attention_fusion_engine.py``
@@ -212,9 +210,7 @@ def rewrite_attention(model, shapes: dict[str, np.ndarray], fuse_all: bool = Fal
     expand_after, one_token_nodes = {}, 0  # id(last node of a one-token chain) -> the Expand that follows it
     for m in matches:
         if m["form"] == "one_key":
-            chain = one_token_chain(g, m["out"])
-            if one_token == "none" or one_token == "unclipped" and chain and chain[0].op_type == "Clip":
-                chain = []  # ONNX Runtime runs a v projection whose output feeds a Clip in float: keep the Expand
+            chain = [] if one_token == "none" else one_token_chain(g, m["out"])
             m["chain"] = bool(chain)
             if chain:  # the chain reads v itself; its result is broadcast over the tokens
                 p = f"{m['name']}_single_head"

@@ -334,7 +334,7 @@ def optimize_for_ort(model, fp_onnx: str | os.PathLike) -> dict:
         return {"folded": 0, "fused_attention": 0, "skipped": "a dynamic axis other than the batch"}
     values, shapes = evaluated(fp_onnx)
     rec = fold_shapes(model, values)
-    att = fuse_attention(model, shapes, one_token="unclipped")
+    att = fuse_attention(model, shapes)
     return {"folded_shape_values": rec["folded"], "fused_attention": att["fused_attention"],
             "single_head_attention": att["single_head_attention"], "single_key_attention": att["single_key_attention"],
             "one_token_nodes": att.get("one_token_nodes", 0), "removed_nodes": rec.get("removed_nodes", 0) + att.get("removed_nodes", 0),

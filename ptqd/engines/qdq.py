@@ -157,19 +157,17 @@ def write_qdq(fp_onnx: Path, layers, out_path: Path, rewrite=None, attention=(),
                                                  const(f"{base}_clip_hi", np.array(hi, np.float32))],
                                         [f"{base}_xc"], name=f"{base}_Clip"))
             x = f"{base}_xc"
-        if x is not None and a.bits < 8 and low_bits_clip == "int":  # the same grid, clipped after rounding
+        if x is not None:
             shared_q[key] = f"{base}_xq"
-            pre.append(helper.make_node("QuantizeLinear", [x, sx, zx], [f"{base}_xq8"], name=f"{base}_QuantizeLinear_x"))
-            lo_q, hi_q = ((np.int8(-a.zero_point), np.int8(a.qmax - a.zero_point)) if signed_low_bits
-                          else (np.uint8(0), np.uint8(a.qmax)))
-            pre.append(helper.make_node("Clip", [f"{base}_xq8", const(f"{base}_clip_lo", np.array(lo_q)),
-                                                 const(f"{base}_clip_hi", np.array(hi_q))],
-                                        [f"{base}_xq"], name=f"{base}_Clip"))
-            pre.append(helper.make_node("DequantizeLinear", [f"{base}_xq", sx, zx], [f"{base}_xd"],
-                                        name=f"{base}_DequantizeLinear_x"))
-        elif x is not None:
-            shared_q[key] = f"{base}_xq"
-            pre.append(helper.make_node("QuantizeLinear", [x, sx, zx], [f"{base}_xq"], name=f"{base}_QuantizeLinear_x"))
+            clip_int = a.bits < 8 and low_bits_clip == "int"  # the same grid, clipped after rounding
+            pre.append(helper.make_node("QuantizeLinear", [x, sx, zx], [f"{base}_xq8" if clip_int else f"{base}_xq"],
+                                        name=f"{base}_QuantizeLinear_x"))
+            if clip_int:
+                lo_q, hi_q = ((np.int8(-a.zero_point), np.int8(a.qmax - a.zero_point)) if signed_low_bits
+                              else (np.uint8(0), np.uint8(a.qmax)))
+                pre.append(helper.make_node("Clip", [f"{base}_xq8", const(f"{base}_clip_lo", np.array(lo_q)),
+                                                     const(f"{base}_clip_hi", np.array(hi_q))],
+                                            [f"{base}_xq"], name=f"{base}_Clip"))
             pre.append(helper.make_node("DequantizeLinear", [f"{base}_xq", sx, zx], [f"{base}_xd"],
                                         name=f"{base}_DequantizeLinear_x"))
         reader.input[slot] = f"{base}_xd"

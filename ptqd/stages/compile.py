@@ -17,10 +17,16 @@ from ptqd.stages.export import export
 from ptqd.stages.plan import bops_table, plan
 
 
+def outlier_settings(mode: str, rank_budget: float, layer_share: float) -> dict | None:
+    """The ``--outliers`` settings that decide an export (None: no rewrite)."""
+    return None if mode == "none" else {"mode": mode, "rank_budget": rank_budget, "layer_share": layer_share}
+
+
 def exported_outliers(rec: dict) -> dict | None:
-    """The ``--outliers`` settings an export record was made with (None: no rewrite)."""
+    """The ``--outliers`` settings an export record was made with (None: no rewrite; records from before
+    ``--outlier-layers`` rewrote every layer)."""
     o = rec.get("outliers")
-    return {"mode": o["mode"], "rank_budget": o["rank_budget"], "layer_share": o.get("layer_share", 1.0)} if o else None
+    return outlier_settings(o["mode"], o["rank_budget"], o.get("layer_share", 1.0)) if o else None
 
 
 @writes_bundle("out", create=True)
@@ -102,9 +108,8 @@ def compile(model, out, config=None, precisions=CALIBRATED_NAMES, samples: int |
         b = Bundle.open(out)
         rec = b.stage("export") or {}
         fresh = rec.get("source") == str(model) and rec.get("source_sha256") == source_digest(model) \
-            and rec.get("source_sha256") is not None and exported_outliers(rec) == (
-                None if outliers == "none" else {"mode": outliers, "rank_budget": rank_budget,
-                                                 "layer_share": outlier_layers})
+            and rec.get("source_sha256") is not None and exported_outliers(rec) == \
+            outlier_settings(outliers, rank_budget, outlier_layers)
     except BundleError:
         fresh = False
     if prompts is not None:  # text-to-image: new calibration prompts mean a new export (their encoded table)
