@@ -31,6 +31,12 @@ calibration's sampler settings, seeds 500+ so not the calibration's), the relati
               1-D k-means): no 16-level code, however its levels are spaced, quantizes these inputs with less
               squared error, so it bounds what any per-tensor 4-bit activation code could buy (no kernel runs it).
               ``*_a_only``: the same activations with float weights (compare a4_only).
+  dyn_*       rtn weights with activation ranges taken at run time from each input (``--dynamic``), as
+              DynamicQuantizeLinear and SVDQuant's kernels do: ``dyn_call`` one range per call (all of x),
+              ``dyn_token`` one per pixel/token (all its channels), ``dyn_token_g64`` / ``_g16`` one per
+              pixel/token and group of 64 / 16 channels (SVDQuant's INT4 grouping is 64). Each range is the
+              group's min/max (0 kept inside) shrunk by a factor searched per layer in {1, 0.9, 0.8, 0.7, 0.6}.
+              ``*_a_only``: the same with float weights.
 
 A layer-level study (no engine, no end-to-end sample): it says which of issue 24's two mechanisms pays on this
 model, and where, before the graph work.
@@ -206,7 +212,52 @@ def lloyd_act_quant(xs, k: int = 16, iters: int = 60):
     return nearest_level(levels)
 
 
-def study_layer(mod, xs, lq, rank_budget: float, grids_only: bool = False) -> dict:
+def dynamic_act_quant(cdim: int, group: int | None, shrink: float, per_call: bool = False, bits: int = 4):
+    """A fake-quant function whose asymmetric range comes from the tensor it quantizes: one range per call
+    (``per_call``), else one per position and group of ``group`` channels (None: all channels)."""
+    import torch
+
+    top = 2 ** bits - 1
+
+    def run(x):
+        if per_call:
+            lo, hi = x.amin().clamp_max(0), x.amax().clamp_min(0)
+        else:
+            xm = x.movedim(cdim, -1)
+            g = xm.shape[-1] if group is None else group
+            xm = xm.reshape(*xm.shape[:-1], xm.shape[-1] // g, g)
+            lo, hi = xm.amin(-1, keepdim=True).clamp_max(0), xm.amax(-1, keepdim=True).clamp_min(0)
+        lo, hi = lo * shrink, hi * shrink
+        s = ((hi - lo) / top).clamp_min(1e-12)
+        z = torch.round(-lo / s)
+        src = x if per_call else xm
+        q = (torch.clamp(torch.round(src / s) + z, 0, top) - z) * s
+        if per_call:
+            return q
+        return q.reshape(*q.shape[:-2], -1).movedim(-1, cdim)
+
+    return run
+
+
+def study_dynamic(mod, xs, out: dict, cdim: int, w, w_rtn) -> None:
+    """The ``dyn_*`` rows into ``out``: run-time ranges, shrink searched per layer on the rtn-weight error."""
+    c = xs[0].shape[cdim]
+    for key, group, per_call in (("dyn_call", None, True), ("dyn_token", None, False),
+                                 ("dyn_token_g64", 64, False), ("dyn_token_g16", 16, False)):
+        if group is not None and c % group:
+            out[key] = out[f"{key}_a_only"] = None
+            continue
+        best = None
+        for shrink in (1.0, 0.9, 0.8, 0.7, 0.6):
+            dq = dynamic_act_quant(cdim, group, shrink, per_call)
+            err = rel_err(mod, xs, w, lambda x, dq=dq: apply(mod, dq(x), w_rtn))
+            if best is None or err < best[0]:
+                best = (err, shrink, dq)
+        out[key], out[f"{key}_shrink"] = best[0], best[1]
+        out[f"{key}_a_only"] = rel_err(mod, xs, w, lambda x, dq=best[2]: apply(mod, dq(x), w))
+
+
+def study_layer(mod, xs, lq, rank_budget: float, grids_only: bool = False, dynamic: bool = False) -> dict:
     import torch
 
     from ptqd.calib.fakequant import fake_quant
@@ -221,6 +272,9 @@ def study_layer(mod, xs, lq, rank_budget: float, grids_only: bool = False) -> di
     out["rtn"] = rel_err(mod, xs, w, lambda x: apply(mod, fake_quant(x, aq), w_rtn))
     out["a4_only"] = rel_err(mod, xs, w, lambda x: apply(mod, fake_quant(x, aq), w))
     out["w4_only"] = rel_err(mod, xs, w, lambda x: apply(mod, x, w_rtn))
+    if dynamic:
+        study_dynamic(mod, xs, out, cdim, w, w_rtn)
+        return out
     for name, levels in LEVELS.items():
         gq = grid_act_quant(xs, levels)
         out[name] = rel_err(mod, xs, w, lambda x, gq=gq: apply(mod, gq(x), w_rtn))
@@ -286,6 +340,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rank-budget", type=float, default=0.05, help="branch MACs / layer MACs (default 0.05)")
     ap.add_argument("--grids", action="store_true",
                     help="only the rows ptqd, rtn, a4_only, w4_only and the non-uniform grids (fp4, ufp4, lloyd)")
+    ap.add_argument("--dynamic", action="store_true",
+                    help="only the rows ptqd, rtn, a4_only, w4_only and the run-time activation ranges (dyn_*)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     import torch
@@ -305,8 +361,13 @@ def main(argv=None) -> int:
     xs = record_inputs(loaded, modules, b.facts, layout.class_embedding(b), cfg, args.samples, seed=500)
     rows = []
     for lq in layers:
-        r = study_layer(modules[lq.name], xs[lq.name], lq, args.rank_budget, args.grids)
+        r = study_layer(modules[lq.name], xs[lq.name], lq, args.rank_budget, args.grids, args.dynamic)
         rows.append({"layer": lq.name, **r})
+        if args.dynamic:
+            print(f"{lq.name[:48]:48s} ptqd {r['ptqd']:.4f} rtn {r['rtn']:.4f} a4 {r['a4_only']:.4f} "
+                  + " ".join(f"{k[4:]} {'-' if r[k] is None else round(r[k], 4)}" for k in DYNAMIC),
+                  file=sys.stderr)
+            continue
         if args.grids:
             print(f"{lq.name[:48]:48s} ptqd {r['ptqd']:.4f} rtn {r['rtn']:.4f} a4 {r['a4_only']:.4f} "
                   f"fp4 {r['fp4']:.4f} ({r['fp4_a_only']:.4f}) ufp4 {r['ufp4']:.4f} ({r['ufp4_a_only']:.4f}) "
@@ -318,10 +379,41 @@ def main(argv=None) -> int:
               f"both {r['both'] if r['both'] is None else round(r['both'], 4)} r {r['rank']} "
               f"rot {r.get('rotate', float('nan')):.4f} had {r.get('hadamard', float('nan')):.4f} "
               f"g16 {r['group16']:.4f} g32 {r['group32']:.4f}", file=sys.stderr)
+    if args.dynamic:
+        summary = dynamic_summary(rows)
+    else:
+        summary = grid_summary(rows, args.grids)
+    out = {"bundle": args.bundle, "layers": len(rows), "samples": args.samples, "rank_budget": args.rank_budget,
+           "summary": summary, "rows": rows}
+    print(json.dumps({k: v for k, v in out.items() if k != "rows"}, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+DYNAMIC = ("dyn_call", "dyn_token", "dyn_token_g64", "dyn_token_g16")
+
+
+def dynamic_summary(rows) -> dict:
+    """Mean / median error of each row; for dyn_* over the layers where it applies, beside rtn (a4_only) there."""
+    summary = {key: {"mean_rel_err": float(np.mean([r[key] for r in rows])),
+                     "median_rel_err": float(np.median([r[key] for r in rows]))}
+               for key in ("a4_only", "w4_only", "ptqd", "rtn")}
+    for key in DYNAMIC:
+        for own, ref in ((key, "rtn"), (f"{key}_a_only", "a4_only")):
+            some = [r for r in rows if r[own] is not None]
+            summary[own] = {"layers": len(some), "mean_rel_err": float(np.mean([r[own] for r in some])),
+                            f"mean_{ref}_same_layers": float(np.mean([r[ref] for r in some])),
+                            f"layers_better_than_{ref}": sum(1 for r in some if r[own] < r[ref])}
+    return summary
+
+
+def grid_summary(rows, grids_only: bool) -> dict:
     summary = {}
     grids = ("fp4", "ufp4", "lloyd", "fp4_a_only", "ufp4_a_only", "lloyd_a_only")
     keys = ("a4_only", "w4_only", "ptqd", "rtn") + grids + (
-        () if args.grids else ("smooth", "lowrank", "both", "rotate", "hadamard", "group16", "group32"))
+        () if grids_only else ("smooth", "lowrank", "both", "rotate", "hadamard", "group16", "group32"))
     for key in keys:
         vals = [r[key] if r.get(key) is not None else r["rtn"] for r in rows]
         summary[key] = {"mean_rel_err": float(np.mean(vals)), "median_rel_err": float(np.median(vals))}
@@ -330,13 +422,7 @@ def main(argv=None) -> int:
             1 for r in rows if r.get(key) is not None and r[key] < r["rtn"])
     for key in ("fp4_a_only", "ufp4_a_only", "lloyd_a_only"):
         summary[key]["layers_better_than_a4_only"] = sum(1 for r in rows if r[key] < r["a4_only"])
-    out = {"bundle": args.bundle, "layers": len(rows), "samples": args.samples, "rank_budget": args.rank_budget,
-           "summary": summary, "rows": rows}
-    print(json.dumps({k: v for k, v in out.items() if k != "rows"}, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-    return 0
+    return summary
 
 
 if __name__ == "__main__":

@@ -1,0 +1,73 @@
+"""The activation formats of the W4A4 studies (benchmarks/w4a4_dynamic.py, w4a4_outliers.py --dynamic): the
+numbers in docs/calibration.md rest on these emulations being the formats they name."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from w4a4_dynamic import E2M1, e2m1, e4m3, fp4_blocks  # noqa: E402
+from w4a4_outliers import dynamic_act_quant  # noqa: E402
+
+
+def test_e2m1_levels_and_rounding():
+    lv = torch.tensor(E2M1)
+    assert torch.equal(e2m1(lv), lv) and torch.equal(e2m1(-lv), -lv)
+    got = e2m1(torch.tensor([0.24, 0.26, 1.3, 2.49, 2.51, 4.9, 5.1, 7.0, 1e6, -3.6]))
+    assert got.tolist() == [0.0, 0.5, 1.5, 2.0, 3.0, 4.0, 6.0, 6.0, 6.0, -4.0]
+
+
+def test_e4m3_keeps_its_values_and_rounds_to_3_mantissa_bits():
+    exact = torch.tensor([1.0, 1.125, 1.875, 448.0, 2.0 ** -6, 2.0 ** -9, 0.75, 240.0])
+    assert torch.equal(e4m3(exact), exact)
+    got = e4m3(torch.tensor([1.06, 1.07, 500.0, 3.3, 2.0 ** -8 * 1.4]))
+    assert got.tolist() == [1.0, 1.125, 448.0, 3.25, 2.0 ** -9 * 3]  # 2^-8·1.4 is 2.8 subnormal steps of 2^-9
+
+
+@pytest.mark.parametrize("fmt,size", [("nvfp4", 16), ("mxfp4", 32)])
+def test_fp4_blocks_scale_each_block_on_its_own(fmt, size):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3 * size, 5, generator=g)  # channels on axis 1
+    x[:, size:2 * size] *= 100.0  # one block of channels far larger than the others
+    y = fp4_blocks(x, 1, fmt)
+    assert y.shape == x.shape
+    small = fp4_blocks(x[:, :size], 1, fmt)
+    if fmt == "mxfp4":  # power-of-two scales do not depend on the rest of the tensor
+        assert torch.equal(y[:, :size], small)
+    for b in range(3):
+        blk, qb = x[:, b * size:(b + 1) * size], y[:, b * size:(b + 1) * size]
+        for i in range(2):
+            for j in range(5):
+                v, q = blk[i, :, j], qb[i, :, j]
+                levels = q.abs().unique()
+                assert len(levels) <= len(E2M1)
+                amax = float(v.abs().max())
+                if fmt == "nvfp4":  # amax lands on ±6·s, s = amax/6 to E4M3 (3 mantissa bits)
+                    assert abs(float(q.abs().max()) - amax) <= amax * 2 ** -4
+                else:  # s = 2^(floor(log2 amax) - 2): values past 6·s saturate
+                    s = 2.0 ** (torch.floor(torch.log2(torch.tensor(amax))) - 2)
+                    assert torch.all(torch.isin(q.abs() / s, torch.tensor(E2M1)))
+                    assert float(q.abs().max()) <= 6 * s
+                assert float(((q - v) ** 2).mean()) < float((v ** 2).mean()) * 0.05
+
+
+def test_dynamic_int4_groups():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 32, 4, 4, generator=g).relu() - 0.1  # skewed, with zeros mapped to -0.1
+    x[0, :16, 0, 0] *= 50.0
+    q = dynamic_act_quant(1, 16, 1.0)(x)
+    for n in range(2):
+        for grp in range(2):
+            for h in range(4):
+                for w in range(4):
+                    v, qv = x[n, grp * 16:(grp + 1) * 16, h, w], q[n, grp * 16:(grp + 1) * 16, h, w]
+                    assert len(qv.unique()) <= 16
+                    step = (float(v.max().clamp_min(0)) - float(v.min().clamp_max(0))) / 15
+                    assert float((qv - v).abs().max()) <= step / 2 + 1e-6  # min/max range: no clipping
+    assert torch.equal(dynamic_act_quant(1, 16, 1.0)(torch.zeros(1, 16, 2, 2)), torch.zeros(1, 16, 2, 2))
+    # one range per pixel over all channels: the large block of pixel (0, 0) coarsens its other block only
+    whole = dynamic_act_quant(1, None, 1.0)(x)
+    assert float((whole[0, 16:, 0, 0] - x[0, 16:, 0, 0]).abs().max()) > float(
+        (q[0, 16:, 0, 0] - x[0, 16:, 0, 0]).abs().max())
