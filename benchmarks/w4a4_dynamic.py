@@ -1,8 +1,8 @@
 """W4A4 end to end with activation ranges taken at run time: does a range per pixel/token, or per small group of
 its channels, make 4-bit activations hold on the demo?
 
-    python benchmarks/w4a4_dynamic.py demo-out/demo.bundle [--num 500] [--eta 0]
-        [--modes static,token,g64,g32,g16,g16_fc,nvfp4,nvfp4_w,mxfp4,mxfp4_w] [--plan] [--json out.json]
+    python benchmarks/w4a4_dynamic.py demo-out/demo.bundle [--num 500] [--eta 0] [--plan]
+        [--modes static,token,token_fc,g64,g32,g16,g8,g16_fc,nvfp4,nvfp4_w,mxfp4,mxfp4_w] [--json out.json]
 
 Runs the bundle's w4a4 as torch fake-quant models (its own calibration and GPTQ weights, no engine, no PTQD
 correction) and scores them as ``ptqd eval`` does: paired PSNR vs FP, FD vs FP and class accuracy on the
@@ -18,6 +18,8 @@ W the bundle's 4-bit weights unless the mode says otherwise, with ``a``:
   g64 g32 g16 g8   asymmetric 4-bit, min/max per pixel/token and group of that many channels (SVDQuant's INT4
             grouping is 64); a kernel sums one integer product per group, times its scale
   g32_fc g16_fc    the same on linears and 1x1 convs only
+  g64s g16s symmetric signed 4-bit (−8..7 times amax/7, no zero point) per pixel/token and group of 64 / 16
+            channels: SVDQuant's INT4 grouping, and what an INT4 block-scaled GEMM without zero points runs
   nvfp4     NVIDIA's NVFP4 activations: E2M1 values (±0, 0.5, 1, 1.5, 2, 3, 4, 6), one scale per 16 channels of a
             pixel/token, amax/6 rounded to FP8 E4M3 under a per-call FP32 scale
   mxfp4     OCP MXFP4 activations: E2M1 values, one power-of-two scale per 32 channels, 2^(floor(log2 amax) − 2)
@@ -48,7 +50,7 @@ from w4a4_outliers import dynamic_act_quant  # noqa: E402
 MODES = {"static": (None, False), "token": (0, False), "token_fc": (0, True), "g64": (64, False),
          "g32": (32, False), "g16": (16, False), "g8": (8, False), "g32_fc": (32, True),
          "g16_fc": (16, True), "nvfp4": ("nvfp4", False), "mxfp4": ("mxfp4", False),
-         "nvfp4_w": ("nvfp4", False), "mxfp4_w": ("mxfp4", False)}  # (group: 0 = all channels | format, fc-only)
+         "nvfp4_w": ("nvfp4", False), "mxfp4_w": ("mxfp4", False), "g64s": (64, False), "g16s": (16, False)}  # (group: 0 = all channels | format, fc-only)
 FP4 = {"nvfp4": 16, "mxfp4": 32}  # block sizes
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
@@ -142,7 +144,7 @@ def mode_model(loaded, layers, mode: str, shrink: float):
         elif group in FP4:
             quant = (lambda cd, fmt: lambda x: fp4_blocks(x, cd, fmt))(cdim, group)
         else:
-            quant = dynamic_act_quant(cdim, group or None, shrink)
+            quant = dynamic_act_quant(cdim, group or None, shrink, symmetric=mode in ("g64s", "g16s"))
         parent_name, _, leaf = lq.module.rpartition(".")
         parent = model.unet.get_submodule(parent_name) if parent_name else model.unet
         twin = float_twin(src, lq, quant, weight_fmt)
@@ -175,7 +177,8 @@ def main(argv=None) -> int:
     ap.add_argument("bundle")
     ap.add_argument("--num", type=int, default=500, help="samples (default 500, as ptqd eval)")
     ap.add_argument("--eta", type=float, default=0.0, help="DDIM η (default 0)")
-    ap.add_argument("--modes", default="static,token,g64,g32,g16,g16_fc,nvfp4,nvfp4_w,mxfp4,mxfp4_w",
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed (default 0, as ptqd eval)")
+    ap.add_argument("--modes", default="static,token,token_fc,g64,g32,g16,g8,g16_fc,nvfp4,nvfp4_w,mxfp4,mxfp4_w",
                     help=f"comma list of {', '.join(MODES)}")
     ap.add_argument("--shrink", type=float, default=1.0, help="INT4 run-time ranges times this factor (default 1)")
     ap.add_argument("--plan", action="store_true", help="also the bundle's plan with its w4a4 steps in each mode")
@@ -215,8 +218,9 @@ def main(argv=None) -> int:
     features = FeatureModel(b.path(layout.DEMO_FEATURES)) if b.has(layout.DEMO_FEATURES) else None
     t0 = time.perf_counter()
     res = evaluate_runners(b.facts, layout.class_embedding(b), runners, open_decoder(b),
-                           default_labels(b.facts, None, args.num), 0, cfg, features=features, eps_mse=False)
-    print(f"{args.num} samples, seed 0, η {args.eta:g}, no correction ({time.perf_counter() - t0:.0f} s)")
+                           default_labels(b.facts, None, args.num), args.seed, cfg, features=features,
+                           eps_mse=False)
+    print(f"{args.num} samples, seed {args.seed}, η {args.eta:g}, no correction ({time.perf_counter() - t0:.0f} s)")
     print(f"{'row':12s} {'PSNR vs FP':>10s} {'FD vs FP':>9s} {'class acc':>9s}")
     for r in res.rows:
         acc = r.get("class_acc")
@@ -224,7 +228,7 @@ def main(argv=None) -> int:
               f"{r.get('fd_vs_fp') or float('nan'):9.2f} {'-' if acc is None else f'{acc:.1%}':>9s}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"bundle": args.bundle, "shrink": args.shrink, **res.to_json()}, f, indent=2)
+            json.dump({"bundle": args.bundle, "shrink": args.shrink, "seed": args.seed, **res.to_json()}, f, indent=2)
     return 0
 
 

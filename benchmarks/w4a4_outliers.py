@@ -36,6 +36,7 @@ calibration's sampler settings, seeds 500+ so not the calibration's), the relati
               ``dyn_token`` one per pixel/token (all its channels), ``dyn_token_g64`` / ``_g16`` one per
               pixel/token and group of 64 / 16 channels (SVDQuant's INT4 grouping is 64). Each range is the
               group's min/max (0 kept inside) shrunk by a factor searched per layer in {1, 0.9, 0.8, 0.7, 0.6}.
+              ``dyn_token_g16s``: the same groups, symmetric signed levels −8..7 times amax/7, no zero point.
               ``*_a_only``: the same with float weights.
 
 A layer-level study (no engine, no end-to-end sample): it says which of issue 24's two mechanisms pays on this
@@ -212,9 +213,11 @@ def lloyd_act_quant(xs, k: int = 16, iters: int = 60):
     return nearest_level(levels)
 
 
-def dynamic_act_quant(cdim: int, group: int | None, shrink: float, per_call: bool = False, bits: int = 4):
+def dynamic_act_quant(cdim: int, group: int | None, shrink: float, per_call: bool = False, bits: int = 4,
+                      symmetric: bool = False):
     """A fake-quant function whose asymmetric range comes from the tensor it quantizes: one range per call
-    (``per_call``), else one per position and group of ``group`` channels (None: all channels)."""
+    (``per_call``), else one per position and group of ``group`` channels (None: all channels). ``symmetric``:
+    signed levels −2^(bits−1)..2^(bits−1)−1 times amax / (2^(bits−1)−1), no zero point."""
     import torch
 
     top = 2 ** bits - 1
@@ -228,10 +231,15 @@ def dynamic_act_quant(cdim: int, group: int | None, shrink: float, per_call: boo
             xm = xm.reshape(*xm.shape[:-1], xm.shape[-1] // g, g)
             lo, hi = xm.amin(-1, keepdim=True).clamp_max(0), xm.amax(-1, keepdim=True).clamp_min(0)
         lo, hi = lo * shrink, hi * shrink
-        s = ((hi - lo) / top).clamp_min(1e-12)
-        z = torch.round(-lo / s)
         src = x if per_call else xm
-        q = (torch.clamp(torch.round(src / s) + z, 0, top) - z) * s
+        if symmetric:
+            half = 2 ** (bits - 1)
+            s = (torch.maximum(-lo, hi) / (half - 1)).clamp_min(1e-12)
+            q = torch.clamp(torch.round(src / s), -half, half - 1) * s
+        else:
+            s = ((hi - lo) / top).clamp_min(1e-12)
+            z = torch.round(-lo / s)
+            q = (torch.clamp(torch.round(src / s) + z, 0, top) - z) * s
         if per_call:
             return q
         return q.reshape(*q.shape[:-2], -1).movedim(-1, cdim)
@@ -243,13 +251,14 @@ def study_dynamic(mod, xs, out: dict, cdim: int, w, w_rtn) -> None:
     """The ``dyn_*`` rows into ``out``: run-time ranges, shrink searched per layer on the rtn-weight error."""
     c = xs[0].shape[cdim]
     for key, group, per_call in (("dyn_call", None, True), ("dyn_token", None, False),
-                                 ("dyn_token_g64", 64, False), ("dyn_token_g16", 16, False)):
+                                 ("dyn_token_g64", 64, False), ("dyn_token_g16", 16, False),
+                                 ("dyn_token_g16s", 16, False)):
         if group is not None and c % group:
             out[key] = out[f"{key}_a_only"] = None
             continue
         best = None
         for shrink in (1.0, 0.9, 0.8, 0.7, 0.6):
-            dq = dynamic_act_quant(cdim, group, shrink, per_call)
+            dq = dynamic_act_quant(cdim, group, shrink, per_call, symmetric=key.endswith("s"))
             err = rel_err(mod, xs, w, lambda x, dq=dq: apply(mod, dq(x), w_rtn))
             if best is None or err < best[0]:
                 best = (err, shrink, dq)
@@ -392,7 +401,7 @@ def main(argv=None) -> int:
     return 0
 
 
-DYNAMIC = ("dyn_call", "dyn_token", "dyn_token_g64", "dyn_token_g16")
+DYNAMIC = ("dyn_call", "dyn_token", "dyn_token_g64", "dyn_token_g16", "dyn_token_g16s")
 
 
 def dynamic_summary(rows) -> dict:

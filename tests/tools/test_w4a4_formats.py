@@ -71,3 +71,15 @@ def test_dynamic_int4_groups():
     whole = dynamic_act_quant(1, None, 1.0)(x)
     assert float((whole[0, 16:, 0, 0] - x[0, 16:, 0, 0]).abs().max()) > float(
         (q[0, 16:, 0, 0] - x[0, 16:, 0, 0]).abs().max())
+
+
+def test_dynamic_int4_symmetric_groups():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 5, 32, generator=g)  # a linear's input: channels last
+    q = dynamic_act_quant(-1, 16, 1.0, symmetric=True)(x)
+    xb, qb = x.reshape(3, 5, 2, 16), q.reshape(3, 5, 2, 16)
+    s = xb.abs().amax(-1, keepdim=True) / 7
+    k = qb / s
+    assert torch.allclose(k, k.round(), atol=1e-4) and k.round().min() >= -8 and k.round().max() <= 7
+    assert torch.allclose(qb.abs().amax(-1), xb.abs().amax(-1))  # the block's amax is a level
+    assert float((qb - xb).abs().max()) <= float(s.max()) / 2 + 1e-6
