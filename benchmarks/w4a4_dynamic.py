@@ -27,7 +27,9 @@ W the bundle's 4-bit weights unless the mode says otherwise, with ``a``:
             the format end to end, as a Blackwell GPU's FP4 tensor cores run it
 
 ``--plan`` adds a ``plan:`` row per mode (and ``plan:exact``): the bundle's step-aware plan (``ptqd plan``), its
-w4a8 steps on the exact w4a8 model and its w4a4 steps on that mode's model, no correction.
+w4a8 steps on the exact w4a8 model and its w4a4 steps on that mode's model, no correction. Each mode prints how
+many of the 4-bit-activation layers it covers: a layer whose channels its group does not divide (or, for the
+``_fc`` modes, a k×k conv) keeps the calibrated range.
 
 Layers with 8-bit activations are the bundle's exact fake-quant layers in every row, and the first and last
 layers stay as the bundle has them. The rows say how much of issue 24's gap a run-time range closes, and in
@@ -50,26 +52,32 @@ from w4a4_outliers import dynamic_act_quant  # noqa: E402
 MODES = {"static": (None, False), "token": (0, False), "token_fc": (0, True), "g64": (64, False),
          "g32": (32, False), "g16": (16, False), "g8": (8, False), "g32_fc": (32, True),
          "g16_fc": (16, True), "nvfp4": ("nvfp4", False), "mxfp4": ("mxfp4", False),
-         "nvfp4_w": ("nvfp4", False), "mxfp4_w": ("mxfp4", False), "g64s": (64, False), "g16s": (16, False)}  # (group: 0 = all channels | format, fc-only)
+         "nvfp4_w": ("nvfp4", False), "mxfp4_w": ("mxfp4", False), "g64s": (64, False),
+         "g16s": (16, False)}  # (group: 0 = all channels | format, fc-only)
 FP4 = {"nvfp4": 16, "mxfp4": 32}  # block sizes
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
 def e2m1(v):
-    """|v| (already divided by its scale) to the nearest E2M1 magnitude, sign kept; saturates at 6."""
+    """``v`` (already divided by its scale) to the nearest E2M1 value, ties to the even mantissa (0, 1, 2, 4);
+    saturates at ±6."""
     import torch
 
     lv = torch.tensor(E2M1, dtype=v.dtype, device=v.device)
-    return torch.sign(v) * lv[torch.bucketize(v.abs().contiguous(), (lv[1:] + lv[:-1]) / 2)]
+    mids = (lv[1:] + lv[:-1]) / 2
+    a = v.abs().contiguous()
+    idx = torch.bucketize(a, mids)  # a tie lands on the lower level
+    tie = (idx < len(mids)) & (a == mids[idx.clamp(max=len(mids) - 1)])
+    idx = torch.where(tie & (idx % 2 == 1), idx + 1, idx)  # even indices are the even mantissas
+    return torch.sign(v) * lv[idx]
 
 
 def e4m3(v):
-    """Positive ``v`` rounded to FP8 E4M3 (3 mantissa bits, subnormals below 2^-6, max 448)."""
+    """``v`` ≥ 0 rounded to FP8 E4M3 (torch's float8_e4m3fn cast: nearest, ties to even, subnormals down to
+    2^-9, 0 kept), saturating at 448."""
     import torch
 
-    e = torch.floor(torch.log2(v.clamp_min(2.0 ** -9))).clamp_min(-6)
-    step = torch.pow(2.0, e - 3)
-    return (torch.round(v / step) * step).clamp(2.0 ** -9, 448.0)
+    return v.clamp(max=448.0).to(torch.float8_e4m3fn).to(v.dtype)
 
 
 def fp4_blocks(x, cdim: int, fmt: str):
@@ -85,7 +93,7 @@ def fp4_blocks(x, cdim: int, fmt: str):
         s = e4m3((amax / 6.0) / g) * g
     else:
         s = torch.pow(2.0, torch.floor(torch.log2(amax.clamp_min(1e-30))) - 2)
-    q = e2m1(xb / s) * s
+    q = torch.where(s > 0, e2m1(xb / torch.where(s > 0, s, 1.0)) * s, 0.0)  # a block whose scale is 0 is 0
     return q.reshape(xm.shape).movedim(-1, cdim)
 
 
@@ -124,13 +132,16 @@ def is_fc(mod) -> bool:
 
 
 def mode_model(loaded, layers, mode: str, shrink: float):
-    """The exact fake-quant model with every 4-bit-activation layer replaced by its float twin under ``mode``."""
+    """(the exact fake-quant model with every 4-bit-activation layer replaced by its float twin under ``mode``,
+    how many of those layers got the mode's ranges: the others, whose channels the group does not divide or,
+    for ``_fc`` modes, k×k convs, keep the calibrated range)."""
     from torch import nn
 
     from ptqd.calib.fakequant import fake_quant, fake_quant_model
 
     model = fake_quant_model(loaded.unet, layers)
     group, fc_only = MODES[mode]
+    covered = 0
     for lq in layers:
         if lq.a_bits != 4:
             continue
@@ -139,12 +150,14 @@ def mode_model(loaded, layers, mode: str, shrink: float):
         c = src.weight.shape[1] * (src.groups if not isinstance(src, nn.Linear) else 1)
         size = FP4.get(group, group)
         weight_fmt = group if mode.endswith("_w") else None
-        if group is None or (fc_only and not is_fc(src)) or (size and c % size):
+        if group is None or (fc_only and not is_fc(src)) or (size and c % size) or (
+                weight_fmt and src.weight.shape[1] % size):
             quant, weight_fmt = (lambda q: lambda x: fake_quant(x, q))(lq.act_in), None
         elif group in FP4:
-            quant = (lambda cd, fmt: lambda x: fp4_blocks(x, cd, fmt))(cdim, group)
+            quant, covered = (lambda cd, fmt: lambda x: fp4_blocks(x, cd, fmt))(cdim, group), covered + 1
         else:
             quant = dynamic_act_quant(cdim, group or None, shrink, symmetric=mode in ("g64s", "g16s"))
+            covered += 1
         parent_name, _, leaf = lq.module.rpartition(".")
         parent = model.unet.get_submodule(parent_name) if parent_name else model.unet
         twin = float_twin(src, lq, quant, weight_fmt)
@@ -152,24 +165,7 @@ def mode_model(loaded, layers, mode: str, shrink: float):
             parent[int(leaf)] = twin
         else:
             setattr(parent, leaf, twin)
-    return model
-
-
-class PlanRunner:
-    """The runner of each step by a plan's precision at t (``runtime.pipeline.predict``'s step interface),
-    without correction."""
-
-    def __init__(self, by_precision: dict, steps: list):
-        self.by_t = {int(s["t"]): by_precision[s["precision"]] for s in steps}
-
-    def at(self, t):
-        return self.by_t[int(t)], None
-
-    def correct(self, eps, _corr):
-        return eps
-
-    def residual_std(self, _corr):
-        return 0.0
+    return model, covered
 
 
 def main(argv=None) -> int:
@@ -193,7 +189,9 @@ def main(argv=None) -> int:
     from ptqd.bundle import Bundle, layout
     from ptqd.calib.fakequant import fake_quant_model
     from ptqd.engines.torch_ref import TorchRunner
+    from ptqd.runtime.correction import Plan, StepEngines
     from ptqd.runtime.loader import default_labels, open_decoder, sampler_config
+    from ptqd.runtime.pipeline import scheduler_for
     from ptqd.stages.common import calib_layers, load_source
     from ptqd.tools.metrics import FeatureModel, evaluate_runners
 
@@ -205,16 +203,22 @@ def main(argv=None) -> int:
     runners = {"fp32": TorchRunner(loaded.unet, "cpu"),
                "exact w4a8": TorchRunner(fake_quant_model(loaded.unet, calib_layers(b, "w4a8")), "cpu"),
                "exact w4a4": TorchRunner(fake_quant_model(loaded.unet, w4a4), "cpu")}
+    a4 = sum(lq.a_bits == 4 for lq in w4a4)
     for mode in modes:
-        runners[mode] = TorchRunner(mode_model(loaded, w4a4, mode, args.shrink), "cpu")
+        model, covered = mode_model(loaded, w4a4, mode, args.shrink)
+        runners[mode] = TorchRunner(model, "cpu")
+        print(f"{mode}: run-time ranges on {covered} of the {a4} layers with 4-bit activations", flush=True)
     if args.plan:
-        steps = json.loads(b.path(layout.PLAN_JSON).read_text())["steps"] if b.has(layout.PLAN_JSON) else []
-        if not steps or {s["precision"] for s in steps} - {"w4a8", "w4a4"}:
+        plan = Plan.from_json(json.loads(b.path(layout.PLAN_JSON).read_text())) if b.has(layout.PLAN_JSON) else None
+        if plan is None or set(plan.precision) - {"w4a8", "w4a4"}:
             ap.error("--plan: the bundle needs a plan of w4a8 and w4a4 steps (ptqd plan BUNDLE --budget 0.79)")
-        print(f"plan: w4a4 on {sum(s['precision'] == 'w4a4' for s in steps)} of {len(steps)} steps")
+        sampled = [float(t) for t in scheduler_for(b.facts, cfg).timesteps]
+        if sorted(map(float, plan.t)) != sorted(sampled):
+            ap.error(f"--plan: the plan's timesteps {plan.t} are not this run's DDIM steps {sampled}")
+        print(f"plan: w4a4 on {plan.precision.count('w4a4')} of {len(plan.t)} steps")
         for name in ["exact"] + modes:
             low = runners["exact w4a4" if name == "exact" else name]
-            runners[f"plan:{name}"] = PlanRunner({"w4a8": runners["exact w4a8"], "w4a4": low}, steps)
+            runners[f"plan:{name}"] = StepEngines({"w4a8": runners["exact w4a8"], "w4a4": low}, plan)
     features = FeatureModel(b.path(layout.DEMO_FEATURES)) if b.has(layout.DEMO_FEATURES) else None
     t0 = time.perf_counter()
     res = evaluate_runners(b.facts, layout.class_embedding(b), runners, open_decoder(b),
