@@ -44,10 +44,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from w4a4_outliers import dynamic_act_quant  # noqa: E402
+from w4a4_outliers import dequantized_weight, dynamic_act_quant  # noqa: E402
 
 MODES = {"static": (None, False), "token": (0, False), "token_fc": (0, True), "g64": (64, False),
          "g32": (32, False), "g16": (16, False), "g8": (8, False), "g32_fc": (32, True),
@@ -100,16 +99,12 @@ def fp4_blocks(x, cdim: int, fmt: str):
 def float_twin(src, lq, quant, weight_fmt: str | None = None):
     """The layer as ``op(quant(x), dequantized weights) + bias`` (weights: the bundle's integers, or the float
     weights in ``weight_fmt``); a conv's output on its 8-bit grid."""
-    import torch
     import torch.nn.functional as F
     from torch import nn
 
     from ptqd.calib.fakequant import fake_quant
 
-    if weight_fmt is None:
-        w = torch.from_numpy(lq.w_int.astype(np.float32) * lq.w_scale.reshape([-1] + [1] * (lq.w_int.ndim - 1)))
-    else:
-        w = fp4_blocks(src.weight.detach().float(), 1, weight_fmt)
+    w = dequantized_weight(lq) if weight_fmt is None else fp4_blocks(src.weight.detach().float(), 1, weight_fmt)
     bias = None if src.bias is None else src.bias.detach().clone()
     linear = isinstance(src, nn.Linear)
 
@@ -153,18 +148,13 @@ def mode_model(loaded, layers, mode: str, shrink: float):
         if group is None or (fc_only and not is_fc(src)) or (size and c % size) or (
                 weight_fmt and src.weight.shape[1] % size):
             quant, weight_fmt = (lambda q: lambda x: fake_quant(x, q))(lq.act_in), None
-        elif group in FP4:
-            quant, covered = (lambda cd, fmt: lambda x: fp4_blocks(x, cd, fmt))(cdim, group), covered + 1
         else:
-            quant = dynamic_act_quant(cdim, group or None, shrink, symmetric=mode in ("g64s", "g16s"))
+            if group in FP4:
+                quant = (lambda cd, fmt: lambda x: fp4_blocks(x, cd, fmt))(cdim, group)
+            else:
+                quant = dynamic_act_quant(cdim, group or None, shrink, symmetric=mode in ("g64s", "g16s"))
             covered += 1
-        parent_name, _, leaf = lq.module.rpartition(".")
-        parent = model.unet.get_submodule(parent_name) if parent_name else model.unet
-        twin = float_twin(src, lq, quant, weight_fmt)
-        if leaf.isdigit():
-            parent[int(leaf)] = twin
-        else:
-            setattr(parent, leaf, twin)
+        model.unet.set_submodule(lq.module, float_twin(src, lq, quant, weight_fmt))
     return model, covered
 
 

@@ -101,6 +101,13 @@ def apply(mod, x, w):
     return F.conv2d(x, w, None, mod.stride, mod.padding, mod.dilation, mod.groups)
 
 
+def dequantized_weight(lq):
+    """A calibrated layer's 4-bit weights as float: its integers times their per-channel scales."""
+    import torch
+
+    return torch.from_numpy(lq.w_int.astype(np.float32) * lq.w_scale.reshape([-1] + [1] * (lq.w_int.ndim - 1)))
+
+
 def rel_err(mod, xs, w_ref, run) -> float:
     num = den = 0.0
     for x in xs:
@@ -250,15 +257,15 @@ def dynamic_act_quant(cdim: int, group: int | None, shrink: float, per_call: boo
 def study_dynamic(mod, xs, out: dict, cdim: int, w, w_rtn) -> None:
     """The ``dyn_*`` rows into ``out``: run-time ranges, shrink searched per layer on the rtn-weight error."""
     c = xs[0].shape[cdim]
-    for key, group, per_call in (("dyn_call", None, True), ("dyn_token", None, False),
-                                 ("dyn_token_g64", 64, False), ("dyn_token_g16", 16, False),
-                                 ("dyn_token_g16s", 16, False)):
+    for key, group, per_call, symmetric in (("dyn_call", None, True, False), ("dyn_token", None, False, False),
+                                            ("dyn_token_g64", 64, False, False), ("dyn_token_g16", 16, False, False),
+                                            ("dyn_token_g16s", 16, False, True)):
         if group is not None and c % group:
             out[key] = out[f"{key}_a_only"] = None
             continue
         best = None
         for shrink in (1.0, 0.9, 0.8, 0.7, 0.6):
-            dq = dynamic_act_quant(cdim, group, shrink, per_call, symmetric=key.endswith("s"))
+            dq = dynamic_act_quant(cdim, group, shrink, per_call, symmetric=symmetric)
             err = rel_err(mod, xs, w, lambda x, dq=dq: apply(mod, dq(x), w_rtn))
             if best is None or err < best[0]:
                 best = (err, shrink, dq)
@@ -267,14 +274,13 @@ def study_dynamic(mod, xs, out: dict, cdim: int, w, w_rtn) -> None:
 
 
 def study_layer(mod, xs, lq, rank_budget: float, grids_only: bool = False, dynamic: bool = False) -> dict:
-    import torch
 
     from ptqd.calib.fakequant import fake_quant
 
     w = mod.weight.detach().float()
     cdim = 1 if w.dim() == 4 else xs[0].dim() - 1  # input channel axis of x
     out: dict = {}
-    wq = torch.from_numpy(lq.w_int.astype(np.float32) * lq.w_scale.reshape([-1] + [1] * (w.dim() - 1)))
+    wq = dequantized_weight(lq)
     out["ptqd"] = rel_err(mod, xs, w, lambda x: apply(mod, fake_quant(x, lq.act_in), wq))
     aq = act_quant(xs)
     w_rtn = rtn(w)
