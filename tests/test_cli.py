@@ -154,3 +154,19 @@ def test_lint_tensorrt_passes_on_the_demo_and_names_the_rule_on_an_ort_graph(com
     assert main(["lint", str(bad)]) == 1
     res = capsys.readouterr()
     assert "zero-point" in res.out and "rule violation" in res.err
+
+
+@pytest.mark.parametrize("precisions,note", [(["w4a8", "w4a4", "w4a4"], True), (["w4a8", "w8a8"], False)])
+def test_plan_says_its_w4a4_steps_save_bops_not_time(monkeypatch, capsys, precisions, note):
+    import argparse
+
+    from ptqd import api
+    from ptqd.cli import commands
+
+    steps = [{"t": 951 - 50 * i, "precision": p} for i, p in enumerate(precisions)]
+    monkeypatch.setattr(api, "plan", lambda *a, **k: {"criterion": "sensitivity", "steps": steps})
+    commands.cmd_plan(argparse.Namespace(bundle="b", margin=1.0, criterion="sensitivity", budget=0.9,
+                                         reference="w4a8", preset="auto"))
+    out = capsys.readouterr().out
+    assert "t=901:w4a4" in out if note else "t=901:w8a8" in out
+    assert ("w4a4 steps save BOPs, not time" in out) is note

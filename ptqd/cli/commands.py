@@ -227,6 +227,9 @@ def _print_plan(pl: dict) -> None:
     steps = pl["steps"]
     print(f"plan ({pl['criterion']}):")
     print("  " + "  ".join(f"t={s['t']}:{s['precision']}" for s in steps))
+    if any(s["precision"] == "w4a4" for s in steps):
+        print("  note: w4a4 steps save BOPs, not time on ptqd's backends: ONNX Runtime, OpenVINO and TensorRT run "
+              "4-bit activations on int8 kernels, at about w4a8's latency (docs/ptqd-correction-and-plans.md)")
 
 
 def cmd_plan(args) -> int:
