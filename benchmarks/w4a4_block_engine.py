@@ -60,8 +60,9 @@ def dynamic_quantizer(x: str, y: str, cdim_last: bool, channels: int, group: int
 
     top = float(2 ** bits - 1)
     n = f"{tag}_dq"
-    shape = [0, 0, channels // group, group] if cdim_last else [0, channels // group, group, -1]
-    axis = 3 if cdim_last else 2
+    # channels last (any rank): rows of ``group``; channels first (NCHW, NCL): [N, C/group, group, pixels]
+    shape = [-1, group] if cdim_last else [0, channels // group, group, -1]
+    axis = 1 if cdim_last else 2
     inits = [_const(f"{n}_shape", np.array(shape, np.int64)), _const(f"{n}_axis", np.array([axis], np.int64)),
              _const(f"{n}_zero", np.float32(0.0)),
              _const(f"{n}_eps", np.float32(1e-12)), _const(f"{n}_top", np.float32(top))]
@@ -108,11 +109,18 @@ def _dequantized(dq, inits: dict) -> np.ndarray:
 
 def block_graph(qdq_path, out_path, group: int = 16) -> dict:
     """Write ``qdq_path`` with its 4-bit activation quantizers taken at run time (see the module doc) to
-    ``out_path``; returns how many quantizers and layers it rewrote and which it kept, and why."""
+    ``out_path``; returns how many quantizers and layers it rewrote and which it kept, and why. A quantizer that
+    several layers share (q/k/v of one input) is rewritten once for all of them. Raises ValueError for a graph
+    below opset 18 (ReduceMin/ReduceMax take their axes as an input from 18 on)."""
     import onnx
     from onnx import numpy_helper
 
+    if group < 1:
+        raise ValueError(f"group {group}: channels per range must be at least 1")
     m = onnx.load(str(qdq_path))
+    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 18:
+        raise ValueError(f"{qdq_path}: opset {opset}; the run-time quantizer needs opset 18 or later")
     g = m.graph
     inits = {i.name: i for i in g.initializer}
     prod = {o: nd for nd in g.node for o in nd.output}
@@ -121,65 +129,89 @@ def block_graph(qdq_path, out_path, group: int = 16) -> dict:
         for i in nd.input:
             users[i].append(nd)
 
+    def const(name):
+        return numpy_helper.to_array(inits[name]).astype(np.float64) if name in inits else None
+
     def weight_dq(nd):
-        w = prod.get(nd.input[1])
-        return w if w is not None and w.op_type == "DequantizeLinear" and w.input[0] in inits else None
+        w = prod.get(nd.input[1]) if len(nd.input) > 1 else None
+        ok = w is not None and w.op_type == "DequantizeLinear" and w.input[0] in inits
+        return w if ok and not any(a.name == "block_size" for a in w.attribute) else None
+
+    def levels(clip, q) -> int | None:
+        """How many levels the Clip leaves: on the integers after the QuantizeLinear, or on the floats before it."""
+        lo, hi = (const(clip.input[i]) if len(clip.input) > i else None for i in (1, 2))
+        if lo is None or hi is None:
+            return None
+        if prod.get(clip.input[0]) is q:
+            return int(round(float(hi - lo))) + 1
+        scale = const(q.input[1])
+        return None if scale is None or np.ndim(scale) else int(round(float((hi - lo) / scale))) + 1
 
     replace, drop, kept, folded, layers = {}, set(), [], {}, 0
-    for dq in g.node:
+    for last in g.node:
         # a 4-bit activation quantizer: Clip on the floats before the QuantizeLinear, or on its integers after it
-        a = prod.get(dq.input[0]) if dq.op_type == "DequantizeLinear" else None
-        b = prod.get(a.input[0]) if a is not None else None
-        if b is None or {a.op_type, b.op_type} != {"Clip", "QuantizeLinear"} or len(users[a.output[0]]) != 1 \
-                or len(users[b.output[0]]) != 1:
+        first = prod.get(last.input[0]) if last.op_type in ("Clip", "QuantizeLinear") and last.input else None
+        if first is None or {first.op_type, last.op_type} != {"Clip", "QuantizeLinear"} \
+                or len(users[first.output[0]]) != 1:
             continue  # an 8-bit activation quantizer (no Clip), or a weight's
-        clip, q = (a, b) if a.op_type == "Clip" else (b, a)
-        source = b.input[0]
-        consumers = users[dq.output[0]]
-        if not all(c.op_type in ("Conv", "MatMul") and c.input[0] == dq.output[0] and weight_dq(c) for c in consumers):
-            kept.append((dq.output[0], "feeds something other than a Conv/MatMul on 4-bit weights"))
+        clip, q = (first, last) if first.op_type == "Clip" else (last, first)
+        name = last.output[0]
+        n_levels = levels(clip, q)
+        if n_levels != 16:
+            kept.append((name, f"its Clip leaves {n_levels} levels, not 16"))
             continue
-        shapes = [numpy_helper.to_array(inits[weight_dq(c).input[0]]).shape for c in consumers]
+        dqs = users[name]
+        outs = {dq.output[0] for dq in dqs}
+        consumers = [c for dq in dqs for c in users[dq.output[0]]]
+        if not consumers or not all(dq.op_type == "DequantizeLinear" for dq in dqs) or not all(
+                c.op_type in ("Conv", "MatMul") and c.input[0] in outs and weight_dq(c) for c in consumers):
+            kept.append((name, "feeds something other than a Conv/MatMul on per-channel 4-bit weights"))
+            continue
         conv = consumers[0].op_type == "Conv"
         if any((c.op_type == "Conv") != conv for c in consumers):
-            kept.append((dq.output[0], "feeds both convs and matmuls"))
+            kept.append((name, "feeds both convs and matmuls"))
             continue
-        ch = shapes[0][1] if conv else shapes[0][0]
-        if any(next((a.i for a in c.attribute if a.name == "group"), 1) != 1 for c in consumers) or ch % group:
-            kept.append((dq.output[0], f"{ch} channels, not a multiple of {group} (or a grouped conv)"))
+        shapes = {numpy_helper.to_array(inits[weight_dq(c).input[0]]).shape[1 if conv else 0] for c in consumers}
+        ch = shapes.pop() if len(shapes) == 1 else None
+        grouped = any(next((a.i for a in c.attribute if a.name == "group"), 1) != 1 for c in consumers)
+        if ch is None or grouped or ch % group:
+            kept.append((name, f"{ch} channels, not a multiple of {group} (or a grouped conv)"))
             continue
-        replace[id(dq)] = dynamic_quantizer(source, dq.output[0], not conv, ch, group, f"blk{len(replace)}")
-        drop.update((id(clip), id(q)))
+        y = f"blk{len(replace)}_y"
+        replace[id(last)] = dynamic_quantizer(q.input[0] if first is q else clip.input[0], y, not conv, ch, group,
+                                              f"blk{len(replace)}")
+        drop.update([id(first), *map(id, dqs)])
         layers += len(consumers)
         for c in consumers:
+            c.input[0] = y
             w = weight_dq(c)
             if w.output[0] not in folded:
                 folded[w.output[0]] = numpy_helper.from_array(_dequantized(w, inits), w.output[0] + "_f32")
             c.input[1] = folded[w.output[0]].name
     nodes, new_inits = [], list(folded.values())
     for nd in g.node:
-        if id(nd) in drop:
-            continue
         if id(nd) in replace:
             more, ci = replace[id(nd)]
             nodes.extend(more)
             new_inits.extend(ci)
-            continue
-        nodes.append(nd)
+        elif id(nd) not in drop:
+            nodes.append(nd)
     live = {i for nd in nodes for i in nd.input}
-    dead = [nd for nd in nodes if nd.op_type == "DequantizeLinear" and nd.output[0] in folded
-            and nd.output[0] not in live]
-    nodes = [nd for nd in nodes if nd not in dead]
+    nodes = [nd for nd in nodes if not (nd.op_type == "DequantizeLinear" and nd.output[0] in folded
+                                        and nd.output[0] not in live)]  # weights now folded and unused
     del g.node[:]
     g.node.extend(nodes)
     live = {i for nd in nodes for i in nd.input}
     keep = [i for i in g.initializer if i.name in live]
     del g.initializer[:]
     g.initializer.extend(keep + [i for i in new_inits if i.name in live])
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    data = out_path.with_name(out_path.name + ".data")
+    data.unlink(missing_ok=True)  # onnx appends to an existing external data file
     big = sum(i.ByteSize() for i in g.initializer) > 1.8e9
-    onnx.save(m, str(out_path), save_as_external_data=big, location=Path(out_path).name + ".data" if big else None)
-    return {"quantizers": len(replace), "layers": layers,
-            "kept": kept, "group": group}
+    onnx.save(m, str(out_path), save_as_external_data=big, location=data.name if big else None)
+    return {"quantizers": len(replace), "layers": layers, "kept": kept, "group": group}
 
 
 def _has_openvino() -> bool:
@@ -196,7 +228,9 @@ def _ov_runner(path, threads: int, precision: str):
 
 def check(b, graph_path: Path, group: int, threads: int) -> dict:
     """Relative L2 of ε on the build's validation inputs: the graph against w4a4_dynamic's torch model, the
-    bundle's w4a4 engine against its exact fake-quant model, and the graph against that exact model."""
+    bundle's w4a4 engine against its exact fake-quant model, the graph against that exact model, and the graph and
+    the torch model against FP (ptqd's rounding-cascade rule: an engine whose float sums round differently passes
+    when it is at most CASCADE_SLACK times further from FP than its fake-quant model)."""
     import torch
 
     from w4a4_dynamic import MODES, mode_model
@@ -204,7 +238,7 @@ def check(b, graph_path: Path, group: int, threads: int) -> dict:
     from ptqd import api
     from ptqd.bundle import layout
     from ptqd.calib.fakequant import fake_quant_model
-    from ptqd.engines.compare import rel_l2, validation_inputs
+    from ptqd.engines.compare import CASCADE_SLACK, rel_l2, validation_inputs
     from ptqd.engines.onnxruntime import OrtRunner
     from ptqd.engines.torch_ref import TorchRunner
     from ptqd.stages.common import calib_layers, load_source
@@ -216,7 +250,8 @@ def check(b, graph_path: Path, group: int, threads: int) -> dict:
     loaded = load_source(b)
     w4a4 = calib_layers(b, "w4a4")
     model, covered = mode_model(loaded, w4a4, mode, 1.0)
-    refs = {"torch g": TorchRunner(model, "cpu"), "exact": TorchRunner(fake_quant_model(loaded.unet, w4a4), "cpu")}
+    refs = {"torch g": TorchRunner(model, "cpu"), "exact": TorchRunner(fake_quant_model(loaded.unet, w4a4), "cpu"),
+            "fp": TorchRunner(loaded.unet, "cpu")}
     runs = {"graph": OrtRunner(graph_path, threads), "engine": api.open_engine(b, "w4a4", threads)}
     out = defaultdict(list)
     for f in validation_inputs(dict(np.load(b.path(layout.CALIB_FEEDS)))):
@@ -225,8 +260,11 @@ def check(b, graph_path: Path, group: int, threads: int) -> dict:
         out["graph vs torch g"].append(rel_l2(r["graph"], r["torch g"]))
         out["engine vs exact"].append(rel_l2(r["engine"], r["exact"]))
         out["graph vs exact"].append(rel_l2(r["graph"], r["exact"]))
-    return {"torch_layers_covered": covered, **{k: {"median": float(np.median(v)), "worst": float(max(v))}
-                                                 for k, v in out.items()}}
+        out["graph vs fp"].append(rel_l2(r["graph"], r["fp"]))
+        out["torch g vs fp"].append(rel_l2(r["torch g"], r["fp"]))
+    res = {k: {"median": float(np.median(v)), "worst": float(max(v))} for k, v in out.items()}
+    cascade = res["graph vs fp"]["median"] <= CASCADE_SLACK * res["torch g vs fp"]["median"]
+    return {"torch_layers_covered": covered, **res, "cascade_rule_passed": bool(cascade)}
 
 
 def latency(b, graph_path: Path, group: int, threads: int, runs: int, warmup: int, backends=("ort", "openvino"),
@@ -286,17 +324,43 @@ def main(argv=None) -> dict:
     ap.add_argument("--keep", help="write the graph here instead of a temporary file")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    from ptqd.bundle import Bundle
+    from w4a4_dynamic import MODES
 
-    b = Bundle.open(args.bundle)
+    from ptqd.bundle import Bundle
+    from ptqd.errors import PtqdError
+
+    try:
+        batches = [int(x) for x in args.batches.split(",")]
+    except ValueError:
+        ap.error(f"--batches {args.batches!r}: give batch sizes separated by commas, e.g. 1,2")
+    backends = args.backends.split(",")
+    if args.group < 1 or min(batches) < 1 or args.runs < 1 or args.warmup < 0 or args.threads < 1:
+        ap.error("--group, --batches, --runs and --threads must be positive (--warmup at least 0)")
+    if set(backends) - {"ort", "openvino"}:
+        ap.error(f"--backends {args.backends!r}: choose from ort, openvino")
+    if args.plan and not args.eval:
+        ap.error("--plan goes with --eval N (it adds rows to the evaluation)")
+    if args.check and f"g{args.group}" not in MODES:
+        ap.error(f"--check compares with w4a4_dynamic.py's mode g{args.group}, which it does not have: "
+                 f"use --group {', '.join(m[1:] for m in MODES if m[1:].isdigit())}")
+    try:
+        b = Bundle.open(args.bundle)
+    except PtqdError as e:
+        ap.error(str(e))
     qdq = Path(b.root, "engines/onnxruntime/w4a4.qdq.onnx")
     if not qdq.exists():
-        ap.error(f"{qdq} not found: build the bundle's w4a4 engine first (ptqd build {args.bundle})")
+        bucketed = sorted(qdq.parent.glob("w4a4.*.qdq.onnx"))
+        ap.error(f"{qdq} not found: " + ("this study takes one w4a4 graph, and the bundle has one per timestep "
+                                          f"bucket ({bucketed[0].name}, ...)" if bucketed else
+                                          f"build the bundle's w4a4 engine first (ptqd build {args.bundle})"))
     res: dict = {"machine": _machine(), "bundle": str(args.bundle)}
     with tempfile.TemporaryDirectory(prefix="ptqd-blk-") as tmp:
         graph = Path(args.keep) if args.keep else Path(tmp) / f"w4a4.g{args.group}.onnx"
         t0 = time.perf_counter()
-        rec = block_graph(qdq, graph, args.group)
+        try:
+            rec = block_graph(qdq, graph, args.group)
+        except ValueError as e:
+            ap.error(str(e))
         res["graph"] = {k: v for k, v in rec.items() if k != "kept"} | {"kept": len(rec["kept"])}
         print(f"graph: {rec['quantizers']} 4-bit activation quantizers taken at run time (per pixel/token and "
               f"{args.group} channels), {rec['layers']} layers in float on dequantized 4-bit weights; "
@@ -308,9 +372,7 @@ def main(argv=None) -> dict:
             for k, v in res["check"].items():
                 print(f"  {k}: {v}" if not isinstance(v, dict) else f"  {k:18s} {v['median']:.4f} / {v['worst']:.4f}")
         if not args.no_latency:
-            batches = [int(x) for x in args.batches.split(",")]
-            lat = latency(b, graph, args.group, args.threads, args.runs, args.warmup, args.backends.split(","),
-                          batches)
+            lat = latency(b, graph, args.group, args.threads, args.runs, args.warmup, backends, batches)
             res["latency_ms"] = lat
             print(f"\n{args.threads} threads, interleaved, median of {args.runs} ({res['machine']})")
             print(f"{'engine':<34}" + "".join(f"{f'batch {bt} ms':>11}" for bt in batches) + f"{'x w4a8':>13}")
