@@ -1,8 +1,8 @@
 """W4A4 with run-time activation ranges as a graph ONNX Runtime and OpenVINO run: is it right, and what it costs.
 
     python benchmarks/w4a4_block_engine.py BUNDLE [--group 16] [--runs 10] [--threads 2] [--check]
-                                          [--eval N [--eta 0] [--plan]] [--no-latency] [--backends ort,openvino]
-                                          [--batches 1,2] [--json out.json]
+                                          [--eval N [--eta 0] [--seed 0] [--plan]] [--no-latency]
+                                          [--backends ort,openvino] [--batches 1,2] [--json out.json]
 
 ``w4a4_dynamic.py`` found that a 4-bit activation range per pixel/token and group of 16 channels (``g16``) makes the
 demo's w4a4 hold, in torch fake-quant. This script builds that model as an ONNX graph of stock operators and runs
@@ -22,8 +22,8 @@ case for a float layer). Everything else (8-bit layers, attention, requantized o
    them, FP32 and the graph read from ONNX, in f32 (the graph's numerics) and, when the engines' float parts are
    bf16, in bf16 too.
 3. ``--eval N``: the graph on ONNX Runtime and OpenVINO (f32, and bf16 where this CPU has it) scored as ``ptqd
-   eval`` does (paired PSNR and FD vs FP, class accuracy; N samples, seed 0, 20 DDIM steps, η ``--eta``, no PTQD
-   correction), beside the exact w4a8 model and the bundle's w4a8 and w4a4 engines. ``--plan``: also the
+   eval`` does (paired PSNR and FD vs FP, class accuracy; N samples from ``--seed``, 20 DDIM steps, η ``--eta``,
+   no PTQD correction), beside the exact w4a8 model and the bundle's w4a8 and w4a4 engines. ``--plan``: also the
    bundle's step plan (``ptqd plan``), its w4a4 steps on the w4a4 engine and on the graph.
 
 A kernel that quantizes and multiplies in one pass would do better than these stock operators; what they show is
@@ -319,6 +319,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batches", default="1,2", help="latency batch sizes (default 1,2)")
     ap.add_argument("--eval", type=int, default=0, metavar="N", help="score the graph on N samples (ptqd eval's way)")
     ap.add_argument("--eta", type=float, default=0.0, help="DDIM η of --eval (default 0)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed of --eval (default 0, as ptqd eval)")
     ap.add_argument("--plan", action="store_true",
                     help="--eval also runs the bundle's plan: its w4a4 steps on the w4a4 engine, and on the graph")
     ap.add_argument("--keep", help="write the graph here instead of a temporary file")
@@ -429,8 +430,9 @@ def evaluate(b, graph: Path, args) -> dict:
     features = FeatureModel(b.path(layout.DEMO_FEATURES)) if b.has(layout.DEMO_FEATURES) else None
     t0 = time.perf_counter()
     res = evaluate_runners(b.facts, layout.class_embedding(b), runners, open_decoder(b),
-                           default_labels(b.facts, None, args.eval), 0, cfg, features=features, eps_mse=False)
-    print(f"\neval: {args.eval} samples, seed 0, 20 DDIM steps, η {args.eta:g}, no correction "
+                           default_labels(b.facts, None, args.eval), args.seed, cfg, features=features,
+                           eps_mse=False)
+    print(f"\neval: {args.eval} samples, seed {args.seed}, 20 DDIM steps, η {args.eta:g}, no correction "
           f"({time.perf_counter() - t0:.0f} s)")
     print(f"{'row':40s} {'PSNR vs FP':>10s} {'FD vs FP':>9s} {'class acc':>9s}")
     for r in res.rows:
