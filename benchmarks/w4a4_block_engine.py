@@ -128,6 +128,7 @@ def block_graph(qdq_path, out_path, group: int = 16) -> dict:
     for nd in g.node:
         for i in nd.input:
             users[i].append(nd)
+    graph_outputs = {o.name for o in g.output}
 
     def const(name):
         return numpy_helper.to_array(inits[name]).astype(np.float64) if name in inits else None
@@ -138,14 +139,19 @@ def block_graph(qdq_path, out_path, group: int = 16) -> dict:
         return w if ok and not any(a.name == "block_size" for a in w.attribute) else None
 
     def levels(clip, q) -> int | None:
-        """How many levels the Clip leaves: on the integers after the QuantizeLinear, or on the floats before it."""
-        lo, hi = (const(clip.input[i]) if len(clip.input) > i else None for i in (1, 2))
-        if lo is None or hi is None:
+        """How many levels of the QuantizeLinear's grid the Clip leaves (it clips the integers after it, or the
+        floats before it on grid points); None for a Clip that is not on the grid (the model's own, e.g. ReLU6)."""
+        lo, hi = (const(clip.input[i]) if len(clip.input) > i and clip.input[i] else None for i in (1, 2))
+        if lo is None or hi is None or np.size(lo) != 1 or np.size(hi) != 1:
             return None
-        if prod.get(clip.input[0]) is q:
-            return int(round(float(hi - lo))) + 1
-        scale = const(q.input[1])
-        return None if scale is None or np.ndim(scale) else int(round(float((hi - lo) / scale))) + 1
+        if prod.get(clip.input[0]) is not q:
+            scale = const(q.input[1])
+            if scale is None or np.size(scale) != 1 or not float(scale.ravel()[0]) > 0:
+                return None
+            lo, hi = lo / scale, hi / scale
+        lo, hi = float(np.ravel(lo)[0]), float(np.ravel(hi)[0])
+        on_grid = abs(lo - round(lo)) < 1e-3 and abs(hi - round(hi)) < 1e-3 and hi >= lo
+        return int(round(hi - lo)) + 1 if on_grid else None
 
     replace, drop, kept, folded, layers = {}, set(), [], {}, 0
     for last in g.node:
@@ -157,11 +163,16 @@ def block_graph(qdq_path, out_path, group: int = 16) -> dict:
         clip, q = (first, last) if first.op_type == "Clip" else (last, first)
         name = last.output[0]
         n_levels = levels(clip, q)
+        if n_levels is None or n_levels >= 256:
+            continue  # the model's own Clip in front of an 8-bit quantizer
         if n_levels != 16:
             kept.append((name, f"its Clip leaves {n_levels} levels, not 16"))
             continue
         dqs = users[name]
         outs = {dq.output[0] for dq in dqs}
+        if {name, first.output[0], *outs} & graph_outputs:
+            kept.append((name, "a graph output reads it"))
+            continue
         consumers = [c for dq in dqs for c in users[dq.output[0]]]
         if not consumers or not all(dq.op_type == "DequantizeLinear" for dq in dqs) or not all(
                 c.op_type in ("Conv", "MatMul") and c.input[0] in outs and weight_dq(c) for c in consumers):
@@ -339,6 +350,8 @@ def main(argv=None) -> dict:
         ap.error("--group, --batches, --runs and --threads must be positive (--warmup at least 0)")
     if set(backends) - {"ort", "openvino"}:
         ap.error(f"--backends {args.backends!r}: choose from ort, openvino")
+    if args.eval < 0:
+        ap.error(f"--eval {args.eval}: give a number of samples (0: no evaluation)")
     if args.plan and not args.eval:
         ap.error("--plan goes with --eval N (it adds rows to the evaluation)")
     if args.check and f"g{args.group}" not in MODES:
@@ -354,14 +367,29 @@ def main(argv=None) -> dict:
         ap.error(f"{qdq} not found: " + ("this study takes one w4a4 graph, and the bundle has one per timestep "
                                           f"bucket ({bucketed[0].name}, ...)" if bucketed else
                                           f"build the bundle's w4a4 engine first (ptqd build {args.bundle})"))
+    if args.keep and Path(args.keep).resolve().is_relative_to(Path(b.root).resolve()):
+        ap.error(f"--keep {args.keep}: write the graph outside the bundle ({b.root})")
+    for out in (args.keep, args.json):
+        if out and not Path(out).resolve().parent.is_dir():
+            ap.error(f"{out}: its folder does not exist")
+    try:
+        return run(b, qdq, args)
+    except (PtqdError, OSError) as e:
+        ap.error(str(e))
+
+
+def run(b, qdq: Path, args) -> dict:
+    from ptqd.errors import UserError
+
     res: dict = {"machine": _machine(), "bundle": str(args.bundle)}
+    batches, backends = [int(x) for x in args.batches.split(",")], args.backends.split(",")
     with tempfile.TemporaryDirectory(prefix="ptqd-blk-") as tmp:
         graph = Path(args.keep) if args.keep else Path(tmp) / f"w4a4.g{args.group}.onnx"
         t0 = time.perf_counter()
         try:
             rec = block_graph(qdq, graph, args.group)
         except ValueError as e:
-            ap.error(str(e))
+            raise UserError(str(e)) from e
         res["graph"] = {k: v for k, v in rec.items() if k != "kept"} | {"kept": len(rec["kept"])}
         print(f"graph: {rec['quantizers']} 4-bit activation quantizers taken at run time (per pixel/token and "
               f"{args.group} channels), {rec['layers']} layers in float on dequantized 4-bit weights; "

@@ -112,3 +112,22 @@ def test_block_graph_keeps_a_quantizer_it_cannot_take_at_run_time(tmp_path, chan
     assert rec["quantizers"] == 0 and len(rec["kept"]) == 1 and why in rec["kept"][0][1]
     x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
     np.testing.assert_array_equal(run(tmp_path / "blk.onnx", x)[0], run(tmp_path / "qdq.onnx", x)[0])
+
+
+def test_block_graph_leaves_a_quantizer_a_graph_output_reads_and_the_models_own_clips(tmp_path):
+    model, _, shape = qdq_graph("matmul", 32, False, np.random.default_rng(4))
+    model.graph.output.append(helper.make_tensor_value_info("xd0", TensorProto.FLOAT, None))
+    onnx.save(model, tmp_path / "out.onnx")
+    rec = block_graph(tmp_path / "out.onnx", tmp_path / "blk.onnx", 16)
+    assert rec["quantizers"] == 0 and "graph output" in rec["kept"][0][1]
+    # a ReLU6-like Clip in front of an 8-bit quantizer (256 levels) is the model's, not a 4-bit quantizer
+    model, _, shape = qdq_graph("matmul", 32, False, np.random.default_rng(4))
+    for init in model.graph.initializer:
+        value = {"lo_f": 0.0, "hi_f": 6.0, "x_s": 6.0 / 255}.get(init.name)
+        if value is not None:
+            init.CopyFrom(numpy_helper.from_array(np.float32(value), init.name))
+    onnx.save(model, tmp_path / "relu6.onnx")
+    rec = block_graph(tmp_path / "relu6.onnx", tmp_path / "blk6.onnx", 16)
+    assert rec["quantizers"] == 0 and not rec["kept"]
+    x = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    np.testing.assert_array_equal(run(tmp_path / "blk6.onnx", x)[0], run(tmp_path / "relu6.onnx", x)[0])
