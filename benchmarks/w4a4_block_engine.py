@@ -43,7 +43,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from speed_at_size import _machine  # noqa: E402
+from speed_at_size import _has_openvino, _machine  # noqa: E402
+from w4a4_dynamic import print_rows, w4a4_plan  # noqa: E402
 
 
 def _const(name: str, value) -> object:
@@ -225,12 +226,6 @@ def block_graph(qdq_path, out_path, group: int = 16) -> dict:
     return {"quantizers": len(replace), "layers": layers, "kept": kept, "group": group}
 
 
-def _has_openvino() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("openvino") is not None
-
-
 def _ov_runner(path, threads: int, precision: str):
     from ptqd.engines.openvino import OvRunner, shared_core
 
@@ -244,7 +239,7 @@ def check(b, graph_path: Path, group: int, threads: int) -> dict:
     when it is at most CASCADE_SLACK times further from FP than its fake-quant model)."""
     import torch
 
-    from w4a4_dynamic import MODES, mode_model
+    from w4a4_dynamic import mode_model
 
     from ptqd import api
     from ptqd.bundle import layout
@@ -254,13 +249,10 @@ def check(b, graph_path: Path, group: int, threads: int) -> dict:
     from ptqd.engines.torch_ref import TorchRunner
     from ptqd.stages.common import calib_layers, load_source
 
-    mode = f"g{group}"
-    if mode not in MODES:
-        raise SystemExit(f"--check: w4a4_dynamic.py has no mode {mode}")
     torch.set_grad_enabled(False)
     loaded = load_source(b)
     w4a4 = calib_layers(b, "w4a4")
-    model, covered = mode_model(loaded, w4a4, mode, 1.0)
+    model, covered = mode_model(loaded, w4a4, f"g{group}", 1.0)  # main checked that w4a4_dynamic has the mode
     refs = {"torch g": TorchRunner(model, "cpu"), "exact": TorchRunner(fake_quant_model(loaded.unet, w4a4), "cpu"),
             "fp": TorchRunner(loaded.unet, "cpu")}
     runs = {"graph": OrtRunner(graph_path, threads), "engine": api.open_engine(b, "w4a4", threads)}
@@ -427,8 +419,7 @@ def evaluate(b, graph: Path, args) -> dict:
     from ptqd.engines.onnxruntime import OrtRunner
     from ptqd.engines.torch_ref import TorchRunner
     from ptqd.resources import has_native_bf16
-    from ptqd.runtime.correction import Plan, StepEngines
-    from ptqd.runtime.pipeline import scheduler_for
+    from ptqd.runtime.correction import StepEngines
     from ptqd.runtime.loader import default_labels, open_decoder, sampler_config
     from ptqd.stages.common import calib_layers, load_source
     from ptqd.tools.metrics import FeatureModel, evaluate_runners
@@ -446,13 +437,10 @@ def evaluate(b, graph: Path, args) -> dict:
         for prec in ("f32", "bf16") if has_native_bf16() else ("f32",):
             runners[f"{g} (ov {prec})"] = _ov_runner(graph, args.threads, prec)
     if args.plan:
-        plan = Plan.from_json(b.read_json(layout.PLAN_JSON)) if b.has(layout.PLAN_JSON) else None
-        if plan is None or set(plan.precision) - {"w4a8", "w4a4"}:
-            raise SystemExit("--plan: the bundle needs a plan of w4a8 and w4a4 steps (ptqd plan BUNDLE --budget 0.79)")
-        sampled = [float(t) for t in scheduler_for(b.facts, cfg).timesteps]
-        if sorted(map(float, plan.t)) != sorted(sampled):
-            raise SystemExit(f"--plan: the plan's timesteps {plan.t} are not this run's DDIM steps {sampled}")
-        print(f"plan: w4a4 on {plan.precision.count('w4a4')} of {len(plan.t)} steps", flush=True)
+        try:
+            plan = w4a4_plan(b, cfg)
+        except ValueError as e:
+            raise SystemExit(str(e)) from e
         runners["plan: engines (ort)"] = StepEngines(engines, plan)
         runners[f"plan: w4a4 steps on {g} (ort)"] = StepEngines({**engines, "w4a4": runners[f"{g} (ort)"]}, plan)
     features = FeatureModel(b.path(layout.DEMO_FEATURES)) if b.has(layout.DEMO_FEATURES) else None
@@ -462,11 +450,7 @@ def evaluate(b, graph: Path, args) -> dict:
                            eps_mse=False)
     print(f"\neval: {args.eval} samples, seed {args.seed}, 20 DDIM steps, η {args.eta:g}, no correction "
           f"({time.perf_counter() - t0:.0f} s)")
-    print(f"{'row':40s} {'PSNR vs FP':>10s} {'FD vs FP':>9s} {'class acc':>9s}")
-    for r in res.rows:
-        acc = r.get("class_acc")
-        print(f"{r['precision']:40s} {r.get('psnr_vs_fp') or float('nan'):10.2f} "
-              f"{r.get('fd_vs_fp') or float('nan'):9.2f} {'-' if acc is None else f'{acc:.1%}':>9s}", flush=True)
+    print_rows(res.rows, 40)
     return res.to_json()
 
 

@@ -158,6 +158,32 @@ def mode_model(loaded, layers, mode: str, shrink: float):
     return model, covered
 
 
+def w4a4_plan(b, cfg):
+    """The bundle's step plan, checked for what ``--plan`` rows need (w4a8 and w4a4 steps only, on this run's DDIM
+    timesteps; ValueError naming what is wrong otherwise); prints how many steps are w4a4."""
+    from ptqd.bundle import layout
+    from ptqd.runtime.correction import Plan
+    from ptqd.runtime.pipeline import scheduler_for
+
+    plan = Plan.from_json(json.loads(b.path(layout.PLAN_JSON).read_text())) if b.has(layout.PLAN_JSON) else None
+    if plan is None or set(plan.precision) - {"w4a8", "w4a4"}:
+        raise ValueError("--plan: the bundle needs a plan of w4a8 and w4a4 steps (ptqd plan BUNDLE --budget 0.79)")
+    sampled = [float(t) for t in scheduler_for(b.facts, cfg).timesteps]
+    if sorted(map(float, plan.t)) != sorted(sampled):
+        raise ValueError(f"--plan: the plan's timesteps {plan.t} are not this run's DDIM steps {sampled}")
+    print(f"plan: w4a4 on {plan.precision.count('w4a4')} of {len(plan.t)} steps", flush=True)
+    return plan
+
+
+def print_rows(rows, width: int) -> None:
+    """``evaluate_runners``' rows as a table: PSNR vs FP, FD vs FP, class accuracy."""
+    print(f"{'row':{width}s} {'PSNR vs FP':>10s} {'FD vs FP':>9s} {'class acc':>9s}")
+    for r in rows:
+        acc = r.get("class_acc")
+        print(f"{r['precision']:{width}s} {r.get('psnr_vs_fp') or float('nan'):10.2f} "
+              f"{r.get('fd_vs_fp') or float('nan'):9.2f} {'-' if acc is None else f'{acc:.1%}':>9s}", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle")
@@ -179,9 +205,8 @@ def main(argv=None) -> int:
     from ptqd.bundle import Bundle, layout
     from ptqd.calib.fakequant import fake_quant_model
     from ptqd.engines.torch_ref import TorchRunner
-    from ptqd.runtime.correction import Plan, StepEngines
+    from ptqd.runtime.correction import StepEngines
     from ptqd.runtime.loader import default_labels, open_decoder, sampler_config
-    from ptqd.runtime.pipeline import scheduler_for
     from ptqd.stages.common import calib_layers, load_source
     from ptqd.tools.metrics import FeatureModel, evaluate_runners
 
@@ -199,13 +224,10 @@ def main(argv=None) -> int:
         runners[mode] = TorchRunner(model, "cpu")
         print(f"{mode}: run-time ranges on {covered} of the {a4} layers with 4-bit activations", flush=True)
     if args.plan:
-        plan = Plan.from_json(json.loads(b.path(layout.PLAN_JSON).read_text())) if b.has(layout.PLAN_JSON) else None
-        if plan is None or set(plan.precision) - {"w4a8", "w4a4"}:
-            ap.error("--plan: the bundle needs a plan of w4a8 and w4a4 steps (ptqd plan BUNDLE --budget 0.79)")
-        sampled = [float(t) for t in scheduler_for(b.facts, cfg).timesteps]
-        if sorted(map(float, plan.t)) != sorted(sampled):
-            ap.error(f"--plan: the plan's timesteps {plan.t} are not this run's DDIM steps {sampled}")
-        print(f"plan: w4a4 on {plan.precision.count('w4a4')} of {len(plan.t)} steps")
+        try:
+            plan = w4a4_plan(b, cfg)
+        except ValueError as e:
+            ap.error(str(e))
         for name in ["exact"] + modes:
             low = runners["exact w4a4" if name == "exact" else name]
             runners[f"plan:{name}"] = StepEngines({"w4a8": runners["exact w4a8"], "w4a4": low}, plan)
@@ -215,11 +237,7 @@ def main(argv=None) -> int:
                            default_labels(b.facts, None, args.num), args.seed, cfg, features=features,
                            eps_mse=False)
     print(f"{args.num} samples, seed {args.seed}, η {args.eta:g}, no correction ({time.perf_counter() - t0:.0f} s)")
-    print(f"{'row':12s} {'PSNR vs FP':>10s} {'FD vs FP':>9s} {'class acc':>9s}")
-    for r in res.rows:
-        acc = r.get("class_acc")
-        print(f"{r['precision']:12s} {r.get('psnr_vs_fp') or float('nan'):10.2f} "
-              f"{r.get('fd_vs_fp') or float('nan'):9.2f} {'-' if acc is None else f'{acc:.1%}':>9s}", flush=True)
+    print_rows(res.rows, 12)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"bundle": args.bundle, "shrink": args.shrink, "seed": args.seed, **res.to_json()}, f, indent=2)
